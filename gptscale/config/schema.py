@@ -1,0 +1,193 @@
+"""Typed schema of every Hydra group.
+
+Hydra merges the YAML files of conf/ into these dataclasses, so a misspelt key or a value of the wrong
+type fails at start-up with the key's full name. Layout rules that involve several groups (world size,
+divisibility) live in ``gptscale.config.validate``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import List, Optional
+
+
+class PositionEmbedding(str, Enum):
+    learned = "learned"
+    rope = "rope"
+
+
+class Normalization(str, Enum):
+    LayerNorm = "LayerNorm"
+    RMSNorm = "RMSNorm"
+
+
+class Activation(str, Enum):
+    gelu = "gelu"
+    swiglu = "swiglu"
+
+
+class Backend(str, Enum):
+    auto = "auto"
+    local = "local"
+    te = "te"
+
+
+class Attention(str, Enum):
+    """Core attention kernel of the local layer spec."""
+
+    sdpa = "sdpa"  # torch scaled_dot_product_attention (flash / memory-efficient kernels on GPU)
+    unfused = "unfused"  # megatron-core's DotProductAttention: materialises the T x T scores
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class Recompute(str, Enum):
+    none = "none"
+    selective = "selective"
+    full = "full"
+
+
+class LrSchedule(str, Enum):
+    cosine = "cosine"
+    linear = "linear"
+    wsd = "wsd"
+    constant = "constant"
+
+
+class WandbMode(str, Enum):
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+@dataclass
+class ModelConfig:
+    """Shape and architecture of a GPT; presets live in conf/model/."""
+
+    name: str = "gpt2-tiny"
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # None: one key/value head per query head
+    ffn_hidden_size: Optional[int] = None  # None: 4 * hidden_size
+    vocab_size: int = 50257  # used when the data brings no tokenizer (synthetic benchmarks)
+    vocab_multiple: int = 128  # embedding rows are padded to a multiple of this (independent of tp)
+    max_position_embeddings: int = 1024
+    position_embedding: PositionEmbedding = PositionEmbedding.learned
+    rotary_base: float = 10000.0
+    normalization: Normalization = Normalization.LayerNorm
+    norm_eps: float = 1e-5
+    activation: Activation = Activation.gelu
+    bias: bool = True
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    backend: Backend = Backend.auto
+    attention: Attention = Attention.sdpa
+
+
+@dataclass
+class ParallelConfig:
+    """How the model and the batch are split over ranks; data parallel size is what remains."""
+
+    tp: int = 1
+    pp: int = 1
+    vpp: Optional[int] = None  # virtual pipeline stages (model chunks) per pipeline rank
+    sp: bool = False  # sequence parallel (needs tp > 1)
+    zero: int = 0  # DeepSpeed ZeRO stage 0..3
+    micro_batch: int = 1  # sequences per rank per forward pass
+    global_batch: int = 8  # sequences per optimizer step, all ranks together
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule."""
+
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # 0 disables clipping
+    schedule: LrSchedule = LrSchedule.cosine
+    warmup_steps: int = 100
+    decay_steps: Optional[int] = None  # steps from the end of warm-up to min_lr; None: until train.steps
+    wsd_decay_fraction: float = 0.2  # warmup-stable-decay: share of the steps spent decaying
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    seq_len: int = 256
+    precision: Precision = Precision.fp32
+    activation_checkpointing: Recompute = Recompute.none
+    seed: int = 1234
+    log_interval: int = 10
+    eval_interval: int = 0  # 0: no evaluation during training
+    eval_batches: int = 4
+    peak_tflops: Optional[float] = None  # per-device peak for MFU; None: look the device up
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class DataSourceConfig:
+    path: str = "???"
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from. Without a path the embedded corpus (the standard library's source) is used."""
+
+    path: Optional[str] = None
+    sources: List[DataSourceConfig] = field(default_factory=list)
+    seed: int = 1234
+    on_error: str = "raise"  # raise | skip: what a corrupt shard does
+    workers: int = 0
+    reset_attention_at_eod: bool = False
+    shuffle_buffer: int = 1000
+    embedded_max_bytes: int = 4_000_000
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0  # 0: no periodic saves (one at the end still happens unless save_final is false)
+    keep_last: int = 2
+    keep_every: int = 0  # also keep every K-th step's checkpoint; 0: none
+    resume: str = "auto"  # auto | none | PATH
+    save_final: bool = True
+    async_save: bool = True  # on GPU: write in the background; CPU runs save synchronously
+
+
+@dataclass
+class WandbConfig:
+    mode: WandbMode = WandbMode.disabled
+    project: str = "gptscale"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    name: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: bool = False
+    level: str = "INFO"
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -1,0 +1,123 @@
+"""Checks that a configuration can run on a given world size, before any process does work.
+
+Every rule names the fields involved, so the message tells the user what to change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gptscale.config.schema import Config, PositionEmbedding
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message lists every problem found."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Rank counts and batch arithmetic derived from a config and a world size."""
+
+    world_size: int
+    tp: int
+    pp: int
+    vpp: int  # model chunks per pipeline rank (1 without interleaving)
+    dp: int
+    micro_batch: int
+    global_batch: int
+
+    @property
+    def num_microbatches(self) -> int:
+        """Micro-batches each data-parallel rank runs per optimizer step (gradient accumulation)."""
+        return self.global_batch // (self.micro_batch * self.dp)
+
+
+def padded_vocab_size(vocab_size: int, multiple: int) -> int:
+    return -(-vocab_size // multiple) * multiple
+
+
+def check(cfg: Config, world_size: int) -> Layout:
+    """Return the layout of ``cfg`` on ``world_size`` ranks or raise ConfigError naming the fields at fault."""
+    model, par, train = cfg.model, cfg.parallel, cfg.train
+    problems: list[str] = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    for name in ("tp", "pp", "micro_batch", "global_batch"):
+        need(getattr(par, name) >= 1, f"parallel.{name}={getattr(par, name)} must be at least 1")
+    need(par.vpp is None or par.vpp >= 1, f"parallel.vpp={par.vpp} must be at least 1 (or null)")
+    need(par.zero in (0, 1, 2, 3), f"parallel.zero={par.zero} must be a ZeRO stage 0, 1, 2 or 3")
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+    tp, pp, vpp = par.tp, par.pp, par.vpp or 1
+    model_parallel = tp * pp
+    need(
+        world_size % model_parallel == 0,
+        f"world size {world_size} is not divisible by parallel.tp * parallel.pp = {tp} * {pp} = {model_parallel}",
+    )
+    dp = max(world_size // model_parallel, 1)
+
+    groups = model.num_query_groups or model.num_attention_heads
+    need(
+        model.hidden_size % model.num_attention_heads == 0,
+        f"model.hidden_size={model.hidden_size} is not divisible by model.num_attention_heads={model.num_attention_heads}",
+    )
+    need(
+        model.num_attention_heads % tp == 0,
+        f"model.num_attention_heads={model.num_attention_heads} is not divisible by parallel.tp={tp}",
+    )
+    need(
+        model.num_attention_heads % groups == 0,
+        f"model.num_attention_heads={model.num_attention_heads} is not divisible by model.num_query_groups={groups}",
+    )
+    need(groups % tp == 0, f"model.num_query_groups={groups} is not divisible by parallel.tp={tp}")
+    ffn = model.ffn_hidden_size or 4 * model.hidden_size
+    need(ffn % tp == 0, f"model.ffn_hidden_size={ffn} is not divisible by parallel.tp={tp}")
+    need(
+        model.vocab_multiple % tp == 0,
+        f"model.vocab_multiple={model.vocab_multiple} is not divisible by parallel.tp={tp} "
+        "(embedding rows are split over tensor-parallel ranks)",
+    )
+    need(
+        model.num_layers % (pp * vpp) == 0,
+        f"model.num_layers={model.num_layers} is not divisible by parallel.pp * parallel.vpp = {pp} * {vpp}",
+    )
+    need(par.vpp is None or pp > 1, f"parallel.vpp={par.vpp} needs parallel.pp > 1")
+    need(not par.sp or tp > 1, "parallel.sp=true (sequence parallel) needs parallel.tp > 1")
+    need(
+        not par.sp or train.seq_len % tp == 0,
+        f"train.seq_len={train.seq_len} is not divisible by parallel.tp={tp} (needed by parallel.sp=true)",
+    )
+    need(
+        par.zero <= 1 or pp == 1,
+        f"parallel.zero={par.zero} with parallel.pp={pp}: ZeRO stages 2 and 3 partition gradients during "
+        "backward and cannot run under pipeline parallelism; use parallel.zero=0 or 1",
+    )
+    need(
+        par.global_batch % (par.micro_batch * dp) == 0,
+        f"parallel.global_batch={par.global_batch} is not divisible by parallel.micro_batch * data-parallel size "
+        f"= {par.micro_batch} * {dp} (world size {world_size} / (tp {tp} * pp {pp}))",
+    )
+    if par.vpp is not None and pp > 1 and par.global_batch % (par.micro_batch * dp) == 0:
+        micro = par.global_batch // (par.micro_batch * dp)
+        need(
+            micro % pp == 0,
+            f"interleaved pipelining (parallel.vpp={par.vpp}) needs the number of micro-batches per step "
+            f"({micro} = parallel.global_batch / (parallel.micro_batch * dp)) to be a multiple of parallel.pp={pp}",
+        )
+    need(cfg.data.on_error in ("raise", "skip"), f"data.on_error={cfg.data.on_error!r} must be 'raise' or 'skip'")
+    need(train.seq_len >= 1, f"train.seq_len={train.seq_len} must be at least 1")
+    need(
+        model.position_embedding != PositionEmbedding.learned or train.seq_len <= model.max_position_embeddings,
+        f"train.seq_len={train.seq_len} exceeds model.max_position_embeddings={model.max_position_embeddings} "
+        "(learned position embeddings)",
+    )
+    need(train.steps >= 0, f"train.steps={train.steps} must not be negative")
+    need(cfg.optim.warmup_steps >= 0, f"optim.warmup_steps={cfg.optim.warmup_steps} must not be negative")
+    need(len(cfg.optim.betas) == 2, f"optim.betas={list(cfg.optim.betas)} must hold two numbers")
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    return Layout(world_size, tp, pp, vpp, dp, par.micro_batch, par.global_batch)

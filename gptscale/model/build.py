@@ -1,0 +1,117 @@
+"""megatron-core GPTModel built from gptscale's model config.
+
+GPT-2 style (learned positions, LayerNorm, GELU, biases, tied embeddings) and Llama style (RoPE, RMSNorm,
+SwiGLU, grouped-query attention, untied output) are the same GPTModel with different settings. A pipeline
+rank builds one chunk per virtual stage; ``ModelChunks`` holds them as one module for DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer import TransformerConfig
+
+from gptscale.config.schema import (
+    Activation,
+    Backend,
+    ModelConfig,
+    ParallelConfig,
+    PositionEmbedding,
+    Precision,
+    Recompute,
+    TrainConfig,
+)
+from gptscale.config.validate import padded_vocab_size
+from gptscale.model.spec import decoder_block_spec
+
+
+def transformer_config(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig,
+                       on_gpu: bool) -> TransformerConfig:
+    """megatron-core's TransformerConfig for this model, layout and precision (CPU: no fused kernels)."""
+    dtype = torch.bfloat16 if train.precision == Precision.bf16 else torch.float32
+    recompute = {
+        Recompute.none: {},
+        Recompute.selective: {"recompute_granularity": "selective"},
+        Recompute.full: {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
+    }[train.activation_checkpointing]
+    swiglu = model.activation == Activation.swiglu
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        ffn_hidden_size=model.ffn_hidden_size or 4 * model.hidden_size,
+        kv_channels=model.hidden_size // model.num_attention_heads,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        layernorm_epsilon=model.norm_eps,
+        normalization=model.normalization.value,
+        add_bias_linear=model.bias,
+        gated_linear_unit=swiglu,
+        activation_func=F.silu if swiglu else F.gelu,
+        init_method_std=model.init_std,
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.vpp,
+        sequence_parallel=parallel.sp,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        # megatron-core's own initialisation runs (it also tags tensor-parallel weights, which gradient-norm
+        # code relies on); gptscale.model.init then overwrites the values so every layout starts alike.
+        perform_initialization=True,
+        use_cpu_initialization=False,
+        # Fusions that need apex or CUDA JIT kernels; torch does the same work unfused.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        cross_entropy_loss_fusion=False,
+        # gloo matches point-to-point messages by peer and posting order. With two pipeline ranks the
+        # previous and next stage are the same peer, so batched sends in both directions can pair an
+        # activation with a gradient; megatron-core's unbatched path orders them (even/odd ranks) instead.
+        batch_p2p_comm=on_gpu,
+        batch_p2p_sync=on_gpu,
+        deallocate_pipeline_outputs=True,
+        **recompute,
+    )
+
+
+class ModelChunks(torch.nn.Module):
+    """The model chunks this rank holds (one per virtual pipeline stage); calling it runs the first chunk."""
+
+    def __init__(self, chunks: list[GPTModel]):
+        super().__init__()
+        self.chunks = torch.nn.ModuleList(chunks)
+
+    def forward(self, *args, **kwargs):
+        return self.chunks[0](*args, **kwargs)
+
+
+def build_model(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig, vocab_size: int,
+                backend: Backend, device: torch.device) -> ModelChunks:
+    """Build this rank's share of the model (uninitialised: call ``gptscale.model.init.initialize``)."""
+    config = transformer_config(model, parallel, train, on_gpu=device.type == "cuda")
+    vpp = parallel.vpp
+    chunks = []
+    for stage in range(vpp or 1):
+        vp_stage = stage if vpp else None
+        chunk = GPTModel(
+            config=config,
+            transformer_layer_spec=decoder_block_spec(model, config, backend, vp_stage),
+            vocab_size=padded_vocab_size(vocab_size, model.vocab_multiple),
+            max_sequence_length=max(model.max_position_embeddings, train.seq_len),
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            share_embeddings_and_output_weights=model.tie_embeddings,
+            position_embedding_type="rope" if model.position_embedding == PositionEmbedding.rope
+            else "learned_absolute",
+            rotary_base=int(model.rotary_base),
+            vp_stage=vp_stage,
+        )
+        chunks.append(chunk.to(device))
+    return ModelChunks(chunks)

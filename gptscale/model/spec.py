@@ -1,0 +1,66 @@
+"""Module specs for megatron-core's GPTModel.
+
+``local``: megatron-core's own (pure torch) layers, with two swaps: a norm that supports sequence
+parallelism (``gptscale.model.norm``) and, unless ``model.attention=unfused``, SDPA core attention.
+``te``: Transformer Engine's fused layers (needed for its FP8), used when ``model.backend=te`` or, under
+``auto``, when Transformer Engine imports and a GPU is present.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlock,
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+
+from gptscale.config.schema import Attention, Backend, ModelConfig
+from gptscale.model.attention import SDPAttention
+from gptscale.model.norm import Norm
+
+
+def transformer_engine_available() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def resolve_backend(model: ModelConfig, on_gpu: bool) -> Backend:
+    if model.backend == Backend.te and not transformer_engine_available():
+        raise RuntimeError("model.backend=te but transformer_engine is not installed; use model.backend=local")
+    if model.backend == Backend.auto:
+        return Backend.te if on_gpu and transformer_engine_available() else Backend.local
+    return model.backend
+
+
+def _local_layer_spec(model: ModelConfig) -> ModuleSpec:
+    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=model.normalization.value))
+    layer = spec.submodules
+    layer.input_layernorm = Norm
+    layer.pre_mlp_layernorm = Norm
+    if model.attention == Attention.sdpa:
+        layer.self_attention.submodules.core_attention = SDPAttention
+    return spec
+
+
+def decoder_block_spec(model: ModelConfig, config: TransformerConfig, backend: Backend,
+                       vp_stage: int | None) -> ModuleSpec:
+    """The decoder of one pipeline stage (or one virtual stage): its layers and the final norm."""
+    if backend == Backend.te:
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        layer, final_norm = get_gpt_layer_with_transformer_engine_spec(), TENorm
+    else:
+        layer, final_norm = _local_layer_spec(model), Norm
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return ModuleSpec(
+        module=TransformerBlock,
+        submodules=TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=final_norm),
+    )

@@ -1,0 +1,93 @@
+"""Lets megatron-core and DeepSpeed run on CPU with gloo.
+
+megatron-core assumes CUDA in many places (factory calls with ``device="cuda"``, ``torch.cuda`` RNG and
+device queries). On a machine without a GPU we point those calls at the CPU: a TorchFunctionMode rewrites
+CUDA device arguments, and the few ``torch.cuda`` functions megatron-core calls are mapped to their CPU
+counterparts. Nothing here is active when CUDA is available.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_installed: "_CudaToCpu | None" = None
+
+
+def _as_cpu(device):
+    if isinstance(device, int) or (device is not None and str(device).startswith("cuda")):
+        return torch.device("cpu")
+    return device
+
+
+class _CudaToCpu(TorchFunctionMode):
+    """Rewrites ``device="cuda"`` (or a CUDA index) to the CPU in every torch call, and ``Tensor.cuda`` to a no-op."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if "device" in kwargs:
+            kwargs = dict(kwargs, device=_as_cpu(kwargs["device"]))
+        if func is torch.Tensor.to and len(args) > 1 and isinstance(args[1], (str, int, torch.device)):
+            args = (args[0], _as_cpu(args[1]), *args[2:])
+        return func(*args, **kwargs)
+
+
+def _patch_torch_cuda() -> None:
+    cuda = torch.cuda
+    cuda.current_device = lambda: torch.device("cpu")  # also right inside autograd backward, where modes are off
+    cuda.set_device = lambda device: None
+    cuda.synchronize = lambda device=None: None
+    cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
+    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(seed)
+    cuda.manual_seed_all = lambda seed: None  # torch.manual_seed calls it after seeding the CPU generator
+    cuda.max_memory_allocated = lambda device=None: 0
+    cuda.memory_allocated = lambda device=None: 0
+    cuda.reset_peak_memory_stats = lambda device=None: None
+    cuda.empty_cache = lambda: None
+
+
+def _patch_megatron_rng() -> None:
+    """The "CUDA" RNG of megatron-core's tracker becomes the CPU generator.
+
+    The tracker warns whenever the CPU generator changes inside a forked CUDA-RNG region, which on CPU is
+    every time: that warning is dropped.
+    """
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    logging.getLogger(mcore_random.__name__).addFilter(
+        lambda record: "CPU RNG state changed within GPU RNG context" not in record.getMessage())
+    mcore_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
+    mcore_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
+
+
+def _skip_deepspeed_native_ops() -> None:
+    """Keep DeepSpeed from compiling its shared-memory collective (~40 s of C++ on first use); gloo does the work."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed.ops
+
+    compatible = deepspeed.ops.__dict__.get("__compatible_ops__")
+    if compatible is None:
+        compatible = deepspeed.ops.__dict__["__compatible_ops__"] = {}
+    compatible["deepspeed_shm_comm"] = False
+
+
+def install() -> None:
+    """Install the CPU backend once per process (idempotent). Call before building megatron-core modules."""
+    global _installed
+    if _installed is not None:
+        return
+    _patch_torch_cuda()
+    _patch_megatron_rng()
+    _skip_deepspeed_native_ops()
+    _installed = _CudaToCpu()
+    _installed.__enter__()
+
+
+def installed() -> bool:
+    return _installed is not None

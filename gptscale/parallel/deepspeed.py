@@ -1,0 +1,143 @@
+"""The DeepSpeed engine over a megatron-core model: ZeRO, mixed precision, gradient clipping, AdamW.
+
+The engine's configuration is derived here, in one place, from gptscale's typed configs; nothing else
+builds or passes DeepSpeed JSON. The optimizer is torch's AdamW, handed to DeepSpeed, so no C++ op is
+compiled at start-up (DeepSpeed's FusedAdam JIT-builds for minutes on CPU and needs a matching CUDA
+toolchain on GPU).
+"""
+
+from __future__ import annotations
+
+import types
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from gptscale.config.schema import OptimConfig, Precision, TrainConfig
+from gptscale.config.validate import Layout
+
+
+class MegatronMpu:
+    """The process-group interface DeepSpeed asks for (``mpu=``), answered by megatron-core's parallel_state.
+
+    DeepSpeed reduces gradients over the data-parallel group, sums gradient norms over the model-parallel
+    (TP x PP) group, and counts a parameter replicated over TP ranks on the rank whose "model-parallel rank"
+    is 0: as in Megatron-DeepSpeed, that rank is the tensor-parallel rank, so each pipeline stage counts its
+    own replicated parameters.
+    """
+
+    get_data_parallel_group = staticmethod(parallel_state.get_data_parallel_group)
+    get_data_parallel_rank = staticmethod(parallel_state.get_data_parallel_rank)
+    get_data_parallel_world_size = staticmethod(parallel_state.get_data_parallel_world_size)
+    get_tensor_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
+    get_tensor_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
+    get_tensor_model_parallel_world_size = staticmethod(parallel_state.get_tensor_model_parallel_world_size)
+    get_tensor_model_parallel_src_rank = staticmethod(parallel_state.get_tensor_model_parallel_src_rank)
+    get_pipeline_model_parallel_group = staticmethod(parallel_state.get_pipeline_model_parallel_group)
+    get_pipeline_model_parallel_rank = staticmethod(parallel_state.get_pipeline_model_parallel_rank)
+    get_pipeline_model_parallel_world_size = staticmethod(parallel_state.get_pipeline_model_parallel_world_size)
+    get_model_parallel_group = staticmethod(parallel_state.get_model_parallel_group)
+
+    get_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
+
+    @staticmethod
+    def get_model_parallel_world_size() -> int:
+        return dist.get_world_size(group=parallel_state.get_model_parallel_group())
+
+
+def engine_config(layout: Layout, zero: int, optim: OptimConfig, train: TrainConfig) -> dict:
+    """DeepSpeed's JSON for this run.
+
+    Without pipelining the engine runs the gradient-accumulation loop itself. With pipelining megatron-core's
+    schedule runs every micro-batch, so the engine sees one (large) micro-batch per step.
+    """
+    accumulation = layout.num_microbatches if layout.pp == 1 else 1
+    micro = layout.micro_batch * (layout.num_microbatches // accumulation)
+    bf16 = train.precision == Precision.bf16
+    config = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": micro * accumulation * layout.dp,
+        "gradient_clipping": optim.grad_clip,
+        "bf16": {"enabled": bf16},
+        "zero_optimization": {
+            "stage": zero,
+            "contiguous_gradients": layout.pp == 1,
+            "overlap_comm": False,
+        },
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if bf16 and zero >= 1:
+        # Sum micro-batch gradients in fp32 under bf16 weights (DeepSpeed's default sums in bf16). DeepSpeed
+        # offers this only with ZeRO; without it, bf16 gradients accumulate in bf16.
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    return config
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: biases and norm scales keep their scale (GPT-2/Megatron practice)."""
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_engine(model: torch.nn.Module, layout: Layout, zero: int, optim: OptimConfig, train: TrainConfig):
+    """Wrap ``model`` in a DeepSpeed engine with torch AdamW; returns the engine."""
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, optim.weight_decay),
+        lr=optim.lr,
+        betas=tuple(optim.betas),
+        eps=optim.eps,
+        fused=next(model.parameters()).is_cuda,
+    )
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        config=engine_config(layout, zero, optim, train),
+        mpu=MegatronMpu(),
+        dist_init_required=False,
+    )
+    engine.clip_fp32_gradients = types.MethodType(_clip_and_record_norm, engine)
+    return engine
+
+
+def reduce_gradients_outside_engine(engine) -> None:
+    """What ``engine.backward`` does after autograd, for gradients that megatron-core's pipeline schedule made.
+
+    As in DeepSpeed's own pipeline engine: the bf16 optimizer first folds the bf16 gradients into its fp32
+    accumulators, then gradients are reduced over data-parallel ranks (ZeRO-1 partitions them there).
+    """
+    if hasattr(engine.optimizer, "update_hp_grads"):
+        engine.optimizer.update_hp_grads()
+    engine.allreduce_gradients()
+
+
+def _counted_in_norm(param: torch.nn.Parameter) -> bool:
+    """Whether this rank adds ``param`` to the global norm, so that each weight counts exactly once."""
+    if getattr(param, "ds_pipe_replicated", False):
+        return False
+    return getattr(param, "tensor_model_parallel", False) or parallel_state.get_tensor_model_parallel_rank() == 0
+
+
+def _clip_and_record_norm(engine) -> None:
+    """Clipping for fp32 without ZeRO, recording the global norm (which DeepSpeed's version drops).
+
+    ZeRO and bf16 optimizers record the norm themselves. DeepSpeed's fp32 path also counts the last pipeline
+    stage's copy of a tied embedding a second time; this one does not, and it never syncs with the host.
+    """
+    params = [p for p in engine.module.parameters() if p.grad is not None]
+    squares = [p.grad.detach().float().pow(2).sum() for p in params if _counted_in_norm(p)]
+    total = torch.stack(squares).sum() if squares else torch.zeros((), device=params[0].device)
+    dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
+    norm = total.sqrt()
+    torch.nn.utils.clip_grads_with_norm_(params, engine.gradient_clipping(), norm)
+    engine._global_grad_norm = norm

@@ -1,0 +1,107 @@
+"""Process groups: torch.distributed plus megatron-core's tensor/pipeline/data-parallel groups.
+
+Rank order is megatron-core's default (tensor-parallel ranks adjacent, then data-parallel, then pipeline),
+so a tensor-parallel group stays inside a node.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from gptscale.config.validate import Layout
+from gptscale.parallel import cpu
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    """Where this process sits in the layout."""
+
+    layout: Layout
+    rank: int
+    local_rank: int
+    device: torch.device
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.layout.pp - 1
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def choose_device(requested: str) -> torch.device:
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={requested} but no CUDA device is visible")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return torch.device("cuda", local_rank)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device: torch.device, timeout_minutes: float = 10.0) -> None:
+    """Join the job's process group (NCCL on GPU, gloo on CPU); a lone process without torchrun forms its own."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=timedelta(minutes=timeout_minutes))
+
+
+def init_parallel(layout: Layout, device: torch.device, seed: int) -> ParallelContext:
+    """Set up torch.distributed and megatron-core's groups for ``layout``; seed the model-parallel RNG."""
+    if device.type == "cpu":
+        cpu.install()
+    init_distributed(device)
+    if dist.get_world_size() != layout.world_size:
+        raise RuntimeError(f"layout was checked for {layout.world_size} ranks but the job has {dist.get_world_size()}")
+    destroy_model_parallel()  # a previous run in this process may have left its layout
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
+        create_gloo_process_groups=False,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return ParallelContext(
+        layout=layout,
+        rank=dist.get_rank(),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        device=device,
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+    )
+
+
+def destroy_model_parallel() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()

@@ -1,0 +1,35 @@
+"""The human-readable log line: ``step N | loss X | lr ... | grad_norm ... | tokens/s ... | TFLOP/s ... | MFU ...``."""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("gptscale")
+
+_FORMATS = {
+    "loss": ("loss", "{:.4f}"),
+    "eval_loss": ("eval_loss", "{:.4f}"),
+    "lr": ("lr", "{:.3e}"),
+    "grad_norm": ("grad_norm", "{:.3f}"),
+    "tokens_per_s": ("tokens/s", "{:,.0f}"),
+    "tflops_per_device": ("TFLOP/s", "{:.2f}"),
+    "mfu": ("MFU", "{:.1%}"),
+    "peak_memory_gib": ("mem", "{:.2f} GiB"),
+}
+
+
+def format_line(step: int, metrics: dict) -> str:
+    parts = [f"step {step}"]
+    for key, (label, fmt) in _FORMATS.items():
+        if key in metrics:
+            value = metrics[key]
+            parts.append(f"{label} {'n/a' if value is None else fmt.format(value)}")
+    return " | ".join(parts)
+
+
+class ConsoleSink:
+    def log(self, step: int, metrics: dict) -> None:
+        log.info(format_line(step, metrics))
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,41 @@
+"""The training command as users run it: the default job, torchrun, and bad configurations."""
+
+import json
+import subprocess
+import sys
+import time
+
+from tests.helpers import REPO, torchrun
+
+
+def train(args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "gptscale.train", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_default_job_learns(tmp_path):
+    """The README's job, shortened: the loss at the end is well below the loss at the start."""
+    proc = train([f"run_dir={tmp_path}", "train.steps=60", "train.log_interval=10", "train.eval_interval=60"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 6
+    assert losses[-1] < losses[0] - 1.0, losses
+    assert "step 60 | loss" in proc.stderr
+    assert any("eval_loss" in r for r in records)
+
+
+def test_bad_layout_fails_before_work_and_names_fields(tmp_path):
+    start = time.monotonic()
+    proc = torchrun(3, ["-m", "gptscale.train", f"run_dir={tmp_path}", "parallel.tp=2"], check=False, timeout=300)
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    assert "world size 3 is not divisible by parallel.tp * parallel.pp" in output
+    assert not (tmp_path / "metrics.jsonl").exists()
+    assert time.monotonic() - start < 120
+
+
+def test_unknown_key_fails_naming_it(tmp_path):
+    proc = train([f"run_dir={tmp_path}", "parallel.tpp=2"], timeout=120)
+    assert proc.returncode != 0
+    assert "parallel.tpp" in proc.stderr

@@ -1,0 +1,39 @@
+"""Launching real multi-process runs from tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nprocs: int, args: list[str], timeout: float = 900, env: dict | None = None,
+             check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``python -m torch.distributed.run`` with ``nprocs`` CPU ranks; raise with the output on failure."""
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nprocs}",
+               f"--master_port={free_port()}", *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
+    proc = subprocess.run(command, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} exited {proc.returncode}:\n{proc.stdout[-6000:]}\n"
+                             f"{proc.stderr[-6000:]}")
+    return proc
+
+
+def run_jobs(nprocs: int, jobs: list[list[str]], tmp_path: Path, timeout: float = 1200) -> list[dict]:
+    """Train each override list in turn in one ``nprocs``-rank launch; per job, every step's loss and grad norm."""
+    jobs_file, results_file = tmp_path / f"jobs{nprocs}.json", tmp_path / f"results{nprocs}.json"
+    jobs_file.write_text(json.dumps(jobs))
+    torchrun(nprocs, ["tests/dist/run_jobs.py", str(jobs_file), str(results_file)], timeout=timeout)
+    return json.loads(results_file.read_text())

@@ -1,0 +1,78 @@
+"""Configuration: presets compose, typos fail with the key's name, impossible layouts fail naming fields."""
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from gptscale.config import ConfigError, check, load_config
+from gptscale.config.schema import Activation, Normalization, PositionEmbedding
+
+PRESETS = ["gpt2-tiny", "gpt2-124m", "gpt2-350m", "gpt2-774m", "gpt2-1.5b", "gpt3-1.3b", "gpt3-2.7b",
+           "gpt3-6.7b", "gpt3-13b", "gpt3-175b", "llama-tiny", "llama-1b", "llama-7b", "llama-70b"]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_composes_and_fits_one_rank(preset):
+    cfg = load_config([f"model={preset}"])
+    assert cfg.model.name == preset
+    assert check(cfg, world_size=1).dp == 1
+
+
+def test_published_shapes():
+    gpt2 = load_config(["model=gpt2-124m"]).model
+    assert (gpt2.num_layers, gpt2.hidden_size, gpt2.num_attention_heads) == (12, 768, 12)
+    assert gpt2.tie_embeddings and gpt2.position_embedding == PositionEmbedding.learned
+    llama = load_config(["model=llama-70b"]).model
+    assert (llama.num_layers, llama.hidden_size, llama.num_query_groups, llama.ffn_hidden_size) == (80, 8192, 8, 28672)
+    assert llama.normalization == Normalization.RMSNorm and llama.activation == Activation.swiglu
+    assert not llama.tie_embeddings and not llama.bias
+
+
+def test_unknown_key_names_the_key():
+    with pytest.raises(ConfigCompositionException, match="train.stpes"):
+        load_config(["train.stpes=3"])
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigCompositionException, match="parallel.tp"):
+        load_config(["parallel.tp=two"])
+
+
+def test_unknown_choice_lists_the_choices():
+    with pytest.raises(ConfigCompositionException, match="precision"):
+        load_config(["train.precision=fp8x"])
+
+
+BAD_LAYOUTS = [
+    (["parallel.tp=2"], 3, ["world size 3", "parallel.tp", "parallel.pp"]),
+    (["model=gpt2-tiny", "parallel.tp=8"], 8, ["model.num_attention_heads=4", "parallel.tp=8"]),
+    (["model=llama-tiny", "parallel.tp=4"], 4, ["model.num_query_groups=2", "parallel.tp=4"]),
+    (["parallel.pp=3"], 3, ["model.num_layers=4", "parallel.pp"]),
+    (["parallel.pp=2", "parallel.vpp=4"], 2, ["model.num_layers=4", "parallel.vpp"]),
+    (["parallel.global_batch=10", "parallel.micro_batch=4"], 1, ["parallel.global_batch=10", "parallel.micro_batch"]),
+    (["parallel.zero=2", "parallel.pp=2"], 2, ["parallel.zero=2", "parallel.pp=2"]),
+    (["parallel.zero=3", "parallel.pp=2"], 4, ["parallel.zero=3"]),
+    (["parallel.sp=true"], 1, ["parallel.sp", "parallel.tp"]),
+    (["parallel.zero=4"], 1, ["parallel.zero=4"]),
+    (["train.seq_len=2048"], 1, ["train.seq_len=2048", "model.max_position_embeddings"]),
+]
+
+
+@pytest.mark.parametrize("overrides,world_size,fields", BAD_LAYOUTS)
+def test_impossible_layouts_name_their_fields(overrides, world_size, fields):
+    cfg = load_config(overrides)
+    with pytest.raises(ConfigError) as error:
+        check(cfg, world_size)
+    for field in fields:
+        assert field in str(error.value), (field, str(error.value))
+
+
+def test_every_problem_is_reported_at_once():
+    cfg = load_config(["parallel.tp=3", "parallel.sp=true", "parallel.zero=3", "parallel.pp=2"])
+    message = str(pytest.raises(ConfigError, check, cfg, 12).value)
+    assert "parallel.zero=3" in message and "model.num_attention_heads=4" in message
+
+
+def test_layout_arithmetic():
+    cfg = load_config(["parallel.tp=2", "parallel.pp=2", "parallel.micro_batch=2", "parallel.global_batch=16"])
+    layout = check(cfg, world_size=8)
+    assert (layout.tp, layout.pp, layout.dp, layout.num_microbatches) == (2, 2, 2, 4)
