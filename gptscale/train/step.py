@@ -88,8 +88,7 @@ def train_step(engine, model: ModelChunks, batches: Iterator[dict], layout: Layo
         total = torch.zeros((), device=device)
         for _ in range(layout.num_microbatches):
             batch = _to_device(next(batches), device)
-            loss = _masked_mean(engine(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
-                                       labels=batch["labels"]), batch["loss_mask"])
+            loss = _masked_mean(_forward(engine, batch), batch["loss_mask"])
             engine.backward(loss)
             engine.step()
             total += loss.detach()
