@@ -4,46 +4,49 @@ Documents are packed back to back with an end-of-document token between them. By
 across document boundaries and positions count from the window's start (GPT-2/3 practice). With
 ``data.reset_attention_at_eod`` each document sees only itself: positions restart after every
 end-of-document token and ``attention_mask`` is block-diagonal causal, ``[b, 1, s, s]`` bool with True =
-masked out, which is megatron-core's convention.
+masked out, which is megatron-core's convention. The mask is built per micro-batch, when it is needed:
+at s x s bytes a sequence it is by far the largest thing the loader makes.
 """
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import torch
 
 
-def window_fields(windows: torch.Tensor, valid: torch.Tensor, eod: int, reset_attention: bool) -> dict:
-    """Per-sequence fields of ``windows`` ([n, seq_len + 1] token ids) that are costly to compute."""
-    fields = {"windows": windows, "loss_mask": (valid[:, :-1] & valid[:, 1:]).float()}
+def micro_batch(windows: torch.Tensor, valid: torch.Tensor, eod: int, reset_attention: bool) -> dict:
+    """The model's inputs from ``windows`` ([b, seq_len + 1] token ids) and ``valid`` (real, not padding)."""
+    tokens = windows[:, :-1]
+    batch = {"tokens": tokens, "labels": windows[:, 1:], "loss_mask": (valid[:, :-1] & valid[:, 1:]).float()}
     if reset_attention:
-        fields["position_ids"], fields["attention_mask"] = document_positions_and_mask(windows[:, :-1], eod)
-    return fields
+        batch["position_ids"], batch["attention_mask"] = document_positions_and_mask(tokens, eod)
+    else:
+        batch["position_ids"] = torch.arange(tokens.shape[1]).expand(len(tokens), -1)
+    return batch
 
 
 def document_positions_and_mask(tokens: torch.Tensor, eod: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions restarting at every document, and the block-diagonal causal mask (True = masked)."""
+    """Positions restarting at every document, and the block-diagonal causal mask (True = masked).
+
+    The mask is the causal mask plus, for the rows of each document, the columns before it: one copy of a
+    cached causal mask and one block fill per document, since writing s x s bytes is what it costs.
+    """
+    tokens = tokens.numpy()
     n, length = tokens.shape
-    starts = torch.zeros_like(tokens, dtype=torch.bool)
-    starts[:, 0] = True
+    starts = np.ones((n, length), dtype=bool)
     starts[:, 1:] = tokens[:, :-1] == eod
-    index = torch.arange(length).expand(n, -1)
-    last_start = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
-    documents = starts.cumsum(dim=1)
-    future = torch.ones(length, length, dtype=torch.bool).triu(diagonal=1)
-    mask = (documents[:, :, None] != documents[:, None, :]) | future
-    return index - last_start, mask[:, None]
+    index = np.arange(length)
+    document_start = np.maximum.accumulate(np.where(starts, index, 0), axis=1)
+    mask = np.repeat(_future(length)[None, None], n, axis=0)
+    for row in range(n):
+        first_tokens = np.flatnonzero(starts[row]).tolist()
+        for begin, end in zip(first_tokens, first_tokens[1:] + [length]):
+            mask[row, 0, begin:end, :begin] = True
+    return torch.from_numpy(index - document_start), torch.from_numpy(mask)
 
 
-def micro_batch(fields: dict, rows: slice, seq_len: int) -> dict[str, torch.Tensor]:
-    """The model's inputs for ``rows`` of a step's sequences."""
-    windows = fields["windows"][rows]
-    batch = {
-        "tokens": windows[:, :-1],
-        "labels": windows[:, 1:],
-        "loss_mask": fields["loss_mask"][rows],
-        "position_ids": fields["position_ids"][rows] if "position_ids" in fields
-        else torch.arange(seq_len).expand(len(windows), -1),
-    }
-    if "attention_mask" in fields:
-        batch["attention_mask"] = fields["attention_mask"][rows]
-    return batch
+@functools.lru_cache(maxsize=4)
+def _future(length: int) -> np.ndarray:
+    return np.triu(np.ones((length, length), dtype=bool), k=1)

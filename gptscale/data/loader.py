@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from gptscale.config.validate import Layout
-from gptscale.data.batch import micro_batch, window_fields
+from gptscale.data.batch import micro_batch
 from gptscale.data.manifest import DataError, Manifest
 from gptscale.data.order import GlobalOrder, SourceOrder
 from gptscale.data.reader import SequenceReader, ShardSource
@@ -54,11 +54,11 @@ class _StepStream(IterableDataset):
     """One item per step from ``start``: the sequences of this worker's share of the rank's slots."""
 
     def __init__(self, sources: list[Source], orders: list[SourceOrder], slots: range, start: int, seq_len: int,
-                 eod: int, reset_attention: bool, on_error: str):
+                 eod: int, on_error: str):
         self.shard_sources = [source.shard_source() for source in sources]
         self.weights = [source.weight for source in sources]
         self.orders, self.slots, self.start, self.seq_len = orders, slots, start, seq_len
-        self.eod, self.reset_attention, self.on_error = eod, reset_attention, on_error
+        self.eod, self.on_error = eod, on_error
 
     def __iter__(self):
         worker = get_worker_info()
@@ -69,15 +69,14 @@ class _StepStream(IterableDataset):
         reader = SequenceReader(self.shard_sources, self.orders, self.on_error)
         try:
             for step in itertools.count(self.start):
-                windows = torch.full((len(slots), self.seq_len + 1), self.eod, dtype=torch.int64)
-                valid = torch.zeros(windows.shape, dtype=torch.bool)
-                tokens, real = windows.numpy(), valid.numpy()
+                # numpy, not torch, for the per-step arrays: torch's threaded fills stall on a busy machine.
+                windows = np.full((len(slots), self.seq_len + 1), self.eod, dtype=np.int64)
+                valid = np.zeros(windows.shape, dtype=bool)
                 for row, slot in enumerate(slots):
-                    reader.read(int(slot), order.pick(int(slot), step), tokens[row], real[row])
-                fields = window_fields(windows, valid, self.eod, self.reset_attention)
+                    reader.read(int(slot), order.pick(int(slot), step), windows[row], valid[row])
                 skipped = reader.take_skipped()
-                fields["skipped"] = torch.tensor([skipped["shards"], skipped["documents"]])
-                yield fields
+                yield {"windows": torch.from_numpy(windows), "valid": torch.from_numpy(valid),
+                       "skipped": torch.tensor([skipped["shards"], skipped["documents"]])}
         finally:
             reader.close()
 
@@ -126,8 +125,9 @@ class StreamingLoader:
     def __next__(self) -> dict[str, torch.Tensor]:
         if self._fields is None:
             self._fields = self._next_step()
-        mb = self.layout.micro_batch
-        batch = micro_batch(self._fields, slice(self.micro_step * mb, (self.micro_step + 1) * mb), self.seq_len)
+        rows = slice(self.micro_step * self.layout.micro_batch, (self.micro_step + 1) * self.layout.micro_batch)
+        batch = micro_batch(self._fields["windows"][rows], self._fields["valid"][rows], self.eod,
+                            self.reset_attention)
         self.micro_step += 1
         if self.micro_step == self.layout.num_microbatches:
             self.micro_step, self._fields = 0, None
@@ -137,7 +137,7 @@ class StreamingLoader:
     def _next_step(self) -> dict[str, torch.Tensor]:
         if not self.serves_tokens:
             return {"windows": torch.zeros(len(self.slots), self.seq_len + 1, dtype=torch.int64),
-                    "loss_mask": torch.zeros(len(self.slots), self.seq_len)}
+                    "valid": torch.zeros(len(self.slots), self.seq_len + 1, dtype=torch.bool)}
         if self._stream is None:
             self._stream = self._open(self.step)
         items = [next(self._stream) for _ in range(max(self.workers, 1))]
@@ -148,8 +148,7 @@ class StreamingLoader:
         return {name: torch.cat([item[name] for item in items]) for name in items[0]}
 
     def _open(self, start: int):
-        stream = _StepStream(self.sources, self.orders, self.slots, start, self.seq_len, self.eod,
-                             self.reset_attention, self.on_error)
+        stream = _StepStream(self.sources, self.orders, self.slots, start, self.seq_len, self.eod, self.on_error)
         if self.workers == 0:
             return iter(stream)
         return iter(DataLoader(stream, batch_size=None, num_workers=self.workers))

@@ -49,6 +49,7 @@ class SequenceReader:
         self.orders = orders
         self.on_error = on_error
         self.skipped: Counter = Counter()  # shards and documents skipped, since the last ``take_skipped``
+        self.total_skipped: Counter = Counter()
         self._shards: dict[tuple[int, int], _Shard | Future] = {}
         self._refs: Counter = Counter()
         self._held: dict[Hashable, tuple[int, int]] = {}
@@ -130,8 +131,7 @@ class SequenceReader:
             if self.on_error != "skip":
                 raise
             self._bad_docs.add(key)
-            self.skipped["documents"] += 1
-            log.warning("skipping a document (data.on_error=skip): %s", error)
+            self._count_skip("documents", f"skipping a document (data.on_error=skip): {error}")
             return None
         self._last_doc[holder] = (key, array)
         return array
@@ -174,9 +174,14 @@ class SequenceReader:
         except DataError as error:
             if self.on_error != "skip":
                 raise
-            self.skipped["shards"] += 1
-            log.warning("skipping shard (data.on_error=skip; its tokens are masked): %s", error)
+            self._count_skip("shards", f"skipping shard (data.on_error=skip; its tokens are masked): {error}")
             return _Shard(None)
+
+    def _count_skip(self, what: str, message: str) -> None:
+        self.skipped[what] += 1
+        self.total_skipped[what] += 1
+        log.warning("%s [skipped by this reader so far: %d shards, %d documents]", message,
+                    self.total_skipped["shards"], self.total_skipped["documents"])
 
     def _prefetch_next(self, pick: Pick, slot: int, position: int) -> None:
         """Start fetching the shard after ``position`` if this slot's lane goes on into it."""
