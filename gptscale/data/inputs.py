@@ -23,21 +23,23 @@ PARQUET = {".parquet"}
 COMPRESSED = {".gz", ".zst", ".zstd"}
 
 
-def _kind(path: Path) -> str:
+def _format_suffix(path: Path) -> str:
+    """The suffix that names the format, looking through a compression suffix (``a.jsonl.zst``: ``.jsonl``)."""
     suffixes = [s.lower() for s in path.suffixes]
     if suffixes and suffixes[-1] in COMPRESSED:
         suffixes = suffixes[:-1]
-    last = suffixes[-1] if suffixes else ""
-    if last in PARQUET:
+    return suffixes[-1] if suffixes else ""
+
+
+def _kind(path: Path) -> str:
+    suffix = _format_suffix(path)
+    if suffix in PARQUET:
         return "parquet"
-    return "jsonl" if last in JSON_LINES else "text"
+    return "jsonl" if suffix in JSON_LINES else "text"
 
 
 def _known(path: Path) -> bool:
-    suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] in COMPRESSED:
-        suffixes = suffixes[:-1]
-    return bool(suffixes) and suffixes[-1] in JSON_LINES | TEXT | PARQUET
+    return _format_suffix(path) in JSON_LINES | TEXT | PARQUET
 
 
 def expand_inputs(patterns: list[str]) -> list[Path]:

@@ -7,6 +7,7 @@ loader can lay out the global order before reading a single shard and can prove 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -132,8 +133,11 @@ def local_tokenizer_file(manifest: Manifest, cache_dir: Path) -> Path:
         return Path(url)
     target = cache_dir / "tokenizers" / f"{manifest.tokenizer['sha256']}.json"
     if not target.is_file():
+        data = read_bytes(url)
+        if hashlib.sha256(data).hexdigest() != manifest.tokenizer["sha256"]:
+            raise DataError(f"{url}: checksum differs from the manifest's tokenizer sha256")
         target.parent.mkdir(parents=True, exist_ok=True)
         temporary = target.with_suffix(f".tmp-{os.getpid()}")
-        temporary.write_bytes(read_bytes(url))
+        temporary.write_bytes(data)
         os.replace(temporary, target)
     return target

@@ -127,14 +127,14 @@ def prepare_dataset(
     val_fraction: float = 0.01,
     workers: int = 1,
     dtype: str = "auto",
-    tokenizer_train_bytes: int = 1_000_000_000,
+    tokenizer_train_chars: int = 1_000_000_000,
     inputs: Optional[list[str]] = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Manifest:
     """Tokenize ``documents()`` (called once per pass over the corpus) into a dataset at ``output``."""
     output = Path(output)
-    if output.exists() and any(output.iterdir()) and not overwrite:
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
         raise DataError(f"--output {output} exists and is not empty; remove it or pass --overwrite")
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"--val-fraction {val_fraction} must be in [0, 1)")
@@ -152,26 +152,28 @@ def prepare_dataset(
         info = load_tokenizer(tokenizer, eod_token)
     elif vocab_size is not None:
         info = train_bpe(_budget((t for i, t in texts() if not is_validation(i, val_fraction)),
-                                 tokenizer_train_bytes), vocab_size, eod_token)
+                                 tokenizer_train_chars), vocab_size, eod_token)
     else:
         raise DataError("give --tokenizer FILE_OR_DIR or --vocab-size N")
     token_dtype = dtype_for_vocab(info.vocab_size) if dtype == "auto" else dtype
     check_vocab_fits(info.vocab_size, token_dtype, f"tokenizer {info.source}")
 
     temporary = output.parent / f".{output.name}.tmp-{os.getpid()}"
+    replaced = output.parent / f".{output.name}.old-{os.getpid()}"
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
     try:
         splits = _tokenize_and_write(texts(), info, token_dtype, temporary, shard_size, val_fraction, workers,
                                      progress)
         manifest = Manifest(str(output), info.vocab_size, info.eod, token_dtype, _tokenizer_entry(info), splits)
-        (temporary / TOKENIZER).write_text(info.json, encoding="utf-8")
+        (temporary / TOKENIZER).write_bytes(info.json.encode("utf-8"))
         (temporary / MANIFEST).write_text(manifest.to_json(inputs or []), encoding="utf-8")
         if output.exists():
-            shutil.rmtree(output)
+            os.replace(output, replaced)
         os.replace(temporary, output)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
+        shutil.rmtree(replaced, ignore_errors=True)
     tokens = sum(s.tokens for shards in splits.values() for s in shards)
     seconds = time.perf_counter() - started
     log.info("prepared %s: %d train + %d validation documents, %d tokens in %d shards, %.1fs (%.2fM tokens/s)",
@@ -243,8 +245,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--eod-token", help="end-of-document token (default: the tokenizer's own, e.g. <|endoftext|>)")
     parser.add_argument("--dtype", choices=["auto", "uint16", "uint32"], default="auto",
                         help="token storage (default: uint16 when the vocabulary fits)")
-    parser.add_argument("--tokenizer-train-bytes", type=parse_size, default="1GB", metavar="SIZE",
-                        help="text the BPE is trained on, from the start of the corpus (default 1GB)")
+    parser.add_argument("--tokenizer-train-chars", type=parse_size, default="1G", metavar="SIZE",
+                        help="characters of text the BPE learns from, from the start of the corpus (default 1G)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -255,7 +257,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             lambda: (text for path in files for text in read_documents(path, args.text_field)),
             args.output, tokenizer=args.tokenizer, vocab_size=args.vocab_size, eod_token=args.eod_token,
             shard_size=args.shard_size, val_fraction=args.val_fraction, workers=max(1, args.workers),
-            dtype=args.dtype, tokenizer_train_bytes=args.tokenizer_train_bytes, inputs=args.input,
+            dtype=args.dtype, tokenizer_train_chars=args.tokenizer_train_chars, inputs=args.input,
             overwrite=args.overwrite, progress=not args.quiet,
         )
     except DataError as error:

@@ -45,7 +45,7 @@ def load_tokenizer(path: str | Path, eod_token: Optional[str] = None) -> Tokeniz
     for token in candidates:
         eod = tokenizer.token_to_id(token)
         if eod is not None:
-            return TokenizerInfo(tokenizer, file.read_text(encoding="utf-8"), token, eod, str(path))
+            return TokenizerInfo(tokenizer, file.read_bytes().decode("utf-8"), token, eod, str(path))
     raise DataError(f"--tokenizer {file} has no end-of-document token among {list(candidates)}; "
                     "name one with --eod-token")
 

@@ -1,6 +1,10 @@
 """build_data, the trainer's single entry: datasets by path, URL or pipe command, blends, the embedded corpus."""
 
+import functools
+import http.server
 import os
+import shutil
+import threading
 
 import pytest
 import torch
@@ -33,6 +37,24 @@ def test_local_paths_urls_and_pipe_commands_read_the_same(dataset, url, tmp_path
     assert data.tokenizer_file.read_bytes() == (dataset / "tokenizer.json").read_bytes()
     assert data.vocab_size == 1001 and data.eod == 1000 and data.valid is not None
     next(data.valid)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="webdataset opens http URLs with curl")
+def test_http_dataset_streams_and_its_tokenizer_is_fetched_into_the_cache(dataset, tmp_path):
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(dataset))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        data = build_data(DataConfig(path=url, cache_dir=str(tmp_path)), LAYOUT, 0, 16)
+        reference = build_data(DataConfig(path=str(dataset), cache_dir=str(tmp_path)), LAYOUT, 0, 16)
+        assert all(torch.equal(a, b) for a, b in zip(first_batches(reference), first_batches(data)))
+    finally:
+        server.shutdown()
+        thread.join()
+    assert data.tokenizer_file.parent == tmp_path / "tokenizers"
+    assert data.tokenizer_file.read_bytes() == (dataset / "tokenizer.json").read_bytes()
 
 
 def test_sources_blend_datasets_sharing_a_tokenizer(dataset, tmp_path):
