@@ -136,7 +136,7 @@ class TrainConfig:
 
 @dataclass
 class DataSourceConfig:
-    path: str = "???"
+    path: str = "???"  # a dataset written by gptscale-prepare: directory, URL prefix or pipe: template with {}
     weight: float = 1.0
 
 
@@ -145,13 +145,14 @@ class DataConfig:
     """Where tokens come from. Without a path the embedded corpus (the standard library's source) is used."""
 
     path: Optional[str] = None
-    sources: List[DataSourceConfig] = field(default_factory=list)
-    seed: int = 1234
-    on_error: str = "raise"  # raise | skip: what a corrupt shard does
-    workers: int = 0
-    reset_attention_at_eod: bool = False
-    shuffle_buffer: int = 1000
-    embedded_max_bytes: int = 4_000_000
+    sources: List[DataSourceConfig] = field(default_factory=list)  # several datasets blended by weight
+    seed: int = 1234  # shard and document order
+    on_error: str = "raise"  # raise | skip: what a corrupt or missing shard does
+    workers: int = 0  # loader processes per rank; 0 reads in the training process
+    reset_attention_at_eod: bool = False  # documents attend only to themselves; positions restart
+    embedded_max_bytes: int = 4_000_000  # size of the embedded corpus
+    embedded_vocab_size: int = 4096  # its byte-level BPE, trained on it once and cached
+    cache_dir: Optional[str] = None  # None: $GPTSCALE_CACHE or ~/.cache/gptscale
 
 
 @dataclass

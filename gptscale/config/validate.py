@@ -6,8 +6,9 @@ Every rule names the fields involved, so the message tells the user what to chan
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
-from gptscale.config.schema import Config, PositionEmbedding
+from gptscale.config.schema import Config, DataConfig, PositionEmbedding
 
 
 class ConfigError(ValueError):
@@ -108,7 +109,7 @@ def check(cfg: Config, world_size: int) -> Layout:
             f"interleaved pipelining (parallel.vpp={par.vpp}) needs the number of micro-batches per step "
             f"({micro} = parallel.global_batch / (parallel.micro_batch * dp)) to be a multiple of parallel.pp={pp}",
         )
-    need(cfg.data.on_error in ("raise", "skip"), f"data.on_error={cfg.data.on_error!r} must be 'raise' or 'skip'")
+    _check_data(cfg.data, need)
     need(train.seq_len >= 1, f"train.seq_len={train.seq_len} must be at least 1")
     need(
         model.position_embedding != PositionEmbedding.learned or train.seq_len <= model.max_position_embeddings,
@@ -121,3 +122,14 @@ def check(cfg: Config, world_size: int) -> Layout:
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return Layout(world_size, tp, pp, vpp, dp, par.micro_batch, par.global_batch)
+
+
+def _check_data(data: DataConfig, need: Callable[[bool, str], None]) -> None:
+    need(data.on_error in ("raise", "skip"), f"data.on_error={data.on_error!r} must be 'raise' or 'skip'")
+    need(not (data.path and data.sources), "data.path and data.sources are exclusive: give one dataset or a list")
+    for i, source in enumerate(data.sources):
+        need(source.weight > 0, f"data.sources[{i}].weight={source.weight} must be positive")
+    need(data.workers >= 0, f"data.workers={data.workers} must not be negative")
+    need(data.embedded_max_bytes > 0, f"data.embedded_max_bytes={data.embedded_max_bytes} must be positive")
+    need(data.embedded_vocab_size >= 258,
+         f"data.embedded_vocab_size={data.embedded_vocab_size} must be at least 258 (256 bytes + end of document)")

@@ -1,14 +1,18 @@
-"""Token data for training: where batches come from, split over data-parallel ranks, resumable."""
+"""Token data for training: prepared shards streamed to every data-parallel rank, resumable exactly."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Optional
 
 from gptscale.config.schema import DataConfig
-from gptscale.config.validate import ConfigError, Layout
-from gptscale.data.embedded import BYTE_VOCAB_SIZE, EOD, embedded_tokens
-from gptscale.data.loader import WindowLoader
+from gptscale.config.validate import Layout
+from gptscale.data.embedded import default_cache_dir, embedded_dataset
+from gptscale.data.manifest import DataError, local_tokenizer_file, read_manifest
+
+log = logging.getLogger("gptscale")
 
 
 @dataclass
@@ -17,14 +21,41 @@ class Data:
     valid: Optional[Iterator]
     vocab_size: int
     eod: int
+    tokenizer_file: Optional[Path] = None  # the tokenizer JSON the data was tokenized with
 
 
-def build_data(cfg: DataConfig, layout: Layout, dp_rank: int, seq_len: int) -> Data:
-    """The train and validation loaders of this data-parallel rank."""
-    if cfg.path is not None or cfg.sources:
-        raise ConfigError("data.path / data.sources: sharded datasets are not supported by this build")
-    tokens = embedded_tokens(cfg.embedded_max_bytes)
-    split = int(len(tokens) * 0.95)
-    train = WindowLoader(tokens[:split], seq_len, layout, dp_rank, cfg.seed)
-    valid = WindowLoader(tokens[split:], seq_len, layout, dp_rank, cfg.seed + 1)
-    return Data(train=train, valid=valid, vocab_size=BYTE_VOCAB_SIZE, eod=EOD)
+def build_data(cfg: DataConfig, layout: Layout, dp_rank: int, seq_len: int, serves_tokens: bool = True) -> Data:
+    """The train and validation loaders of this data-parallel rank.
+
+    ``serves_tokens``: false on pipeline stages that neither embed tokens nor compute the loss; they get
+    placeholders without reading (unless ``data.reset_attention_at_eod``: every stage needs the mask).
+    Tensor-parallel ranks each read the same shards rather than wait for a broadcast.
+    """
+    from gptscale.data.loader import Source, StreamingLoader  # torch, only once training starts
+
+    cache_dir = default_cache_dir(cfg.cache_dir)
+    if cfg.sources:
+        locations = [(source.path, source.weight) for source in cfg.sources]
+    elif cfg.path:
+        locations = [(cfg.path, 1.0)]
+    else:
+        locations = [(str(embedded_dataset(cfg.embedded_max_bytes, cfg.embedded_vocab_size, cache_dir)), 1.0)]
+    manifests = [read_manifest(path) for path, _ in locations]
+    first = manifests[0]
+    for manifest in manifests[1:]:
+        if manifest.tokenizer["sha256"] != first.tokenizer["sha256"]:
+            raise DataError(f"data.sources: {manifest.location} and {first.location} were tokenized with "
+                            "different tokenizers; blended datasets must share one")
+    options = dict(layout=layout, dp_rank=dp_rank, seq_len=seq_len, seed=cfg.seed, workers=cfg.workers,
+                   reset_attention_at_eod=cfg.reset_attention_at_eod, on_error=cfg.on_error,
+                   serves_tokens=serves_tokens or cfg.reset_attention_at_eod)
+    train = StreamingLoader([Source(m, "train", w) for m, (_, w) in zip(manifests, locations)], **options)
+    val_sources = [Source(m, "val", w) for m, (_, w) in zip(manifests, locations) if m.shards("val")]
+    valid = None
+    if val_sources:
+        try:
+            valid = StreamingLoader(val_sources, **options)
+        except DataError as error:
+            log.warning("no validation data: %s", error)
+    return Data(train=train, valid=valid, vocab_size=first.vocab_size, eod=first.eod,
+                tokenizer_file=local_tokenizer_file(first, cache_dir))

@@ -1,68 +1,197 @@
-"""Micro-batches for one data-parallel rank, from an in-memory token array, resumable.
+"""Micro-batches of one data-parallel rank, streamed from token shards, resumable exactly.
 
-The global batch of optimizer step ``s`` is always samples ``s*G .. s*G+G-1`` of a seeded shuffle of
-fixed-length windows, whatever the layout: data-parallel ranks and accumulation micro-steps only divide
-it differently. So 1 rank and TP2 x DP2 see the same tokens per step.
+The global batch of step s is slot 0..G-1's pick at step s (``gptscale.data.order``), whatever the layout.
+Data-parallel rank r serves the contiguous slots [r*G/dp, (r+1)*G/dp) and cuts them into its
+micro-batches; loader workers each read a contiguous share of those slots and hand over one item per step,
+which the rank stitches back together in slot order. So a different number of ranks, micro-batch size or
+workers divides the same tokens differently, and the state is just the step: it is the same on every rank
+and resumes on any layout with the same global batch and sequence length.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+from collections import Counter
+from dataclasses import dataclass
+
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from gptscale.config.validate import Layout
+from gptscale.data.batch import micro_batch
+from gptscale.data.manifest import DataError, Manifest
+from gptscale.data.order import GlobalOrder, SourceOrder
+from gptscale.data.reader import SequenceReader, ShardSource
+
+SPLIT_SEEDS = {"train": 0, "val": 1}
+STATE_FORMAT = 1
 
 
-class WindowLoader:
-    """Iterator of ``{"tokens", "labels", "loss_mask", "position_ids"}`` micro-batches for ``dp_rank``."""
+@dataclass(frozen=True)
+class Source:
+    """One split of one prepared dataset, with its blending weight."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, layout: Layout, dp_rank: int, seed: int):
-        self.tokens = tokens
-        self.seq_len = seq_len
-        self.layout = layout
-        self.dp_rank = dp_rank
-        self.seed = seed
-        self.num_windows = (len(tokens) - 1) // seq_len
-        if self.num_windows < layout.global_batch:
-            raise ValueError(
-                f"the corpus holds {len(tokens)} tokens: fewer than one global batch "
-                f"({layout.global_batch} sequences of train.seq_len={seq_len} tokens)"
-            )
-        self.consumed_samples = 0  # samples of completed optimizer steps
+    manifest: Manifest
+    split: str
+    weight: float
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity of the data itself (not where it lives), so a moved dataset still resumes."""
+        digest = hashlib.sha256()
+        for shard in self.manifest.shards(self.split):
+            digest.update(f"{shard.name}:{shard.sha256}\n".encode())
+        return digest.hexdigest()[:16]
+
+    def shard_source(self) -> ShardSource:
+        shards = self.manifest.shards(self.split)
+        return ShardSource([self.manifest.url(s.name) for s in shards], shards, self.manifest.numpy_dtype)
+
+
+class _StepStream(IterableDataset):
+    """One item per step from ``start``: the sequences of this worker's share of the rank's slots."""
+
+    def __init__(self, sources: list[Source], orders: list[SourceOrder], slots: range, start: int, seq_len: int,
+                 eod: int, on_error: str):
+        self.shard_sources = [source.shard_source() for source in sources]
+        self.weights = [source.weight for source in sources]
+        self.orders, self.slots, self.start, self.seq_len = orders, slots, start, seq_len
+        self.eod, self.on_error = eod, on_error
+
+    def __iter__(self):
+        worker = get_worker_info()
+        slots = self.slots
+        if worker is not None:
+            slots = np.array_split(np.arange(slots.start, slots.stop), worker.num_workers)[worker.id]
+        order = GlobalOrder(self.orders, self.weights)
+        reader = SequenceReader(self.shard_sources, self.orders, self.on_error)
+        try:
+            for step in itertools.count(self.start):
+                # numpy, not torch, for the per-step arrays: torch's threaded fills stall on a busy machine.
+                windows = np.full((len(slots), self.seq_len + 1), self.eod, dtype=np.int64)
+                valid = np.zeros(windows.shape, dtype=bool)
+                for row, slot in enumerate(slots):
+                    reader.read(int(slot), order.pick(int(slot), step), windows[row], valid[row])
+                skipped = reader.take_skipped()
+                yield {"windows": torch.from_numpy(windows), "valid": torch.from_numpy(valid),
+                       "skipped": torch.tensor([skipped["shards"], skipped["documents"]])}
+        finally:
+            reader.close()
+
+
+class StreamingLoader:
+    """Iterator of ``{"tokens", "labels", "loss_mask", "position_ids"[, "attention_mask"]}`` micro-batches.
+
+    ``serves_tokens=False`` (pipeline stages that neither embed tokens nor compute the loss) yields
+    placeholders of the right shapes without reading anything, while keeping the same state.
+    """
+
+    def __init__(self, sources: list[Source], layout: Layout, dp_rank: int, seq_len: int, *, seed: int,
+                 workers: int = 0, reset_attention_at_eod: bool = False, on_error: str = "raise",
+                 serves_tokens: bool = True):
+        self.sources, self.layout, self.seq_len = sources, layout, seq_len
+        self.workers, self.reset_attention, self.on_error = workers, reset_attention_at_eod, on_error
+        self.serves_tokens = serves_tokens
+        self.eod = sources[0].manifest.eod
+        per_rank = layout.global_batch // layout.dp
+        self.slots = range(dp_rank * per_rank, (dp_rank + 1) * per_rank)
+        self.step = 0  # global batches fully handed out
         self.micro_step = 0
-        self._epoch, self._order = -1, None
+        self.skipped: Counter = Counter()  # shards and documents skipped under on_error=skip, for the logs
+        self._stream = None
+        self._fields = None
+        self._set_seed(seed)
 
-    def _window(self, sample: int) -> np.ndarray:
-        epoch, index = divmod(sample, self.num_windows)
-        if epoch != self._epoch:
-            self._epoch = epoch
-            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
-        start = int(self._order[index]) * self.seq_len
-        return self.tokens[start:start + self.seq_len + 1]
+    def _set_seed(self, seed: int) -> None:
+        self.seed = seed
+        self.orders = []
+        for index, source in enumerate(self.sources):
+            shards = source.manifest.shards(source.split)
+            order = SourceOrder([s.tokens for s in shards], self.seq_len, self.layout.global_batch,
+                                (seed, SPLIT_SEEDS[source.split], index))
+            if order.sequences < self.layout.global_batch:
+                raise DataError(
+                    f"{source.manifest.location} ({source.split} split) holds {order.tokens} tokens, "
+                    f"{order.sequences} sequences of train.seq_len={self.seq_len}: fewer than one global batch "
+                    f"(parallel.global_batch={self.layout.global_batch})")
+            self.orders.append(order)
+        self.order = GlobalOrder(self.orders, [source.weight for source in self.sources])
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        lay = self.layout
-        first = self.consumed_samples + (self.micro_step * lay.dp + self.dp_rank) * lay.micro_batch
-        windows = np.stack([self._window(first + i) for i in range(lay.micro_batch)]).astype(np.int64)
+        if self._fields is None:
+            self._fields = self._next_step()
+        rows = slice(self.micro_step * self.layout.micro_batch, (self.micro_step + 1) * self.layout.micro_batch)
+        batch = micro_batch(self._fields["windows"][rows], self._fields["valid"][rows], self.eod,
+                            self.reset_attention)
         self.micro_step += 1
-        if self.micro_step == lay.num_microbatches:
-            self.micro_step = 0
-            self.consumed_samples += lay.global_batch
-        windows = torch.from_numpy(windows)
-        return {
-            "tokens": windows[:, :-1],
-            "labels": windows[:, 1:],
-            "loss_mask": torch.ones(lay.micro_batch, self.seq_len),
-            "position_ids": torch.arange(self.seq_len).expand(lay.micro_batch, -1),
-        }
+        if self.micro_step == self.layout.num_microbatches:
+            self.micro_step, self._fields = 0, None
+            self.step += 1
+        return batch
+
+    def _next_step(self) -> dict[str, torch.Tensor]:
+        if not self.serves_tokens:
+            return {"windows": torch.zeros(len(self.slots), self.seq_len + 1, dtype=torch.int64),
+                    "valid": torch.zeros(len(self.slots), self.seq_len + 1, dtype=torch.bool)}
+        if self._stream is None:
+            self._stream = self._open(self.step)
+        items = [next(self._stream) for _ in range(max(self.workers, 1))]
+        skipped = torch.stack([item.pop("skipped") for item in items]).sum(dim=0)
+        self.skipped.update(shards=int(skipped[0]), documents=int(skipped[1]))
+        if len(items) == 1:
+            return items[0]
+        return {name: torch.cat([item[name] for item in items]) for name in items[0]}
+
+    def _open(self, start: int):
+        stream = _StepStream(self.sources, self.orders, self.slots, start, self.seq_len, self.eod, self.on_error)
+        if self.workers == 0:
+            return iter(stream)
+        return iter(DataLoader(stream, batch_size=None, num_workers=self.workers))
+
+    def close(self) -> None:
+        """Stop the loader's workers (they also stop when the loader is garbage-collected)."""
+        if hasattr(self._stream, "close"):
+            self._stream.close()
+        self._stream = None
 
     def state_dict(self) -> dict:
-        return {"consumed_samples": self.consumed_samples, "micro_step": self.micro_step, "seed": self.seed}
+        """Where the stream stands; identical on every rank, so any rank's copy resumes any layout."""
+        progress = self.order.progress(self.step)
+        return {
+            "format": STATE_FORMAT,
+            "step": self.step,
+            "micro_step": self.micro_step,
+            "seed": self.seed,
+            "global_batch": self.layout.global_batch,
+            "seq_len": self.seq_len,
+            "micro_batch": self.layout.micro_batch,
+            "dp": self.layout.dp,
+            "sources": [{"location": s.manifest.location, "split": s.split, "fingerprint": s.fingerprint,
+                         "weight": s.weight, **done} for s, done in zip(self.sources, progress)],
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        self.consumed_samples = int(state["consumed_samples"])
-        self.micro_step = int(state["micro_step"])
-        self.seed = int(state["seed"])
+        """Continue exactly after the batches ``state`` had served (any number of ranks or workers)."""
+        mine = [(s.fingerprint, float(s.weight)) for s in self.sources]
+        theirs = [(s["fingerprint"], float(s["weight"])) for s in state["sources"]]
+        for name, value in (("global_batch", self.layout.global_batch), ("seq_len", self.seq_len)):
+            if int(state[name]) != value:
+                raise DataError(f"cannot resume the data stream: it was saved with {name}={state[name]}, "
+                                f"this run has {value} (the global order depends on it)")
+        if int(state["micro_step"]) and (state["micro_batch"], state["dp"]) != (self.layout.micro_batch,
+                                                                              self.layout.dp):
+            raise DataError("cannot resume the data stream inside a step on another layout: it was saved at "
+                            f"micro-step {state['micro_step']} of dp={state['dp']} x micro_batch={state['micro_batch']}")
+        if mine != theirs:
+            raise DataError(f"cannot resume the data stream: it was saved for sources {state['sources']}, "
+                            f"this run reads {[s.manifest.location for s in self.sources]} with other data or weights")
+        self.close()
+        if int(state["seed"]) != self.seed:
+            self._set_seed(int(state["seed"]))
+        self.step, self.micro_step = int(state["step"]), int(state["micro_step"])
+        self._fields = None

@@ -38,7 +38,8 @@ class Trainer:
         self.ctx = init_parallel(self.layout, self.device, cfg.train.seed)
 
         # Data: this data-parallel rank's share of every global batch.
-        self.data = build_data(cfg.data, self.layout, self.ctx.dp_rank, cfg.train.seq_len)
+        self.data = build_data(cfg.data, self.layout, self.ctx.dp_rank, cfg.train.seq_len,
+                               serves_tokens=self.ctx.is_first_stage or self.ctx.is_last_stage)
 
         # Model: this rank's chunks of megatron-core's GPTModel, initialised the same under every layout.
         backend = resolve_backend(cfg.model, self.ctx.on_gpu)
@@ -117,7 +118,7 @@ class Trainer:
                     "consumed_tokens": self.step * self.layout.global_batch * train.seq_len,
                 }
                 self.tracker.log(self.step, metrics)
-            if train.eval_interval and self.step % train.eval_interval == 0:
+            if train.eval_interval and self.step % train.eval_interval == 0 and self.data.valid is not None:
                 self.tracker.log(self.step, {"eval_loss": self.evaluate()})
         return {
             "loss": [result.loss.item() for result in history],

@@ -1,17 +1,24 @@
 """Layout parity: the same seed, data and fp32 give the same first five losses under every layout.
 
-Each launch runs many layouts one after another (imports dominate the cost of tiny runs).
+Each launch runs many layouts one after another (imports dominate the cost of tiny runs). Layouts named
+``-eod`` reset attention and positions at document boundaries and compare with a one-rank run that does;
+they read short documents (the embedded corpus cut every two lines) so most sequences hold a boundary.
 """
 
 import pytest
 
+from gptscale.config.schema import DataConfig
+from gptscale.config.validate import Layout
+from gptscale.data import build_data
+from gptscale.data.embedded import embedded_documents
+from gptscale.data.prepare import prepare_dataset
 from tests.helpers import run_jobs
 
 MODELS = ["gpt2-tiny", "llama-tiny"]
 COMMON = [
     "train.steps=5", "train.seq_len=32", "train.eval_interval=0", "train.log_interval=5",
     "parallel.global_batch=8", "optim.warmup_steps=2", "optim.lr=1e-3",
-    "data.embedded_max_bytes=200000", "checkpoint.save_final=false",
+    "data.embedded_max_bytes=200000", "data.embedded_vocab_size=300", "checkpoint.save_final=false",
 ]
 TWO_RANKS = {
     "tp2": ["parallel.tp=2"],
@@ -22,28 +29,47 @@ TWO_RANKS = {
     "dp2-zero1": ["parallel.zero=1"],
     "dp2-zero2": ["parallel.zero=2"],
     "dp2-zero3": ["parallel.zero=3"],
+    "dp2-loader-workers": ["data.workers=2"],
+    "tp2-sp-eod": ["parallel.tp=2", "parallel.sp=true", "data.reset_attention_at_eod=true"],
+    "pp2-vpp2-eod": ["parallel.pp=2", "parallel.vpp=2", "data.reset_attention_at_eod=true"],
 }
 FOUR_RANKS = {
     "tp2-pp2": ["parallel.tp=2", "parallel.pp=2"],
     "tp2-dp2-zero1": ["parallel.tp=2", "parallel.zero=1"],
+    "pp4": ["parallel.pp=4"],  # middle stages get placeholder batches
+    "pp4-eod": ["parallel.pp=4", "data.reset_attention_at_eod=true"],  # every stage reads the masks
 }
 RTOL = 1e-4
 
 
-def jobs(layouts: dict, tmp_path, micro_batch: int = 2):
+@pytest.fixture(scope="module")
+def short_documents(tmp_path_factory):
+    lines = [line for doc in embedded_documents(200_000) for line in doc.splitlines() if line.strip()]
+    paragraphs = ["\n".join(lines[i:i + 2]) for i in range(0, len(lines), 2)]
+    directory = tmp_path_factory.mktemp("paragraphs") / "data"
+    prepare_dataset(lambda: paragraphs, directory, vocab_size=512, val_fraction=0.0, progress=False)
+    return directory
+
+
+def jobs(layouts: dict, tmp_path, short_documents, micro_batch: int = 2):
     return [[f"model={model}", f"run_dir={tmp_path}/{model}-{name}", f"parallel.micro_batch={micro_batch}",
-             *COMMON, *overrides]
+             *COMMON, *overrides, *([f"data.path={short_documents}"] if name.endswith("-eod") else [])]
             for model in MODELS for name, overrides in layouts.items()]
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(tmp_path_factory, short_documents):
     """One rank: micro-batch 2 (4 accumulation steps), micro-batch 8 and micro-batch 1 (8 steps)."""
     tmp_path = tmp_path_factory.mktemp("one-rank")
-    layouts = {"mb2": [], "mb8": ["parallel.micro_batch=8"], "mb1": ["parallel.micro_batch=1"]}
-    results = run_jobs(1, jobs(layouts, tmp_path), tmp_path)
+    layouts = {"mb2": [], "mb8": ["parallel.micro_batch=8"], "mb1": ["parallel.micro_batch=1"],
+               "mb2-eod": ["data.reset_attention_at_eod=true"]}
+    results = run_jobs(1, jobs(layouts, tmp_path, short_documents), tmp_path)
     return {(model, name): results[i * len(layouts) + j]
             for i, model in enumerate(MODELS) for j, name in enumerate(layouts)}
+
+
+def reference_name(layout: str) -> str:
+    return "mb2-eod" if layout.endswith("-eod") else "mb2"
 
 
 def assert_close(history, expected, what):
@@ -63,21 +89,30 @@ def test_losses_fall_and_differ_between_models(reference):
     assert reference[("gpt2-tiny", "mb2")]["loss"][0] != reference[("llama-tiny", "mb2")]["loss"][0]
 
 
+def test_eod_layouts_see_document_boundaries(short_documents):
+    """Most of the first five steps' sequences cross a document boundary, so the masks are exercised."""
+    layout = Layout(world_size=1, tp=1, pp=1, vpp=1, dp=1, micro_batch=8, global_batch=8)
+    data = build_data(DataConfig(path=str(short_documents), reset_attention_at_eod=True), layout, 0, 32)
+    batches = [next(data.train) for _ in range(5)]
+    crossing = sum(int((batch["tokens"] == data.eod).any(dim=1).sum()) for batch in batches)
+    assert crossing >= 20, crossing
+
+
 def test_gradient_accumulation_matches_one_big_micro_batch(reference):
     for model in MODELS:
         assert_close(reference[(model, "mb1")], reference[(model, "mb8")], f"{model} micro-batch 1 x 8")
         assert_close(reference[(model, "mb2")], reference[(model, "mb8")], f"{model} micro-batch 2 x 4")
 
 
-def test_two_rank_layouts_match_one_rank(reference, tmp_path):
-    results = run_jobs(2, jobs(TWO_RANKS, tmp_path), tmp_path)
+def test_two_rank_layouts_match_one_rank(reference, tmp_path, short_documents):
+    results = run_jobs(2, jobs(TWO_RANKS, tmp_path, short_documents), tmp_path)
     for i, model in enumerate(MODELS):
         for j, name in enumerate(TWO_RANKS):
-            assert_close(results[i * len(TWO_RANKS) + j], reference[(model, "mb2")], f"{model} {name}")
+            assert_close(results[i * len(TWO_RANKS) + j], reference[(model, reference_name(name))], f"{model} {name}")
 
 
-def test_four_rank_layouts_match_one_rank(reference, tmp_path):
-    results = run_jobs(4, jobs(FOUR_RANKS, tmp_path), tmp_path)
+def test_four_rank_layouts_match_one_rank(reference, tmp_path, short_documents):
+    results = run_jobs(4, jobs(FOUR_RANKS, tmp_path, short_documents), tmp_path)
     for i, model in enumerate(MODELS):
         for j, name in enumerate(FOUR_RANKS):
-            assert_close(results[i * len(FOUR_RANKS) + j], reference[(model, "mb2")], f"{model} {name}")
+            assert_close(results[i * len(FOUR_RANKS) + j], reference[(model, reference_name(name))], f"{model} {name}")
