@@ -7,7 +7,6 @@ so a tensor-parallel group stays inside a node.
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -57,23 +56,20 @@ def choose_device(requested: str) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(device: torch.device, timeout_minutes: float = 10.0) -> None:
     """Join the job's process group (NCCL on GPU, gloo on CPU); a lone process without torchrun forms its own."""
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+    backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            timeout=timedelta(minutes=timeout_minutes))
+    if "RANK" not in os.environ:
+        # An in-memory store: no port to pick, so concurrent lone runs cannot race for one.
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timedelta(minutes=timeout_minutes))
+        return
+    dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
 
 
 def init_parallel(layout: Layout, device: torch.device, seed: int) -> ParallelContext:
