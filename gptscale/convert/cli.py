@@ -16,8 +16,6 @@ import torch
 
 from gptscale.convert import ConversionError
 
-log = logging.getLogger("gptscale")
-
 
 def read_checkpoint(path: Path):
     """(config, global tensors, tokenizer file) of a gptscale checkpoint, whatever layout wrote it."""
@@ -51,14 +49,17 @@ def _convert_parser() -> argparse.ArgumentParser:
 def _import(args) -> list[str]:
     from gptscale.checkpoint.read import save_model_state
     from gptscale.convert.from_hf import import_hf
-    from gptscale.convert.output import staged
+    from gptscale.convert.mapping import architecture
+    from gptscale.convert.output import Summary, staged
 
     cfg, state, tokenizer_file = import_hf(args.from_hf, args.overrides)
     with staged(args.out, args.overwrite, directory=True) as stage:
         save_model_state(stage, cfg, state, tokenizer_file)
-    parameters = sum(t.numel() for t in state.values())
-    return [f"gptscale checkpoint: {cfg.model.name}, {parameters / 1e6:.2f}M parameters (padded vocabulary), f32",
-            f"layout tp={cfg.parallel.tp} pp={cfg.parallel.pp}; resume with checkpoint.resume={args.out}"]
+    files = sorted(path for path in Path(args.out).rglob("*") if path.is_file())
+    summary = Summary("gptscale checkpoint", architecture(cfg.model), sum(t.numel() for t in state.values()), "f32",
+                      Path(args.out), files)
+    return summary.lines() + [f"layout tp={cfg.parallel.tp} pp={cfg.parallel.pp}; resume training with "
+                              f"checkpoint.resume={args.out}"]
 
 
 def convert(argv: Optional[list[str]] = None) -> list[str]:

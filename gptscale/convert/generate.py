@@ -1,11 +1,12 @@
 """Text generation from gathered weights: gptscale's forward pass in plain torch with a KV cache.
 
-Why not megatron-core's inference path? It needs megatron's process groups even at one rank, its KV-cache
-code targets CUDA, and gptscale's SDPA core attention assumes a causal square mask (a one-token query
-against cached keys would be masked wrongly). This decoder computes the same function as megatron-core's
-GPTModel (tests hold it to megatron-core's logits) from the converters' representation, on any device,
-in one process: the fused QKV is read per query group, RoPE rotates halves (megatron-core's
-non-interleaved convention), GELU is exact, the padded vocabulary is cut to the tokenizer's.
+Why not megatron-core's inference path? It needs megatron's process groups even at one rank, is built
+around its CUDA inference engines, and gptscale's SDPA core attention relies on ``is_causal``, which torch
+aligns top-left: a one-token query against cached keys would see only the first of them. This decoder
+computes the same function as megatron-core's GPTModel (tests hold it to megatron-core's logits) from the
+converters' representation, on any device, in one process: the fused QKV is read per query group, RoPE
+rotates halves (megatron-core's non-interleaved convention), GELU is exact, the padded vocabulary is cut
+to the tokenizer's.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ against the second; so the rows of every Q and K head are permuted from [first h
 interleaved pairs, which makes llama.cpp's rotation equal ours. And GGUF keeps nn.Linear's [out, in]
 layout for every matrix, GPT-2's included. Norms and biases stay f32; Q8_0 quantizes matrices whose rows
 are a multiple of its 32-value blocks and stores the others in f16, as llama.cpp's own converter does.
+llama.cpp's ``gpt2`` graph computes GELU with the tanh approximation where gptscale computes it exactly; no
+GGUF key changes that, so GPT-2 style models differ from ours by a few 1e-4 in the logits.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def interleave_rope_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
         weight.shape)
 
 
-def _encode(name: str, tensor: torch.Tensor, dtype: str):
+def _encode(tensor: torch.Tensor, dtype: str):
     """(data, raw GGML type or None) for ``GGUFWriter.add_tensor``."""
     from gguf import GGMLQuantizationType, quants
 
@@ -104,7 +106,7 @@ def export_gguf(cfg: Config, state: Mapping[str, torch.Tensor], tokenizer_file: 
         for name, tensor in tqdm(tensors, desc=f"converting to GGUF {arch} {dtype}", unit="tensor"):
             if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
                 tensor = interleave_rope_rows(tensor, heads if "attn_q" in name else groups)
-            data, raw_dtype = _encode(name, tensor, dtype)
+            data, raw_dtype = _encode(tensor, dtype)
             writer.add_tensor(name, data, raw_dtype=raw_dtype)
             parameters += tensor.numel()
         writer.write_header_to_file()

@@ -167,9 +167,9 @@ def to_megatron(row: Row, parts: list[torch.Tensor], model: ModelConfig) -> torc
     if row.conv1d:
         parts = [part.t() for part in parts]
     if row.parts == Parts.VOCAB:
-        (rows_,) = parts
-        padded = padded_vocab_size(rows_.shape[0], model.vocab_multiple)
-        return torch.cat([rows_, rows_.new_zeros(padded - rows_.shape[0], *rows_.shape[1:])]).contiguous()
+        (embedding,) = parts
+        padding = padded_vocab_size(embedding.shape[0], model.vocab_multiple) - embedding.shape[0]
+        return torch.cat([embedding, embedding.new_zeros(padding, *embedding.shape[1:])]).contiguous()
     if row.parts == Parts.QKV:
         if len(parts) == 1:
             heads, groups = _heads(model)

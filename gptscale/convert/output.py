@@ -60,15 +60,17 @@ class Summary:
     files: list[Path] = field(default_factory=list)
 
     def lines(self) -> list[str]:
-        def size(path: Path) -> str:
-            n = path.stat().st_size
-            for unit in ("B", "KiB", "MiB", "GiB"):
-                if n < 1024 or unit == "GiB":
-                    return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-                n /= 1024
-            return ""
-
         total = sum(path.stat().st_size for path in self.files)
+        root = self.out if self.out.is_dir() else self.out.parent
         head = [f"{self.kind}: {self.architecture}, {self.parameters / 1e6:.2f}M parameters, {self.dtype}",
-                f"written to {self.out} ({len(self.files)} files, {total / 2**20:.1f} MiB)"]
-        return head + [f"  {path.name:<40} {size(path):>12}" for path in sorted(self.files)]
+                f"written to {self.out} ({len(self.files)} files, {_human(total)})"]
+        return head + [f"  {str(path.relative_to(root)):<48} {_human(path.stat().st_size):>12}"
+                       for path in sorted(self.files)]
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.2f} GiB"

@@ -10,6 +10,7 @@ silently tokenized another way.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -41,7 +42,10 @@ def eod_token(tokenizer: Tokenizer) -> Optional[tuple[str, int]]:
 
 
 def write_hf_tokenizer(tokenizer_file: Path, out_dir: Path, model_max_length: int) -> None:
-    """tokenizer.json and tokenizer_config.json (EOD as eos, bos and pad token) for ``AutoTokenizer``."""
+    """tokenizer.json and tokenizer_config.json (EOD as eos, bos and pad token) for ``AutoTokenizer``.
+
+    transformers writes the config; tokenizer.json is then the run's own file, byte for byte (transformers
+    would add a post-processor template that changes nothing but the file)."""
     from transformers import PreTrainedTokenizerFast
 
     eod = eod_token(load_tokenizer(tokenizer_file))
@@ -49,6 +53,7 @@ def write_hf_tokenizer(tokenizer_file: Path, out_dir: Path, model_max_length: in
     hf_tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), model_max_length=model_max_length,
                                            clean_up_tokenization_spaces=False, **special)
     hf_tokenizer.save_pretrained(str(out_dir))
+    shutil.copyfile(tokenizer_file, Path(out_dir) / "tokenizer.json")
 
 
 @dataclass

@@ -18,7 +18,7 @@ def trained(tokenizer_file):
     def get(model: str):
         if model not in cache:
             cfg = tiny_config(model)
-            cache[model] = cfg, train_state(cfg, tokenizer_file, steps=150)
+            cache[model] = cfg, train_state(cfg, tokenizer_file)
         return cache[model]
 
     return get

@@ -65,7 +65,7 @@ def megatron_logits(cfg: Config, state: dict[str, torch.Tensor], tokens: torch.T
     return model(tokens, positions, None).float()
 
 
-def train_state(cfg: Config, tokenizer_file: Path, steps: int = 150, seq_len: int = 64, batch: int = 8,
+def train_state(cfg: Config, tokenizer_file: Path, steps: int = 400, seq_len: int = 64, batch: int = 8,
                 seed: int = 0) -> dict[str, torch.Tensor]:
     """gptscale's model trained briefly on text encoded by ``tokenizer_file`` (so perplexity and greedy
     continuations mean something)."""
@@ -74,7 +74,7 @@ def train_state(cfg: Config, tokenizer_file: Path, steps: int = 150, seq_len: in
     vocab = tokenizer.get_vocab_size()
     model = build_one_rank_model(cfg, padded_vocab_size(vocab, cfg.model.vocab_multiple), torch.device("cpu"))
     initialize(model, cfg.train.seed, cfg.model.init_std, cfg.model.num_layers)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     positions = torch.arange(seq_len).expand(batch, -1)
     model.train()

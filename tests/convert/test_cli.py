@@ -91,7 +91,7 @@ def test_import_from_hf_writes_a_checkpoint(checkpoints, trained, tokenizer_file
     assert convert_main(["--checkpoint", str(ckpt), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
     assert convert_main(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "imported"),
                          "parallel.tp=2", "parallel.pp=2"]) == 0
-    assert "resume with checkpoint.resume=" in capsys.readouterr().out
+    assert "resume training with checkpoint.resume=" in capsys.readouterr().out
     imported_cfg, imported, tokenizer = checkpoints.last_saved
     assert (imported_cfg.parallel.tp, imported_cfg.parallel.pp) == (2, 2)
     assert json.loads(tokenizer.read_text()) == json.loads(tokenizer_file.read_text())

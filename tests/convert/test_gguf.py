@@ -13,7 +13,7 @@ from gptscale.convert.gguf import export_gguf, interleave_rope_rows
 from tests.convert.models import EOD, HELD_OUT_FILES, stdlib_text
 
 SAMPLES = ["def f(x):\n    return x + 1", "Hello  world!  123 4567 éà ✓", "  \n\n\tclass Foo(Bar):  # ok",
-           "it's   we'll\r\n<|endoftext|> not special here"]
+           "it's   we'll\r\n<|endoftext|>next document"]
 
 
 def load(path, n_ctx=512):
@@ -60,8 +60,8 @@ def test_llama_cpp_tokenizes_like_ours(exported, tokenizer_file):
     _, _, path = exported
     ours = Tokenizer.from_file(str(tokenizer_file))
     llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
-    for text in SAMPLES:
-        assert llm.tokenize(text.encode(), add_bos=False, special=False) == ours.encode(text, add_special_tokens=False).ids
+    for text in SAMPLES:  # tokenizers encodes special tokens written in the text: llama.cpp's special=True
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == ours.encode(text).ids
     assert llm.token_eos() == ours.token_to_id(EOD)
     assert llm.detokenize(ours.encode(SAMPLES[1]).ids).decode() == SAMPLES[1]
 
