@@ -1,0 +1,149 @@
+"""Import a local Hugging Face GPT-2 or Llama directory as gptscale's config and tensors, to continue
+pretraining from it.
+
+The model config is derived from the HF config and composed through Hydra like any run's, so layout
+overrides (``parallel.tp=2``) and other keys apply and are validated. Weights are read from safetensors
+and mapped back through ``gptscale.convert.mapping``'s tables; the vocabulary is padded to
+``model.vocab_multiple`` with zero rows. Features gptscale's model does not compute are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import safe_open
+
+from gptscale.config import Config, ConfigError, check, load_config
+from gptscale.convert import ConversionError
+from gptscale.convert.mapping import import_tensors
+
+log = logging.getLogger("gptscale")
+
+SUPPORTED = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}
+
+
+def _read_config(hf_dir: Path) -> tuple[dict, str]:
+    """config.json and ``gpt2`` or ``llama`` (from ``architectures``, or ``model_type`` where that is missing)."""
+    path = hf_dir / "config.json"
+    if not path.is_file():
+        raise ConversionError(f"{hf_dir} has no config.json: not a Hugging Face model directory")
+    config = json.loads(path.read_text())
+    architectures = config.get("architectures") or []
+    known = [SUPPORTED[name] for name in architectures if name in SUPPORTED]
+    if not architectures and config.get("model_type") in SUPPORTED.values():
+        known = [config["model_type"]]
+    if not known:
+        raise ConversionError(f"{hf_dir}: architecture {architectures or config.get('model_type')} is not supported; "
+                              f"gptscale imports {sorted(SUPPORTED)}")
+    return config, known[0]
+
+
+def _gpt2_overrides(config: dict) -> list[str]:
+    refused = [key for key in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention")
+               if config.get(key)]
+    if refused or not config.get("scale_attn_weights", True):
+        raise ConversionError(f"GPT-2 options gptscale's model does not compute: {refused or ['scale_attn_weights']}")
+    activation = config.get("activation_function", "gelu_new")
+    if activation not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
+        raise ConversionError(f"GPT-2 activation_function={activation!r}: gptscale computes GELU")
+    if activation != "gelu":
+        log.warning("activation_function=%s is GELU's tanh approximation; gptscale computes exact GELU "
+                    "(outputs differ slightly until training adapts)", activation)
+    hidden = config["n_embd"]
+    return [
+        "model.position_embedding=learned", "model.normalization=LayerNorm", "model.activation=gelu",
+        "model.bias=true", f"model.num_layers={config['n_layer']}", f"model.hidden_size={hidden}",
+        f"model.num_attention_heads={config['n_head']}", "model.num_query_groups=null",
+        f"model.ffn_hidden_size={config.get('n_inner') or 4 * hidden}",
+        f"model.max_position_embeddings={config['n_positions']}",
+        f"model.norm_eps={config.get('layer_norm_epsilon', 1e-5)}",
+        f"model.tie_embeddings={str(config.get('tie_word_embeddings', True)).lower()}",
+    ]
+
+
+def _llama_overrides(config: dict) -> list[str]:
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    problems = []
+    if config.get("attention_bias") or config.get("mlp_bias"):
+        problems.append("attention_bias / mlp_bias")
+    if config.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={config['hidden_act']}")
+    if config.get("head_dim", hidden // heads) != hidden // heads:
+        problems.append(f"head_dim={config['head_dim']} (gptscale uses hidden_size / num_attention_heads)")
+    if rope_type != "default":
+        problems.append(f"RoPE scaling {rope_type!r}")
+    if problems:
+        raise ConversionError(f"Llama options gptscale's model does not compute: {', '.join(problems)}")
+    theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+    if float(int(theta)) != float(theta):
+        raise ConversionError(f"rope_theta={theta}: megatron-core takes an integer RoPE base")
+    return [
+        "model.position_embedding=rope", "model.normalization=RMSNorm", "model.activation=swiglu", "model.bias=false",
+        f"model.num_layers={config['num_hidden_layers']}", f"model.hidden_size={hidden}",
+        f"model.num_attention_heads={heads}",
+        f"model.num_query_groups={config.get('num_key_value_heads') or heads}",
+        f"model.ffn_hidden_size={config['intermediate_size']}",
+        f"model.max_position_embeddings={config['max_position_embeddings']}",
+        f"model.norm_eps={config.get('rms_norm_eps', 1e-6)}", f"model.rotary_base={float(theta)}",
+        f"model.tie_embeddings={str(config.get('tie_word_embeddings', False)).lower()}",
+    ]
+
+
+class _Weights:
+    """Tensors of a safetensors checkpoint, single file or sharded with an index, read on demand."""
+
+    def __init__(self, hf_dir: Path):
+        index = hf_dir / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (hf_dir / "model.safetensors").is_file():
+            with safe_open(hf_dir / "model.safetensors", "pt") as f:
+                weight_map = dict.fromkeys(f.keys(), "model.safetensors")
+        else:
+            raise ConversionError(f"{hf_dir} holds no model.safetensors (PyTorch .bin weights are not read: "
+                                  "re-save the model with save_pretrained(safe_serialization=True))")
+        self.hf_dir, self.weight_map = hf_dir, weight_map
+
+    def __call__(self, name: str) -> torch.Tensor:
+        if name not in self.weight_map:
+            raise ConversionError(f"{self.hf_dir} lacks tensor {name}")
+        with safe_open(self.hf_dir / self.weight_map[name], "pt") as f:
+            return f.get_tensor(name).float()
+
+
+def _tokenizer_file(hf_dir: Path) -> Optional[Path]:
+    """tokenizer.json, or one written from the directory's slow tokenizer files; None without a tokenizer."""
+    if (hf_dir / "tokenizer.json").is_file():
+        return hf_dir / "tokenizer.json"
+    try:
+        from transformers import AutoTokenizer
+
+        backend = AutoTokenizer.from_pretrained(str(hf_dir)).backend_tokenizer
+    except Exception as error:  # no tokenizer files at all, or one transformers cannot read
+        log.warning("%s: no usable tokenizer (%s); the checkpoint will have none", hf_dir, error)
+        return None
+    path = Path(tempfile.mkdtemp(prefix="gptscale-tokenizer-")) / "tokenizer.json"
+    backend.save(str(path))
+    return path
+
+
+def import_hf(hf_dir: Path, overrides: Optional[list[str]] = None) -> tuple[Config, dict[str, torch.Tensor],
+                                                                          Optional[Path]]:
+    """(config, megatron-core global tensors, tokenizer file) of the HF model at ``hf_dir``."""
+    hf_dir = Path(hf_dir)
+    config, arch = _read_config(hf_dir)
+    derived = _gpt2_overrides(config) if arch == "gpt2" else _llama_overrides(config)
+    derived += [f"model.name={hf_dir.resolve().name}", f"model.vocab_size={config['vocab_size']}"]
+    cfg = load_config(derived + list(overrides or []))
+    try:
+        check(cfg, cfg.parallel.tp * cfg.parallel.pp)
+    except ConfigError as error:
+        raise ConversionError(f"the layout does not fit the imported model: {error}") from error
+    return cfg, import_tensors(cfg.model, _Weights(hf_dir)), _tokenizer_file(hf_dir)

@@ -1,0 +1,116 @@
+"""Export to GGUF for llama.cpp (``gpt2`` and ``llama`` architectures), with the tokenizer embedded.
+
+Two layouts differ from Hugging Face's. llama.cpp's ``llama`` architecture applies RoPE to adjacent pairs
+(x0, x1), (x2, x3), ... of each head, while megatron-core (like HF) rotates the first half of a head
+against the second; so the rows of every Q and K head are permuted from [first half; second half] to
+interleaved pairs, which makes llama.cpp's rotation equal ours. And GGUF keeps nn.Linear's [out, in]
+layout for every matrix, GPT-2's included. Norms and biases stay f32; Q8_0 quantizes matrices whose rows
+are a multiple of its 32-value blocks and stores the others in f16, as llama.cpp's own converter does.
+llama.cpp's ``gpt2`` graph computes GELU with the tanh approximation where gptscale computes it exactly; no
+GGUF key changes that, so GPT-2 style models differ from ours by a few 1e-4 in the logits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from gptscale.config.schema import Config
+from gptscale.convert import ConversionError
+from gptscale.convert.hf import output_vocab_size
+from gptscale.convert.mapping import architecture, export_tensors
+from gptscale.convert.output import Summary, staged
+from gptscale.convert.state import check_state
+from gptscale.convert.tokenizer import gguf_vocab
+
+DTYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+def interleave_rope_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Per head, rows [first half; second half] to pairs (first[j], second[j]): llama.cpp's RoPE layout."""
+    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(
+        weight.shape)
+
+
+def _encode(tensor: torch.Tensor, dtype: str):
+    """(data, raw GGML type or None) for ``GGUFWriter.add_tensor``."""
+    from gguf import GGMLQuantizationType, quants
+
+    data = tensor.float().numpy()
+    if tensor.dim() == 1 or dtype == "f32":
+        return data, None
+    if dtype == "f16" or (dtype == "q8_0" and data.shape[-1] % 32):
+        return data.astype(np.float16), None
+    qtype = GGMLQuantizationType.BF16 if dtype == "bf16" else GGMLQuantizationType.Q8_0
+    return quants.quantize(data, qtype), qtype
+
+
+def export_gguf(cfg: Config, state: Mapping[str, torch.Tensor], tokenizer_file: Optional[Path], out_file: Path,
+                dtype: str = "f32", overwrite: bool = False) -> Summary:
+    """Write ``state`` and its tokenizer as one GGUF file at ``out_file``."""
+    import gguf
+
+    if dtype not in DTYPES:
+        raise ConversionError(f"--dtype {dtype} is not a GGUF type this converter writes; choose one of {DTYPES}")
+    if tokenizer_file is None:
+        raise ConversionError("the checkpoint has no tokenizer.json: GGUF needs the tokenizer for llama.cpp to "
+                              "tokenize text (train with a tokenized dataset)")
+    model = cfg.model
+    arch = architecture(model)
+    check_state(cfg, state)
+    vocab = gguf_vocab(tokenizer_file)
+    vocab_size = output_vocab_size(state, tokenizer_file)
+    heads = model.num_attention_heads
+    groups = model.num_query_groups or heads
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+
+    with staged(out_file, overwrite, directory=False) as stage:
+        writer = gguf.GGUFWriter(str(stage), arch)
+        writer.add_name(model.name)
+        writer.add_file_type(file_type)
+        if dtype == "q8_0":
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.add_block_count(model.num_layers)
+        writer.add_embedding_length(model.hidden_size)
+        writer.add_feed_forward_length(model.ffn_hidden_size or 4 * model.hidden_size)
+        writer.add_head_count(heads)
+        writer.add_head_count_kv(groups)
+        writer.add_vocab_size(vocab_size)
+        if arch == "gpt2":
+            writer.add_context_length(state["embedding.position_embeddings.weight"].shape[0])
+            writer.add_layer_norm_eps(model.norm_eps)
+        else:
+            writer.add_context_length(model.max_position_embeddings)
+            writer.add_layer_norm_rms_eps(model.norm_eps)
+            writer.add_rope_freq_base(float(int(model.rotary_base)))
+            writer.add_rope_dimension_count(model.hidden_size // heads)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("gpt-2")
+        writer.add_token_list(vocab.tokens)
+        writer.add_token_types(vocab.token_types)
+        writer.add_token_merges(vocab.merges)
+        if vocab.eod_id is not None:
+            writer.add_eos_token_id(vocab.eod_id)
+            writer.add_bos_token_id(vocab.eod_id)
+            writer.add_pad_token_id(vocab.eod_id)
+        writer.add_add_bos_token(False)
+        writer.add_add_eos_token(False)
+
+        parameters = 0
+        tensors = list(export_tensors(model, state, vocab_size, hf=False))
+        for name, tensor in tqdm(tensors, desc=f"converting to GGUF {arch} {dtype}", unit="tensor"):
+            if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+                tensor = interleave_rope_rows(tensor, heads if "attn_q" in name else groups)
+            data, raw_dtype = _encode(tensor, dtype)
+            writer.add_tensor(name, data, raw_dtype=raw_dtype)
+            parameters += tensor.numel()
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=True)
+        writer.close()
+    return Summary("GGUF", arch, parameters, dtype, Path(out_file), [Path(out_file)])

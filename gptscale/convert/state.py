@@ -1,0 +1,125 @@
+"""A one-rank megatron-core model as the converters' representation, and back.
+
+The representation is what ``gptscale.checkpoint.read.load_model_state`` returns: full fp32 tensors keyed by
+megatron-core's global sharded-state-dict names, layers stacked on a leading axis, SwiGLU's fc1 as
+[gate; up]. At one rank every shard spans its tensor except along the stacked-layer axis and SwiGLU's
+doubled axis, so each shard is placed at its global offset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import torch
+
+from gptscale.config.schema import Config, ParallelConfig, Precision, Recompute
+from gptscale.config.validate import check
+from gptscale.convert import ConversionError
+from gptscale.convert.mapping import rows
+from gptscale.model.build import ModelChunks, build_model
+from gptscale.model.init import sharded_tensors
+from gptscale.model.spec import resolve_backend
+from gptscale.parallel.groups import init_parallel
+
+
+def _global_index(shard) -> tuple:
+    prepended = shard.prepend_axis_num
+    layer = tuple(shard.global_offset[:prepended])
+    local = tuple(slice(offset, offset + size)
+                  for offset, size in zip(shard.global_offset[prepended:], shard.data.shape))
+    return layer + local
+
+
+def model_state(model: ModelChunks) -> dict[str, torch.Tensor]:
+    """Every weight of a one-rank ``model`` as a full fp32 tensor under its global name."""
+    state, filled = {}, {}
+    for shard in sharded_tensors(model):
+        if shard.key not in state:
+            state[shard.key] = torch.zeros(shard.global_shape, dtype=torch.float32)
+            filled[shard.key] = 0
+        state[shard.key][_global_index(shard)] = shard.data.detach().float().cpu()
+        filled[shard.key] += shard.data.numel()
+    partial = [key for key, tensor in state.items() if filled[key] != tensor.numel()]
+    if partial:
+        raise ConversionError(f"the model holds only part of {partial}: build it at one rank")
+    return state
+
+
+@torch.no_grad()
+def load_state(model: ModelChunks, state: Mapping[str, torch.Tensor]) -> None:
+    """Copy full tensors into a one-rank ``model`` (the inverse of ``model_state``)."""
+    shards = sharded_tensors(model)
+    missing = sorted({shard.key for shard in shards} - set(state))
+    unexpected = sorted(set(state) - {shard.key for shard in shards})
+    if missing or unexpected:
+        raise ConversionError(f"tensors do not fit the model: missing {missing}, unexpected {unexpected}")
+    for shard in shards:
+        shard.data.copy_(state[shard.key][_global_index(shard)])
+
+
+def expected_shapes(cfg: Config, vocab_rows: int) -> dict[str, tuple[int, ...]]:
+    """The global shape of every tensor a model of ``cfg`` holds, to check tensors before converting them."""
+    model = cfg.model
+    heads = model.num_attention_heads
+    groups = model.num_query_groups or heads
+    head_dim, hidden, layers = model.hidden_size // heads, model.hidden_size, model.num_layers
+    ffn = model.ffn_hidden_size or 4 * hidden
+    fc1 = 2 * ffn if model.activation.value == "swiglu" else ffn
+    qkv = (heads + 2 * groups) * head_dim
+    shapes = {
+        "embedding.word_embeddings.weight": (vocab_rows, hidden),
+        "output_layer.weight": (vocab_rows, hidden),
+        "embedding.position_embeddings.weight": (max(model.max_position_embeddings, cfg.train.seq_len), hidden),
+        "decoder.final_layernorm.weight": (hidden,),
+        "decoder.final_layernorm.bias": (hidden,),
+    }
+    per_layer = {
+        "self_attention.linear_qkv.layer_norm_weight": (hidden,),
+        "self_attention.linear_qkv.layer_norm_bias": (hidden,),
+        "self_attention.linear_qkv.weight": (qkv, hidden),
+        "self_attention.linear_qkv.bias": (qkv,),
+        "self_attention.linear_proj.weight": (hidden, heads * head_dim),
+        "self_attention.linear_proj.bias": (hidden,),
+        "mlp.linear_fc1.layer_norm_weight": (hidden,),
+        "mlp.linear_fc1.layer_norm_bias": (hidden,),
+        "mlp.linear_fc1.weight": (fc1, hidden),
+        "mlp.linear_fc1.bias": (fc1,),
+        "mlp.linear_fc2.weight": (hidden, ffn),
+        "mlp.linear_fc2.bias": (hidden,),
+    }
+    shapes.update({"decoder.layers." + name: (layers, *shape) for name, shape in per_layer.items()})
+    return {row.megatron: shapes[row.megatron] for row in rows(model)}
+
+
+def check_state(cfg: Config, state: Mapping[str, torch.Tensor]) -> None:
+    """Raise ConversionError unless ``state`` holds exactly the full tensors ``cfg``'s model has."""
+    embedding = state.get("embedding.word_embeddings.weight")
+    if embedding is None:
+        raise ConversionError("the checkpoint holds no embedding.word_embeddings.weight")
+    expected = expected_shapes(cfg, embedding.shape[0])
+    problems = [f"missing {key}" for key in expected if key not in state]
+    problems += [f"{key} has shape {tuple(state[key].shape)}, expected {shape} (a shard, not the gathered tensor?)"
+                 for key, shape in expected.items() if key in state and tuple(state[key].shape) != shape]
+    if cfg.model.tie_embeddings and "output_layer.weight" in state and not torch.equal(
+            state["output_layer.weight"], embedding):
+        problems.append("model.tie_embeddings is true but output_layer.weight differs from the embedding")
+    problems += [f"unexpected {key}" for key in state if key not in expected and key != "output_layer.weight"]
+    if problems:
+        raise ConversionError("the tensors do not form a complete model of this config:\n  - "
+                              + "\n  - ".join(problems))
+
+
+def one_rank_config(cfg: Config) -> Config:
+    """``cfg`` laid out on one rank in fp32: the layout the converters build models in."""
+    train = dataclasses.replace(cfg.train, precision=Precision.fp32, activation_checkpointing=Recompute.none)
+    return dataclasses.replace(cfg, parallel=ParallelConfig(), train=train)
+
+
+def build_one_rank_model(cfg: Config, vocab_rows: int, device: torch.device) -> ModelChunks:
+    """megatron-core's GPTModel of ``cfg`` on this process alone (sets up a one-rank process group)."""
+    cfg = one_rank_config(cfg)
+    layout = check(cfg, 1)
+    context = init_parallel(layout, device, cfg.train.seed)
+    return build_model(cfg.model, cfg.parallel, cfg.train, vocab_rows, resolve_backend(cfg.model, context.on_gpu),
+                       device)

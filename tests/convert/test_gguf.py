@@ -1,0 +1,98 @@
+"""GGUF export, checked by llama.cpp itself (llama-cpp-python): logits, greedy generation, tokenizer, Q8_0."""
+
+import math
+
+import llama_cpp  # installed by .ci/run (built from PyPI's source distribution)
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+from gptscale.convert.generate import Decoder, generate
+from gptscale.convert.gguf import export_gguf, interleave_rope_rows
+from tests.convert.models import EOD, HELD_OUT_FILES, stdlib_text
+
+SAMPLES = ["def f(x):\n    return x + 1", "Hello  world!  123 4567 éà ✓", "  \n\n\tclass Foo(Bar):  # ok",
+           "it's   we'll\r\n<|endoftext|>next document"]
+
+
+def load(path, n_ctx=512):
+    """llama.cpp in fp32 end to end: f32 KV cache, every position's logits, one thread."""
+    f32 = 0  # GGML_TYPE_F32
+    return llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=True, type_k=f32, type_v=f32, n_threads=1,
+                           n_batch=n_ctx, verbose=False)
+
+
+def llama_cpp_logits(llm, ids):
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[:len(ids)])
+
+
+@pytest.fixture(scope="module", params=["gpt2-tiny", "llama-tiny"])
+def exported(request, trained, tokenizer_file, tmp_path_factory):
+    cfg, state = trained(request.param)
+    out = tmp_path_factory.mktemp(request.param) / "model-f32.gguf"
+    summary = export_gguf(cfg, state, tokenizer_file, out)
+    assert summary.files == [out] and summary.dtype == "f32"
+    return cfg, state, out
+
+
+def test_logits_and_greedy_generation_match(exported, tokenizer_file):
+    cfg, state, path = exported
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    decoder = Decoder(cfg.model, state, tokenizer.get_vocab_size())
+    llm = load(path)
+    ids = tokenizer.encode("def parse_args(self, args=None, namespace=None):\n").ids
+    ours = decoder.forward(torch.tensor([ids]), decoder.new_cache())[0].numpy()
+    assert np.abs(llama_cpp_logits(llm, ids) - ours).max() <= 1e-3
+
+    llm.reset()
+    theirs = []
+    for token in llm.generate(ids, top_k=1, temp=0.0, reset=True):
+        theirs.append(token)
+        if len(theirs) == 16:
+            break
+    assert generate(decoder, ids, 16) == theirs
+
+
+def test_llama_cpp_tokenizes_like_ours(exported, tokenizer_file):
+    _, _, path = exported
+    ours = Tokenizer.from_file(str(tokenizer_file))
+    llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    for text in SAMPLES:  # tokenizers encodes special tokens written in the text: llama.cpp's special=True
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == ours.encode(text).ids
+    assert llm.token_eos() == ours.token_to_id(EOD)
+    assert llm.detokenize(ours.encode(SAMPLES[1]).ids).decode() == SAMPLES[1]
+
+
+def perplexity(llm, ids) -> float:
+    logits = torch.from_numpy(llama_cpp_logits(llm, ids))
+    return math.exp(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:])).item())
+
+
+def test_q8_0_perplexity_within_two_percent_of_f32(exported, tokenizer_file, tmp_path):
+    cfg, state, f32_path = exported
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    ids = tokenizer.encode(stdlib_text(HELD_OUT_FILES)).ids[:512]
+    q8_path = tmp_path / "model-q8_0.gguf"
+    export_gguf(cfg, state, tokenizer_file, q8_path, dtype="q8_0")
+    assert q8_path.stat().st_size < 0.5 * f32_path.stat().st_size
+    f32, q8 = perplexity(load(f32_path), ids), perplexity(load(q8_path), ids)
+    assert f32 < 0.5 * tokenizer.get_vocab_size()  # the model has learned something
+    assert abs(q8 / f32 - 1) <= 0.02, (f32, q8)
+
+
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+def test_half_precision_loads(exported, tokenizer_file, tmp_path, dtype):
+    cfg, state, f32_path = exported
+    path = tmp_path / f"model-{dtype}.gguf"
+    export_gguf(cfg, state, tokenizer_file, path, dtype=dtype)
+    ids = Tokenizer.from_file(str(tokenizer_file)).encode("import os\n").ids
+    diff = np.abs(llama_cpp_logits(load(path, 64), ids) - llama_cpp_logits(load(f32_path, 64), ids)).max()
+    assert diff < 0.05
+
+
+def test_rope_rows_interleave_per_head():
+    rows = torch.arange(8.0)[:, None]  # two heads of four: [a0 a1 b0 b1] -> [a0 b0 a1 b1]
+    assert interleave_rope_rows(rows, heads=2).flatten().tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
