@@ -153,3 +153,14 @@ def test_sbatch_template_outside_slurm_names_the_missing_variables(tmp_path):
     assert proc.returncode == 2
     assert "SLURM_JOB_ID SLURM_JOB_NODELIST SLURM_JOB_NUM_NODES SLURM_SUBMIT_DIR not set" in proc.stderr
     assert "submit this script with sbatch" in proc.stderr
+
+
+def test_local_sweep_runs_each_config_in_its_own_directory(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "gptscale.train", "-m", f"run_dir={tmp_path}", "train.steps=2",
+                           "train.log_interval=2", "train.eval_interval=0", "optim.lr=1e-3,2e-3"], cwd=REPO,
+                          env=launcher_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    first, second = (metrics(tmp_path / "multirun" / str(number)) for number in (0, 1))
+    assert [r["step"] for r in first] == [2] == [r["step"] for r in second]
+    assert second[0]["lr"] == pytest.approx(2 * first[0]["lr"])
+    assert not (tmp_path / "metrics.jsonl").exists()
