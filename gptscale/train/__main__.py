@@ -7,6 +7,8 @@ import os
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from gptscale.config import CONFIG_DIR, ConfigError, check, register_schema, to_config
@@ -14,6 +16,14 @@ from gptscale.config import CONFIG_DIR, ConfigError, check, register_schema, to_
 
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _export_submitit_ranks() -> None:
+    """A rank started as one SLURM task of ``hydra/launcher=slurm`` learns its place from submitit (torchrun sets it)."""
+    if "RANK" not in os.environ and "SUBMITIT_EXECUTOR" in os.environ:
+        from submitit.helpers import TorchDistributedEnvironment
+
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
 def _setup_logging(level: str) -> None:
@@ -29,7 +39,10 @@ def _setup_logging(level: str) -> None:
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)
 def _run(dict_cfg: DictConfig) -> None:
+    _export_submitit_ranks()
     cfg = to_config(dict_cfg)
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        cfg.run_dir = HydraConfig.get().runtime.output_dir  # each run of a sweep writes into its own directory
     _setup_logging(cfg.logging.level)
     try:
         check(cfg, world_size_from_env())

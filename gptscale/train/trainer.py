@@ -56,8 +56,10 @@ class Trainer:
         self.rng = RngState(self.device)
         self.step = 0
 
-        # Metrics.
-        self.tracker = build_tracker(self.run_dir, self.ctx.rank == 0)
+        # Metrics: console, metrics.jsonl, W&B, TensorBoard (rank 0).
+        self.tracker = build_tracker(cfg, self.ctx.rank == 0)
+        # State a checkpoint keeps, by name: each has state_dict() / load_state_dict() (the tracker: W&B run id).
+        self.components = {"tracker": self.tracker}
         vocab = padded_vocab_size(self.data.vocab_size, cfg.model.vocab_multiple)
         tokens_per_step = self.layout.global_batch * cfg.train.seq_len
         self.meter = ThroughputMeter(

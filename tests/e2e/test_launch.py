@@ -1,0 +1,166 @@
+"""launch/torchrun.sh on one machine: a 1-node run with every tracker, the same job as two simulated nodes,
+and the launcher's refusals (too many ranks, an unreachable or incomplete rendezvous, no SLURM job)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.helpers import REPO, free_port
+from tests.wandb_file import read_run
+
+STEPS = 8
+JOB = ["train.steps=8", "train.log_interval=2", "train.eval_interval=4", "train.eval_batches=1",
+       "parallel.micro_batch=2", "parallel.global_batch=8"]
+
+
+def launcher_env(tmp_path) -> dict:
+    """One CPU thread per rank (two agents on one machine would otherwise oversubscribe) and a private W&B home."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK",
+                 "NPROC_PER_NODE", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(name, None)
+    for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        env[name] = str(tmp_path / "wandb-home")
+    return env
+
+
+def launch(args, env, timeout=600, popen=False):
+    command = ["bash", str(REPO / "launch" / "torchrun.sh"), *map(str, args)]
+    if popen:
+        return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def one_node_run(tmp_path_factory):
+    """2 ranks on one node through the launcher, logging to metrics.jsonl, W&B (offline) and TensorBoard."""
+    tmp_path = tmp_path_factory.mktemp("one_node")
+    run_dir = tmp_path / "run"
+    proc = launch(["--nproc-per-node", 2, f"run_dir={run_dir}", *JOB, "logging.wandb.mode=offline",
+                   "logging.wandb.project=launch-test", "logging.tensorboard=true"], launcher_env(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    return run_dir
+
+
+def test_one_node_run_logs_every_step(one_node_run):
+    records = metrics(one_node_run)
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == [2, 4, 6, 8]
+    for record in train:
+        assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= record.keys()
+    assert [r["step"] for r in records if "eval_loss" in r] == [4, 8]
+
+
+def test_two_nodes_match_one_node_of_the_same_world_size(one_node_run, tmp_path):
+    """Two torchrun agents (nnodes=2, one rank each) meeting by c10d on 127.0.0.1 train what one node does."""
+    run_dir, port, env = tmp_path / "run", free_port(), launcher_env(tmp_path)
+    node_args = ["--nnodes", 2, "--nproc-per-node", 1, "--master-addr", "127.0.0.1", "--master-port", port,
+                 "--rdzv-timeout", 300, f"run_dir={run_dir}", *JOB]
+    nodes = [launch(["--node-rank", rank, *node_args], env, popen=True) for rank in (1, 0)]
+    try:
+        outputs = [node.communicate(timeout=900)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+                node.wait()
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(output[-4000:] for output in outputs)
+    assert "2 ranks (tp 1, pp 1, vpp 1, dp 2)" in "".join(outputs)
+    one, two = metrics(one_node_run), metrics(run_dir)
+    for key in ("loss", "grad_norm", "eval_loss"):
+        expected = [(r["step"], r[key]) for r in one if key in r]
+        assert [(r["step"], pytest.approx(r[key], rel=1e-6)) for r in two if key in r] == expected, key
+
+
+def test_wandb_offline_run_holds_every_logged_metric_and_the_config(one_node_run):
+    """Only rank 0 logs (one W&B run for two ranks); every value of metrics.jsonl is in it at its step."""
+    [path] = [p for p in (one_node_run / "wandb").glob("*/run-*.wandb") if p.parent.name != "latest-run"]
+    run = read_run(path)
+    assert run.project == "launch-test"
+    assert run.config["model"]["name"] == "gpt2-tiny" and run.config["train"]["steps"] == STEPS
+    assert run.config["run_dir"] == str(one_node_run)
+    for record in metrics(one_node_run):
+        for key, value in record.items():
+            if key != "step" and value is not None:
+                assert run.history[record["step"]][key] == pytest.approx(value), (record["step"], key)
+
+
+def test_tensorboard_holds_the_training_curves(one_node_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(one_node_run / "tensorboard")).Reload()
+    losses = {event.step: event.value for event in events.Scalars("loss")}
+    assert losses == {r["step"]: pytest.approx(r["loss"]) for r in metrics(one_node_run) if "loss" in r}
+    assert {"lr", "grad_norm", "tokens_per_s", "eval_loss"} <= set(events.Tags()["scalars"])
+
+
+@pytest.mark.parametrize("command", [["-m", "gptscale.tracking.plot"], ["tools/plot.py"]])
+def test_plot_draws_a_finished_run(one_node_run, tmp_path, command):
+    out = tmp_path / "curves.png"
+    proc = subprocess.run([sys.executable, *command, str(one_node_run), "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and out.stat().st_size > 10_000
+
+
+def test_more_ranks_than_the_node_has_is_refused(tmp_path):
+    proc = launch(["--nproc-per-node", (os.cpu_count() or 1) * 4 + 1, f"run_dir={tmp_path}"], launcher_env(tmp_path),
+                  timeout=60)
+    assert proc.returncode == 2
+    assert "ranks per node, but this node" in proc.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("node_rank, message", [
+    (1, "cannot reach the rendezvous at 127.0.0.1:"),  # nobody listens where node 0 should be
+    (0, "timed out after 5 s before every node joined"),  # node 0 waits for a node that never comes
+])
+def test_failed_rendezvous_ends_with_a_clear_message(tmp_path, node_rank, message):
+    start = time.monotonic()
+    proc = launch(["--nnodes", 2, "--node-rank", node_rank, "--nproc-per-node", 1, "--master-addr", "127.0.0.1",
+                   "--master-port", free_port(), "--rdzv-timeout", 5, f"run_dir={tmp_path}"], launcher_env(tmp_path),
+                  timeout=300)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-3000:]
+    assert "Did every node start" in proc.stderr or "Is node 0 running" in proc.stderr
+    assert time.monotonic() - start < 240
+
+
+def test_launcher_options_are_checked(tmp_path):
+    env = launcher_env(tmp_path)
+    for args, message in [(["--nnodes", 2], "--master-addr (or MASTER_ADDR) is required with 2 nodes"),
+                          (["--nnodes", 2, "--node-rank", 2, "--master-addr", "h"], "--node-rank must be in 0..1"),
+                          (["--nproc-per-node", 0], "--nproc-per-node must be a positive integer"),
+                          (["--tp=2"], "unknown option --tp=2")]:
+        proc = launch(args, env, timeout=60)
+        assert (proc.returncode, message in proc.stderr) == (2, True), (args, proc.stderr)
+
+
+def test_sbatch_template_outside_slurm_names_the_missing_variables(tmp_path):
+    env = {key: value for key, value in launcher_env(tmp_path).items() if not key.startswith("SLURM_")}
+    proc = subprocess.run(["bash", str(REPO / "launch" / "slurm.sbatch"), f"run_dir={tmp_path}"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "SLURM_JOB_ID SLURM_JOB_NODELIST SLURM_JOB_NUM_NODES SLURM_SUBMIT_DIR not set" in proc.stderr
+    assert "submit this script with sbatch" in proc.stderr
+
+
+def test_local_sweep_runs_each_config_in_its_own_directory(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "gptscale.train", "-m", f"run_dir={tmp_path}", "train.steps=2",
+                           "train.log_interval=2", "train.eval_interval=0", "optim.lr=1e-3,2e-3"], cwd=REPO,
+                          env=launcher_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    first, second = ([r for r in metrics(tmp_path / "multirun" / str(number)) if "loss" in r] for number in (0, 1))
+    assert [r["step"] for r in first] == [2] == [r["step"] for r in second]
+    assert second[0]["lr"] == pytest.approx(2 * first[0]["lr"])
+    assert not (tmp_path / "metrics.jsonl").exists()

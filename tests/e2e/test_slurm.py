@@ -1,0 +1,113 @@
+"""gptscale on a real one-node SLURM cluster started by the tests: the sbatch template, a Hydra sweep through
+hydra/launcher=slurm, and a job signalled ahead of its time limit that checkpoints, is requeued and resumes."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.slurm_cluster import TERMINAL_STATES, SlurmCluster
+from tests.helpers import REPO
+from tests.wandb_file import read_run
+
+JOB = ["train.log_interval=2", "train.eval_interval=0", "parallel.micro_batch=2", "parallel.global_batch=8"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"), cpus=2)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def job_env(tmp_path, monkeypatch):
+    """What every job inherits (sbatch exports the submitting environment): this checkout, one thread per rank,
+    a private W&B home."""
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / "wandb-home"))
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def submit(cluster, tmp_path, *overrides):
+    """launch/slurm.sbatch as users submit it, for 2 CPU ranks on the cluster's node (no GPU there)."""
+    return cluster.sbatch("--gpus-per-node=0", "--cpus-per-task=2", "--time=15", f"--output={tmp_path}/slurm.out",
+                          "--export=ALL,NPROC_PER_NODE=2", "launch/slurm.sbatch", *overrides, cwd=REPO)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def log_lines(run_dir: Path) -> list[dict]:
+    """The records of training log lines (not evaluation or checkpoint records)."""
+    return [record for record in metrics(run_dir) if "loss" in record]
+
+
+def test_sbatch_template_trains_two_ranks(cluster, job_env, tmp_path):
+    run_dir = tmp_path / "run"
+    job_id = submit(cluster, tmp_path, f"run_dir={run_dir}", "train.steps=6", *JOB)
+    job = cluster.wait_for(job_id, timeout=900)
+    log = (tmp_path / "slurm.out").read_text()
+    assert (job["JobState"], job["ExitCode"], job["JobName"]) == ("COMPLETED", "0:0", "gptscale"), log[-5000:]
+    assert f"gptscale: job {job_id}, restart 0, 1 node(s), 2 rank(s) per node" in log
+    assert "2 ranks (tp 1, pp 1, vpp 1, dp 2)" in log and "step 6 | loss" in log
+    assert [r["step"] for r in log_lines(run_dir)] == [2, 4, 6]
+    # FOLLOW-UP (lead, when merging the checkpoint branch): this tree saves no checkpoints yet. With that branch
+    # the job writes its final checkpoint (checkpoint.save_final=true); checked in a scratch merge, add:
+    #     assert (run_dir / "checkpoints" / "step_000006" / "checkpoint.json").is_file()
+
+
+def test_hydra_sweep_through_the_slurm_launcher_runs_every_job(cluster, job_env, tmp_path):
+    """2 configs, each one SLURM job of 2 tasks (ranks), named and placed by the config."""
+    run_dir = tmp_path / "sweep"
+    proc = cluster.run(sys.executable, "-m", "gptscale.train", "-m", "hydra/launcher=slurm",
+                       "hydra.launcher.tasks_per_node=2", "hydra.launcher.cpus_per_task=1", f"run_dir={run_dir}",
+                       "train.steps=4", *JOB, "train.seed=1,2", cwd=REPO, check=False, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    job_dirs = sorted((run_dir / "multirun" / ".submitit").glob("*_[0-9]"))
+    assert len(job_dirs) == 2
+    for job_dir in job_dirs:  # submitit returns once each job wrote its result; SLURM may still be ending it
+        job = cluster.wait_for(job_dir.name, timeout=120)
+        assert (job["JobState"], job["ExitCode"], job["JobName"]) == ("COMPLETED", "0:0", "gptscale-gpt2-tiny")
+        rank0_log = next(job_dir.glob("*_0_log.err")).read_text()
+        assert "2 ranks (tp 1, pp 1, vpp 1, dp 2)" in rank0_log  # one SLURM task per rank, ranks from submitit
+    first, second = (log_lines(run_dir / "multirun" / str(number)) for number in (0, 1))
+    assert [r["step"] for r in first] == [2, 4] == [r["step"] for r in second]
+    assert first[0]["loss"] != second[0]["loss"]  # two seeds, two runs
+
+
+@pytest.mark.xfail(strict=True, reason="needs the checkpoint branch: on SIGUSR1 the trainer finishes the step, "
+                                       "saves and exits 0, and checkpoint.resume=auto resumes")
+def test_job_signalled_before_its_time_limit_checkpoints_requeues_and_resumes(cluster, job_env, tmp_path):
+    """SLURM's --signal=B:USR1@300 warning, sent now instead of 300 s before the limit: the ranks save, the
+    job requeues itself and the second run continues from the checkpoint, in the same W&B run."""
+    run_dir, steps = tmp_path / "run", 40
+    job_id = submit(cluster, tmp_path, f"run_dir={run_dir}", f"train.steps={steps}", *JOB,
+                    "logging.wandb.mode=offline")
+    out = tmp_path / "slurm.out"
+    running = cluster.wait_for(job_id, timeout=600, condition=lambda job: job["JobState"] in TERMINAL_STATES
+                               or (run_dir / "metrics.jsonl").exists() and len(log_lines(run_dir)) >= 2)
+    assert running["JobState"] == "RUNNING", out.read_text()[-5000:]
+    cluster.run("scancel", "--signal=USR1", "--batch", job_id)
+    # Done once it ended after its requeue, or ended without ever seeing the signal.
+    job = cluster.wait_for(job_id, timeout=900, condition=lambda job: job["JobState"] in TERMINAL_STATES
+                           and (job["Restarts"] != "0" or "SIGUSR1 ahead" not in out.read_text()))
+    log = (tmp_path / "slurm.out").read_text()
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), log[-5000:]
+    assert job["Restarts"] == "1"
+    assert "SIGUSR1 ahead of the time limit" in log and f"requeueing job {job_id}" in log
+    assert f"gptscale: job {job_id}, restart 1" in log
+    steps_logged = [r["step"] for r in log_lines(run_dir)]
+    assert steps_logged.count(2) == 1, steps_logged  # the second run resumed instead of starting over
+    assert steps_logged[-1] == steps
+    assert any("checkpoint_step" in r for r in metrics(run_dir))
+    runs = [read_run(path) for path in (run_dir / "wandb").glob("*/run-*.wandb") if path.parent.name != "latest-run"]
+    assert len(runs) == 2 and runs[0].run_id == runs[1].run_id
