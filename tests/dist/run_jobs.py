@@ -1,0 +1,30 @@
+"""Runs several training jobs one after another in one torchrun launch (imports cost more than tiny runs).
+
+Usage: torchrun --nproc_per_node=N tests/dist/run_jobs.py JOBS.json RESULTS.json
+JOBS.json holds a list of override lists; rank 0 writes, per job, every step's loss and gradient norm.
+"""
+
+import json
+import sys
+
+import torch.distributed as dist
+
+from gptscale.config import load_config
+from gptscale.train.trainer import Trainer
+
+
+def main(jobs_path: str, results_path: str) -> None:
+    jobs = json.load(open(jobs_path))
+    results = []
+    for overrides in jobs:
+        trainer = Trainer(load_config(overrides))
+        try:
+            results.append(trainer.fit())
+        finally:
+            trainer.close()
+    if dist.get_rank() == 0:
+        json.dump(results, open(results_path, "w"))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
