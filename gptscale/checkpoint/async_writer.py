@@ -41,6 +41,8 @@ class Writer:
             self.queue.maybe_finalize_async_calls(blocking=True)
 
     def close(self) -> None:
+        """Stop tracking background saves without waiting for other ranks: one still being written is never
+        published (its staging directory is removed by the next run)."""
         if self.queue is not None:
-            self.queue.close()
+            self.queue.close(abort=True)
             self.queue = None

@@ -139,7 +139,8 @@ class Checkpointer:
         self.writer.wait()
 
     def close(self) -> None:
-        self.writer.wait()
+        """Release the writer without any collective: after an exception other ranks may not be there.
+        A normal end has already waited for every save in ``finish``."""
         self.writer.close()
 
 

@@ -110,19 +110,19 @@ class Trainer:
         return torch.stack(losses).mean().item()
 
     def check_step(self, result) -> None:
-        """Count a step skipped for a non-finite loss or gradient norm; stop the run after too many."""
+        """Count a step skipped for a non-finite loss or gradient norm (DeepSpeed applied no update)."""
         loss = result.loss.item()
         grad_norm = None if result.grad_norm is None else result.grad_norm.item()
-        if not self.guard.record(self.step, loss, grad_norm):
-            return
-        log.warning("step %d skipped: loss %s, gradient norm %s (%d skipped in the last %d steps, %d in all)",
-                    self.step, loss, grad_norm, len(self.guard.recent), self.guard.window, self.guard.skipped)
-        if self.guard.exceeded():
-            self.checkpointer.wait()  # so that the message names the newest complete checkpoint
-            raise TooManyBadSteps(
-                f"stopping at step {self.step}: {len(self.guard.recent)} steps in the last {self.guard.window} had a "
-                f"non-finite loss or gradient norm (train.max_bad_steps={self.guard.max_bad_steps}); last good "
-                f"checkpoint: {self.checkpointer.last_complete or 'none'}")
+        if self.guard.record(self.step, loss, grad_norm):
+            log.warning("step %d skipped: loss %s, gradient norm %s (%d skipped in the last %d steps, %d in all)",
+                        self.step, loss, grad_norm, len(self.guard.recent), self.guard.window, self.guard.skipped)
+
+    def too_many_bad_steps(self) -> TooManyBadSteps:
+        self.checkpointer.wait()  # so that the message names the newest complete checkpoint
+        return TooManyBadSteps(
+            f"stopping at step {self.step}: {len(self.guard.recent)} steps in the last {self.guard.window} had a "
+            f"non-finite loss or gradient norm (train.max_bad_steps={self.guard.max_bad_steps}); last good "
+            f"checkpoint: {self.checkpointer.last_complete or 'none'}")
 
     def fit(self) -> dict[str, list[float]]:
         """Train until ``train.steps`` or a stop signal; returns every step's loss and gradient norm (for tests
@@ -152,6 +152,8 @@ class Trainer:
                 self.tracker.log(self.step, metrics)
             if train.eval_interval and self.step % train.eval_interval == 0:
                 self.tracker.log(self.step, {"eval_loss": self.evaluate()})
+            if self.guard.exceeded():
+                raise self.too_many_bad_steps()
             stop = self.stop_request.agreed()
             if stop:
                 log.warning("stop requested by signal: saving at step %d and exiting", self.step)
@@ -163,8 +165,8 @@ class Trainer:
         }
 
     def close(self) -> None:
-        """Finish background saves, release the trackers, signal handlers and megatron-core's groups
-        (torch.distributed stays up for the next run)."""
+        """Release the checkpointer, trackers, signal handlers and megatron-core's groups (torch.distributed
+        stays up for the next run)."""
         self.checkpointer.close()
         self.stop_request.close()
         self.tracker.close()

@@ -45,8 +45,7 @@ def nan_jobs(model, run_dir, overrides):
             job(model, f"{run_dir}-clean", 2, "checkpoint.resume=none", *overrides)]
 
 
-ONE_RANK = {"gpt2": ("gpt2-tiny", []), "llama": ("llama-tiny", []),
-            "gpt2-bf16": ("gpt2-tiny", ["train.precision=bf16"])}
+ONE_RANK = {"llama": ("llama-tiny", []), "gpt2-bf16": ("gpt2-tiny", ["train.precision=bf16"])}
 TWO_RANKS = {"tp2": ("llama-tiny", ["parallel.tp=2"]), "pp2": ("gpt2-tiny", ["parallel.pp=2"]),
              "dp2-zero1": ("llama-tiny", ["parallel.zero=1"]), "dp2-zero3": ("gpt2-tiny", ["parallel.zero=3"]),
              "dp2-zero1-bf16": ("gpt2-tiny", ["parallel.zero=1", "train.precision=bf16"])}
