@@ -132,6 +132,9 @@ class TrainConfig:
     eval_batches: int = 4
     peak_tflops: Optional[float] = None  # per-device peak for MFU; None: look the device up
     device: str = "auto"  # auto | cpu | cuda
+    max_bad_steps: int = 5  # steps with a non-finite loss or grad norm are skipped; more than this many ...
+    bad_step_window: int = 100  # ... within this many steps stop the run
+    inject_nan_steps: List[int] = field(default_factory=list)  # test hook: these steps get a NaN loss
 
 
 @dataclass
@@ -158,11 +161,11 @@ class DataConfig:
 @dataclass
 class CheckpointConfig:
     interval: int = 0  # 0: no periodic saves (one at the end still happens unless save_final is false)
-    keep_last: int = 2
+    keep_last: int = 2  # newest checkpoints kept; 0: all
     keep_every: int = 0  # also keep every K-th step's checkpoint; 0: none
     resume: str = "auto"  # auto | none | PATH
     save_final: bool = True
-    async_save: bool = True  # on GPU: write in the background; CPU runs save synchronously
+    async_save: bool = True  # write in the background: training waits only for the snapshot to host memory
 
 
 @dataclass

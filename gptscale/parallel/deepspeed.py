@@ -132,12 +132,18 @@ def _clip_and_record_norm(engine) -> None:
     """Clipping for fp32 without ZeRO, recording the global norm (which DeepSpeed's version drops).
 
     ZeRO and bf16 optimizers record the norm themselves. DeepSpeed's fp32 path also counts the last pipeline
-    stage's copy of a tied embedding a second time; this one does not, and it never syncs with the host.
+    stage's copy of a tied embedding a second time; this one does not. Like DeepSpeed's other optimizers it
+    skips the update when the norm is not finite: without gradients, torch's AdamW leaves weights and state
+    alone.
     """
     params = [p for p in engine.module.parameters() if p.grad is not None]
     squares = [p.grad.detach().float().pow(2).sum() for p in params if _counted_in_norm(p)]
     total = torch.stack(squares).sum() if squares else torch.zeros((), device=params[0].device)
     dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
     norm = total.sqrt()
-    torch.nn.utils.clip_grads_with_norm_(params, engine.gradient_clipping(), norm)
     engine._global_grad_norm = norm
+    if not torch.isfinite(norm):
+        for param in params:
+            param.grad = None
+        return
+    torch.nn.utils.clip_grads_with_norm_(params, engine.gradient_clipping(), norm)

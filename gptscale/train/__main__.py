@@ -49,13 +49,19 @@ def _run(dict_cfg: DictConfig) -> None:
     except ConfigError as error:
         logging.getLogger("gptscale").error("%s", error)
         sys.exit(2)
+    from gptscale.checkpoint import CheckpointError
+    from gptscale.train.guard import TooManyBadSteps
     from gptscale.train.trainer import Trainer  # heavy imports only once the config is known to be valid
 
-    trainer = Trainer(cfg)
     try:
-        trainer.fit()
-    finally:
-        trainer.close()
+        trainer = Trainer(cfg)
+        try:
+            trainer.fit()
+        finally:
+            trainer.close()
+    except (CheckpointError, TooManyBadSteps) as error:
+        logging.getLogger("gptscale").error("%s", error)
+        sys.exit(1)
 
 
 def main() -> None:

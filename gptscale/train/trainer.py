@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import torch
 
+from gptscale.checkpoint.checkpointer import Checkpointer
 from gptscale.config.schema import Config
 from gptscale.config.validate import check, padded_vocab_size
 from gptscale.data import build_data
@@ -18,8 +18,11 @@ from gptscale.parallel.deepspeed import build_engine
 from gptscale.parallel.grads import mark_pipeline_replicas, register_sequence_parallel_hooks
 from gptscale.parallel.groups import choose_device, destroy_model_parallel, init_parallel, world_size_from_env
 from gptscale.tracking import build_tracker
+from gptscale.train.guard import LossGuard, TooManyBadSteps, with_nan_loss
 from gptscale.train.lr_schedule import LearningRateSchedule
 from gptscale.train.metrics import ThroughputMeter, device_peak_tflops, flops_per_token
+from gptscale.train.preemption import StopRequest
+from gptscale.train.progress import Progress
 from gptscale.train.rng import RngState, seed_everything
 from gptscale.train.step import eval_step, train_step
 
@@ -54,16 +57,15 @@ class Trainer:
         # Optimizer schedule and everything else a restart must restore.
         self.schedule = LearningRateSchedule(cfg.optim, cfg.train.steps)
         self.rng = RngState(self.device)
-        self.step = 0
+        self.progress = Progress()
+        self.guard = LossGuard(cfg.train.max_bad_steps, cfg.train.bad_step_window)
 
         # Metrics: console, metrics.jsonl, W&B, TensorBoard (rank 0).
         self.tracker = build_tracker(cfg, self.ctx.rank == 0)
-        # State a checkpoint keeps, by name: each has state_dict() / load_state_dict() (the tracker: W&B run id).
-        self.components = {"tracker": self.tracker}
         vocab = padded_vocab_size(self.data.vocab_size, cfg.model.vocab_multiple)
-        tokens_per_step = self.layout.global_batch * cfg.train.seq_len
+        self.tokens_per_step = self.layout.global_batch * cfg.train.seq_len
         self.meter = ThroughputMeter(
-            tokens_per_step=tokens_per_step,
+            tokens_per_step=self.tokens_per_step,
             flops_per_token=flops_per_token(cfg.model, vocab, cfg.train.seq_len),
             world_size=self.layout.world_size,
             peak_tflops=cfg.train.peak_tflops or device_peak_tflops(self.device, cfg.train.precision),
@@ -77,12 +79,28 @@ class Trainer:
                      self.layout.num_microbatches, self.layout.micro_batch, cfg.parallel.zero, backend.value,
                      params / 1e6, self.device)
 
+        # Checkpoint: model and optimizer under layout-independent keys, plus the components above; resume.
+        self.checkpointer = Checkpointer(cfg, self.run_dir, self.ctx, self.model, self.engine, components={
+            "progress": self.progress, "schedule": self.schedule, "rng": self.rng, "guard": self.guard,
+            "train_data": self.data.train, "valid_data": self.data.valid, "tracker": self.tracker,
+        }, tokenizer_file=self.data.tokenizer_file)
+        self.checkpointer.resume()
+        self.reported_checkpoint = self.checkpointer.saved_step
+        self.stop_request = StopRequest(self.device)  # SIGTERM / SIGUSR1: checkpoint and exit 0
+
+    @property
+    def step(self) -> int:
+        return self.progress.step
+
     def train_one_step(self):
         lr = self.schedule.apply(self.engine.optimizer)
-        result = train_step(self.engine, self.model, self.data.train, self.layout, self.cfg.train.seq_len,
+        batches = self.data.train
+        if self.progress.step + 1 in self.cfg.train.inject_nan_steps:
+            batches = with_nan_loss(batches)
+        result = train_step(self.engine, self.model, batches, self.layout, self.cfg.train.seq_len,
                             self.device, self.ctx.is_last_stage)
         self.schedule.advance()
-        self.step += 1
+        self.progress.advance(self.tokens_per_step)
         self.meter.step_done()
         return lr, result
 
@@ -93,21 +111,40 @@ class Trainer:
         self.engine.train()
         return torch.stack(losses).mean().item()
 
-    def fit(self) -> dict[str, list[float]]:
-        """Train until ``train.steps``; returns every step's loss and gradient norm (for tests and benchmarks).
+    def check_step(self, result) -> None:
+        """Count a step skipped for a non-finite loss or gradient norm (DeepSpeed applied no update)."""
+        loss = result.loss.item()
+        grad_norm = None if result.grad_norm is None else result.grad_norm.item()
+        if self.guard.record(self.step, loss, grad_norm):
+            log.warning("step %d skipped: loss %s, gradient norm %s (%d skipped in the last %d steps, %d in all)",
+                        self.step, loss, grad_norm, len(self.guard.recent), self.guard.window, self.guard.skipped)
 
-        Both stay on the device between log lines, so steps queue up without waiting for the host.
-        """
+    def too_many_bad_steps(self) -> TooManyBadSteps:
+        self.checkpointer.wait()  # so that the message names the newest complete checkpoint
+        return TooManyBadSteps(
+            f"stopping at step {self.step}: {len(self.guard.recent)} steps in the last {self.guard.window} had a "
+            f"non-finite loss or gradient norm (train.max_bad_steps={self.guard.max_bad_steps}); last good "
+            f"checkpoint: {self.checkpointer.last_complete or 'none'}")
+
+    def report_checkpoint(self) -> None:
+        """Log the step of a checkpoint once, when it is saved (trackers show where a run can resume)."""
+        if self.checkpointer.saved_step != self.reported_checkpoint:
+            self.reported_checkpoint = self.checkpointer.saved_step
+            self.tracker.log(self.step, {"checkpoint_step": self.reported_checkpoint})
+
+    def fit(self) -> dict[str, list[float]]:
+        """Train until ``train.steps`` or a stop signal; returns every step's loss and gradient norm (for tests
+        and benchmarks). Skipped steps are counted and stop the run when too many."""
         train = self.cfg.train
         history = []
         self.meter.reset()
-        while self.step < train.steps:
+        stop = False
+        while self.step < train.steps and not stop:
             lr, result = self.train_one_step()
             history.append(result)
+            self.check_step(result)
             if self.step % train.log_interval == 0 or self.step == train.steps:
                 loss = result.loss.item()
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss} at step {self.step}")
                 speed = self.meter.read()
                 metrics = {
                     "loss": loss,
@@ -117,17 +154,30 @@ class Trainer:
                     "tflops_per_device": speed.tflops_per_device,
                     "mfu": speed.mfu,
                     "peak_memory_gib": speed.peak_memory_gib,
-                    "consumed_tokens": self.step * self.layout.global_batch * train.seq_len,
+                    "consumed_tokens": self.progress.consumed_tokens,
+                    "skipped_steps": self.guard.skipped,
                 }
                 self.tracker.log(self.step, metrics)
             if train.eval_interval and self.step % train.eval_interval == 0 and self.data.valid is not None:
                 self.tracker.log(self.step, {"eval_loss": self.evaluate()})
+            if self.guard.exceeded():
+                raise self.too_many_bad_steps()
+            stop = self.stop_request.agreed()
+            if stop:
+                log.warning("stop requested by signal: saving at step %d and exiting", self.step)
+            self.checkpointer.after_step(self.step, self.progress.consumed_tokens, force=stop)
+            self.report_checkpoint()
+        self.checkpointer.finish(self.step, self.progress.consumed_tokens)
+        self.report_checkpoint()
         return {
             "loss": [result.loss.item() for result in history],
             "grad_norm": [float("nan") if result.grad_norm is None else result.grad_norm.item() for result in history],
         }
 
     def close(self) -> None:
-        """Release the trackers and megatron-core's groups (torch.distributed stays up for the next run)."""
+        """Release the checkpointer, trackers, signal handlers and megatron-core's groups (torch.distributed
+        stays up for the next run)."""
+        self.checkpointer.close()
+        self.stop_request.close()
         self.tracker.close()
         destroy_model_parallel()

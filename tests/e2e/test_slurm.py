@@ -60,9 +60,7 @@ def test_sbatch_template_trains_two_ranks(cluster, job_env, tmp_path):
     assert f"gptscale: job {job_id}, restart 0, 1 node(s), 2 rank(s) per node" in log
     assert "2 ranks (tp 1, pp 1, vpp 1, dp 2)" in log and "step 6 | loss" in log
     assert [r["step"] for r in log_lines(run_dir)] == [2, 4, 6]
-    # FOLLOW-UP (lead, when merging the checkpoint branch): this tree saves no checkpoints yet. With that branch
-    # the job writes its final checkpoint (checkpoint.save_final=true); checked in a scratch merge, add:
-    #     assert (run_dir / "checkpoints" / "step_000006" / "checkpoint.json").is_file()
+    assert (run_dir / "checkpoints" / "step_000006" / "checkpoint.json").is_file()  # checkpoint.save_final
 
 
 def test_hydra_sweep_through_the_slurm_launcher_runs_every_job(cluster, job_env, tmp_path):
@@ -84,8 +82,6 @@ def test_hydra_sweep_through_the_slurm_launcher_runs_every_job(cluster, job_env,
     assert first[0]["loss"] != second[0]["loss"]  # two seeds, two runs
 
 
-@pytest.mark.xfail(strict=True, reason="needs the checkpoint branch: on SIGUSR1 the trainer finishes the step, "
-                                       "saves and exits 0, and checkpoint.resume=auto resumes")
 def test_job_signalled_before_its_time_limit_checkpoints_requeues_and_resumes(cluster, job_env, tmp_path):
     """SLURM's --signal=B:USR1@300 warning, sent now instead of 300 s before the limit: the ranks save, the
     job requeues itself and the second run continues from the checkpoint, in the same W&B run."""

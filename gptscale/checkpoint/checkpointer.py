@@ -1,0 +1,151 @@
+"""The trainer's checkpointer: when to save, what a save holds, and where a run resumes from.
+
+The model and optimizer come through the DeepSpeed engine (``shards.py``); everything else that must
+survive a restart is a component the trainer registers by name (lr schedule, data loaders, RNG, progress,
+trackers, ...): anything with ``state_dict()`` / ``load_state_dict()``. Components are saved per rank and
+need no special case here. Every method is collective: all ranks call it at the same step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Optional, Protocol
+
+import torch.distributed as dist
+
+from gptscale.checkpoint.async_writer import Writer
+from gptscale.checkpoint.files import copy_tokenizer, describe_model, read_config, write_config, write_rank_state
+from gptscale.checkpoint.load import check_fits, read_shards, restore_components, verify
+from gptscale.checkpoint.optimizer_state import OptimizerState
+from gptscale.checkpoint.publish import remove_unfinished, resolve
+from gptscale.checkpoint.save import publisher, sharded_strategy, stage, write_shards
+from gptscale.checkpoint.shards import HostCopies, global_shapes, parameter_shards, restore, snapshot
+from gptscale.config.schema import Config
+from gptscale.model.build import ModelChunks
+from gptscale.parallel.groups import ParallelContext
+
+log = logging.getLogger("gptscale")
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class Checkpointer:
+    def __init__(self, cfg: Config, run_dir: Path, ctx: ParallelContext, model: ModelChunks, engine,
+                 components: dict[str, Optional[Stateful]], tokenizer_file: Optional[Path] = None):
+        self.cfg = cfg
+        self.settings = cfg.checkpoint
+        self.root = Path(run_dir) / "checkpoints"
+        self.ctx = ctx
+        self.components = {name: c for name, c in components.items() if c is not None}
+        self.tokenizer_file = tokenizer_file
+        self.shards = parameter_shards(model)
+        self.optimizer = OptimizerState(engine)
+        self.host = HostCopies()
+        self.writer = Writer(asynchronous=self.settings.async_save)
+        self.strategy = sharded_strategy(ctx.layout.dp)
+        self.saved_step: Optional[int] = None  # the step of the newest checkpoint this run wrote or resumed
+        self.last_complete: Optional[Path] = None  # the newest checkpoint known to be complete
+        if ctx.rank == 0:
+            for path in remove_unfinished(self.root):
+                log.warning("deleted %s, left by an interrupted save", path)
+
+    @property
+    def layout(self) -> dict:
+        layout = self.ctx.layout
+        return {"world_size": layout.world_size, "tp": layout.tp, "pp": layout.pp, "vpp": layout.vpp,
+                "dp": layout.dp, "zero": self.cfg.parallel.zero, "precision": self.cfg.train.precision.value}
+
+    def resume(self) -> Optional[Path]:
+        """Restore model, optimizer and components from ``checkpoint.resume``; returns the checkpoint used.
+
+        Every check runs before anything is loaded, so a bad checkpoint leaves the run untouched.
+        """
+        choice = [resolve(self.settings.resume, self.root) if self.ctx.rank == 0 else None]
+        dist.broadcast_object_list(choice, src=0)
+        path = choice[0]
+        if path is None:
+            if self.ctx.rank == 0:
+                log.info("no checkpoint to resume from (checkpoint.resume=%s): training from scratch",
+                         self.settings.resume)
+            return None
+        start = time.perf_counter()
+        manifest = verify(path)
+        check_fits(path, global_shapes(self.shards), describe_model(read_config(path).model),
+                   describe_model(self.cfg.model))
+        with_optimizer = manifest["contents"]["optimizer"]
+        restore(self.shards, read_shards(path, self.shards, with_optimizer), self.optimizer, with_optimizer)
+        missing = list(self.components)
+        if manifest["contents"]["components"]:
+            missing = restore_components(path, manifest, self.components, self.layout)
+        self.saved_step, self.last_complete = manifest["step"], path
+        if self.ctx.rank == 0:
+            log.info("resumed from %s (step %d, %d tokens, saved at %s) in %.1f s%s%s", path, manifest["step"],
+                     manifest["consumed_tokens"], _layout_text(manifest["layout"]), time.perf_counter() - start,
+                     "" if with_optimizer else "; weights only, fresh optimizer",
+                     f"; no saved state for {', '.join(missing)}" if missing else "")
+        return path
+
+    def save(self, step: int, consumed_tokens: int) -> None:
+        """Write a checkpoint of this step. With ``async_save`` training goes on once the snapshot is in host
+        memory, and the checkpoint is published when every rank's background write has finished."""
+        self.writer.wait()  # one save at a time: it also frees the host buffers for this snapshot
+        start = time.perf_counter()
+        target = stage(self.root, step)
+        request = write_shards(snapshot(self.shards, self.optimizer, self.host), target, self.strategy)
+        write_rank_state(target.staging, self.ctx.rank, {"tp": self.ctx.tp_rank, "pp": self.ctx.pp_rank,
+                                                          "dp": self.ctx.dp_rank}, self.components)
+        if self.ctx.rank == 0:
+            write_config(target.staging, self.cfg)
+            copy_tokenizer(target.staging, self.tokenizer_file)
+        manifest = {"step": step, "consumed_tokens": consumed_tokens, "model": self.cfg.model.name,
+                    "layout": self.layout,
+                    "contents": {"optimizer": True, "components": sorted(self.components)}}
+
+        def published(path: Path) -> None:
+            self.last_complete = path
+            if self.ctx.rank == 0:
+                log.info("checkpoint %s complete, %.1f s after the save began", path, time.perf_counter() - start)
+
+        request.add_finalize_fn(publisher(target, manifest, self.settings.keep_last, self.settings.keep_every,
+                                          published))
+        self.writer.submit(request)
+        self.saved_step = step
+        if self.writer.asynchronous and self.ctx.rank == 0:
+            log.info("checkpoint of step %d: training waited %.2f s, writing in the background", step,
+                     time.perf_counter() - start)
+
+    def after_step(self, step: int, consumed_tokens: int, force: bool = False) -> None:
+        """Save when ``checkpoint.interval`` says so (or ``force``); otherwise finalize finished background saves."""
+        interval = self.settings.interval
+        if (force or (interval > 0 and step % interval == 0)) and self.saved_step != step:
+            self.save(step, consumed_tokens)
+        else:
+            self.writer.poll()
+
+    def finish(self, step: int, consumed_tokens: int) -> None:
+        """The final save (``checkpoint.save_final``) unless this step is saved already; waits for every write."""
+        if self.settings.save_final and self.saved_step != step:
+            self.save(step, consumed_tokens)
+        self.writer.wait()
+
+    def wait(self) -> None:
+        """Block until every background save is written and published."""
+        self.writer.wait()
+
+    def close(self) -> None:
+        """Release the writer without any collective: after an exception other ranks may not be there.
+        A normal end has already waited for every save in ``finish``."""
+        self.writer.close()
+
+
+def _layout_text(layout: Optional[dict]) -> str:
+    if not layout:
+        return "no particular layout"
+    return (f"tp {layout['tp']}, pp {layout['pp']}, vpp {layout['vpp']}, dp {layout['dp']}, zero {layout['zero']}, "
+            f"{layout['precision']}")

@@ -1,0 +1,74 @@
+"""The files of a checkpoint directory besides the manifest.
+
+::
+
+    step_000012/
+      checkpoint.json      the manifest (manifest.py), written last
+      config.yaml          the run's resolved configuration
+      tokenizer.json       the data's tokenizer, when it has one
+      shards/              megatron-core distributed checkpoint (torch_dist: PyTorch DCP files): fp32 master
+                           weights and Adam moments under global keys, Adam's step in common.pt
+      ranks/rank_00003.pt  each rank's component states (data loader position, RNG, lr schedule, ...)
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+from omegaconf import OmegaConf
+
+from gptscale.config.schema import Config, ModelConfig
+
+SHARDS = "shards"
+RANKS = "ranks"
+CONFIG = "config.yaml"
+TOKENIZER = "tokenizer.json"
+OPTIMIZER = "optimizer"  # shard keys under this prefix are optimizer state: optimizer.exp_avg.<model key>, ...
+
+
+def moment_key(moment: str, key: str) -> str:
+    """Shard key of an Adam moment of the weight stored under ``key``."""
+    return f"{OPTIMIZER}.{moment}.{key}"
+
+
+def write_config(root: Path, cfg: Config) -> None:
+    (root / CONFIG).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+
+def read_config(root: Path) -> Config:
+    """The typed Config a checkpoint was saved with (missing keys take today's defaults)."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(root / CONFIG)))
+
+
+def describe_model(model: ModelConfig) -> str:
+    return (f"{model.name}: {model.num_layers} layers, hidden {model.hidden_size}, {model.num_attention_heads} heads, "
+            f"{model.num_query_groups or model.num_attention_heads} query groups, "
+            f"ffn {model.ffn_hidden_size or 4 * model.hidden_size}, {model.activation.value}")
+
+
+def copy_tokenizer(root: Path, tokenizer_file: Optional[Path]) -> None:
+    if tokenizer_file is not None:
+        shutil.copyfile(tokenizer_file, root / TOKENIZER)
+
+
+def tokenizer_path(root: Path) -> Optional[Path]:
+    path = root / TOKENIZER
+    return path if path.is_file() else None
+
+
+def _rank_file(root: Path, rank: int) -> Path:
+    return root / RANKS / f"rank_{rank:05d}.pt"
+
+
+def write_rank_state(root: Path, rank: int, position: dict, components: dict) -> None:
+    """This rank's place in the layout and the ``state_dict()`` of every registered component."""
+    state = {"rank": rank, "position": position, "components": {name: c.state_dict() for name, c in components.items()}}
+    torch.save(state, _rank_file(root, rank))
+
+
+def read_rank_state(root: Path, rank: int) -> dict:
+    # Component states hold Python and NumPy RNG states (tuples, arrays): not loadable with weights_only.
+    return torch.load(_rank_file(root, rank), weights_only=False)

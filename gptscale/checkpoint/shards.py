@@ -1,0 +1,163 @@
+"""Model weights and Adam moments as megatron-core ShardedTensors under global, layout-independent keys.
+
+megatron-core's ``sharded_state_dict()`` describes each parameter shard a rank holds by its global key
+(layers stacked on a leading axis: ``decoder.layers.mlp.linear_fc1.weight``), global shape, offset and
+replica id. Under those descriptions the checkpoint stores the fp32 master weight (what the optimizer
+updates: the full-precision model) and Adam's moments as ``optimizer.exp_avg.<key>`` and
+``optimizer.exp_avg_sq.<key>``. A load at any TP/PP/DP/ZeRO layout asks for its own shards and
+torch.distributed.checkpoint reads the overlapping pieces. Replica ids (data-parallel copies, the last
+pipeline stage's copy of a tied embedding) make exactly one rank write each piece.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import contextmanager
+from typing import Union
+
+import torch
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+from gptscale.checkpoint.files import OPTIMIZER, moment_key
+from gptscale.checkpoint.optimizer_state import MOMENTS, OptimizerState
+from gptscale.model.build import ModelChunks
+
+Description = Union[ShardedTensor, ShardedTensorFactory]
+MODEL = "model"
+
+
+@dataclasses.dataclass
+class ParameterShard:
+    param: torch.nn.Parameter
+    description: Description  # megatron-core's: global key, shape, offset, replica id (a factory for SwiGLU)
+
+    @property
+    def local_shape(self) -> torch.Size:
+        """The rank's full tensor-parallel shard (ZeRO-3 partitions it further; DeepSpeed assembles it)."""
+        return getattr(self.param, "ds_shape", self.param.shape)
+
+
+@contextmanager
+def _full_shapes_visible(params: list[torch.nn.Parameter]):
+    """Let ZeRO-3 parameters show their full shape for a moment.
+
+    ZeRO-3 leaves a parameter's ``data`` empty (its partition lives elsewhere) and megatron-core reads
+    shapes from the data, so each partitioned parameter shows its full shape through a zero-stride view
+    (no memory, no communication) while the descriptions are taken.
+    """
+    hidden = [(p, p.data) for p in params if hasattr(p, "ds_shape") and p.data.shape != p.ds_shape]
+    for param, data in hidden:
+        param.data = data.new_empty(1).expand(param.ds_shape)
+    try:
+        yield
+    finally:
+        for param, data in hidden:
+            param.data = data
+
+
+def parameter_shards(model: ModelChunks) -> list[ParameterShard]:
+    """Every parameter of ``model`` with megatron-core's description, in the same order on every rank."""
+    params = {id(p): p for p in model.parameters()}
+    shards = []
+    with _full_shapes_visible(list(params.values())):
+        for chunk in model.chunks:
+            for item in nested_values(chunk.sharded_state_dict()):
+                if isinstance(item, (ShardedTensor, ShardedTensorFactory)) and id(item.data) in params:
+                    shards.append(ParameterShard(params[id(item.data)], dataclasses.replace(item, data=None)
+                                                 if isinstance(item, ShardedTensor) else item))
+    covered = [id(shard.param) for shard in shards]
+    missing = [name for name, p in model.named_parameters() if id(p) not in covered]
+    if missing or len(covered) != len(set(covered)):
+        raise RuntimeError(f"megatron-core's sharded state dict does not describe each parameter once: {missing}")
+    return shards
+
+
+def _describe(description: Description, data: torch.Tensor, key: str) -> Description:
+    """``description`` for other data under another key (same shard geometry and replica id)."""
+    if isinstance(description, ShardedTensorFactory):
+        return dataclasses.replace(description, key=key, data=data)
+    return dataclasses.replace(description, key=key, data=data, dtype=data.dtype)
+
+
+class HostCopies:
+    """Reusable host buffers for snapshots (pinned on GPU, so the copy is fast and the write can be async).
+
+    Saves never overlap (a save first waits for the previous one), so a buffer is free again at the next.
+    """
+
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def copy(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=tensor.is_cuda)
+            self.buffers[name] = buffer
+        buffer.copy_(tensor.detach(), non_blocking=tensor.is_cuda)
+        return buffer
+
+
+def snapshot(shards: list[ParameterShard], optimizer: OptimizerState, host: HostCopies) -> dict:
+    """The sharded state dict to save: host copies of every master weight and moment, and Adam's step.
+
+    A collective over data-parallel ranks under ZeRO (DeepSpeed assembles the partitions).
+    """
+    optimizer.ensure_adam_state()
+    state = {MODEL: {}, OPTIMIZER: {moment: {} for moment in MOMENTS}}
+    for index, shard in enumerate(shards):
+        key = shard.description.key
+        state[MODEL][str(index)] = _describe(shard.description, host.copy(f"{index}", optimizer.get(shard.param)), key)
+        for moment in MOMENTS:
+            copy = host.copy(f"{index}.{moment}", optimizer.get(shard.param, moment))
+            state[OPTIMIZER][moment][str(index)] = _describe(shard.description, copy, moment_key(moment, key))
+    state[OPTIMIZER]["step"] = optimizer.adam_step()
+    if torch.cuda.is_available() and any(b.is_pinned() for b in host.buffers.values()):
+        torch.cuda.synchronize()
+    return state
+
+
+def load_request(shards: list[ParameterShard], with_optimizer: bool) -> dict:
+    """The sharded state dict to load into: fp32 host tensors of this rank's shapes."""
+    def empty(shard: ParameterShard) -> torch.Tensor:
+        return torch.empty(shard.local_shape, dtype=torch.float32)
+
+    request = {MODEL: {str(i): _describe(s.description, empty(s), s.description.key) for i, s in enumerate(shards)}}
+    if with_optimizer:
+        request[OPTIMIZER] = {
+            moment: {str(i): _describe(s.description, empty(s), moment_key(moment, s.description.key))
+                     for i, s in enumerate(shards)}
+            for moment in MOMENTS
+        }
+    return request
+
+
+@torch.no_grad()
+def restore(shards: list[ParameterShard], loaded: dict, optimizer: OptimizerState, with_optimizer: bool) -> None:
+    """Write loaded master weights (and moments and Adam's step) into DeepSpeed, then refresh the model weights.
+
+    A collective over data-parallel ranks under ZeRO.
+    """
+    optimizer.before_weights_set()
+    if with_optimizer:
+        optimizer.ensure_adam_state()
+    for index, shard in enumerate(shards):
+        optimizer.set(shard.param, loaded[MODEL][str(index)])
+        if with_optimizer:
+            for moment in MOMENTS:
+                optimizer.set(shard.param, loaded[OPTIMIZER][moment][str(index)], moment)
+    optimizer.refresh_model_weights([shard.param for shard in shards])
+    if with_optimizer:
+        optimizer.set_adam_step(int(loaded[OPTIMIZER]["step"]))
+
+
+def global_shapes(shards: list[ParameterShard]) -> dict[str, tuple[int, ...]]:
+    """Global shape of every model key this run expects in a checkpoint."""
+    shapes = {}
+    for shard in shards:
+        description = _describe(shard.description, torch.empty(shard.local_shape, device="meta"),
+                                shard.description.key)
+        built = description.build() if isinstance(description, ShardedTensorFactory) else description
+        for tensor in nested_values(built) if isinstance(built, (dict, list)) else [built]:
+            shapes[tensor.key] = tuple(tensor.global_shape)
+    return shapes

@@ -1,0 +1,258 @@
+"""Runs that go wrong: a save killed mid-write, a stop signal, too many NaN steps, damaged checkpoints.
+
+Launches are few (imports cost more than tiny runs): the killed run and its resume, the stopped run, then
+one launch for its resume, the NaN run and every damaged checkpoint, made from the killed run's last one.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from gptscale.checkpoint.manifest import data_files, describe_file
+from gptscale.checkpoint.save import KILL_AT_SAVE_ENV
+from tests.checkpoint_helpers import step_dir
+from tests.helpers import REPO, free_port, torchrun
+
+COMMON = [
+    "model=gpt2-tiny", "train.seq_len=32", "train.eval_interval=0", "train.log_interval=1",
+    "parallel.global_batch=8", "parallel.micro_batch=2", "optim.warmup_steps=2", "optim.decay_steps=10",
+    "data.embedded_max_bytes=200000",
+]
+
+
+def logged(run_dir, field="loss"):
+    """(step, value) of every metrics.jsonl line that has ``field``, in order."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r[field]) for r in map(json.loads, lines) if field in r]
+
+
+def inspect(path):
+    return subprocess.run([sys.executable, "tools/ckpt.py", "inspect", str(path)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+
+def launch_killed(args, tmp_path):
+    """A torchrun launch whose rank 0 is SIGKILLed in the save of step 6; returns its exit status.
+
+    A killed rank leaves its helper processes behind (the multiprocessing manager megatron-core's writer
+    starts), holding the launch's output open: output goes to a file, and the launch's leftovers (found by
+    a marker in their environment) are killed afterwards.
+    """
+    marker = f"GPTSCALE_TEST_LAUNCH={tmp_path}".encode()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), KILL_AT_SAVE_ENV: "6",
+           "GPTSCALE_TEST_LAUNCH": str(tmp_path)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               *args]
+    with open(tmp_path / "killed.log", "w") as output:
+        status = subprocess.run(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT,
+                                timeout=600).returncode
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if marker in open(f"/proc/{pid}/environ", "rb").read().split(b"\0"):
+                os.kill(int(pid), signal.SIGKILL)
+        except OSError:
+            pass
+    return status
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory):
+    """8 steps saving every 2 on 2 ranks; rank 0 is killed in the save of step 6; then resumed."""
+    tmp = tmp_path_factory.mktemp("killed")
+    run, args = tmp / "run", ["-m", "gptscale.train", f"run_dir={tmp / 'run'}", "train.steps=8",
+                              "checkpoint.interval=2", *COMMON]
+    status = launch_killed(args, tmp)
+    checkpoints = run / "checkpoints"
+    after_kill = {
+        "status": status,
+        "published": sorted(p.name for p in checkpoints.iterdir() if re.fullmatch(r"step_\d+", p.name)),
+        "latest": (checkpoints / "latest").read_text().strip(),
+        "unfinished": list(checkpoints.glob("step_000006.tmp-*")),
+    }
+    if after_kill["unfinished"]:  # kept for the assertions: the resume deletes it
+        after_kill["inspect"] = inspect(after_kill["unfinished"][0])
+        after_kill["copy"] = shutil.copytree(after_kill["unfinished"][0], tmp / "unfinished-copy")
+    resumed = torchrun(2, args, timeout=600)
+    return run, after_kill, resumed
+
+
+def test_save_killed_mid_write_leaves_nothing_that_looks_complete(killed):
+    run, after_kill, _ = killed
+    assert after_kill["status"] != 0
+    assert len(after_kill["unfinished"]) == 1
+    copy = after_kill["copy"]
+    assert not (copy / "checkpoint.json").exists()
+    assert list((copy / "shards").glob("*.distcp")), "the kill should come after the shards were written"
+    assert after_kill["published"] == ["step_000002", "step_000004"] and after_kill["latest"] == "step_000004"
+    assert after_kill["inspect"].returncode == 1 and "INCOMPLETE" in after_kill["inspect"].stdout
+
+
+def test_resume_after_the_kill_picks_the_previous_complete_checkpoint(killed):
+    run, _, resumed = killed
+    checkpoints = run / "checkpoints"
+    assert f"resumed from {checkpoints / 'step_000004'}" in resumed.stderr
+    assert not list(checkpoints.glob("*.tmp-*")), "the interrupted save is cleaned up"
+    assert (checkpoints / "latest").read_text().strip() == "step_000008"
+    losses = logged(run)
+    restart = next(i for i in range(1, len(losses)) if losses[i][0] <= losses[i - 1][0])
+    first_run, second_run = dict(losses[:restart]), losses[restart:]
+    assert min(first_run) == 1 and max(first_run) >= 6  # an async save is published during a later step
+    assert [step for step, _ in second_run] == [5, 6, 7, 8]
+    for step, loss in second_run:
+        if step in first_run:
+            assert loss == first_run[step], f"step {step} replayed from step 4 gives another loss"
+
+
+def worker_pids(launcher_pid):
+    """PIDs of a torchrun launcher's worker processes by RANK."""
+    ranks = {}
+    for pid in map(int, open(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read().split()):
+        for entry in open(f"/proc/{pid}/environ", "rb").read().split(b"\0"):
+            if entry.startswith(b"RANK="):
+                ranks[int(entry[5:])] = pid
+    return ranks
+
+
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory):
+    """A long run on 2 ranks; SIGTERM reaches rank 1 only once two steps are logged."""
+    run = tmp_path_factory.mktemp("stopped") / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               "-m", "gptscale.train", f"run_dir={run}", "train.steps=100000", *COMMON]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    launcher = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ((run / "metrics.jsonl").exists() and len(logged(run)) >= 2):
+            assert launcher.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.5)
+        os.kill(worker_pids(launcher.pid)[1], signal.SIGTERM)
+        output, _ = launcher.communicate(timeout=300)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    return run, launcher.returncode, output, logged(run)[-1][0]
+
+
+def test_stop_signal_saves_and_exits_zero(stopped):
+    """Every rank stops after the same step (the one signalled and the other), saves, exits 0."""
+    run, status, output, stopped_at = stopped
+    assert status == 0, output[-4000:]
+    assert f"stop requested by signal: saving at step {stopped_at}" in output
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at:06d}"
+
+
+def fingerprint(directory):
+    return {name: describe_file(directory / name) for name in data_files(directory)}
+
+
+def fewer_layers(checkpoint, destination):
+    """A weights-only checkpoint of the same model cut to 2 layers (another model shape)."""
+    from gptscale.checkpoint.read import load_model_state, save_model_state
+
+    cfg, tensors, _ = load_model_state(checkpoint)
+    cfg.model.num_layers = 2
+    cut = {key: t[:2].clone() if key.startswith("decoder.layers.") else t for key, t in tensors.items()}
+    return save_model_state(destination, cfg, cut)
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory, killed, stopped):
+    """One launch (1 rank): the stopped run resumed, a run with too many NaN steps, damaged checkpoints."""
+    tmp = tmp_path_factory.mktemp("outcomes")
+    good = step_dir(killed[0], 8)
+    cases = {}
+    for name in ("truncated", "corrupted", "missing"):
+        shutil.copytree(killed[0], tmp / name)
+        shard = max((step_dir(tmp / name, 8) / "shards").glob("*.distcp"), key=lambda p: p.stat().st_size)
+        data = shard.read_bytes()
+        middle = len(data) // 2
+        if name == "truncated":
+            shard.write_bytes(data[:middle])
+        elif name == "corrupted":
+            shard.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:])
+        else:
+            shard.unlink()
+        cases[name] = (step_dir(tmp / name, 8), shard)
+    small = fewer_layers(good, tmp / "small" / "checkpoints" / "step_000000")
+    cases["other-shape"] = (small, small / "shards" / ".metadata")
+    before = {name: fingerprint(path.parent.parent) for name, (path, _) in cases.items()}
+    run, _, _, stopped_at = stopped
+    jobs = {
+        "resumed-after-stop": [*COMMON, f"run_dir={run}", f"train.steps={stopped_at + 2}"],
+        "nan": [*COMMON, f"run_dir={tmp / 'nan'}", "train.steps=10", "checkpoint.interval=2",
+                "train.inject_nan_steps=[3,4,5]", "train.max_bad_steps=2", "train.bad_step_window=10"],
+        **{name: [*COMMON, f"run_dir={path.parent.parent}", "train.steps=10"] if name == "corrupted"  # auto
+           else [*COMMON, f"run_dir={tmp / ('resume-' + name)}", "train.steps=10", f"checkpoint.resume={path}"]
+           for name, (path, _) in cases.items()},
+    }
+    (tmp / "jobs.json").write_text(json.dumps(jobs))
+    torchrun(1, ["tests/dist/run_outcomes.py", str(tmp / "jobs.json"), str(tmp / "results.json")], timeout=900)
+    return tmp, good, cases, before, json.loads((tmp / "results.json").read_text())
+
+
+def test_stopped_run_resumes_where_it_stopped(stopped, outcomes):
+    """...here on one rank: a checkpoint loads at any layout."""
+    run, _, _, stopped_at = stopped
+    assert len(outcomes[-1]["resumed-after-stop"]["loss"]) == 2
+    assert [step for step, _ in logged(run)][-2:] == [stopped_at + 1, stopped_at + 2]
+
+
+def test_too_many_nan_steps_stop_the_run_naming_the_last_good_checkpoint(outcomes):
+    tmp, results = outcomes[0], outcomes[-1]
+    assert results["nan"]["error"] == (
+        "TooManyBadSteps: stopping at step 5: 3 steps in the last 10 had a non-finite loss or gradient norm "
+        f"(train.max_bad_steps=2); last good checkpoint: {step_dir(tmp / 'nan', 4)}")
+    skipped = logged(tmp / "nan", "skipped_steps")
+    assert skipped == [(1, 0), (2, 0), (3, 1), (4, 2), (5, 3)]
+    assert all(loss != loss for step, loss in logged(tmp / "nan") if step >= 3)  # NaN
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("truncated", "is truncated or damaged"),
+    ("corrupted", "is corrupted: its CRC-32 differs"),
+    ("missing", "is missing"),
+    ("other-shape", "holds another model"),
+])
+def test_bad_checkpoints_are_refused_naming_file_and_mismatch(outcomes, name, expected):
+    tmp, _, cases, before, results = outcomes
+    path, culprit = cases[name]
+    error = results[name].get("error")
+    assert error is not None, f"{name}: the resume went through"
+    assert error.startswith("CheckpointError") and expected in error and str(culprit) in error, error
+    if name == "other-shape":
+        assert "decoder.layers.self_attention.linear_qkv.weight: global shape (2, 192, 64) in the checkpoint, " \
+               "(4, 192, 64) in this model" in error
+    assert fingerprint(path.parent.parent) == before[name], "a refused checkpoint's run directory changed"
+    written = tmp / f"resume-{name}" / "checkpoints"
+    assert not written.exists() or not list(written.iterdir()), "nothing is written after a refusal"
+
+
+def test_inspect_command(outcomes):
+    _, good, cases, _, _ = outcomes
+    report = inspect(good)
+    assert report.returncode == 0 and f"{good}: complete" in report.stdout
+    assert "tp 1, pp 1, vpp 1, dp 2" in report.stdout
+    report = inspect(cases["truncated"][0])
+    assert report.returncode == 1 and "DAMAGED" in report.stdout and str(cases["truncated"][1]) in report.stdout
+
+
+def test_other_shape_case_is_a_real_model(outcomes):
+    """The cut checkpoint keeps every key, only two layers long (so the refusal is about shape alone)."""
+    from gptscale.checkpoint.read import load_model_state
+
+    _, good, cases, _, _ = outcomes
+    _, full, _ = load_model_state(good)
+    _, cut, _ = load_model_state(cases["other-shape"][0])
+    assert full.keys() == cut.keys()
+    assert torch.equal(cut["decoder.layers.self_attention.linear_qkv.weight"],
+                       full["decoder.layers.self_attention.linear_qkv.weight"][:2])
