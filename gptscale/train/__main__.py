@@ -33,12 +33,12 @@ def _run(dict_cfg: DictConfig) -> None:
     _setup_logging(cfg.logging.level)
     try:
         check(cfg, world_size_from_env())
+        from gptscale.train.trainer import Trainer  # heavy imports only once the config is known to be valid
+
+        trainer = Trainer(cfg)  # checks what needs the device too (FP8 hardware)
     except ConfigError as error:
         logging.getLogger("gptscale").error("%s", error)
         sys.exit(2)
-    from gptscale.train.trainer import Trainer  # heavy imports only once the config is known to be valid
-
-    trainer = Trainer(cfg)
     try:
         trainer.fit()
     finally:
