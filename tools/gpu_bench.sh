@@ -2,8 +2,10 @@
 # The speed goals of issue 7 on one GPU, in stages that each fit a 10-minute device command.
 #
 #   bash tools/gpu_bench.sh env        # what the machine has (run first, ~1 min)
-#   bash tools/gpu_bench.sh bf16       # goal 1: gpt2-350m, gpt2-774m, llama-1b at T=1024, bf16 (~8 min)
-#   bash tools/gpu_bench.sh fp8        # goal 2: torchao float8 (and Transformer Engine where present) (~8 min)
+#   bash tools/gpu_bench.sh bf16       # goal 1: gpt2-350m and gpt2-774m at T=1024, bf16 (~8 min)
+#   bash tools/gpu_bench.sh llama      # goal 1: llama-1b at T=1024, bf16, eager and compiled layers (~5 min)
+#   bash tools/gpu_bench.sh fp8 gpt2-774m   # goal 2: bf16 vs torchao float8, eager and compiled (TE too where
+#   bash tools/gpu_bench.sh fp8 llama-1b    #   present) (~6 min each)
 #   bash tools/gpu_bench.sh memory     # goal 3: activation checkpointing trade-off, largest model with ZeRO-3 (~8 min)
 #   bash tools/gpu_bench.sh curve      # goal 2: 300-step loss curves, bf16 vs fp8 (~8 min)
 #   bash tools/gpu_bench.sh profile    # torch.profiler top kernels of a gpt2-774m step (~3 min)
@@ -15,6 +17,9 @@
 #   megatron-core GPTModel, local spec, eager, bf16 autocast: 106k / 43.8k / 23.4k (11.6 / 12.1 / 13.2 % MFU)
 #   same with SDPA core attention: 118.5k at 350m (32.7 %, 14.5 GiB), 65.0k at 774m (36.7 %, 26 GiB)
 #   + DeepSpeed ZeRO-1 bf16 clipping: 59.1k at 350m, 42.5k at 774m (torch AdamW)
+# The GPU machine reaches no package registry: if `env` shows torchao absent, carry its wheel in the working tree
+# (pip download torchao==0.18.0 --no-deps -d wheels/, a 3.4 MB file) and pip install --no-deps wheels/*.whl there;
+# torchao 0.18 was tested here with torch 2.13 (CPU) only.
 # Goals: gpt2-350m >= 190k tokens/s, gpt2-774m >= 95k, llama-1b >= 50 % MFU; FP8 >= 1.5x those for gpt2-774m and
 # llama-1b with a 300-step loss curve within 1 % of bf16.
 set -euo pipefail
@@ -22,7 +27,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-runs/gpu_bench}"
 mkdir -p "$OUT"
-STAGE="${1:?stage: env | bf16 | fp8 | memory | curve | profile}"
+STAGE="${1:?stage: env | bf16 | llama | fp8 MODEL | memory | curve | profile}"
 
 # bf16 weights, ZeRO-1 (DeepSpeed's BF16 optimizer: fp32 master weights and gradient sums), T=1024, no accumulation.
 COMMON=(train.precision=bf16 parallel.zero=1 train.seq_len=1024 bench.warmup=5 bench.steps=20 "bench.output=$OUT/bench.jsonl")
@@ -58,15 +63,18 @@ bf16)
   bench model=gpt2-350m --compare "parallel.micro_batch=8 parallel.global_batch=8" \
     "parallel.micro_batch=16 parallel.global_batch=16" "parallel.micro_batch=16 parallel.global_batch=16 model.attention=unfused" \
     "parallel.micro_batch=16 parallel.global_batch=16 parallel.zero=0"
-  bench model=gpt2-774m --compare "parallel.micro_batch=8 parallel.global_batch=8" "parallel.micro_batch=16 parallel.global_batch=16"
-  bench model=llama-1b --compare "parallel.micro_batch=8 parallel.global_batch=8" "parallel.micro_batch=16 parallel.global_batch=16"
+  bench model=gpt2-774m --compare "parallel.micro_batch=8 parallel.global_batch=8" "parallel.micro_batch=16 parallel.global_batch=16" \
+    "parallel.micro_batch=16 parallel.global_batch=16 train.compile=true"
+  ;;
+llama)
+  bench model=llama-1b --compare "parallel.micro_batch=8 parallel.global_batch=8" "parallel.micro_batch=16 parallel.global_batch=16" \
+    "parallel.micro_batch=16 parallel.global_batch=16 train.compile=true"
   ;;
 fp8)
-  for model in gpt2-774m llama-1b; do
-    variants=("" "train.fp8=hybrid model.backend=local")
-    python -c "import transformer_engine" 2>/dev/null && variants+=("train.fp8=hybrid model.backend=te")
-    bench model=$model parallel.micro_batch=8 parallel.global_batch=8 --compare "${variants[@]}"
-  done
+  model="${2:?fp8 needs a model: gpt2-774m or llama-1b}"
+  variants=("" "train.compile=true" "train.fp8=hybrid model.backend=local" "train.fp8=hybrid model.backend=local train.compile=true")
+  python -c "import transformer_engine" 2>/dev/null && variants+=("train.fp8=hybrid model.backend=te")
+  bench model="$model" parallel.micro_batch=8 parallel.global_batch=8 --compare "${variants[@]}"
   ;;
 memory)
   bench model=gpt2-774m parallel.micro_batch=16 parallel.global_batch=16 bench.steps=10 --compare \

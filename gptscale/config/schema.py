@@ -149,6 +149,7 @@ class TrainConfig:
     fp8: Optional[Fp8Format] = None  # FP8 matmuls (needs precision=bf16): TE with backend te, torchao with local
     fp8_recipe: Fp8Recipe = Fp8Recipe.tensorwise
     fp8_emulate: bool = False  # torchao only: FP8 numerics without FP8 hardware (CPU tests; no speed-up)
+    compile: bool = False  # torch.compile each transformer layer (not the whole model); measure before using
 
 
 @dataclass

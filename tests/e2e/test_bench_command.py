@@ -104,3 +104,13 @@ def test_two_ranks_tensor_pipeline_and_data_parallel(tmp_path):
     assert sum(zero.values()) <= 3, zero
     assert not any(site.startswith("synchronize") for r in runs.values() for site in r["host_syncs"])
     assert proc.stdout.count("\nparallel.") == 3, proc.stdout
+
+
+def test_compiled_layers_train_identically(tmp_path):
+    """train.compile=true compiles each transformer layer; the numbers stay those of eager mode."""
+    output = tmp_path / "compile.jsonl"
+    proc = bench([*SMALL, "bench.steps=2", "bench.host_syncs=false", f"bench.output={output}",
+                  "--compare", "train.compile=false", "train.compile=true"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    runs = [json.loads(line) for line in output.read_text().splitlines()]
+    assert runs[0]["losses"] == pytest.approx(runs[1]["losses"], rel=1e-5)
