@@ -39,7 +39,7 @@ env)
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   python - <<'EOF'
 import importlib.metadata as md, os, torch
-for p in ("torch", "megatron-core", "deepspeed", "torchao", "transformer-engine", "transformer_engine_torch", "apex", "flash-attn"):
+for p in ("torch", "megatron-core", "deepspeed", "hydra-core", "torchao", "transformer-engine", "transformer_engine_torch", "apex", "flash-attn"):
     try: print(p, md.version(p))
     except md.PackageNotFoundError: print(p, "absent")
 print("cuda", torch.version.cuda, "capability", torch.cuda.get_device_capability(), "TORCH_CUDA_ARCH_LIST",
