@@ -6,6 +6,7 @@ Speed itself is not asserted (benchmarks print figures; tests check they are pro
 import json
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -18,12 +19,14 @@ HOST_TENSOR_READS = ("megatron/core/tensor_parallel/random.py",)
 
 
 def bench(args, timeout=900):
-    return subprocess.run([sys.executable, "-m", "gptscale.bench", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
+    with tempfile.TemporaryDirectory() as run_dir:
+        return subprocess.run([sys.executable, "-m", "gptscale.bench", f"run_dir={run_dir}", *args], cwd=REPO,
+                              capture_output=True, text=True, timeout=timeout)
 
 
 def records(path):
-    return {tuple(r["overrides"][len(SMALL) + 1:]): r for r in map(json.loads, path.read_text().splitlines())}
+    """Each config's JSON record, by its --compare overrides."""
+    return {r["label"]: r for r in map(json.loads, path.read_text().splitlines())}
 
 
 def device_syncs(record):
@@ -44,7 +47,7 @@ def attention_runs(tmp_path_factory):
 def test_sdpa_and_unfused_attention_train_identically(attention_runs, model):
     """SDPA core attention (the default) gives megatron-core's unfused attention's losses, GQA included."""
     _, runs = attention_runs
-    sdpa, unfused = runs[(f"model={model}",)], runs[(f"model={model}", "model.attention=unfused")]
+    sdpa, unfused = runs[f"model={model}"], runs[f"model={model} model.attention=unfused"]
     assert len(sdpa["losses"]) == 3
     for step, (a, b) in enumerate(zip(sdpa["losses"], unfused["losses"])):
         assert a == pytest.approx(b, rel=1e-5), (model, step, sdpa["losses"], unfused["losses"])
@@ -55,7 +58,7 @@ def test_rows_and_records(attention_runs):
     rows = [line for line in proc.stdout.splitlines() if line.startswith("model=")]
     assert len(rows) == 4 and rows[0].rstrip().endswith("1.00x"), proc.stdout
     assert "tokens/s" in proc.stdout and "torch 2." in proc.stdout
-    record = runs[("model=gpt2-tiny",)]
+    record = runs["model=gpt2-tiny"]
     assert record["tokens_per_s"] > 0 and record["step_time_s"] > 0 and record["peak_memory_gib"] > 0
     assert record["tokens_per_step"] == 8 * 64 and record["mfu"] is None  # CPU: no peak known
     assert record["memory_kind"].startswith("peak RSS") and record["world_size"] == 1
@@ -64,7 +67,7 @@ def test_rows_and_records(attention_runs):
 
 def test_fp32_step_has_no_host_syncs(attention_runs):
     _, runs = attention_runs
-    assert device_syncs(runs[("model=gpt2-tiny",)]) == {}
+    assert device_syncs(runs["model=gpt2-tiny"]) == {}
 
 
 def test_mfu_from_a_given_peak(tmp_path):
@@ -92,14 +95,14 @@ def test_two_ranks_tensor_pipeline_and_data_parallel(tmp_path):
     """One torchrun launch, three layouts; fp32 TP and PP steps wait for the device nowhere, DeepSpeed's
     ZeRO only in its once-per-step check of the gradient norm."""
     output = tmp_path / "two.jsonl"
-    proc = torchrun(2, ["-m", "gptscale.bench", *SMALL, f"bench.output={output}",
+    proc = torchrun(2, ["-m", "gptscale.bench", f"run_dir={tmp_path}", *SMALL, f"bench.output={output}",
                         "--compare", "parallel.tp=2", "parallel.pp=2", "parallel.zero=1"])
     runs = records(output)
     assert [r["layout"].split(" zero")[0] for r in runs.values()] == ["tp2 pp1 dp1", "tp1 pp2 dp1", "tp1 pp1 dp2"]
     assert all(r["world_size"] == 2 for r in runs.values())
-    assert device_syncs(runs[("parallel.tp=2",)]) == {}
-    assert device_syncs(runs[("parallel.pp=2",)]) == {}
-    zero = device_syncs(runs[("parallel.zero=1",)])
+    assert device_syncs(runs["parallel.tp=2"]) == {}
+    assert device_syncs(runs["parallel.pp=2"]) == {}
+    zero = device_syncs(runs["parallel.zero=1"])
     assert zero and all(site.startswith("__bool__ at deepspeed/runtime/") for site in zero), zero
     assert sum(zero.values()) <= 3, zero
     assert not any(site.startswith("synchronize") for r in runs.values() for site in r["host_syncs"])
