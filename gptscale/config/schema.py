@@ -45,6 +45,20 @@ class Precision(str, Enum):
     bf16 = "bf16"
 
 
+class Fp8Format(str, Enum):
+    """FP8 number formats, as Transformer Engine names them."""
+
+    hybrid = "hybrid"  # e4m3 for weights and activations, e5m2 (wider range) for gradients
+    e4m3 = "e4m3"  # e4m3 everywhere
+
+
+class Fp8Recipe(str, Enum):
+    """How FP8 scales are chosen."""
+
+    tensorwise = "tensorwise"  # one scale per tensor from its current amax (TE and torchao)
+    delayed = "delayed"  # scales from an amax history (Transformer Engine only)
+
+
 class Recompute(str, Enum):
     none = "none"
     selective = "selective"
@@ -135,6 +149,10 @@ class TrainConfig:
     max_bad_steps: int = 5  # steps with a non-finite loss or grad norm are skipped; more than this many ...
     bad_step_window: int = 100  # ... within this many steps stop the run
     inject_nan_steps: List[int] = field(default_factory=list)  # test hook: these steps get a NaN loss
+    fp8: Optional[Fp8Format] = None  # FP8 matmuls (needs precision=bf16): TE with backend te, torchao with local
+    fp8_recipe: Fp8Recipe = Fp8Recipe.tensorwise
+    fp8_emulate: bool = False  # torchao only: FP8 numerics without FP8 hardware (CPU tests; no speed-up)
+    compile: bool = False  # torch.compile each transformer layer (not the whole model); measure before using
 
 
 @dataclass
@@ -186,6 +204,17 @@ class LoggingConfig:
 
 
 @dataclass
+class BenchConfig:
+    """gptscale-bench: timed steps on synthetic tokens, after untimed warm-up steps."""
+
+    steps: int = 10
+    warmup: int = 3
+    profile_steps: int = 0  # extra steps under torch.profiler after the timed ones; 0: no profile
+    host_syncs: bool = False  # one extra step that lists where the host waits for the device
+    output: Optional[str] = None  # append one JSON line per config to this file
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -195,3 +224,4 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from gptscale.config.schema import Config, DataConfig, PositionEmbedding
+from gptscale.config.schema import Config, DataConfig, PositionEmbedding, Precision
 
 
 class ConfigError(ValueError):
@@ -117,6 +117,15 @@ def check(cfg: Config, world_size: int) -> Layout:
         "(learned position embeddings)",
     )
     need(train.steps >= 0, f"train.steps={train.steps} must not be negative")
+    need(
+        train.fp8 is None or train.precision == Precision.bf16,
+        f"train.fp8={getattr(train.fp8, 'value', train.fp8)} needs train.precision=bf16 "
+        f"(not {train.precision.value}): FP8 matmuls take bf16 weights and activations",
+    )
+    need(not train.fp8_emulate or train.fp8 is not None, "train.fp8_emulate=true needs train.fp8 (hybrid or e4m3)")
+    need(cfg.bench.steps >= 1, f"bench.steps={cfg.bench.steps} must be at least 1")
+    for name in ("warmup", "profile_steps"):
+        need(getattr(cfg.bench, name) >= 0, f"bench.{name}={getattr(cfg.bench, name)} must not be negative")
     need(cfg.optim.warmup_steps >= 0, f"optim.warmup_steps={cfg.optim.warmup_steps} must not be negative")
     need(len(cfg.optim.betas) == 2, f"optim.betas={list(cfg.optim.betas)} must hold two numbers")
     if problems:

@@ -24,12 +24,16 @@ from gptscale.config.schema import (
     TrainConfig,
 )
 from gptscale.config.validate import padded_vocab_size
+from gptscale.model.fp8 import torchao_float8_config, transformer_engine_fp8
 from gptscale.model.spec import decoder_block_spec
 
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig,
-                       on_gpu: bool) -> TransformerConfig:
-    """megatron-core's TransformerConfig for this model, layout and precision (CPU: no fused kernels)."""
+                       on_gpu: bool, backend: Backend = Backend.local) -> TransformerConfig:
+    """megatron-core's TransformerConfig for this model, layout and precision (CPU: no fused kernels).
+
+    Transformer Engine's FP8 is switched on here; the local backend's FP8 lives in the layer spec.
+    """
     dtype = torch.bfloat16 if train.precision == Precision.bf16 else torch.float32
     recompute = {
         Recompute.none: {},
@@ -78,6 +82,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, train: Trai
         batch_p2p_sync=on_gpu,
         deallocate_pipeline_outputs=True,
         **recompute,
+        **(transformer_engine_fp8(train) if backend == Backend.te else {}),
     )
 
 
@@ -95,14 +100,15 @@ class ModelChunks(torch.nn.Module):
 def build_model(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig, vocab_size: int,
                 backend: Backend, device: torch.device) -> ModelChunks:
     """Build this rank's share of the model (uninitialised: call ``gptscale.model.init.initialize``)."""
-    config = transformer_config(model, parallel, train, on_gpu=device.type == "cuda")
+    config = transformer_config(model, parallel, train, on_gpu=device.type == "cuda", backend=backend)
+    float8 = torchao_float8_config(train) if backend == Backend.local else None
     vpp = parallel.vpp
     chunks = []
     for stage in range(vpp or 1):
         vp_stage = stage if vpp else None
         chunk = GPTModel(
             config=config,
-            transformer_layer_spec=decoder_block_spec(model, config, backend, vp_stage),
+            transformer_layer_spec=decoder_block_spec(model, config, backend, vp_stage, float8),
             vocab_size=padded_vocab_size(vocab_size, model.vocab_multiple),
             max_sequence_length=max(model.max_position_embeddings, train.seq_len),
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
@@ -113,5 +119,18 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig
             rotary_base=int(model.rotary_base),
             vp_stage=vp_stage,
         )
+        if train.compile:
+            compile_layers(chunk)
         chunks.append(chunk.to(device))
     return ModelChunks(chunks)
+
+
+def compile_layers(chunk: GPTModel) -> None:
+    """torch.compile every transformer layer in place (torchtitan's granularity).
+
+    Per layer rather than the whole model: one layer's graph is compiled once and reused by all layers,
+    the pipeline schedule and recomputation still see plain modules, and collectives stay at layer edges
+    or break the graph harmlessly. Whole-model compile measured slower on H100 (issue 7).
+    """
+    for layer in chunk.decoder.layers:
+        layer.compile()

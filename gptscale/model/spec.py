@@ -4,6 +4,7 @@
 parallelism (``gptscale.model.norm``) and, unless ``model.attention=unfused``, SDPA core attention.
 ``te``: Transformer Engine's fused layers (needed for its FP8), used when ``model.backend=te`` or, under
 ``auto``, when Transformer Engine imports and a GPU is present.
+With ``train.fp8`` the local spec's linears become torchao float8 linears (``gptscale.model.fp8``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from megatron.core.transformer.transformer_block import (
 
 from gptscale.config.schema import Attention, Backend, ModelConfig
 from gptscale.model.attention import SDPAttention
+from gptscale.model.fp8 import Float8ColumnParallelLinear, Float8RowParallelLinear
 from gptscale.model.norm import Norm
 
 
@@ -40,25 +42,34 @@ def resolve_backend(model: ModelConfig, on_gpu: bool) -> Backend:
     return model.backend
 
 
-def _local_layer_spec(model: ModelConfig) -> ModuleSpec:
+def _local_layer_spec(model: ModelConfig, float8) -> ModuleSpec:
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=model.normalization.value))
     layer = spec.submodules
     layer.input_layernorm = Norm
     layer.pre_mlp_layernorm = Norm
     if model.attention == Attention.sdpa:
         layer.self_attention.submodules.core_attention = SDPAttention
+    if float8 is not None:
+        column = ModuleSpec(module=Float8ColumnParallelLinear, params={"float8": float8})
+        row = ModuleSpec(module=Float8RowParallelLinear, params={"float8": float8})
+        attention, mlp = layer.self_attention.submodules, layer.mlp.submodules
+        attention.linear_qkv, attention.linear_proj = column, row
+        mlp.linear_fc1, mlp.linear_fc2 = column, row
     return spec
 
 
 def decoder_block_spec(model: ModelConfig, config: TransformerConfig, backend: Backend,
-                       vp_stage: int | None) -> ModuleSpec:
-    """The decoder of one pipeline stage (or one virtual stage): its layers and the final norm."""
+                       vp_stage: int | None, float8=None) -> ModuleSpec:
+    """The decoder of one pipeline stage (or one virtual stage): its layers and the final norm.
+
+    ``float8``: torchao's Float8LinearConfig for the local spec's linears (None: bf16/fp32 matmuls).
+    """
     if backend == Backend.te:
         from megatron.core.extensions.transformer_engine import TENorm
 
         layer, final_norm = get_gpt_layer_with_transformer_engine_spec(), TENorm
     else:
-        layer, final_norm = _local_layer_spec(model), Norm
+        layer, final_norm = _local_layer_spec(model, float8), Norm
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return ModuleSpec(
         module=TransformerBlock,

@@ -70,6 +70,9 @@ def engine_config(layout: Layout, zero: int, optim: OptimConfig, train: TrainCon
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer synchronises the device at every forward and step by default, which
+        # stops the host from queueing work ahead; gptscale measures throughput itself (train/metrics.py).
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
     }
     if bf16 and zero >= 1:
         # Sum micro-batch gradients in fp32 under bf16 weights (DeepSpeed's default sums in bf16). DeepSpeed
@@ -97,7 +100,7 @@ def build_engine(model: torch.nn.Module, layout: Layout, zero: int, optim: Optim
         lr=optim.lr,
         betas=tuple(optim.betas),
         eps=optim.eps,
-        fused=next(model.parameters()).is_cuda,
+        fused=True,  # one kernel per parameter group (CUDA and CPU); no per-step reads of the step count
     )
     engine, *_ = deepspeed.initialize(
         model=model,

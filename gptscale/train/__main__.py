@@ -44,14 +44,15 @@ def _run(dict_cfg: DictConfig) -> None:
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         cfg.run_dir = HydraConfig.get().runtime.output_dir  # each run of a sweep writes into its own directory
     _setup_logging(cfg.logging.level)
+    log = logging.getLogger("gptscale")
     try:
         check(cfg, world_size_from_env())
     except ConfigError as error:
-        logging.getLogger("gptscale").error("%s", error)
+        log.error("%s", error)
         sys.exit(2)
-    from gptscale.checkpoint import CheckpointError
+    from gptscale.checkpoint import CheckpointError  # heavy imports only once the config is known to be valid
     from gptscale.train.guard import TooManyBadSteps
-    from gptscale.train.trainer import Trainer  # heavy imports only once the config is known to be valid
+    from gptscale.train.trainer import Trainer
 
     try:
         trainer = Trainer(cfg)
@@ -59,8 +60,11 @@ def _run(dict_cfg: DictConfig) -> None:
             trainer.fit()
         finally:
             trainer.close()
+    except ConfigError as error:  # what only the device can tell (FP8 hardware)
+        log.error("%s", error)
+        sys.exit(2)
     except (CheckpointError, TooManyBadSteps) as error:
-        logging.getLogger("gptscale").error("%s", error)
+        log.error("%s", error)
         sys.exit(1)
 
 

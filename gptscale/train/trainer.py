@@ -10,8 +10,9 @@ import torch
 from gptscale.checkpoint.checkpointer import Checkpointer
 from gptscale.config.schema import Config
 from gptscale.config.validate import check, padded_vocab_size
-from gptscale.data import build_data
+from gptscale.data import Data, build_data
 from gptscale.model.build import build_model
+from gptscale.model.fp8 import check_fp8
 from gptscale.model.init import initialize
 from gptscale.model.spec import resolve_backend
 from gptscale.parallel.deepspeed import build_engine
@@ -35,17 +36,17 @@ class Trainer:
         self.layout = check(cfg, world_size_from_env())
         self.run_dir = Path(cfg.run_dir)
         self.device = choose_device(cfg.train.device)
+        backend = resolve_backend(cfg.model, on_gpu=self.device.type == "cuda")
+        check_fp8(cfg.model, cfg.train, backend, self.device)
         seed_everything(cfg.train.seed)
 
         # Process groups: torch.distributed and megatron-core's TP / PP / DP groups.
         self.ctx = init_parallel(self.layout, self.device, cfg.train.seed)
 
         # Data: this data-parallel rank's share of every global batch.
-        self.data = build_data(cfg.data, self.layout, self.ctx.dp_rank, cfg.train.seq_len,
-                               serves_tokens=self.ctx.is_first_stage or self.ctx.is_last_stage)
+        self.data = self.make_data()
 
         # Model: this rank's chunks of megatron-core's GPTModel, initialised the same under every layout.
-        backend = resolve_backend(cfg.model, self.ctx.on_gpu)
         self.model = build_model(cfg.model, cfg.parallel, cfg.train, self.data.vocab_size, backend, self.device)
         initialize(self.model, cfg.train.seed, cfg.model.init_std, cfg.model.num_layers)
 
@@ -91,6 +92,11 @@ class Trainer:
     @property
     def step(self) -> int:
         return self.progress.step
+
+    def make_data(self) -> Data:
+        """This data-parallel rank's loaders (gptscale-bench overrides it with synthetic tokens)."""
+        return build_data(self.cfg.data, self.layout, self.ctx.dp_rank, self.cfg.train.seq_len,
+                          serves_tokens=self.ctx.is_first_stage or self.ctx.is_last_stage)
 
     def train_one_step(self):
         lr = self.schedule.apply(self.engine.optimizer)

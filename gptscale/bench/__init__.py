@@ -1,0 +1,1 @@
+"""gptscale-bench: tokens/s, TFLOP/s, MFU, step time and peak memory of training configs on synthetic tokens."""
