@@ -136,8 +136,8 @@ def _clip_and_record_norm(engine) -> None:
 
     ZeRO and bf16 optimizers record the norm themselves. DeepSpeed's fp32 path also counts the last pipeline
     stage's copy of a tied embedding a second time; this one does not. Like DeepSpeed's other optimizers it
-    skips the update when the norm is not finite: without gradients, torch's AdamW leaves weights and state
-    alone.
+    skips the update when the norm is not finite, but without waiting for the device: fused AdamW reads
+    ``found_inf`` (the flag GradScaler uses) and then leaves weights, moments and its step count alone.
     """
     params = [p for p in engine.module.parameters() if p.grad is not None]
     squares = [p.grad.detach().float().pow(2).sum() for p in params if _counted_in_norm(p)]
@@ -145,8 +145,5 @@ def _clip_and_record_norm(engine) -> None:
     dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
     norm = total.sqrt()
     engine._global_grad_norm = norm
-    if not torch.isfinite(norm):
-        for param in params:
-            param.grad = None
-        return
+    engine.optimizer.found_inf = (~torch.isfinite(norm)).float()
     torch.nn.utils.clip_grads_with_norm_(params, engine.gradient_clipping(), norm)

@@ -63,9 +63,9 @@ def init_distributed(device: torch.device, timeout_minutes: float = 10.0) -> Non
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if "RANK" not in os.environ:
-        # An in-memory store: no port to pick, so concurrent lone runs cannot race for one.
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    if "MASTER_ADDR" not in os.environ:  # not started by torchrun or a cluster launcher: a lone process
+        # An in-memory store: no port to pick, so concurrent lone runs cannot race for one. No environment
+        # variable is set either, so processes it starts do not take themselves for ranks of a job.
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
                                 timeout=timedelta(minutes=timeout_minutes))
         return
