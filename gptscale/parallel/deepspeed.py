@@ -8,6 +8,8 @@ toolchain on GPU).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import types
 
 import deepspeed
@@ -102,15 +104,30 @@ def build_engine(model: torch.nn.Module, layout: Layout, zero: int, optim: Optim
         eps=optim.eps,
         fused=True,  # one kernel per parameter group (CUDA and CPU); no per-step reads of the step count
     )
-    engine, *_ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        config=engine_config(layout, zero, optim, train),
-        mpu=MegatronMpu(),
-        dist_init_required=False,
-    )
+    with _local_rank_set():
+        engine, *_ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            config=engine_config(layout, zero, optim, train),
+            mpu=MegatronMpu(),
+            dist_init_required=False,
+        )
     engine.clip_fp32_gradients = types.MethodType(_clip_and_record_norm, engine)
     return engine
+
+
+@contextlib.contextmanager
+def _local_rank_set():
+    """DeepSpeed's engine insists on LOCAL_RANK, which launchers set: a lone process is local rank 0 while the
+    engine starts, without leaving the variable to the processes it may start later."""
+    if "LOCAL_RANK" in os.environ:
+        yield
+        return
+    os.environ["LOCAL_RANK"] = "0"
+    try:
+        yield
+    finally:
+        del os.environ["LOCAL_RANK"]
 
 
 def reduce_gradients_outside_engine(engine) -> None:
