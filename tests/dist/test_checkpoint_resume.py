@@ -157,10 +157,13 @@ def test_imported_weights_resume_at_any_layout(two_ranks):
 def test_read_returns_the_same_weights_whatever_layout_saved_them(one_rank, two_ranks):
     from gptscale.checkpoint.read import load_model_state
 
-    _, one, _ = load_model_state(step_dir(one_rank[0] / "llama", 12))
+    _, one, one_tokenizer = load_model_state(step_dir(one_rank[0] / "llama", 12))
     for name in ("tp2", "dp2-zero1"):
-        cfg, other, tokenizer = load_model_state(step_dir(two_ranks["dir"] / name, 12))
-        assert cfg.model.name == "llama-tiny" and tokenizer is None
+        path = step_dir(two_ranks["dir"] / name, 12)
+        cfg, other, tokenizer = load_model_state(path)
+        assert cfg.model.name == "llama-tiny"
+        # The embedded corpus's tokenizer, saved with every checkpoint of a run on it.
+        assert tokenizer == path / "tokenizer.json" and tokenizer.read_bytes() == one_tokenizer.read_bytes()
         assert one.keys() == other.keys()
         for key in one:
             assert one[key].shape == other[key].shape, key
