@@ -1,13 +1,15 @@
 """``gptscale-convert`` and ``gptscale-generate``: argument parsing, loading, and the closing report.
 
 Checkpoints are read with ``gptscale.checkpoint.read.load_model_state`` (the gathered, layout-independent
-weights) and written with ``save_model_state``; both are imported when a command needs them.
+weights, whatever layout saved them) and imports are written with ``save_model_state``; the reader's
+``CheckpointError`` (incomplete, damaged, missing) becomes the command's error message.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional
@@ -18,14 +20,14 @@ from gptscale.convert import ConversionError
 
 
 def read_checkpoint(path: Path):
-    """(config, global tensors, tokenizer file) of a gptscale checkpoint, whatever layout wrote it."""
+    """(config, global tensors, tokenizer file) of a gptscale checkpoint, whatever layout wrote it; ``path``
+    may also be a run or checkpoints directory (its newest complete checkpoint)."""
+    from gptscale.checkpoint import CheckpointError
     from gptscale.checkpoint.read import load_model_state
 
-    if not Path(path).exists():
-        raise ConversionError(f"checkpoint {path} does not exist")
     try:
         return load_model_state(Path(path))
-    except (FileNotFoundError, ValueError, RuntimeError, KeyError) as error:
+    except CheckpointError as error:
         raise ConversionError(f"cannot read checkpoint {path}: {error}") from error
 
 
@@ -42,24 +44,35 @@ def _convert_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="f32", choices=("f32", "f16", "bf16", "q8_0"),
                         help="weight type of the output (q8_0: GGUF only)")
     parser.add_argument("--overwrite", action="store_true", help="replace an output that already holds files")
-    parser.add_argument("overrides", nargs="*", help="with --from-hf: Hydra-style overrides, e.g. parallel.tp=2")
+    parser.add_argument("overrides", nargs="*",
+                        help="with --from-hf: Hydra-style overrides such as parallel.tp=2 parallel.pp=2, checked "
+                             "against the model now (a layout that cannot split it is refused here, not at the "
+                             "first training launch) and recorded in the checkpoint's config.yaml. The weights "
+                             "themselves load at any layout; the gptscale-train command printed at the end "
+                             "continues at this one")
     return parser
 
 
 def _import(args) -> list[str]:
     from gptscale.checkpoint.read import save_model_state
-    from gptscale.convert.from_hf import import_hf
+    from gptscale.convert.from_hf import import_hf, resume_overrides
     from gptscale.convert.mapping import architecture
     from gptscale.convert.output import Summary, staged
 
     cfg, state, tokenizer_file = import_hf(args.from_hf, args.overrides)
-    with staged(args.out, args.overwrite, directory=True) as stage:
+    with staged(args.out, args.overwrite, make_dir=False) as stage:
         save_model_state(stage, cfg, state, tokenizer_file)
     files = sorted(path for path in Path(args.out).rglob("*") if path.is_file())
     summary = Summary("gptscale checkpoint", architecture(cfg.model), sum(t.numel() for t in state.values()), "f32",
                       Path(args.out), files)
-    return summary.lines() + [f"layout tp={cfg.parallel.tp} pp={cfg.parallel.pp}; resume training with "
-                              f"checkpoint.resume={args.out}"]
+    out = Path(args.out).resolve()
+    command = ["gptscale-train", f"checkpoint.resume={out}", *resume_overrides(cfg, args.overrides)]
+    data = "data whose tokenizer has the model's vocabulary"
+    if tokenizer_file is not None:
+        data = f"data tokenized with its tokenizer.json (gptscale-prepare --tokenizer {shlex.quote(str(out))})"
+    return summary.lines() + [
+        f"weights only, loadable at any layout; this one was checked: tp={cfg.parallel.tp} pp={cfg.parallel.pp}",
+        f"continue training on {data} with:", "  " + shlex.join(command)]
 
 
 def convert(argv: Optional[list[str]] = None) -> list[str]:
@@ -86,7 +99,8 @@ def convert(argv: Optional[list[str]] = None) -> list[str]:
 
 
 def convert_main(argv: Optional[list[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    logging.getLogger("gptscale").setLevel(logging.INFO)  # ours; megatron-core's import notices stay quiet
     try:
         lines = convert(argv)
     except ConversionError as error:

@@ -2,16 +2,21 @@
 pretraining from it.
 
 The model config is derived from the HF config and composed through Hydra like any run's, so layout
-overrides (``parallel.tp=2``) and other keys apply and are validated. Weights are read from safetensors
-and mapped back through ``gptscale.convert.mapping``'s tables; the vocabulary is padded to
-``model.vocab_multiple`` with zero rows. Features gptscale's model does not compute are refused.
+overrides (``parallel.tp=2``) and other keys apply and are validated now, against the model, rather than
+at the first training launch. The checkpoint written from it holds weights only, which load at any
+layout; the overrides are what its config.yaml records and what ``resume_overrides`` hands back for the
+``gptscale-train`` command that continues the run. Weights are read from safetensors and mapped back
+through ``gptscale.convert.mapping``'s tables; the vocabulary is padded to ``model.vocab_multiple`` with
+zero rows. Features gptscale's model does not compute are refused.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import tempfile
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -147,3 +152,23 @@ def import_hf(hf_dir: Path, overrides: Optional[list[str]] = None) -> tuple[Conf
     except ConfigError as error:
         raise ConversionError(f"the layout does not fit the imported model: {error}") from error
     return cfg, import_tensors(cfg.model, _Weights(hf_dir)), _tokenizer_file(hf_dir)
+
+
+def _override_value(value) -> str:
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "null" if value is None else str(value)
+
+
+def resume_overrides(cfg: Config, overrides: Optional[list[str]] = None) -> list[str]:
+    """The ``gptscale-train`` overrides that build the imported model (every ``model.*`` key that differs
+    from conf/'s defaults) followed by the user's other overrides (the layout): a training run given them
+    and ``checkpoint.resume=<the checkpoint>`` continues from the imported weights at that layout."""
+    default = load_config().model
+    model = [f"model.{field.name}={_override_value(getattr(cfg.model, field.name))}"
+             for field in dataclasses.fields(cfg.model)
+             if getattr(cfg.model, field.name) != getattr(default, field.name)]
+    return model + [override for override in overrides or []
+                    if override.lstrip("+~").split("=")[0].split(".")[0] != "model"]

@@ -69,7 +69,7 @@ def export_gguf(cfg: Config, state: Mapping[str, torch.Tensor], tokenizer_file: 
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
 
-    with staged(out_file, overwrite, directory=False) as stage:
+    with staged(out_file, overwrite, make_dir=False) as stage:
         writer = gguf.GGUFWriter(str(stage), arch)
         writer.add_name(model.name)
         writer.add_file_type(file_type)

@@ -107,7 +107,7 @@ def export_hf(cfg: Config, state: Mapping[str, torch.Tensor], tokenizer_file: Op
     rows = list(export_tensors(cfg.model, state, vocab, hf=True))
     named = {name: tensor.to(DTYPES[dtype]).contiguous()
              for name, tensor in tqdm(rows, desc=f"converting to {ARCHITECTURES[arch]}", unit="tensor")}
-    with staged(out_dir, overwrite, directory=True) as stage:
+    with staged(out_dir, overwrite, make_dir=True) as stage:
         _write_weights(named, stage, max_shard_bytes)
         config = hf_config(cfg, state, vocab, None if eod is None else eod[1], dtype)
         config.save_pretrained(str(stage))

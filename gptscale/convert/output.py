@@ -30,14 +30,16 @@ def _remove(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def staged(out: Path, overwrite: bool, directory: bool) -> Iterator[Path]:
-    """A temporary directory or file path beside ``out``; moved to ``out`` when the block succeeds."""
+def staged(out: Path, overwrite: bool, make_dir: bool) -> Iterator[Path]:
+    """A temporary path beside ``out``, moved to ``out`` when the block succeeds: an empty directory to
+    fill (``make_dir``), or else a path that does not exist yet, for a writer that creates its output
+    itself (a file, or a checkpoint directory that ``save_model_state`` publishes by rename)."""
     out = Path(out)
     if _occupied(out) and not overwrite:
         raise ConversionError(f"{out} already exists and is not empty; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    target = stage if directory else stage / out.name
+    target = stage if make_dir else stage / out.name
     try:
         yield target
         if out.exists() or out.is_symlink():

@@ -1,13 +1,14 @@
-"""gptscale-generate: the cached decoder computes megatron-core's logits; sampling options and the command."""
+"""gptscale-generate: the cached decoder computes megatron-core's logits; sampling options and the command
+(on checkpoints written by ``save_model_state``)."""
 
 import pytest
 import torch
 from tokenizers import Tokenizer
 
+from gptscale.checkpoint.read import save_model_state
 from gptscale.convert.cli import generate_main
 from gptscale.convert.generate import Decoder, Sampling, generate, next_token
 from tests.convert.models import EOD, megatron_logits, perturbed_state, tiny_config
-from tests.convert.stand_in import StandInCheckpoints
 
 
 @pytest.mark.parametrize("model", ["gpt2-tiny", "llama-tiny"])
@@ -44,10 +45,9 @@ def test_seeded_sampling_repeats(trained, tokenizer_file):
     assert first == again and first != other
 
 
-def test_command_prints_the_greedy_continuation(trained, tokenizer_file, tmp_path, monkeypatch, capsys):
-    checkpoints = StandInCheckpoints(monkeypatch)
+def test_command_prints_the_greedy_continuation(trained, tokenizer_file, tmp_path, capsys):
     cfg, state = trained("gpt2-tiny")
-    path = checkpoints.add(tmp_path / "ckpt", cfg, state, tokenizer_file)
+    path = save_model_state(tmp_path / "ckpt", cfg, state, tokenizer_file)
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     prompt = "def parse_args(self, args=None"
     expected = generate(Decoder(cfg.model, state, 400), tokenizer.encode(prompt).ids, 12,
@@ -68,13 +68,15 @@ def test_command_prints_the_greedy_continuation(trained, tokenizer_file, tmp_pat
     assert outputs[0] == outputs[1]
 
 
-def test_command_errors(trained, tokenizer_file, tmp_path, monkeypatch, capsys):
-    checkpoints = StandInCheckpoints(monkeypatch)
+def test_command_errors(trained, tokenizer_file, tmp_path, capsys):
     cfg, state = trained("gpt2-tiny")
-    path = checkpoints.add(tmp_path / "ckpt", cfg, state, tokenizer_file)
+    path = save_model_state(tmp_path / "ckpt", cfg, state, tokenizer_file)
     assert generate_main(["--checkpoint", str(path), "--prompt", "x", "--greedy", "--temperature", "1"]) == 2
     assert "exclude each other" in capsys.readouterr().err
     assert generate_main(["--checkpoint", str(path), "--prompt", "x", "--max-new-tokens", "5000"]) == 2
     assert "learned positions" in capsys.readouterr().err
     assert generate_main(["--checkpoint", str(tmp_path / "missing"), "--prompt", "x"]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert "missing: no such checkpoint directory" in capsys.readouterr().err
+    untokenized = save_model_state(tmp_path / "untokenized", cfg, state)
+    assert generate_main(["--checkpoint", str(untokenized), "--prompt", "x"]) == 2
+    assert "has no tokenizer.json" in capsys.readouterr().err

@@ -1,8 +1,5 @@
 """GGUF export, checked by llama.cpp itself (llama-cpp-python): logits, greedy generation, tokenizer, Q8_0."""
 
-import math
-
-import llama_cpp  # installed by .ci/run (built from PyPI's source distribution)
 import numpy as np
 import pytest
 import torch
@@ -10,23 +7,11 @@ from tokenizers import Tokenizer
 
 from gptscale.convert.generate import Decoder, generate
 from gptscale.convert.gguf import export_gguf, interleave_rope_rows
+from tests.convert.llama_cpp_run import greedy, load, load_vocab, logits, perplexity
 from tests.convert.models import EOD, HELD_OUT_FILES, stdlib_text
 
 SAMPLES = ["def f(x):\n    return x + 1", "Hello  world!  123 4567 éà ✓", "  \n\n\tclass Foo(Bar):  # ok",
            "it's   we'll\r\n<|endoftext|>next document"]
-
-
-def load(path, n_ctx=512):
-    """llama.cpp in fp32 end to end: f32 KV cache, every position's logits, one thread."""
-    f32 = 0  # GGML_TYPE_F32
-    return llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=True, type_k=f32, type_v=f32, n_threads=1,
-                           n_batch=n_ctx, verbose=False)
-
-
-def llama_cpp_logits(llm, ids):
-    llm.reset()
-    llm.eval(ids)
-    return np.array(llm.scores[:len(ids)])
 
 
 @pytest.fixture(scope="module", params=["gpt2-tiny", "llama-tiny"])
@@ -45,30 +30,18 @@ def test_logits_and_greedy_generation_match(exported, tokenizer_file):
     llm = load(path)
     ids = tokenizer.encode("def parse_args(self, args=None, namespace=None):\n").ids
     ours = decoder.forward(torch.tensor([ids]), decoder.new_cache())[0].numpy()
-    assert np.abs(llama_cpp_logits(llm, ids) - ours).max() <= 1e-3
-
-    llm.reset()
-    theirs = []
-    for token in llm.generate(ids, top_k=1, temp=0.0, reset=True):
-        theirs.append(token)
-        if len(theirs) == 16:
-            break
-    assert generate(decoder, ids, 16) == theirs
+    assert np.abs(logits(llm, ids) - ours).max() <= 1e-3
+    assert generate(decoder, ids, 16) == greedy(llm, ids, 16)
 
 
 def test_llama_cpp_tokenizes_like_ours(exported, tokenizer_file):
     _, _, path = exported
     ours = Tokenizer.from_file(str(tokenizer_file))
-    llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    llm = load_vocab(path)
     for text in SAMPLES:  # tokenizers encodes special tokens written in the text: llama.cpp's special=True
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == ours.encode(text).ids
     assert llm.token_eos() == ours.token_to_id(EOD)
     assert llm.detokenize(ours.encode(SAMPLES[1]).ids).decode() == SAMPLES[1]
-
-
-def perplexity(llm, ids) -> float:
-    logits = torch.from_numpy(llama_cpp_logits(llm, ids))
-    return math.exp(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:])).item())
 
 
 def test_q8_0_perplexity_within_two_percent_of_f32(exported, tokenizer_file, tmp_path):
@@ -89,7 +62,7 @@ def test_half_precision_loads(exported, tokenizer_file, tmp_path, dtype):
     path = tmp_path / f"model-{dtype}.gguf"
     export_gguf(cfg, state, tokenizer_file, path, dtype=dtype)
     ids = Tokenizer.from_file(str(tokenizer_file)).encode("import os\n").ids
-    diff = np.abs(llama_cpp_logits(load(path, 64), ids) - llama_cpp_logits(load(f32_path, 64), ids)).max()
+    diff = np.abs(logits(load(path, 64), ids) - logits(load(f32_path, 64), ids)).max()
     assert diff < 0.05
 
 
