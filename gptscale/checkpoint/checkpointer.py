@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from gptscale.checkpoint.async_writer import Writer
 from gptscale.checkpoint.files import copy_tokenizer, describe_model, read_config, write_config, write_rank_state
-from gptscale.checkpoint.load import check_fits, read_shards, restore_components, verify
+from gptscale.checkpoint.load import check_fits, check_same_architecture, read_shards, restore_components, verify
 from gptscale.checkpoint.optimizer_state import OptimizerState
 from gptscale.checkpoint.publish import remove_unfinished, resolve
 from gptscale.checkpoint.save import publisher, sharded_strategy, stage, write_shards
@@ -76,8 +76,9 @@ class Checkpointer:
             return None
         start = time.perf_counter()
         manifest = verify(path)
-        check_fits(path, global_shapes(self.shards), describe_model(read_config(path).model),
-                   describe_model(self.cfg.model))
+        saved_model = read_config(path).model
+        check_fits(path, global_shapes(self.shards), describe_model(saved_model), describe_model(self.cfg.model))
+        check_same_architecture(path, saved_model, self.cfg.model, self.tokenizer_file)
         with_optimizer = manifest["contents"]["optimizer"]
         restore(self.shards, read_shards(path, self.shards, with_optimizer), self.optimizer, with_optimizer)
         missing = list(self.components)

@@ -9,16 +9,19 @@ key this model needs must be in the checkpoint with the same global shape. Then 
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
+from typing import Optional
 
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from gptscale.checkpoint.files import OPTIMIZER, SHARDS, read_rank_state
+from gptscale.checkpoint.files import OPTIMIZER, SHARDS, TOKENIZER, read_rank_state
 from gptscale.checkpoint.manifest import CheckpointError, find_damage, read_manifest
 from gptscale.checkpoint.shards import ParameterShard, load_request
+from gptscale.config.schema import ModelConfig
 
 
 def _raise_everywhere(problems: list[str], headline: str) -> None:
@@ -70,6 +73,31 @@ def check_fits(path: Path, expected: dict[str, tuple[int, ...]], saved_model: st
         raise CheckpointError(
             f"{path / SHARDS / '.metadata'} holds another model ({saved_model}) than this run's ({this_model}):"
             + "\n  - " + "\n  - ".join(problems[:20]) + ("\n  - ..." if len(problems) > 20 else ""))
+
+
+# Settings that change what the weights compute without changing any shape: a shape check cannot see them.
+_SHAPELESS_ARCHITECTURE = ("position_embedding", "rotary_base", "normalization", "norm_eps", "activation")
+
+
+def check_same_architecture(path: Path, saved: ModelConfig, this: ModelConfig, tokenizer_file: Optional[Path]) -> None:
+    """The checkpoint's model computes what this run's model computes, and reads the same tokens.
+
+    Weights resumed under another RoPE base, norm epsilon or activation, or with another tokenizer whose
+    vocabulary pads to the same size, would load without complaint and train a different model."""
+    problems = [f"model.{name}: {getattr(saved, name)} in the checkpoint's config.yaml, {getattr(this, name)} here"
+                for name in _SHAPELESS_ARCHITECTURE if getattr(saved, name) != getattr(this, name)]
+    saved_tokenizer = path / TOKENIZER
+    if tokenizer_file is not None and saved_tokenizer.is_file() and (
+            _sha256(saved_tokenizer) != _sha256(tokenizer_file)):
+        problems.append(f"{saved_tokenizer} differs from this run's tokenizer {tokenizer_file}: the data is "
+                        "tokenized differently from what the weights were trained on")
+    if problems:
+        raise CheckpointError(f"{path} holds a model this run would not compute the same way:\n  - "
+                              + "\n  - ".join(problems))
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def read_shards(path: Path, shards: list[ParameterShard], with_optimizer: bool) -> dict:

@@ -165,6 +165,15 @@ def fewer_layers(checkpoint, destination):
     return save_model_state(destination, cfg, cut)
 
 
+def other_norm_eps(checkpoint, destination):
+    """The same weights and shapes under another norm epsilon: a model that computes something else."""
+    from gptscale.checkpoint.read import load_model_state, save_model_state
+
+    cfg, tensors, _ = load_model_state(checkpoint)
+    cfg.model.norm_eps = 1e-3
+    return save_model_state(destination, cfg, tensors)
+
+
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory, killed, stopped):
     """One launch (1 rank): the stopped run resumed, a run with too many NaN steps, damaged checkpoints."""
@@ -185,6 +194,8 @@ def outcomes(tmp_path_factory, killed, stopped):
         cases[name] = (step_dir(tmp / name, 8), shard)
     small = fewer_layers(good, tmp / "small" / "checkpoints" / "step_000000")
     cases["other-shape"] = (small, small / "shards" / ".metadata")
+    other_eps = other_norm_eps(good, tmp / "eps" / "checkpoints" / "step_000000")
+    cases["other-norm-eps"] = (other_eps, other_eps)
     before = {name: fingerprint(path.parent.parent) for name, (path, _) in cases.items()}
     run, _, _, stopped_at = stopped
     jobs = {
@@ -222,6 +233,7 @@ def test_too_many_nan_steps_stop_the_run_naming_the_last_good_checkpoint(outcome
     ("corrupted", "is corrupted: its CRC-32 differs"),
     ("missing", "is missing"),
     ("other-shape", "holds another model"),
+    ("other-norm-eps", "model.norm_eps: 0.001 in the checkpoint's config.yaml, 1e-05 here"),
 ])
 def test_bad_checkpoints_are_refused_naming_file_and_mismatch(outcomes, name, expected):
     tmp, _, cases, before, results = outcomes
