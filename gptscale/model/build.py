@@ -81,6 +81,9 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, train: Trai
         batch_p2p_comm=on_gpu,
         batch_p2p_sync=on_gpu,
         deallocate_pipeline_outputs=True,
+        # gptscale.train.step weights every micro-batch's summed loss by the global batch's token count, so
+        # the pipeline schedule must pass losses through instead of dividing by micro-batch and token counts.
+        calculate_per_token_loss=True,
         **recompute,
         **(transformer_engine_fp8(train) if backend == Backend.te else {}),
     )

@@ -7,6 +7,11 @@ under ZeRO-2/3) and updating at the accumulation boundary. With pipelining megat
 stages; then the tied embedding's gradients are summed over the first and last stage, and the engine
 reduces over data-parallel ranks, clips and updates once. This is how DeepSpeed's own pipeline engine
 composes with ZeRO, and why ZeRO-2/3 (which reduce inside backward) are refused with pipelining.
+
+The loss is the mean over every unmasked token of the global batch, whatever the layout: each micro-batch
+contributes its summed token losses divided by the global token count. A mean of per-micro-batch means
+would instead give the tokens of a short or empty sequence (a document's end, an epoch's last step) more
+weight, and make the result depend on how the batch is split into micro-batches and ranks.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from gptscale.config.validate import Layout
@@ -27,7 +33,7 @@ from gptscale.parallel.grads import all_reduce_tied_embedding_grads
 
 @dataclass
 class StepResult:
-    loss: torch.Tensor  # mean loss over the global batch, the same on every rank
+    loss: torch.Tensor  # mean loss per token over the global batch, the same on every rank
     grad_norm: Optional[torch.Tensor]  # before clipping
 
 
@@ -35,32 +41,46 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
 
 
+def _load(batches: Iterator[dict], layout: Layout, device: torch.device) -> list[dict]:
+    return [_to_device(next(batches), device) for _ in range(layout.num_microbatches)]
+
+
+def _global_tokens(microbatches: list[dict], layout: Layout) -> torch.Tensor:
+    """Unmasked tokens in the global batch: this rank's micro-batches summed over data-parallel ranks."""
+    tokens = torch.stack([batch["loss_mask"].sum() for batch in microbatches]).sum().float()
+    if layout.dp > 1:
+        dist.all_reduce(tokens, group=parallel_state.get_data_parallel_group())
+    return tokens.clamp(min=1)
+
+
 def _forward(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """Per-token losses (last stage) or hidden states (other stages) of one micro-batch."""
     return model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
 
 
-def _masked_mean(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    return (per_token_loss.float() * loss_mask).sum() / loss_mask.sum().clamp(min=1)
+def _loss_share(per_token_loss: torch.Tensor, loss_mask: torch.Tensor, global_tokens: torch.Tensor) -> torch.Tensor:
+    """This micro-batch's part of the global per-token mean."""
+    return (per_token_loss.float() * loss_mask).sum() / global_tokens
 
 
-def _pipeline_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
-    """megatron-core's loss contract: (summed loss, token count, value to report); it divides by both."""
-    total = (per_token_loss.float() * loss_mask).sum()
-    tokens = loss_mask.sum().clamp(min=1)
-    return total, tokens.int(), {"loss": (total / tokens).detach()}
+def _run_pipeline(model: ModelChunks, microbatches: list[dict], global_tokens: torch.Tensor, layout: Layout,
+                  seq_len: int, forward_only: bool) -> torch.Tensor:
+    """Forward (and backward) of all micro-batches through the pipeline; this rank's loss share on the last stage.
 
+    The data-parallel gradient reduction averages over ranks, so the loss that is back-propagated is the
+    share times dp; with ``calculate_per_token_loss`` the schedule applies no scaling of its own.
+    """
 
-def _run_pipeline(model: ModelChunks, microbatches: list[dict], layout: Layout, seq_len: int,
-                  forward_only: bool) -> torch.Tensor:
-    """Forward (and backward) of all micro-batches through the pipeline; the mean loss on the last stage."""
+    def loss_func(loss_mask, per_token_loss):
+        share = _loss_share(per_token_loss, loss_mask, global_tokens)
+        return share * layout.dp, loss_mask.sum().int(), {"share": share.detach()}
 
     def forward_step(data_iterator, chunk):
         batch = next(data_iterator)
-        return _forward(chunk, batch), functools.partial(_pipeline_loss, batch["loss_mask"])
+        return _forward(chunk, batch), functools.partial(loss_func, batch["loss_mask"])
 
     chunks = list(model.chunks)
-    losses = get_forward_backward_func()(
+    shares = get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=[iter(microbatches) for _ in chunks] if len(chunks) > 1 else iter(microbatches),
         model=chunks if len(chunks) > 1 else chunks[0],
@@ -69,39 +89,39 @@ def _run_pipeline(model: ModelChunks, microbatches: list[dict], layout: Layout, 
         micro_batch_size=layout.micro_batch,
         forward_only=forward_only,
     )
-    if not losses:  # not the last stage
-        return torch.zeros((), device=microbatches[0]["tokens"].device)
-    return torch.stack([item["loss"] for item in losses]).mean()
+    if not shares:  # not the last stage
+        return torch.zeros((), device=global_tokens.device)
+    return torch.stack([item["share"] for item in shares]).sum()
 
 
-def _global_mean(local_loss: torch.Tensor, layout: Layout, holds_loss: bool) -> torch.Tensor:
-    """Average over data-parallel ranks and hand the last stage's value to every rank, in one all-reduce."""
-    loss = local_loss.detach().float().clone() if holds_loss else torch.zeros_like(local_loss, dtype=torch.float32)
+def _global_loss(share: torch.Tensor, layout: Layout, holds_loss: bool) -> torch.Tensor:
+    """Sum the shares over data-parallel ranks and hand the last stage's value to every rank, in one all-reduce."""
+    loss = share.detach().float().clone() if holds_loss else torch.zeros_like(share, dtype=torch.float32)
     dist.all_reduce(loss)
-    return loss / (layout.tp * layout.dp)
+    return loss / layout.tp
 
 
 def train_step(engine, model: ModelChunks, batches: Iterator[dict], layout: Layout, seq_len: int,
                device: torch.device, is_last_stage: bool) -> StepResult:
     """Forward and backward over one global batch, then one optimizer update."""
+    microbatches = _load(batches, layout, device)
+    global_tokens = _global_tokens(microbatches, layout)
     if layout.pp == 1:
-        total = torch.zeros((), device=device)
-        for _ in range(layout.num_microbatches):
-            batch = _to_device(next(batches), device)
-            loss = _masked_mean(_forward(engine, batch), batch["loss_mask"])
-            engine.backward(loss)
+        share = torch.zeros((), device=device)
+        for batch in microbatches:
+            micro_share = _loss_share(_forward(engine, batch), batch["loss_mask"], global_tokens)
+            # The engine divides by the accumulation steps and averages over data-parallel ranks; undo both.
+            engine.backward(micro_share * (layout.num_microbatches * layout.dp))
             engine.step()
-            total += loss.detach()
-        local_loss = total / layout.num_microbatches
+            share += micro_share.detach()
     else:
-        microbatches = [_to_device(next(batches), device) for _ in range(layout.num_microbatches)]
-        local_loss = _run_pipeline(model, microbatches, layout, seq_len, forward_only=False)
+        share = _run_pipeline(model, microbatches, global_tokens, layout, seq_len, forward_only=False)
         all_reduce_tied_embedding_grads(model)
         reduce_gradients_outside_engine(engine)
         engine.step()
     grad_norm = engine.get_global_grad_norm()
     return StepResult(
-        loss=_global_mean(local_loss, layout, is_last_stage),
+        loss=_global_loss(share, layout, is_last_stage),
         grad_norm=None if grad_norm is None else torch.as_tensor(grad_norm, dtype=torch.float32),
     )
 
@@ -109,11 +129,11 @@ def train_step(engine, model: ModelChunks, batches: Iterator[dict], layout: Layo
 @torch.no_grad()
 def eval_step(engine, model: ModelChunks, batches: Iterator[dict], layout: Layout, seq_len: int,
               device: torch.device, is_last_stage: bool) -> torch.Tensor:
-    """Mean loss of one global batch without updating anything."""
-    microbatches = [_to_device(next(batches), device) for _ in range(layout.num_microbatches)]
+    """Mean loss per token of one global batch, without updating anything."""
+    microbatches = _load(batches, layout, device)
+    global_tokens = _global_tokens(microbatches, layout)
     if layout.pp == 1:
-        losses = [_masked_mean(_forward(engine, batch), batch["loss_mask"]) for batch in microbatches]
-        local_loss = torch.stack(losses).mean()
+        share = sum(_loss_share(_forward(engine, batch), batch["loss_mask"], global_tokens) for batch in microbatches)
     else:
-        local_loss = _run_pipeline(model, microbatches, layout, seq_len, forward_only=True)
-    return _global_mean(local_loss, layout, is_last_stage)
+        share = _run_pipeline(model, microbatches, global_tokens, layout, seq_len, forward_only=True)
+    return _global_loss(share, layout, is_last_stage)

@@ -3,6 +3,8 @@
 Each launch runs many layouts one after another (imports dominate the cost of tiny runs). Layouts named
 ``-eod`` reset attention and positions at document boundaries and compare with a one-rank run that does;
 they read short documents (the embedded corpus cut every two lines) so most sequences hold a boundary.
+Layouts named ``-epoch-end`` read a corpus of 36 sequences, so the fifth global batch ends the epoch with a
+short sequence and four empty ones: the loss must stay the mean over real tokens however they are split.
 """
 
 import pytest
@@ -32,12 +34,15 @@ TWO_RANKS = {
     "dp2-loader-workers": ["data.workers=2"],
     "tp2-sp-eod": ["parallel.tp=2", "parallel.sp=true", "data.reset_attention_at_eod=true"],
     "pp2-vpp2-eod": ["parallel.pp=2", "parallel.vpp=2", "data.reset_attention_at_eod=true"],
+    "dp2-zero1-epoch-end": ["parallel.zero=1"],  # the second rank's last micro-batches hold no tokens
+    "pp2-epoch-end": ["parallel.pp=2"],
 }
 FOUR_RANKS = {
     "tp2-pp2": ["parallel.tp=2", "parallel.pp=2"],
     "tp2-dp2-zero1": ["parallel.tp=2", "parallel.zero=1"],
     "pp4": ["parallel.pp=4"],  # middle stages get placeholder batches
     "pp4-eod": ["parallel.pp=4", "data.reset_attention_at_eod=true"],  # every stage reads the masks
+    "tp2-dp2-zero1-epoch-end": ["parallel.tp=2", "parallel.zero=1"],
 }
 RTOL = 1e-4
 
@@ -51,25 +56,39 @@ def short_documents(tmp_path_factory):
     return directory
 
 
-def jobs(layouts: dict, tmp_path, short_documents, micro_batch: int = 2):
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory, short_documents):
+    """Data paths by layout suffix; the others read the embedded corpus."""
+    lines = [line for doc in embedded_documents(200_000) for line in doc.splitlines() if line.strip()]
+    epoch_end = tmp_path_factory.mktemp("small") / "data"
+    prepare_dataset(lambda: ["\n".join(lines[i:i + 4]) for i in range(0, 36, 4)], epoch_end, vocab_size=300,
+                    val_fraction=0.0, progress=False)
+    return {"-eod": short_documents, "-epoch-end": epoch_end}
+
+
+def jobs(layouts: dict, tmp_path, corpora, micro_batch: int = 2):
+    def data(name):
+        return [f"data.path={path}" for suffix, path in corpora.items() if name.endswith(suffix)]
+
     return [[f"model={model}", f"run_dir={tmp_path}/{model}-{name}", f"parallel.micro_batch={micro_batch}",
-             *COMMON, *overrides, *([f"data.path={short_documents}"] if name.endswith("-eod") else [])]
+             *COMMON, *overrides, *data(name)]
             for model in MODELS for name, overrides in layouts.items()]
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, short_documents):
+def reference(tmp_path_factory, corpora):
     """One rank: micro-batch 2 (4 accumulation steps), micro-batch 8 and micro-batch 1 (8 steps)."""
     tmp_path = tmp_path_factory.mktemp("one-rank")
     layouts = {"mb2": [], "mb8": ["parallel.micro_batch=8"], "mb1": ["parallel.micro_batch=1"],
-               "mb2-eod": ["data.reset_attention_at_eod=true"]}
-    results = run_jobs(1, jobs(layouts, tmp_path, short_documents), tmp_path)
+               "mb2-eod": ["data.reset_attention_at_eod=true"], "mb2-epoch-end": [],
+               "mb8-epoch-end": ["parallel.micro_batch=8"], "mb1-epoch-end": ["parallel.micro_batch=1"]}
+    results = run_jobs(1, jobs(layouts, tmp_path, corpora), tmp_path)
     return {(model, name): results[i * len(layouts) + j]
             for i, model in enumerate(MODELS) for j, name in enumerate(layouts)}
 
 
 def reference_name(layout: str) -> str:
-    return "mb2-eod" if layout.endswith("-eod") else "mb2"
+    return "mb2" + next((suffix for suffix in ("-eod", "-epoch-end") if layout.endswith(suffix)), "")
 
 
 def assert_close(history, expected, what):
@@ -98,21 +117,33 @@ def test_eod_layouts_see_document_boundaries(short_documents):
     assert crossing >= 20, crossing
 
 
+def test_epoch_end_layouts_see_short_and_empty_sequences(corpora):
+    """The fifth batch ends the epoch: real tokens per sequence differ, and some sequences have none."""
+    layout = Layout(world_size=1, tp=1, pp=1, vpp=1, dp=1, micro_batch=8, global_batch=8)
+    data = build_data(DataConfig(path=str(corpora["-epoch-end"])), layout, 0, 32)
+    tokens = [next(data.train)["loss_mask"].sum(dim=1) for _ in range(5)]
+    assert all((sequence == 32).all() for sequence in tokens[:3]), tokens
+    assert (tokens[4] == 0).sum() >= 2 and (tokens[4] > 0).sum() >= 2, tokens
+    assert ((tokens[3] > 0) & (tokens[3] < 32)).any() or ((tokens[4] > 0) & (tokens[4] < 32)).any(), tokens
+
+
 def test_gradient_accumulation_matches_one_big_micro_batch(reference):
     for model in MODELS:
-        assert_close(reference[(model, "mb1")], reference[(model, "mb8")], f"{model} micro-batch 1 x 8")
-        assert_close(reference[(model, "mb2")], reference[(model, "mb8")], f"{model} micro-batch 2 x 4")
+        for corpus in ("", "-epoch-end"):
+            big = reference[(model, f"mb8{corpus}")]
+            assert_close(reference[(model, f"mb1{corpus}")], big, f"{model}{corpus} micro-batch 1 x 8")
+            assert_close(reference[(model, f"mb2{corpus}")], big, f"{model}{corpus} micro-batch 2 x 4")
 
 
-def test_two_rank_layouts_match_one_rank(reference, tmp_path, short_documents):
-    results = run_jobs(2, jobs(TWO_RANKS, tmp_path, short_documents), tmp_path)
+def test_two_rank_layouts_match_one_rank(reference, tmp_path, corpora):
+    results = run_jobs(2, jobs(TWO_RANKS, tmp_path, corpora), tmp_path)
     for i, model in enumerate(MODELS):
         for j, name in enumerate(TWO_RANKS):
             assert_close(results[i * len(TWO_RANKS) + j], reference[(model, reference_name(name))], f"{model} {name}")
 
 
-def test_four_rank_layouts_match_one_rank(reference, tmp_path, short_documents):
-    results = run_jobs(4, jobs(FOUR_RANKS, tmp_path, short_documents), tmp_path)
+def test_four_rank_layouts_match_one_rank(reference, tmp_path, corpora):
+    results = run_jobs(4, jobs(FOUR_RANKS, tmp_path, corpora), tmp_path)
     for i, model in enumerate(MODELS):
         for j, name in enumerate(FOUR_RANKS):
             assert_close(results[i * len(FOUR_RANKS) + j], reference[(model, reference_name(name))], f"{model} {name}")
