@@ -5,7 +5,7 @@
 Measures, on a synthetic corpus of documents of about 2,100 Zipf-distributed uint16 tokens (text-like
 compressibility): compressing and writing shards, plain webdataset reading + zstd decoding of those shards (the raw rate
 to compare with), the full loader (shard and document shuffle, packing, blending, resumable state) with
-and without document masks, and ``prepare_dataset`` tokenizing the Python standard library with a BPE.
+and without document positions (and, for comparison, building their masks on the CPU), and ``prepare_dataset`` tokenizing the Python standard library with a BPE.
 Wall-clock and process CPU rates are both printed: on a shared machine the CPU rate is the steadier one.
 """
 
@@ -27,6 +27,7 @@ import webdataset as wds  # noqa: E402
 import zstandard  # noqa: E402
 
 from gptscale.config.validate import Layout  # noqa: E402
+from gptscale.data.batch import document_attention_mask  # noqa: E402
 from gptscale.data.embedded import embedded_documents  # noqa: E402
 from gptscale.data.loader import Source, StreamingLoader  # noqa: E402
 from gptscale.data.manifest import MANIFEST, Manifest, read_manifest  # noqa: E402
@@ -96,12 +97,15 @@ def raw_webdataset(directory: Path) -> int:
     return tokens
 
 
-def run_loader(sources: list[Source], tokens: int, reset: bool, global_batch: int = 64, micro_batch: int = 8) -> int:
+def run_loader(sources: list[Source], tokens: int, reset: bool, global_batch: int = 64, micro_batch: int = 8,
+               build_masks: bool = False) -> int:
     layout = Layout(1, 1, 1, 1, 1, micro_batch, global_batch)
     loader = StreamingLoader(sources, layout, 0, SEQ_LEN, seed=1, reset_attention_at_eod=reset)
     served = 0
     while served < tokens:
         batch = next(loader)
+        if build_masks:
+            document_attention_mask(batch["document_ids"])
         served += batch["tokens"].numel()
     loader.state_dict()
     loader.close()
@@ -127,14 +131,16 @@ def main() -> None:
         one = [Source(read_manifest(str(root / "a")), "train", 1.0)]
         two = one + [Source(read_manifest(str(root / "b")), "train", 0.5)]
         budget = int(0.75 * total)
-        for what, sources, reset in [("loader: shuffle + packing + state", one, False),
-                                     ("loader: + blending 2 sources", two, False),
-                                     ("loader: + document masks [b,1,s,s] (reset_attention_at_eod)", one, True)]:
-            profile = cProfile.Profile() if args.profile and not reset else None
+        for what, sources, reset, masks in [
+                ("loader: shuffle + packing + state", one, False, False),
+                ("loader: + blending 2 sources", two, False, False),
+                ("loader: + document positions and ids (reset_attention_at_eod)", one, True, False),
+                ("  + [b,1,s,s] masks built by torch on this CPU, as a CPU step does", one, True, True)]:
+            profile = cProfile.Profile() if args.profile else None
             with Timer() as timer:
                 if profile:
                     profile.enable()
-                served = run_loader(sources, budget if not reset else budget // 8, reset)
+                served = run_loader(sources, budget if not masks else budget // 8, reset, build_masks=masks)
                 if profile:
                     profile.disable()
             report(what, served, timer)

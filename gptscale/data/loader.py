@@ -82,7 +82,7 @@ class _StepStream(IterableDataset):
 
 
 class StreamingLoader:
-    """Iterator of ``{"tokens", "labels", "loss_mask", "position_ids"[, "attention_mask"]}`` micro-batches.
+    """Iterator of ``{"tokens", "labels", "loss_mask", "position_ids"[, "document_ids"]}`` micro-batches.
 
     ``serves_tokens=False`` (pipeline stages that neither embed tokens nor compute the loss) yields
     placeholders of the right shapes without reading anything, while keeping the same state.

@@ -26,6 +26,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from gptscale.config.validate import Layout
+from gptscale.data.batch import document_attention_mask
 from gptscale.model.build import ModelChunks
 from gptscale.parallel.deepspeed import reduce_gradients_outside_engine
 from gptscale.parallel.grads import all_reduce_tied_embedding_grads
@@ -53,9 +54,14 @@ def _global_tokens(microbatches: list[dict], layout: Layout) -> torch.Tensor:
     return tokens.clamp(min=1)
 
 
+def attention_mask(batch: dict) -> Optional[torch.Tensor]:
+    """The document mask when documents are kept apart, built where the micro-batch runs and only then."""
+    return document_attention_mask(batch["document_ids"]) if "document_ids" in batch else None
+
+
 def _forward(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """Per-token losses (last stage) or hidden states (other stages) of one micro-batch."""
-    return model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
+    return model(batch["tokens"], batch["position_ids"], attention_mask(batch), labels=batch["labels"])
 
 
 def _loss_share(per_token_loss: torch.Tensor, loss_mask: torch.Tensor, global_tokens: torch.Tensor) -> torch.Tensor:

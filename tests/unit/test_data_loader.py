@@ -5,8 +5,10 @@ from collections import Counter
 import pytest
 import torch
 
+from gptscale.data.batch import document_attention_mask
 from gptscale.data.loader import Source, StreamingLoader
 from gptscale.data.manifest import DataError, read_manifest
+from gptscale.train.step import attention_mask
 from tests.datasets import layout, make_dataset, random_documents, split_tokens
 
 SEQ_LEN = 16
@@ -146,7 +148,8 @@ def test_documents_reset_positions_and_attention(corpus):
     [loader] = loaders(manifest, 1, micro_batch=12, reset_attention_at_eod=True)
     batch = next(loader)
     eod = manifest.eod
-    tokens, positions, mask = batch["tokens"], batch["position_ids"], batch["attention_mask"]
+    tokens, positions = batch["tokens"], batch["position_ids"]
+    mask = document_attention_mask(batch["document_ids"])
     assert mask.shape == (12, 1, SEQ_LEN, SEQ_LEN) and mask.dtype == torch.bool
     assert (tokens == eod).any(), "the test needs a document boundary inside a sequence"
     for row in range(12):
@@ -159,6 +162,19 @@ def test_documents_reset_positions_and_attention(corpus):
             for s in range(SEQ_LEN):
                 same_document = s >= start and (s <= t)
                 assert bool(mask[row, 0, t, s]) == (not same_document), (row, t, s)
+
+
+def test_the_step_hands_the_model_the_document_mask(corpus):
+    """Document ids leave the loader; the model gets the mask built from them where the step runs."""
+    manifest, _ = corpus
+    [loader] = loaders(manifest, 1, micro_batch=4, reset_attention_at_eod=True)
+    batch = next(loader)
+    mask = attention_mask(batch)
+    assert torch.equal(mask, document_attention_mask(batch["document_ids"]))
+    past = torch.ones(SEQ_LEN, SEQ_LEN, dtype=torch.bool).tril()
+    assert (mask[:, 0] & past).any(), "some token must not see an earlier document"
+    [plain] = loaders(manifest, 1, micro_batch=4)
+    assert attention_mask(next(plain)) is None  # causal attention without a mask tensor
 
 
 def test_pipeline_middle_stages_get_placeholders_without_reading(corpus, tmp_path):
