@@ -3,9 +3,10 @@
     python tools/bench_data.py [--tokens 40e6] [--profile]
 
 Measures, on a synthetic corpus of documents of about 2,100 Zipf-distributed uint16 tokens (text-like
-compressibility): compressing and writing shards, plain webdataset reading + zstd decoding of those shards (the raw rate
-to compare with), the full loader (shard and document shuffle, packing, blending, resumable state) with
-and without document positions (and, for comparison, building their masks on the CPU), and ``prepare_dataset`` tokenizing the Python standard library with a BPE.
+compressibility): compressing and writing shards, plain webdataset reading + zstd decoding of those shards
+(the raw rate to compare with), the full loader (shard and document shuffle, packing, blending, resumable
+state) with and without document positions (and, for comparison, building their masks on this CPU), and
+``prepare_dataset`` tokenizing the Python standard library with a BPE.
 Wall-clock and process CPU rates are both printed: on a shared machine the CPU rate is the steadier one.
 """
 

@@ -28,7 +28,8 @@ def build_data(cfg: DataConfig, layout: Layout, dp_rank: int, seq_len: int, serv
     """The train and validation loaders of this data-parallel rank.
 
     ``serves_tokens``: false on pipeline stages that neither embed tokens nor compute the loss; they get
-    placeholders without reading (unless ``data.reset_attention_at_eod``: every stage needs the documents for its attention mask).
+    placeholders without reading (unless ``data.reset_attention_at_eod``: every stage builds the attention
+    mask from the documents).
     Tensor-parallel ranks each read the same shards rather than wait for a broadcast.
     """
     from gptscale.data.loader import Source, StreamingLoader  # torch, only once training starts
