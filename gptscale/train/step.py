@@ -46,10 +46,14 @@ def _load(batches: Iterator[dict], layout: Layout, device: torch.device) -> list
     return [_to_device(next(batches), device) for _ in range(layout.num_microbatches)]
 
 
-def _global_tokens(microbatches: list[dict], layout: Layout) -> torch.Tensor:
-    """Unmasked tokens in the global batch: this rank's micro-batches summed over data-parallel ranks."""
+def _global_tokens(microbatches: list[dict], layout: Layout, is_last_stage: bool) -> torch.Tensor:
+    """Unmasked tokens in the global batch: this rank's micro-batches summed over data-parallel ranks.
+
+    Only the last stage computes a loss; the others skip the all-reduce (a data-parallel group never
+    spans pipeline stages, so every member of it decides alike).
+    """
     tokens = torch.stack([batch["loss_mask"].sum() for batch in microbatches]).sum().float()
-    if layout.dp > 1:
+    if layout.dp > 1 and is_last_stage:
         dist.all_reduce(tokens, group=parallel_state.get_data_parallel_group())
     return tokens.clamp(min=1)
 
@@ -111,7 +115,7 @@ def train_step(engine, model: ModelChunks, batches: Iterator[dict], layout: Layo
                device: torch.device, is_last_stage: bool) -> StepResult:
     """Forward and backward over one global batch, then one optimizer update."""
     microbatches = _load(batches, layout, device)
-    global_tokens = _global_tokens(microbatches, layout)
+    global_tokens = _global_tokens(microbatches, layout, is_last_stage)
     if layout.pp == 1:
         share = torch.zeros((), device=device)
         for batch in microbatches:
@@ -137,7 +141,7 @@ def eval_step(engine, model: ModelChunks, batches: Iterator[dict], layout: Layou
               device: torch.device, is_last_stage: bool) -> torch.Tensor:
     """Mean loss per token of one global batch, without updating anything."""
     microbatches = _load(batches, layout, device)
-    global_tokens = _global_tokens(microbatches, layout)
+    global_tokens = _global_tokens(microbatches, layout, is_last_stage)
     if layout.pp == 1:
         share = sum(_loss_share(_forward(engine, batch), batch["loss_mask"], global_tokens) for batch in microbatches)
     else:
