@@ -72,10 +72,36 @@ class LrSchedule(str, Enum):
     constant = "constant"
 
 
+class Dispatcher(str, Enum):
+    """How megatron-core's MoE layer moves tokens to the ranks holding their experts."""
+
+    alltoall = "alltoall"  # each token goes only to its experts' ranks (the choice at scale)
+    allgather = "allgather"  # every rank sees every token and keeps those of its experts
+
+
 class WandbMode(str, Enum):
     online = "online"
     offline = "offline"
     disabled = "disabled"
+
+
+@dataclass
+class MoeConfig:
+    """Mixture-of-experts MLPs (megatron-core's router, token dispatcher and experts); num_experts=0: dense."""
+
+    num_experts: int = 0
+    top_k: int = 2  # experts each token is routed to
+    pre_softmax: bool = False  # softmax over all experts, then top-k (no renormalisation); Mixtral: false
+    ffn_hidden_size: Optional[int] = None  # per expert; None: model.ffn_hidden_size
+    shared_expert_size: int = 0  # hidden size of an expert every token also passes through; 0: none
+    shared_expert_gate: bool = False  # Qwen2-MoE: the shared expert's output is scaled by a sigmoid gate
+    layer_freq: int = 1  # layer i is a MoE layer when i % layer_freq == 0 (1: every layer)
+    aux_loss_coeff: float = 1e-2  # load-balancing loss weight (Switch/GShard)
+    z_loss_coeff: float = 0.0  # router z-loss weight (ST-MoE)
+    expert_bias: bool = False  # aux-loss-free balancing (DeepSeek-V3): sigmoid scores, a per-expert bias nudged to balance
+    expert_bias_update_rate: float = 1e-3
+    capacity_factor: Optional[float] = None  # tokens an expert takes, times its fair share; None: dropless
+    dispatcher: Dispatcher = Dispatcher.alltoall
 
 
 @dataclass
@@ -103,6 +129,13 @@ class ModelConfig:
     attention_dropout: float = 0.0
     backend: Backend = Backend.auto
     attention: Attention = Attention.sdpa
+    qkv_bias: bool = False  # biases on the query/key/value projection even when model.bias is false (Qwen)
+    moe: MoeConfig = field(default_factory=MoeConfig)
+
+
+def is_moe_layer(model: ModelConfig, index: int) -> bool:
+    """Whether layer ``index`` (0-based, global) has a mixture-of-experts MLP rather than a dense one."""
+    return model.moe.num_experts > 0 and index % model.moe.layer_freq == 0
 
 
 @dataclass
@@ -116,6 +149,7 @@ class ParallelConfig:
     zero: int = 0  # DeepSpeed ZeRO stage 0..3
     micro_batch: int = 1  # sequences per rank per forward pass
     global_batch: int = 8  # sequences per optimizer step, all ranks together
+    ep: int = 1  # expert parallel: each MoE layer's experts split over this many data-parallel ranks
 
 
 @dataclass

@@ -22,9 +22,11 @@ from gptscale.config.schema import (
     Precision,
     Recompute,
     TrainConfig,
+    is_moe_layer,
 )
 from gptscale.config.validate import padded_vocab_size
 from gptscale.model.fp8 import torchao_float8_config, transformer_engine_fp8
+from gptscale.model.moe import provide_missing_te_gemm
 from gptscale.model.spec import decoder_block_spec
 
 
@@ -84,9 +86,42 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, train: Trai
         # gptscale.train.step weights every micro-batch's summed loss by the global batch's token count, so
         # the pipeline schedule must pass losses through instead of dividing by micro-batch and token counts.
         calculate_per_token_loss=True,
+        add_qkv_bias=model.qkv_bias,
+        expert_model_parallel_size=parallel.ep,
+        **moe_fields(model),
         **recompute,
         **(transformer_engine_fp8(train) if backend == Backend.te else {}),
     )
+
+
+def moe_fields(model: ModelConfig) -> dict:
+    """TransformerConfig's mixture-of-experts settings (none for a dense model).
+
+    Experts are megatron-core's SequentialMLP (one MLP per local expert; no grouped GEMM kernel needed);
+    the load-balancing loss is the aux loss (or none, with aux-loss-free expert biases).
+    """
+    moe = model.moe
+    if moe.num_experts == 0:
+        return {}
+    return {
+        "num_moe_experts": moe.num_experts,
+        "moe_router_topk": moe.top_k,
+        "moe_router_pre_softmax": moe.pre_softmax,
+        "moe_ffn_hidden_size": moe.ffn_hidden_size or model.ffn_hidden_size or 4 * model.hidden_size,
+        "moe_shared_expert_intermediate_size": moe.shared_expert_size or None,
+        "moe_shared_expert_gate": moe.shared_expert_gate,
+        "moe_layer_freq": [int(is_moe_layer(model, i)) for i in range(model.num_layers)],
+        "moe_router_load_balancing_type": "aux_loss" if moe.aux_loss_coeff > 0 else "none",
+        "moe_aux_loss_coeff": moe.aux_loss_coeff,
+        "moe_z_loss_coeff": moe.z_loss_coeff or None,
+        "moe_router_enable_expert_bias": moe.expert_bias,
+        "moe_router_score_function": "sigmoid" if moe.expert_bias else "softmax",
+        "moe_router_bias_update_rate": moe.expert_bias_update_rate,
+        "moe_expert_capacity_factor": moe.capacity_factor,
+        "moe_pad_expert_input_to_capacity": False,
+        "moe_token_dispatcher_type": moe.dispatcher.value,
+        "moe_grouped_gemm": False,
+    }
 
 
 class ModelChunks(torch.nn.Module):
@@ -104,6 +139,8 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig
                 backend: Backend, device: torch.device) -> ModelChunks:
     """Build this rank's share of the model (uninitialised: call ``gptscale.model.init.initialize``)."""
     config = transformer_config(model, parallel, train, on_gpu=device.type == "cuda", backend=backend)
+    if model.moe.num_experts:
+        provide_missing_te_gemm()
     float8 = torchao_float8_config(train) if backend == Backend.local else None
     vpp = parallel.vpp
     chunks = []

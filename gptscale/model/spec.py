@@ -23,8 +23,9 @@ from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
     get_num_layers_to_build,
 )
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-from gptscale.config.schema import Attention, Backend, ModelConfig
+from gptscale.config.schema import Attention, Backend, ModelConfig, is_moe_layer
 from gptscale.model.attention import SDPAttention
 from gptscale.model.fp8 import Float8ColumnParallelLinear, Float8RowParallelLinear
 from gptscale.model.norm import Norm
@@ -42,8 +43,8 @@ def resolve_backend(model: ModelConfig, on_gpu: bool) -> Backend:
     return model.backend
 
 
-def _local_layer_spec(model: ModelConfig, float8) -> ModuleSpec:
-    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=model.normalization.value))
+def _local_layer_spec(model: ModelConfig, float8, num_experts: int | None = None) -> ModuleSpec:
+    spec = copy.deepcopy(get_gpt_layer_local_spec(num_experts=num_experts, normalization=model.normalization.value))
     layer = spec.submodules
     layer.input_layernorm = Norm
     layer.pre_mlp_layernorm = Norm
@@ -64,14 +65,21 @@ def decoder_block_spec(model: ModelConfig, config: TransformerConfig, backend: B
 
     ``float8``: torchao's Float8LinearConfig for the local spec's linears (None: bf16/fp32 matmuls).
     """
+    experts = model.moe.num_experts or None
     if backend == Backend.te:
         from megatron.core.extensions.transformer_engine import TENorm
 
-        layer, final_norm = get_gpt_layer_with_transformer_engine_spec(), TENorm
+        dense = get_gpt_layer_with_transformer_engine_spec()
+        moe = get_gpt_layer_with_transformer_engine_spec(num_experts=experts) if experts else None
+        final_norm = TENorm
     else:
-        layer, final_norm = _local_layer_spec(model, float8), Norm
+        dense = _local_layer_spec(model, float8)
+        moe = _local_layer_spec(model, float8, experts) if experts else None
+        final_norm = Norm
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
+    layers = [moe if is_moe_layer(model, offset + i) else dense for i in range(num_layers)]
     return ModuleSpec(
         module=TransformerBlock,
-        submodules=TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=final_norm),
+        submodules=TransformerBlockSubmodules(layer_specs=layers, layer_norm=final_norm),
     )

@@ -37,8 +37,36 @@ class _CudaToCpu(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class _HostStream:
+    """A CUDA stream stand-in: on the CPU every operation is already ordered, so waits and events do nothing."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def record_event(self, event=None) -> "_HostStream":
+        return self
+
+    def synchronize(self) -> None:
+        pass
+
+    def __enter__(self) -> "_HostStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+_HOST_STREAM = _HostStream()
+
+
 def _patch_torch_cuda() -> None:
     cuda = torch.cuda
+    cuda.Stream = _HostStream  # megatron-core's MoE token dispatcher copies split sizes on a side stream
+    cuda.current_stream = lambda device=None: _HOST_STREAM
+    cuda.stream = lambda stream: _HOST_STREAM
     cuda.current_device = lambda: torch.device("cpu")  # also right inside autograd backward, where modes are off
     cuda.set_device = lambda device: None
     cuda.synchronize = lambda device=None: None
