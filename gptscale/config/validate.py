@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from gptscale.config.schema import Config, DataConfig, PositionEmbedding, Precision
+from gptscale.config.schema import Config, DataConfig, ModelConfig, ParallelConfig, PositionEmbedding, Precision
 
 
 class ConfigError(ValueError):
@@ -26,11 +26,17 @@ class Layout:
     dp: int
     micro_batch: int
     global_batch: int
+    ep: int = 1  # expert parallel: carved out of the data-parallel ranks
 
     @property
     def num_microbatches(self) -> int:
         """Micro-batches each data-parallel rank runs per optimizer step (gradient accumulation)."""
         return self.global_batch // (self.micro_batch * self.dp)
+
+    @property
+    def expert_dp(self) -> int:
+        """Copies of each expert: the data-parallel ranks that hold the same experts."""
+        return self.dp // self.ep
 
 
 def padded_vocab_size(vocab_size: int, multiple: int) -> int:
@@ -110,6 +116,7 @@ def check(cfg: Config, world_size: int) -> Layout:
             f"({micro} = parallel.global_batch / (parallel.micro_batch * dp)) to be a multiple of parallel.pp={pp}",
         )
     _check_data(cfg.data, need)
+    _check_moe(model, par, dp, cfg.train.fp8 is not None, need)
     need(train.seq_len >= 1, f"train.seq_len={train.seq_len} must be at least 1")
     need(
         model.position_embedding != PositionEmbedding.learned or train.seq_len <= model.max_position_embeddings,
@@ -130,7 +137,7 @@ def check(cfg: Config, world_size: int) -> Layout:
     need(len(cfg.optim.betas) == 2, f"optim.betas={list(cfg.optim.betas)} must hold two numbers")
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
-    return Layout(world_size, tp, pp, vpp, dp, par.micro_batch, par.global_batch)
+    return Layout(world_size, tp, pp, vpp, dp, par.micro_batch, par.global_batch, par.ep)
 
 
 def _check_data(data: DataConfig, need: Callable[[bool, str], None]) -> None:
@@ -142,3 +149,47 @@ def _check_data(data: DataConfig, need: Callable[[bool, str], None]) -> None:
     need(data.embedded_max_bytes > 0, f"data.embedded_max_bytes={data.embedded_max_bytes} must be positive")
     need(data.embedded_vocab_size >= 258,
          f"data.embedded_vocab_size={data.embedded_vocab_size} must be at least 258 (256 bytes + end of document)")
+
+
+def _check_moe(model: ModelConfig, par: ParallelConfig, dp: int, fp8: bool, need: Callable[[bool, str], None]) -> None:
+    """Mixture-of-experts rules: what megatron-core's MoE layers and DeepSpeed's engine can run."""
+    moe, ep, tp = model.moe, par.ep, par.tp
+    need(ep >= 1, f"parallel.ep={ep} must be at least 1")
+    need(moe.num_experts >= 0, f"model.moe.num_experts={moe.num_experts} must not be negative (0: dense model)")
+    if moe.num_experts <= 0:
+        need(ep == 1, f"parallel.ep={ep} needs a mixture-of-experts model (model.moe.num_experts is 0)")
+        return
+    experts = moe.num_experts
+    need(ep < 1 or experts % ep == 0,
+         f"model.moe.num_experts={experts} is not divisible by parallel.ep={ep} (each rank holds experts / ep)")
+    need(ep < 1 or dp % ep == 0,
+         f"parallel.ep={ep} does not divide the data-parallel size {dp} (world size / (parallel.tp * parallel.pp)): "
+         "expert-parallel ranks are carved out of the data-parallel ranks")
+    need(1 <= moe.top_k <= experts,
+         f"model.moe.top_k={moe.top_k} must be between 1 and model.moe.num_experts={experts}")
+    need(tp == 1 or par.sp,
+         f"parallel.tp={tp} with a mixture-of-experts model needs parallel.sp=true "
+         "(megatron-core's MoE layers require sequence parallelism under tensor parallelism)")
+    expert_ffn = moe.ffn_hidden_size or model.ffn_hidden_size or 4 * model.hidden_size
+    need(expert_ffn >= 1 and expert_ffn % tp == 0,
+         f"model.moe.ffn_hidden_size={expert_ffn} must be positive and divisible by parallel.tp={tp}")
+    need(moe.shared_expert_size >= 0 and moe.shared_expert_size % tp == 0,
+         f"model.moe.shared_expert_size={moe.shared_expert_size} must not be negative and be divisible by "
+         f"parallel.tp={tp}")
+    need(not moe.shared_expert_gate or moe.shared_expert_size > 0,
+         "model.moe.shared_expert_gate=true needs a shared expert (model.moe.shared_expert_size > 0)")
+    need(moe.layer_freq >= 1, f"model.moe.layer_freq={moe.layer_freq} must be at least 1")
+    for name in ("aux_loss_coeff", "z_loss_coeff", "expert_bias_update_rate"):
+        need(getattr(moe, name) >= 0, f"model.moe.{name}={getattr(moe, name)} must not be negative")
+    need(moe.capacity_factor is None or moe.capacity_factor > 0,
+         f"model.moe.capacity_factor={moe.capacity_factor} must be positive (or null: dropless routing)")
+    need(not (moe.pre_softmax and moe.expert_bias),
+         "model.moe.pre_softmax=true and model.moe.expert_bias=true are exclusive: expert biases use sigmoid "
+         "scores, not a softmax")
+    need(not model.bias or tp == 1,
+         f"model.bias=true with a mixture-of-experts model and parallel.tp={tp}: megatron-core's experts take "
+         "biases only without tensor parallelism")
+    need(par.zero < 3 or ep == 1,
+         f"parallel.zero=3 with parallel.ep={ep}: ZeRO-3 partitions the experts over the full data-parallel group "
+         "and counts the dense copies twice in the gradient norm; use parallel.zero=0, 1 or 2")
+    need(not fp8, "train.fp8 with a mixture-of-experts model (model.moe.num_experts > 0) is not supported")

@@ -49,6 +49,25 @@ class MegatronMpu:
         return dist.get_world_size(group=parallel_state.get_model_parallel_group())
 
 
+class ExpertParallelMpu(MegatronMpu):
+    """The process groups DeepSpeed gets under expert parallelism (``parallel.ep`` > 1).
+
+    DeepSpeed reduces gradients over the expert-data-parallel group (the ranks holding the same experts);
+    ``register_expert_parallel_hooks`` first sums dense gradients over the expert-parallel group, so dense
+    weights still see the whole data-parallel batch. Norms are summed over tensor x expert x pipeline ranks,
+    where each expert-parallel rank holds other experts.
+    """
+
+    get_data_parallel_group = staticmethod(parallel_state.get_expert_data_parallel_group)
+    get_data_parallel_rank = staticmethod(parallel_state.get_expert_data_parallel_rank)
+    get_data_parallel_world_size = staticmethod(parallel_state.get_expert_data_parallel_world_size)
+    get_model_parallel_group = staticmethod(parallel_state.get_expert_tensor_model_pipeline_parallel_group)
+
+    @staticmethod
+    def get_model_parallel_world_size() -> int:
+        return dist.get_world_size(group=parallel_state.get_expert_tensor_model_pipeline_parallel_group())
+
+
 def engine_config(layout: Layout, zero: int, optim: OptimConfig, train: TrainConfig) -> dict:
     """DeepSpeed's JSON for this run.
 
@@ -61,7 +80,7 @@ def engine_config(layout: Layout, zero: int, optim: OptimConfig, train: TrainCon
     config = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accumulation,
-        "train_batch_size": micro * accumulation * layout.dp,
+        "train_batch_size": micro * accumulation * layout.expert_dp,
         "gradient_clipping": optim.grad_clip,
         "bf16": {"enabled": bf16},
         "zero_optimization": {
@@ -104,16 +123,27 @@ def build_engine(model: torch.nn.Module, layout: Layout, zero: int, optim: Optim
         eps=optim.eps,
         fused=True,  # one kernel per parameter group (CUDA and CPU); no per-step reads of the step count
     )
+    _hide_megatron_expert_marks(model)
+    mpu = ExpertParallelMpu() if layout.ep > 1 else MegatronMpu()
     with _local_rank_set():
         engine, *_ = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
             config=engine_config(layout, zero, optim, train),
-            mpu=MegatronMpu(),
+            mpu=mpu,
             dist_init_required=False,
         )
     engine.clip_fp32_gradients = types.MethodType(_clip_and_record_norm, engine)
     return engine
+
+
+def _hide_megatron_expert_marks(model: torch.nn.Module) -> None:
+    """megatron-core marks expert weights ``allreduce=False`` (its own optimizer reduces them apart). DeepSpeed
+    reads that mark as "one of my MoE layers" and looks for expert groups of its own; gptscale instead gives
+    the engine the expert-data-parallel group (``ExpertParallelMpu``), so the mark is removed."""
+    for param in model.parameters():
+        if hasattr(param, "allreduce"):
+            del param.allreduce
 
 
 @contextlib.contextmanager
@@ -159,7 +189,7 @@ def _clip_and_record_norm(engine) -> None:
     params = [p for p in engine.module.parameters() if p.grad is not None]
     squares = [p.grad.detach().float().pow(2).sum() for p in params if _counted_in_norm(p)]
     total = torch.stack(squares).sum() if squares else torch.zeros((), device=params[0].device)
-    dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
+    dist.all_reduce(total, group=engine.mpu.get_model_parallel_group())
     norm = total.sqrt()
     engine._global_grad_norm = norm
     engine.optimizer.found_inf = (~torch.isfinite(norm)).float()

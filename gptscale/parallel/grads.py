@@ -3,6 +3,9 @@
 - Sequence parallel: parameters applied to sequence-split activations (norms, row-parallel biases) get a
   partial gradient on each tensor-parallel rank. A hook all-reduces it as autograd produces it, before
   DeepSpeed sees it, so it composes with every ZeRO stage.
+- Expert parallelism: DeepSpeed reduces over the expert-data-parallel group only, so the gradients of
+  dense (non-expert) weights are first summed over the expert-parallel ranks by the same kind of hook; their
+  copies on expert-parallel ranks other than 0 are left out of the gradient norm.
 - Tied embeddings under pipelining: the first stage's input embedding and the last stage's output layer
   are the same weight held twice; their gradients are summed over megatron-core's embedding group after
   the pipeline schedule.
@@ -15,21 +18,47 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from gptscale.model.build import ModelChunks
+from gptscale.model.moe import expert_parameters
 
 
-def register_sequence_parallel_hooks(model: ModelChunks) -> int:
-    """All-reduce over TP the gradients of parameters marked ``sequence_parallel``; returns how many."""
-    group = parallel_state.get_tensor_model_parallel_group()
+def _sum_over(group):
+    """A gradient hook that all-reduces (sums) the gradient over ``group`` as autograd produces it."""
 
     def all_reduce(grad: torch.Tensor) -> torch.Tensor:
         grad = grad.contiguous()
         dist.all_reduce(grad, group=group)
         return grad
 
+    return all_reduce
+
+
+def register_sequence_parallel_hooks(model: ModelChunks) -> int:
+    """All-reduce over TP the gradients of parameters marked ``sequence_parallel``; returns how many."""
+    all_reduce = _sum_over(parallel_state.get_tensor_model_parallel_group())
     count = 0
     for param in model.parameters():
         if getattr(param, "sequence_parallel", False):
             param.register_hook(all_reduce)
+            count += 1
+    return count
+
+
+def register_expert_parallel_hooks(model: ModelChunks) -> int:
+    """Sum dense gradients over the expert-parallel group and count them once in the norm; returns how many.
+
+    Nothing to do without expert parallelism (DeepSpeed then reduces over the whole data-parallel group).
+    """
+    if parallel_state.get_expert_model_parallel_world_size() == 1:
+        return 0
+    all_reduce = _sum_over(parallel_state.get_expert_model_parallel_group())
+    replica = parallel_state.get_expert_model_parallel_rank() > 0
+    experts = {id(param) for param in expert_parameters(model)}
+    count = 0
+    for param in model.parameters():
+        if id(param) not in experts and param.requires_grad:
+            param.register_hook(all_reduce)
+            if replica:
+                param.ds_pipe_replicated = True
             count += 1
     return count
 

@@ -29,6 +29,7 @@ class ParallelContext:
     tp_rank: int
     pp_rank: int
     dp_rank: int
+    ep_rank: int = 0
 
     @property
     def is_first_stage(self) -> bool:
@@ -84,6 +85,7 @@ def init_parallel(layout: Layout, device: torch.device, seed: int) -> ParallelCo
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
+        expert_model_parallel_size=layout.ep,
         create_gloo_process_groups=False,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
@@ -95,6 +97,7 @@ def init_parallel(layout: Layout, device: torch.device, seed: int) -> ParallelCo
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
         dp_rank=parallel_state.get_data_parallel_rank(),
+        ep_rank=parallel_state.get_expert_model_parallel_rank(),
     )
 
 

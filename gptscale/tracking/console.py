@@ -15,6 +15,8 @@ _FORMATS = {
     "tflops_per_device": ("TFLOP/s", "{:.2f}"),
     "mfu": ("MFU", "{:.1%}"),
     "peak_memory_gib": ("mem", "{:.2f} GiB"),
+    "moe/load_balancing_loss": ("lb_loss", "{:.4f}"),
+    "moe/max_load": ("max_load", "{:.2f}"),
 }
 
 

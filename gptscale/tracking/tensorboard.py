@@ -16,7 +16,7 @@ class TensorBoardSink:
 
     def log(self, step: int, metrics: dict) -> None:
         for key, value in metrics.items():
-            if value is not None:
+            if isinstance(value, (int, float)):  # lists (tokens per expert) go to metrics.jsonl only
                 self.writer.add_scalar(key, value, step)
         self.writer.flush()
 

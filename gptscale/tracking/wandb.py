@@ -44,7 +44,8 @@ class WandbSink:
     def log(self, step: int, metrics: dict) -> None:
         if self.run is None:
             self._start()
-        self.run.log({key: value for key, value in metrics.items() if value is not None}, step=step)
+        scalars = {key: value for key, value in metrics.items() if isinstance(value, (int, float))}
+        self.run.log(scalars, step=step)  # lists (tokens per expert) go to metrics.jsonl only
 
     def state_dict(self) -> dict:
         return {"run_id": self.run_id}

@@ -29,13 +29,17 @@ from gptscale.config.validate import Layout
 from gptscale.data.batch import document_attention_mask
 from gptscale.model.build import ModelChunks
 from gptscale.parallel.deepspeed import reduce_gradients_outside_engine
+from gptscale.model.moe import set_aux_loss_scale
 from gptscale.parallel.grads import all_reduce_tied_embedding_grads
+from gptscale.train.router_metrics import aux_losses, clear_tracker, weighted_aux_loss
 
 
 @dataclass
 class StepResult:
     loss: torch.Tensor  # mean loss per token over the global batch, the same on every rank
     grad_norm: Optional[torch.Tensor]  # before clipping
+    aux: Optional[torch.Tensor] = None  # router losses as weighted in the objective (MoE models), every rank
+    router_losses: Optional[dict] = None  # per-layer unweighted load-balancing loss and z-loss (MoE models)
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -77,13 +81,20 @@ def _run_pipeline(model: ModelChunks, microbatches: list[dict], global_tokens: t
                   seq_len: int, forward_only: bool) -> torch.Tensor:
     """Forward (and backward) of all micro-batches through the pipeline; this rank's loss share on the last stage.
 
-    The data-parallel gradient reduction averages over ranks, so the loss that is back-propagated is the
-    share times dp; with ``calculate_per_token_loss`` the schedule applies no scaling of its own.
+    The data-parallel gradient reduction averages over ranks (the expert-data-parallel ranks under expert
+    parallelism), so the loss that is back-propagated is the share times their count; with
+    ``calculate_per_token_loss`` the schedule applies no scaling of its own. With MoE layers the schedule
+    takes the router losses' gradient weight from ``grad_scale_func``, which also scales the main loss:
+    the loss function divides by it.
     """
+    config = model.chunks[0].config
+    moe_scale = _aux_loss_scale(layout) if config.num_moe_experts and not forward_only else None
+    config.grad_scale_func = None if moe_scale is None else (lambda loss: loss * moe_scale)
 
     def loss_func(loss_mask, per_token_loss):
         share = _loss_share(per_token_loss, loss_mask, global_tokens)
-        return share * layout.dp, loss_mask.sum().int(), {"share": share.detach()}
+        backward = share * layout.expert_dp if moe_scale is None else share * (layout.expert_dp / moe_scale)
+        return backward, loss_mask.sum().int(), {"share": share.detach()}
 
     def forward_step(data_iterator, chunk):
         batch = next(data_iterator)
@@ -111,17 +122,33 @@ def _global_loss(share: torch.Tensor, layout: Layout, holds_loss: bool) -> torch
     return loss / layout.tp
 
 
+def _aux_loss_scale(layout: Layout) -> float:
+    """Gradient weight of one micro-batch's router losses: their mean over the global batch's micro-batches.
+
+    Dense gradients are summed over expert-parallel ranks and averaged over expert-data-parallel ranks, so
+    1 / (micro-batches x ep) gives each of the dp x micro-batches router losses the weight 1 / their count.
+    """
+    return 1.0 / (layout.num_microbatches * layout.ep)
+
+
 def train_step(engine, model: ModelChunks, batches: Iterator[dict], layout: Layout, seq_len: int,
-               device: torch.device, is_last_stage: bool) -> StepResult:
-    """Forward and backward over one global batch, then one optimizer update."""
+               device: torch.device, is_last_stage: bool, moe_model=None) -> StepResult:
+    """Forward and backward over one global batch, then one optimizer update.
+
+    ``moe_model``: the ModelConfig of a mixture-of-experts model (its router losses are weighted and read).
+    """
     microbatches = _load(batches, layout, device)
     global_tokens = _global_tokens(microbatches, layout, is_last_stage)
+    if moe_model is not None:
+        clear_tracker()  # evaluation forwards may have recorded losses
+        set_aux_loss_scale(_aux_loss_scale(layout), device)
     if layout.pp == 1:
         share = torch.zeros((), device=device)
         for batch in microbatches:
             micro_share = _loss_share(_forward(engine, batch), batch["loss_mask"], global_tokens)
-            # The engine divides by the accumulation steps and averages over data-parallel ranks; undo both.
-            engine.backward(micro_share * (layout.num_microbatches * layout.dp))
+            # The engine divides by the accumulation steps and averages over (expert-)data-parallel ranks;
+            # undo both.
+            engine.backward(micro_share * (layout.num_microbatches * layout.expert_dp))
             engine.step()
             share += micro_share.detach()
     else:
@@ -130,9 +157,12 @@ def train_step(engine, model: ModelChunks, batches: Iterator[dict], layout: Layo
         reduce_gradients_outside_engine(engine)
         engine.step()
     grad_norm = engine.get_global_grad_norm()
+    router_losses = None if moe_model is None else aux_losses(moe_model, layout, device)
     return StepResult(
         loss=_global_loss(share, layout, is_last_stage),
         grad_norm=None if grad_norm is None else torch.as_tensor(grad_norm, dtype=torch.float32),
+        aux=None if moe_model is None else weighted_aux_loss(moe_model, router_losses),
+        router_losses=router_losses,
     )
 
 

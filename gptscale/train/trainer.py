@@ -14,9 +14,14 @@ from gptscale.data import Data, build_data
 from gptscale.model.build import build_model
 from gptscale.model.fp8 import check_fp8
 from gptscale.model.init import initialize
+from gptscale.model.moe import prepare_routers, update_expert_bias
 from gptscale.model.spec import resolve_backend
 from gptscale.parallel.deepspeed import build_engine
-from gptscale.parallel.grads import mark_pipeline_replicas, register_sequence_parallel_hooks
+from gptscale.parallel.grads import (
+    mark_pipeline_replicas,
+    register_expert_parallel_hooks,
+    register_sequence_parallel_hooks,
+)
 from gptscale.parallel.groups import choose_device, destroy_model_parallel, init_parallel, world_size_from_env
 from gptscale.tracking import build_tracker
 from gptscale.train.guard import LossGuard, TooManyBadSteps, with_nan_loss
@@ -25,6 +30,7 @@ from gptscale.train.metrics import ThroughputMeter, device_peak_tflops, flops_pe
 from gptscale.train.preemption import StopRequest
 from gptscale.train.progress import Progress
 from gptscale.train.rng import RngState, seed_everything
+from gptscale.train.router_metrics import router_metrics
 from gptscale.train.step import eval_step, train_step
 
 log = logging.getLogger("gptscale")
@@ -49,9 +55,11 @@ class Trainer:
         # Model: this rank's chunks of megatron-core's GPTModel, initialised the same under every layout.
         self.model = build_model(cfg.model, cfg.parallel, cfg.train, self.data.vocab_size, backend, self.device)
         initialize(self.model, cfg.train.seed, cfg.model.init_std, cfg.model.num_layers)
+        self.moe_model = cfg.model if prepare_routers(self.model) else None  # router losses and load counts
 
         # Parallelism: gradient sums across model-parallel ranks, then DeepSpeed (ZeRO, precision, clipping).
         register_sequence_parallel_hooks(self.model)
+        register_expert_parallel_hooks(self.model)
         mark_pipeline_replicas(self.model)
         self.engine = build_engine(self.model, self.layout, cfg.parallel.zero, cfg.optim, cfg.train)
 
@@ -104,7 +112,8 @@ class Trainer:
         if self.progress.step + 1 in self.cfg.train.inject_nan_steps:
             batches = with_nan_loss(batches)
         result = train_step(self.engine, self.model, batches, self.layout, self.cfg.train.seq_len,
-                            self.device, self.ctx.is_last_stage)
+                            self.device, self.ctx.is_last_stage, self.moe_model)
+        update_expert_bias(self.model)
         self.schedule.advance()
         self.progress.advance(self.tokens_per_step)
         self.meter.step_done()
@@ -163,6 +172,8 @@ class Trainer:
                     "consumed_tokens": self.progress.consumed_tokens,
                     "skipped_steps": self.guard.skipped,
                 }
+                if self.moe_model is not None:
+                    metrics.update(router_metrics(self.moe_model, result.router_losses, self.model))
                 self.tracker.log(self.step, metrics)
             if train.eval_interval and self.step % train.eval_interval == 0 and self.data.valid is not None:
                 self.tracker.log(self.step, {"eval_loss": self.evaluate()})
@@ -178,6 +189,7 @@ class Trainer:
         return {
             "loss": [result.loss.item() for result in history],
             "grad_norm": [float("nan") if result.grad_norm is None else result.grad_norm.item() for result in history],
+            "aux_loss": [0.0 if result.aux is None else result.aux.item() for result in history],
         }
 
     def close(self) -> None:
