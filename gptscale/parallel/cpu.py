@@ -94,6 +94,19 @@ def _patch_megatron_rng() -> None:
     mcore_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
 
 
+def _patch_megatron_moe_splits() -> None:
+    """The MoE token dispatcher moves its all-to-all split sizes to the host as numpy arrays, but only from a
+    CUDA tensor; a CPU tensor stayed a tensor, which torch.distributed's all_to_all_single does not take."""
+    from megatron.core.transformer.moe import token_dispatcher
+
+    def to_host(tensor, as_numpy: bool = False, record_stream: bool = False):
+        if as_numpy and torch.is_tensor(tensor):
+            return tensor.numpy()
+        return tensor
+
+    token_dispatcher.maybe_move_tensor_to_cpu = to_host
+
+
 def _skip_deepspeed_native_ops() -> None:
     """Keep DeepSpeed from compiling its shared-memory collective (~40 s of C++ on first use); gloo does the work."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -112,6 +125,7 @@ def install() -> None:
         return
     _patch_torch_cuda()
     _patch_megatron_rng()
+    _patch_megatron_moe_splits()
     _skip_deepspeed_native_ops()
     _installed = _CudaToCpu()
     _installed.__enter__()
