@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from gptscale.config.schema import ModelConfig, Precision
+from gptscale.config.schema import ModelConfig, Precision, is_moe_layer
 
 # Dense (no sparsity) peak TFLOP/s per device, by precision.
 PEAK_TFLOPS = {
@@ -36,8 +36,14 @@ def matmul_parameters(model: ModelConfig, vocab_size: int) -> int:
     groups = model.num_query_groups or model.num_attention_heads
     ffn = model.ffn_hidden_size or 4 * h
     attention = h * (model.num_attention_heads + 2 * groups) * head_dim + model.num_attention_heads * head_dim * h
-    mlp = h * ffn * (3 if model.activation.value == "swiglu" else 2)
-    return layers * (attention + mlp) + vocab_size * h
+    per_unit = 3 if model.activation.value == "swiglu" else 2
+    mlp = h * ffn * per_unit
+    moe = model.moe
+    # A MoE layer's active weights: the router, the top-k experts a token visits and the shared expert.
+    expert_ffn = moe.ffn_hidden_size or ffn
+    active_moe = h * moe.num_experts + moe.top_k * h * expert_ffn * per_unit + h * moe.shared_expert_size * per_unit
+    moe_layers = sum(is_moe_layer(model, i) for i in range(layers))
+    return layers * attention + (layers - moe_layers) * mlp + moe_layers * active_moe + vocab_size * h
 
 
 def flops_per_token(model: ModelConfig, vocab_size: int, seq_len: int) -> float:

@@ -39,3 +39,13 @@ def test_expert_parallel_needs_experts():
 def test_layer_freq_mixes_dense_and_moe_layers():
     model = load_config(["model=moe-tiny", "model.moe.layer_freq=2"]).model
     assert [is_moe_layer(model, i) for i in range(4)] == [True, False, True, False]
+
+
+def test_flops_count_only_active_experts():
+    from gptscale.train.metrics import matmul_parameters
+
+    model = load_config(["model=mixtral-8x7b"]).model
+    active = matmul_parameters(model, 32000)
+    assert 12.5e9 < active < 12.9e9, active  # of 46.7B: 2 of 8 experts per token
+    dense = load_config(["model=llama-7b"]).model
+    assert matmul_parameters(dense, 32000) > 6.4e9  # dense models unchanged: every weight is active
