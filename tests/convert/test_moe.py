@@ -38,3 +38,10 @@ def test_unexpressible_moe_refused_by_field(override, field, tmp_path):
     cfg = tiny_config("moe-tiny", override)
     with pytest.raises(ConversionError, match=field):
         export_hf(cfg, {}, None, tmp_path / "hf")
+
+
+def test_gguf_refuses_moe_by_field(tmp_path):
+    from gptscale.convert.gguf import export_gguf
+
+    with pytest.raises(ConversionError, match="model.moe.num_experts"):
+        export_gguf(tiny_config("moe-tiny"), {}, tmp_path / "tokenizer.json", tmp_path / "m.gguf")
