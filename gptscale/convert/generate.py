@@ -67,8 +67,9 @@ class Decoder:
             self.inv_freq = 1.0 / (int(model.rotary_base) ** exponents)
 
     def layer(self, name: str, index: int) -> Optional[torch.Tensor]:
+        """Layer ``index``'s tensor, stacked (dense models) or keyed by layer (MoE models)."""
         tensor = self.w.get(LAYER + name)
-        return None if tensor is None else tensor[index]
+        return self.w.get(f"{LAYER}{index}.{name}") if tensor is None else tensor[index]
 
     def norm(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         if self.model.normalization == Normalization.RMSNorm:
@@ -103,7 +104,42 @@ class Decoder:
         return F.linear(out, self.layer("self_attention.linear_proj.weight", index),
                         self.layer("self_attention.linear_proj.bias", index))
 
+    def experts(self, index: int, h: torch.Tensor) -> torch.Tensor:
+        """A MoE layer as megatron-core's router computes it: softmax then top-k (``pre_softmax``), top-k then
+        softmax, or sigmoid scores chosen with the expert bias and renormalised; plus the shared expert."""
+        moe = self.model.moe
+        logits = F.linear(h, self.layer("mlp.router.weight", index))
+        if moe.expert_bias:
+            scores = torch.sigmoid(logits)
+            chosen = torch.topk(scores + self.layer("mlp.router.expert_bias", index), moe.top_k, dim=-1).indices
+            weights = scores.gather(-1, chosen)
+            if moe.top_k > 1:
+                weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        elif moe.pre_softmax:
+            weights, chosen = torch.topk(logits.softmax(-1), moe.top_k, dim=-1)
+        else:
+            weights, chosen = torch.topk(logits, moe.top_k, dim=-1)
+            weights = weights.softmax(-1)
+        fc1, fc2 = self.layer("mlp.experts.experts.linear_fc1.weight", index), self.layer(
+            "mlp.experts.experts.linear_fc2.weight", index)
+        out = torch.zeros_like(h)
+        for expert in chosen.unique().tolist():
+            picked = chosen == expert  # [..., top_k], at most one True per token
+            tokens = picked.any(-1)
+            gate, up = F.linear(h[tokens], fc1[expert]).chunk(2, dim=-1)
+            weight = (weights * picked).sum(-1)[tokens, None]
+            out[tokens] += weight * F.linear(F.silu(gate) * up, fc2[expert])
+        shared = self.layer("mlp.shared_experts.linear_fc1.weight", index)
+        if shared is not None:
+            gate, up = F.linear(h, shared).chunk(2, dim=-1)
+            shared_out = F.linear(F.silu(gate) * up, self.layer("mlp.shared_experts.linear_fc2.weight", index))
+            gate_weight = self.layer("mlp.shared_experts.gate_weight", index)
+            out = out + (shared_out if gate_weight is None else torch.sigmoid(F.linear(h, gate_weight)) * shared_out)
+        return out
+
     def mlp(self, index: int, h: torch.Tensor) -> torch.Tensor:
+        if self.layer("mlp.router.weight", index) is not None:
+            return self.experts(index, h)
         h = F.linear(h, self.layer("mlp.linear_fc1.weight", index), self.layer("mlp.linear_fc1.bias", index))
         if self.model.activation == Activation.swiglu:
             gate, up = h.chunk(2, dim=-1)

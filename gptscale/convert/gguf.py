@@ -61,6 +61,9 @@ def export_gguf(cfg: Config, state: Mapping[str, torch.Tensor], tokenizer_file: 
                               "tokenize text (train with a tokenized dataset)")
     model = cfg.model
     arch = architecture(model)
+    if model.moe.num_experts:
+        raise ConversionError(f"model.moe.num_experts={model.moe.num_experts}: this converter does not write "
+                              "mixture-of-experts GGUF yet; export --to hf and use llama.cpp's converter")
     check_state(cfg, state)
     vocab = gguf_vocab(tokenizer_file)
     vocab_size = output_vocab_size(state, tokenizer_file)

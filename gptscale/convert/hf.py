@@ -24,7 +24,8 @@ from gptscale.convert.state import check_state
 from gptscale.convert.tokenizer import eod_token, load_tokenizer, vocab_size, write_hf_tokenizer
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
-ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM",
+                 "qwen2_moe": "Qwen2MoeForCausalLM"}
 
 
 def output_vocab_size(state: Mapping[str, torch.Tensor], tokenizer_file: Optional[Path]) -> int:
@@ -40,7 +41,9 @@ def output_vocab_size(state: Mapping[str, torch.Tensor], tokenizer_file: Optiona
 
 def hf_config(cfg: Config, state: Mapping[str, torch.Tensor], vocab: int, eod_id: Optional[int], dtype: str):
     """transformers' config of the same model (exact GELU: megatron-core uses erf GELU, not GPT-2's tanh)."""
-    from transformers import GPT2Config, LlamaConfig
+    from transformers import GPT2Config, LlamaConfig, MixtralConfig, Qwen2MoeConfig
+    from gptscale.config.schema import is_moe_layer
+    from gptscale.convert.mapping import expert_ffn_size
 
     model = cfg.model
     arch = architecture(model)
@@ -54,6 +57,27 @@ def hf_config(cfg: Config, state: Mapping[str, torch.Tensor], vocab: int, eod_id
             n_inner=model.ffn_hidden_size or 4 * model.hidden_size, activation_function="gelu",
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=model.norm_eps,
             initializer_range=model.init_std, **common)
+    elif arch in ("mixtral", "qwen2_moe"):
+        moe = model.moe
+        layers = dict(
+            hidden_size=model.hidden_size, num_hidden_layers=model.num_layers,
+            num_attention_heads=model.num_attention_heads,
+            num_key_value_heads=model.num_query_groups or model.num_attention_heads, hidden_act="silu",
+            max_position_embeddings=model.max_position_embeddings, rms_norm_eps=model.norm_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": float(model.rotary_base)},
+            num_experts_per_tok=moe.top_k, router_aux_loss_coef=moe.aux_loss_coeff,
+            initializer_range=model.init_std, **common)
+        if arch == "mixtral":
+            config = MixtralConfig(intermediate_size=expert_ffn_size(model), num_local_experts=moe.num_experts,
+                                   head_dim=model.hidden_size // model.num_attention_heads, sliding_window=None,
+                                   **layers)
+        else:  # softmax over all experts then top-k; renormalising them equals megatron-core's top-k then softmax
+            config = Qwen2MoeConfig(
+                intermediate_size=model.ffn_hidden_size or 4 * model.hidden_size, num_experts=moe.num_experts,
+                moe_intermediate_size=expert_ffn_size(model), shared_expert_intermediate_size=moe.shared_expert_size,
+                norm_topk_prob=not moe.pre_softmax, decoder_sparse_step=1, qkv_bias=model.qkv_bias,
+                mlp_only_layers=[i for i in range(model.num_layers) if not is_moe_layer(model, i)],
+                use_sliding_window=False, **layers)
     else:
         config = LlamaConfig(
             hidden_size=model.hidden_size, intermediate_size=model.ffn_hidden_size or 4 * model.hidden_size,

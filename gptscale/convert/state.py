@@ -16,7 +16,7 @@ import torch
 from gptscale.config.schema import Config, ParallelConfig, Precision, Recompute
 from gptscale.config.validate import check
 from gptscale.convert import ConversionError
-from gptscale.convert.mapping import rows
+from gptscale.convert.mapping import expert_ffn_size, placed_rows
 from gptscale.model.build import ModelChunks, build_model
 from gptscale.model.init import sharded_tensors
 from gptscale.model.spec import resolve_backend
@@ -88,8 +88,23 @@ def expected_shapes(cfg: Config, vocab_rows: int) -> dict[str, tuple[int, ...]]:
         "mlp.linear_fc2.weight": (hidden, ffn),
         "mlp.linear_fc2.bias": (hidden,),
     }
-    shapes.update({"decoder.layers." + name: (layers, *shape) for name, shape in per_layer.items()})
-    return {row.megatron: shapes[row.megatron] for row in rows(model)}
+    experts, expert_ffn, shared = model.moe.num_experts, expert_ffn_size(model), model.moe.shared_expert_size
+    per_layer.update({
+        "mlp.router.weight": (experts, hidden),
+        "mlp.experts.experts.linear_fc1.weight": (experts, 2 * expert_ffn, hidden),
+        "mlp.experts.experts.linear_fc2.weight": (experts, hidden, expert_ffn),
+        "mlp.shared_experts.linear_fc1.weight": (2 * shared, hidden),
+        "mlp.shared_experts.linear_fc2.weight": (hidden, shared),
+        "mlp.shared_experts.gate_weight": (1, hidden),
+    })
+    expected = {}
+    for row, key, axis, _ in placed_rows(model):
+        if not row.megatron.startswith("decoder.layers."):
+            expected[key] = shapes[key]
+        else:
+            shape = per_layer[row.megatron[len("decoder.layers."):]]
+            expected[key] = (layers, *shape) if axis is not None else shape
+    return expected
 
 
 def check_state(cfg: Config, state: Mapping[str, torch.Tensor]) -> None:

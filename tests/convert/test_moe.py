@@ -1,0 +1,47 @@
+"""MoE export: transformers (Mixtral, Qwen2-MoE) and the reference decoder compute megatron-core's logits."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from gptscale.convert import ConversionError
+from gptscale.convert.generate import Decoder
+from gptscale.convert.hf import export_hf
+from tests.convert.models import megatron_logits, perturbed_state, tiny_config
+
+VARIANTS = {
+    "mixtral": [],
+    "qwen2_moe": ["model.qkv_bias=true", "model.moe.shared_expert_size=96", "model.moe.shared_expert_gate=true",
+                  "model.moe.pre_softmax=true", "model.moe.layer_freq=2"],
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_moe_logits_equal_gptscale(variant, tmp_path):
+    cfg = tiny_config("moe-tiny", *VARIANTS[variant])
+    state = perturbed_state(cfg, 400)
+    tokens = torch.randint(0, 400, (2, 24), generator=torch.Generator().manual_seed(1))
+    ours = megatron_logits(cfg, state, tokens)[..., :400]
+    export_hf(cfg, state, None, tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        theirs = hf(tokens).logits[..., :400]
+    decoder = Decoder(cfg.model, state, 400)
+    reference = decoder.forward(tokens, decoder.new_cache())
+    assert (theirs - ours).abs().max().item() <= 1e-5
+    assert (reference - ours).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("override, field", [("model.moe.expert_bias=true", "model.moe.expert_bias"),
+                                             ("model.moe.pre_softmax=true", "model.moe.pre_softmax")])
+def test_unexpressible_moe_refused_by_field(override, field, tmp_path):
+    cfg = tiny_config("moe-tiny", override)
+    with pytest.raises(ConversionError, match=field):
+        export_hf(cfg, {}, None, tmp_path / "hf")
+
+
+def test_gguf_refuses_moe_by_field(tmp_path):
+    from gptscale.convert.gguf import export_gguf
+
+    with pytest.raises(ConversionError, match="model.moe.num_experts"):
+        export_gguf(tiny_config("moe-tiny"), {}, tmp_path / "tokenizer.json", tmp_path / "m.gguf")
