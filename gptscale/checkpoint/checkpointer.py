@@ -92,6 +92,20 @@ class Checkpointer:
                      f"; no saved state for {', '.join(missing)}" if missing else "")
         return path
 
+    def initialize_from(self, spec: str) -> Path:
+        """Load only the model weights of checkpoint ``spec`` (a checkpoint, run or checkpoints directory):
+        the start of a fine-tuning run, whose optimizer, schedule and data begin afresh (collective)."""
+        path = resolve(spec, Path(spec))
+        manifest = verify(path)
+        saved_model = read_config(path).model
+        check_fits(path, global_shapes(self.shards), describe_model(saved_model), describe_model(self.cfg.model))
+        check_same_architecture(path, saved_model, self.cfg.model, self.tokenizer_file)
+        restore(self.shards, read_shards(path, self.shards, False), self.optimizer, False)
+        if self.ctx.rank == 0:
+            log.info("weights from %s (step %d, %s); optimizer, schedule and data start fresh", path,
+                     manifest["step"], saved_model.name)
+        return path
+
     def save(self, step: int, consumed_tokens: int) -> None:
         """Write a checkpoint of this step. With ``async_save`` training goes on once the snapshot is in host
         memory, and the checkpoint is published when every rank's background write has finished."""

@@ -208,6 +208,8 @@ class DataConfig:
     embedded_max_bytes: int = 4_000_000  # size of the embedded corpus
     embedded_vocab_size: int = 4096  # its byte-level BPE, trained on it once and cached
     cache_dir: Optional[str] = None  # None: $GPTSCALE_CACHE or ~/.cache/gptscale
+    packing: bool = True  # fine-tuning data: several whole conversations per sequence (false: one, padded)
+    truncate_long: bool = False  # fine-tuning data: cut a conversation longer than a sequence (else data.on_error)
 
 
 @dataclass
@@ -249,6 +251,22 @@ class BenchConfig:
 
 
 @dataclass
+class TaskConfig:
+    """What a run is for: ``pretrain`` from scratch, or ``sft`` (supervised fine-tuning) from a checkpoint."""
+
+    name: str = "pretrain"  # pretrain | sft
+    init: Optional[str] = None  # checkpoint (or HF import) whose weights start the run; optimizer and data start fresh
+
+
+@dataclass
+class EvalConfig:
+    """Multiple-choice tasks scored by ``gptscale-eval`` and at ``train.eval_interval`` during training."""
+
+    tasks: List[str] = field(default_factory=list)  # JSONL files of {context, choices, answer}
+    max_examples: Optional[int] = None  # per task; None: all of them
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -259,3 +277,5 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

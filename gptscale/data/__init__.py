@@ -47,6 +47,8 @@ def build_data(cfg: DataConfig, layout: Layout, dp_rank: int, seq_len: int, serv
         if manifest.tokenizer["sha256"] != first.tokenizer["sha256"]:
             raise DataError(f"data.sources: {manifest.location} and {first.location} were tokenized with "
                             "different tokenizers; blended datasets must share one")
+    if any(manifest.masked for manifest in manifests):
+        return _fine_tuning_data(cfg, manifests, layout, dp_rank, seq_len, serves_tokens, cache_dir)
     options = dict(layout=layout, dp_rank=dp_rank, seq_len=seq_len, seed=cfg.seed, workers=cfg.workers,
                    reset_attention_at_eod=cfg.reset_attention_at_eod, on_error=cfg.on_error,
                    serves_tokens=serves_tokens or cfg.reset_attention_at_eod)
@@ -60,3 +62,20 @@ def build_data(cfg: DataConfig, layout: Layout, dp_rank: int, seq_len: int, serv
             log.warning("no validation data: %s", error)
     return Data(train=train, valid=valid, vocab_size=first.vocab_size, eod=first.eod,
                 tokenizer_file=local_tokenizer_file(first, cache_dir))
+
+
+def _fine_tuning_data(cfg: DataConfig, manifests: list, layout: Layout, dp_rank: int, seq_len: int,
+                      serves_tokens: bool, cache_dir: Path) -> Data:
+    """Loaders of fine-tuning data (``gptscale-prepare --format chat|prompt-completion``): whole documents."""
+    from gptscale.data.packed import PackedLoader
+
+    if len(manifests) > 1:
+        raise DataError(f"data.sources: fine-tuning data ({manifests[0].location}) is read from one dataset, "
+                        "not blended; prepare the conversations together")
+    manifest = manifests[0]
+    options = dict(layout=layout, dp_rank=dp_rank, seq_len=seq_len, seed=cfg.seed, packing=cfg.packing,
+                   truncate_long=cfg.truncate_long, on_error=cfg.on_error, serves_tokens=serves_tokens)
+    train = PackedLoader(manifest, "train", **options)
+    valid = PackedLoader(manifest, "val", **options) if manifest.shards("val") else None
+    return Data(train=train, valid=valid, vocab_size=manifest.vocab_size, eod=manifest.eod,
+                tokenizer_file=local_tokenizer_file(manifest, cache_dir))

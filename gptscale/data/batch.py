@@ -44,3 +44,12 @@ def document_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:
     future = torch.ones(length, length, dtype=torch.bool, device=document_ids.device).triu_(1)
     other_document = torch.ne(document_ids.unsqueeze(2), document_ids.unsqueeze(1))
     return other_document.logical_or_(future).unsqueeze(1)
+
+
+def masked_micro_batch(windows: torch.Tensor, valid: torch.Tensor, trained: torch.Tensor, eod: int,
+                       keep_apart: bool) -> dict:
+    """``micro_batch`` of fine-tuning data: only labels the shards' masks train count, and never a label
+    that starts the next document (the end-of-document token predicts nothing)."""
+    batch = micro_batch(windows, valid, eod, keep_apart)
+    batch["loss_mask"] *= (trained[:, 1:] & (windows[:, :-1] != eod)).float()
+    return batch

@@ -12,11 +12,13 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from webdataset.gopen import gopen
 
 FORMAT = "gptscale-tokens/1"
+SFT_FORMAT = "gptscale-sft/1"  # documents carry a loss mask; the manifest lists each shard's document lengths
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
@@ -33,6 +35,7 @@ class ShardInfo:
     tokens: int
     bytes: int
     sha256: str
+    lengths: Optional[list[int]] = None  # tokens of each document, in shard order (fine-tuning data)
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,12 @@ class Manifest:
     dtype: str
     tokenizer: dict  # file, sha256, eod_token, source
     splits: dict[str, list[ShardInfo]]
+    format: str = FORMAT
+
+    @property
+    def masked(self) -> bool:
+        """Fine-tuning data: each document has a loss mask and is served whole, never split across sequences."""
+        return self.format == SFT_FORMAT
 
     def url(self, name: str) -> str:
         return dataset_url(self.location, name)
@@ -59,11 +68,11 @@ class Manifest:
             name: {
                 "samples": sum(s.samples for s in shards),
                 "tokens": sum(s.tokens for s in shards),
-                "shards": [asdict(s) for s in shards],
+                "shards": [{k: v for k, v in asdict(s).items() if v is not None} for s in shards],
             }
             for name, shards in self.splits.items()
         }
-        body = {"format": FORMAT, "vocab_size": self.vocab_size, "eod": self.eod, "dtype": self.dtype,
+        body = {"format": self.format, "vocab_size": self.vocab_size, "eod": self.eod, "dtype": self.dtype,
                 "tokenizer": self.tokenizer, "inputs": inputs, "splits": splits}
         return json.dumps(body, indent=1) + "\n"
 
@@ -107,8 +116,8 @@ def read_manifest(location: str) -> Manifest:
         raise DataError(f"{url}: no manifest; prepare the dataset with gptscale-prepare --output DIR") from None
     except (OSError, ValueError) as error:
         raise DataError(f"{url}: cannot read the manifest ({error})") from error
-    if body.get("format") != FORMAT:
-        raise DataError(f"{url}: format {body.get('format')!r} is not {FORMAT!r}")
+    if body.get("format") not in (FORMAT, SFT_FORMAT):
+        raise DataError(f"{url}: format {body.get('format')!r} is not {FORMAT!r} or {SFT_FORMAT!r}")
     try:
         dtype = body["dtype"]
         if dtype not in DTYPES:
@@ -118,7 +127,10 @@ def read_manifest(location: str) -> Manifest:
         if not 0 <= eod < vocab_size:
             raise DataError(f"{url}: end-of-document id {eod} is outside the vocabulary of {vocab_size}")
         splits = {name: [ShardInfo(**shard) for shard in split["shards"]] for name, split in body["splits"].items()}
-        manifest = Manifest(location, vocab_size, eod, dtype, dict(body["tokenizer"]), splits)
+        manifest = Manifest(location, vocab_size, eod, dtype, dict(body["tokenizer"]), splits, body["format"])
+        if manifest.masked and any(s.lengths is None or len(s.lengths) != s.samples or sum(s.lengths) != s.tokens
+                                   for shards in splits.values() for s in shards):
+            raise DataError(f"{url}: a {SFT_FORMAT} shard entry lacks document lengths matching its counts")
     except (KeyError, TypeError) as error:
         raise DataError(f"{url}: malformed manifest ({error!r})") from error
     if not manifest.shards("train") or sum(s.tokens for s in manifest.shards("train")) < 2:

@@ -24,9 +24,12 @@ from typing import Callable, Iterable, Iterator, Optional
 import numpy as np
 from tqdm import tqdm
 
+from gptscale.data.chat import FORMATS, Piece, load_template, read_records
 from gptscale.data.inputs import expand_inputs, read_documents
 from gptscale.data.manifest import (
+    FORMAT,
     MANIFEST,
+    SFT_FORMAT,
     TOKENIZER,
     DataError,
     Manifest,
@@ -68,21 +71,45 @@ def _init_worker(tokenizer_json: str, eod: int, dtype: str) -> None:
     _worker.update(tokenizer=Tokenizer.from_str(tokenizer_json), eod=eod, dtype=np.dtype(dtype), zstd=compressor())
 
 
-def _encode_chunk(chunk: list[tuple[int, str]]) -> list[tuple[int, bytes, int]]:
-    """Per document: its index, its token ids plus the end-of-document id compressed, its token count."""
-    encodings = _worker["tokenizer"].encode_batch_fast([text for _, text in chunk], add_special_tokens=False)
+Document = str | list[Piece]  # text, or a fine-tuning record's masked and trained pieces
+
+
+def _text(document: Document) -> str:
+    return document if isinstance(document, str) else "".join(piece.text for piece in document)
+
+
+def _encode_pieces(pieces: list[Piece]) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids plus the end-of-document id, and which are trained: each piece tokenized on its own. The
+    end of document is trained when the record ends in a trained piece (the model learns to stop)."""
+    encodings = _worker["tokenizer"].encode_batch_fast([piece.text for piece in pieces], add_special_tokens=False)
+    ids = [token for encoding in encodings for token in encoding.ids] + [_worker["eod"]]
+    mask = [piece.trained for piece, encoding in zip(pieces, encodings) for _ in encoding.ids] + [pieces[-1].trained]
+    return np.array(ids, dtype=_worker["dtype"]), np.array(mask, dtype=np.uint8)
+
+
+def _encode_chunk(chunk: list[tuple[int, Document]]) -> list[tuple[int, bytes, int, Optional[bytes]]]:
+    """Per document: its index, its token ids plus the end-of-document id compressed, its token count, and
+    its compressed loss mask (fine-tuning records; None for text)."""
+    texts = [(index, document) for index, document in chunk if isinstance(document, str)]
+    encodings = dict(zip([index for index, _ in texts], _worker["tokenizer"].encode_batch_fast(
+        [text for _, text in texts], add_special_tokens=False)))
     results = []
-    for (index, _), encoding in zip(chunk, encodings):
-        tokens = np.array(encoding.ids + [_worker["eod"]], dtype=_worker["dtype"])
-        results.append((index, _worker["zstd"].compress(tokens.tobytes()), len(tokens)))
+    for index, document in chunk:
+        mask = None
+        if isinstance(document, str):
+            tokens = np.array(encodings[index].ids + [_worker["eod"]], dtype=_worker["dtype"])
+        else:
+            tokens, mask = _encode_pieces(document)
+            mask = _worker["zstd"].compress(mask.tobytes())
+        results.append((index, _worker["zstd"].compress(tokens.tobytes()), len(tokens), mask))
     return results
 
 
-def _chunks(texts: Iterable[tuple[int, str]]) -> Iterator[list[tuple[int, str]]]:
+def _chunks(texts: Iterable[tuple[int, Document]]) -> Iterator[list[tuple[int, Document]]]:
     chunk, chars = [], 0
     for item in texts:
         chunk.append(item)
-        chars += len(item[1])
+        chars += len(_text(item[1]))
         if chars >= CHUNK_CHARS:
             yield chunk
             chunk, chars = [], 0
@@ -99,14 +126,14 @@ class _SplitWriter:
         self.samples = 0
         self._writer: Optional[ShardWriter] = None
 
-    def add(self, compressed: bytes, num_tokens: int) -> None:
+    def add(self, compressed: bytes, num_tokens: int, mask: Optional[bytes] = None) -> None:
         if self._writer is not None and self._writer.samples and \
                 self._writer.size + len(compressed) + 1024 > self.shard_size:
             self.shards.append(self._writer.close())
             self._writer = None
         if self._writer is None:
             self._writer = ShardWriter(self.directory / f"{self.split}-{len(self.shards):06d}.tar")
-        self._writer.add(f"{self.samples:09d}", compressed, num_tokens)
+        self._writer.add(f"{self.samples:09d}", compressed, num_tokens, mask)
         self.samples += 1
 
     def close(self) -> list[ShardInfo]:
@@ -117,7 +144,7 @@ class _SplitWriter:
 
 
 def prepare_dataset(
-    documents: Callable[[], Iterable[str]],
+    documents: Callable[[], Iterable[Document]],
     output: Path,
     *,
     tokenizer: Optional[str | Path] = None,
@@ -132,7 +159,10 @@ def prepare_dataset(
     overwrite: bool = False,
     progress: bool = True,
 ) -> Manifest:
-    """Tokenize ``documents()`` (called once per pass over the corpus) into a dataset at ``output``."""
+    """Tokenize ``documents()`` (called once per pass over the corpus) into a dataset at ``output``.
+
+    Documents are texts, or fine-tuning records as lists of pieces (``gptscale.data.chat``): those give
+    a fine-tuning dataset whose documents carry loss masks."""
     output = Path(output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
         raise DataError(f"--output {output} exists and is not empty; remove it or pass --overwrite")
@@ -140,18 +170,18 @@ def prepare_dataset(
         raise DataError(f"--val-fraction {val_fraction} must be in [0, 1)")
     started = time.perf_counter()
 
-    def texts() -> Iterator[tuple[int, str]]:
+    def texts() -> Iterator[tuple[int, Document]]:
         """Non-empty documents with their index, the index that decides their split."""
         index = 0
         for text in documents():
-            if text.strip():
+            if _text(text).strip():
                 yield index, text
                 index += 1
 
     if tokenizer is not None:
         info = load_tokenizer(tokenizer, eod_token)
     elif vocab_size is not None:
-        info = train_bpe(_budget((t for i, t in texts() if not is_validation(i, val_fraction)),
+        info = train_bpe(_budget((_text(t) for i, t in texts() if not is_validation(i, val_fraction)),
                                  tokenizer_train_chars), vocab_size, eod_token)
     else:
         raise DataError("give --tokenizer FILE_OR_DIR or --vocab-size N")
@@ -165,7 +195,9 @@ def prepare_dataset(
     try:
         splits = _tokenize_and_write(texts(), info, token_dtype, temporary, shard_size, val_fraction, workers,
                                      progress)
-        manifest = Manifest(str(output), info.vocab_size, info.eod, token_dtype, _tokenizer_entry(info), splits)
+        masked = any(shard.lengths is not None for shards in splits.values() for shard in shards)
+        manifest = Manifest(str(output), info.vocab_size, info.eod, token_dtype, _tokenizer_entry(info), splits,
+                            SFT_FORMAT if masked else FORMAT)
         (temporary / TOKENIZER).write_bytes(info.json.encode("utf-8"))
         (temporary / MANIFEST).write_text(manifest.to_json(inputs or []), encoding="utf-8")
         if output.exists():
@@ -197,7 +229,7 @@ def _tokenizer_entry(info: TokenizerInfo) -> dict:
             "eod_token": info.eod_token, "source": info.source}
 
 
-def _tokenize_and_write(texts: Iterator[tuple[int, str]], info: TokenizerInfo, dtype: str, directory: Path,
+def _tokenize_and_write(texts: Iterator[tuple[int, Document]], info: TokenizerInfo, dtype: str, directory: Path,
                         shard_size: int, val_fraction: float, workers: int,
                         progress: bool) -> dict[str, list[ShardInfo]]:
     writers = {"train": _SplitWriter(directory, "train", shard_size), "val": _SplitWriter(directory, "val", shard_size)}
@@ -219,12 +251,22 @@ def _tokenize_and_write(texts: Iterator[tuple[int, str]], info: TokenizerInfo, d
     return {name: shards for name, shards in splits.items() if shards}
 
 
-def _write_results(results: Iterable[list[tuple[int, bytes, int]]], writers: dict, val_fraction: float,
-                   bar: tqdm) -> None:
+def _write_results(results: Iterable[list[tuple[int, bytes, int, Optional[bytes]]]], writers: dict,
+                   val_fraction: float, bar: tqdm) -> None:
     for chunk in results:
-        for index, compressed, num_tokens in chunk:
-            writers["val" if is_validation(index, val_fraction) else "train"].add(compressed, num_tokens)
-        bar.update(sum(n for _, _, n in chunk))
+        for index, compressed, num_tokens, mask in chunk:
+            writers["val" if is_validation(index, val_fraction) else "train"].add(compressed, num_tokens, mask)
+        bar.update(sum(item[2] for item in chunk))
+
+
+def _reader(args: argparse.Namespace) -> Callable[[Path], Iterable[Document]]:
+    """The documents of one input file, as ``--format`` reads them."""
+    if args.data_format == "text":
+        return lambda path: read_documents(path, args.text_field)
+    template = None
+    if args.data_format == "chat" or args.chat_template:
+        template = load_template(args.chat_template, args.tokenizer)
+    return lambda path: read_records(path, args.data_format, template)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -241,6 +283,13 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="share of documents held out for validation (default 0.01)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N",
                         help="tokenizer processes (default: one per CPU)")
+    parser.add_argument("--format", choices=FORMATS, default="text", dest="data_format",
+                        help="text: documents to pretrain on (default); chat: JSON lines of {messages: [{role, "
+                             "content}]}; prompt-completion: JSON lines of {prompt, completion}. The last two give "
+                             "fine-tuning data whose loss mask trains only assistant turns / completions")
+    parser.add_argument("--chat-template", metavar="NAME_OR_FILE",
+                        help="chat template: chatml, plain or a jinja2 file (default: the tokenizer's own "
+                             "chat_template, else chatml; prompt-completion uses none unless given)")
     parser.add_argument("--text-field", default="text", help="JSON / Parquet field holding the text (default text)")
     parser.add_argument("--eod-token", help="end-of-document token (default: the tokenizer's own, e.g. <|endoftext|>)")
     parser.add_argument("--dtype", choices=["auto", "uint16", "uint32"], default="auto",
@@ -253,8 +302,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         files = expand_inputs(args.input)
+        read = _reader(args)
         prepare_dataset(
-            lambda: (text for path in files for text in read_documents(path, args.text_field)),
+            lambda: (document for path in files for document in read(path)),
             args.output, tokenizer=args.tokenizer, vocab_size=args.vocab_size, eod_token=args.eod_token,
             shard_size=args.shard_size, val_fraction=args.val_fraction, workers=max(1, args.workers),
             dtype=args.dtype, tokenizer_train_chars=args.tokenizer_train_chars, inputs=args.input,

@@ -23,6 +23,7 @@ from webdataset import TarWriter
 from gptscale.data.manifest import DataError, ShardInfo, read_bytes
 
 MEMBER_EXTENSION = "tokens.zst"
+MASK_EXTENSION = "mask.zst"  # fine-tuning data: per token, 1 where it is trained as a label (uint8, zstd)
 
 
 def compressor() -> zstandard.ZstdCompressor:
@@ -55,21 +56,30 @@ class ShardWriter:
         self._tar = TarWriter(self._hashing, user="gptscale", group="gptscale", mtime=0)
         self.samples = 0
         self.tokens = 0
+        self.lengths: list[int] = []
+        self.masked = False
 
     @property
     def size(self) -> int:
         return self._hashing.size
 
-    def add(self, key: str, compressed: bytes, num_tokens: int) -> None:
-        self._tar.write({"__key__": key, MEMBER_EXTENSION: compressed})
+    def add(self, key: str, compressed: bytes, num_tokens: int, mask: Optional[bytes] = None) -> None:
+        """One document; ``mask`` (compressed, one uint8 per token) makes the shard fine-tuning data."""
+        sample = {"__key__": key, MEMBER_EXTENSION: compressed}
+        if mask is not None:
+            sample[MASK_EXTENSION] = mask
+            self.masked = True
+        self._tar.write(sample)
         self.samples += 1
         self.tokens += num_tokens
+        self.lengths.append(num_tokens)
 
     def close(self) -> ShardInfo:
         self._tar.close()
         self._file.close()
         os.replace(self.temporary, self.path)
-        return ShardInfo(self.path.name, self.samples, self.tokens, self._hashing.size, self._hashing.sha256.hexdigest())
+        return ShardInfo(self.path.name, self.samples, self.tokens, self._hashing.size, self._hashing.sha256.hexdigest(),
+                         self.lengths if self.masked else None)
 
 
 @dataclass
@@ -80,6 +90,7 @@ class LoadedShard:
     members: list[memoryview]
     names: list[str]
     lengths: np.ndarray
+    masks: Optional[list[memoryview]] = None  # fine-tuning data: each document's loss mask, compressed
 
     def decode(self, index: int, dtype: np.dtype, decompressor: zstandard.ZstdDecompressor) -> np.ndarray:
         """Token array of document ``index``; DataError naming shard and member if it does not decompress."""
@@ -92,6 +103,33 @@ class LoadedShard:
             raise DataError(f"shard {self.url}: member {self.names[index]} holds {len(tokens)} tokens, "
                             f"its frame header says {self.lengths[index]}")
         return tokens
+
+    def decode_mask(self, index: int, decompressor: zstandard.ZstdDecompressor) -> np.ndarray:
+        """Loss mask of document ``index`` (bool per token); DataError naming shard and member if it is bad."""
+        name = self.names[index].removesuffix(MEMBER_EXTENSION) + MASK_EXTENSION
+        try:
+            mask = np.frombuffer(decompressor.decompress(self.masks[index]), dtype=np.uint8)
+        except zstandard.ZstdError as error:
+            raise DataError(f"shard {self.url}: member {name} is not valid zstd ({error})") from None
+        if len(mask) != self.lengths[index]:
+            raise DataError(f"shard {self.url}: member {name} masks {len(mask)} tokens, the document has "
+                            f"{self.lengths[index]}")
+        return mask.astype(bool)
+
+
+def _split_masks(url: str, names: list[str], members: list[memoryview]):
+    """Token members and, where the shard has them, the mask member of each document (same key)."""
+    masks = {name.removesuffix("." + MASK_EXTENSION): member for name, member in zip(names, members)
+             if name.endswith("." + MASK_EXTENSION)}
+    kept = [(name, member) for name, member in zip(names, members) if not name.endswith("." + MASK_EXTENSION)]
+    names, members = [name for name, _ in kept], [member for _, member in kept]
+    if not masks:
+        return names, members, None
+    keys = [name.removesuffix("." + MEMBER_EXTENSION) for name in names]
+    missing = [name for name, key in zip(names, keys) if key not in masks]
+    if missing or len(masks) != len(names):
+        raise DataError(f"shard {url}: masks and token arrays do not pair up (e.g. {(missing or names)[0]})")
+    return names, members, [masks[key] for key in keys]
 
 
 def load_shard(url: str, info: ShardInfo, dtype: np.dtype, data: Optional[bytes] = None) -> LoadedShard:
@@ -119,6 +157,7 @@ def load_shard(url: str, info: ShardInfo, dtype: np.dtype, data: Optional[bytes]
     members = [view[entry.offset_data:entry.offset_data + entry.size] for entry in entries]
     if entries and entries[-1].offset_data + entries[-1].size > len(data):
         raise DataError(f"shard {url} is not a readable tar file (member {names[-1]} runs past its end)")
+    names, members, masks = _split_masks(url, names, members)
     if len(members) != info.samples:
         raise DataError(f"shard {url} holds {len(members)} samples, the manifest says {info.samples}")
     lengths = np.empty(len(members), dtype=np.int64)
@@ -134,4 +173,4 @@ def load_shard(url: str, info: ShardInfo, dtype: np.dtype, data: Optional[bytes]
         lengths[i] = size // dtype.itemsize
     if int(lengths.sum()) != info.tokens:
         raise DataError(f"shard {url} holds {int(lengths.sum())} tokens, the manifest says {info.tokens}")
-    return LoadedShard(url, members, names, lengths)
+    return LoadedShard(url, members, names, lengths, masks)

@@ -41,6 +41,13 @@ def _setup_logging(level: str) -> None:
 def _run(dict_cfg: DictConfig) -> None:
     _export_submitit_ranks()
     cfg = to_config(dict_cfg)
+    from gptscale.checkpoint.adopt import adopt_model
+
+    try:
+        cfg = adopt_model(cfg, list(HydraConfig.get().overrides.task))
+    except ConfigError as error:
+        logging.getLogger("gptscale").error("%s", error)
+        sys.exit(2)
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         cfg.run_dir = HydraConfig.get().runtime.output_dir  # each run of a sweep writes into its own directory
     _setup_logging(cfg.logging.level)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from gptscale.checkpoint.adopt import adopt_model
 from gptscale.checkpoint.checkpointer import Checkpointer
 from gptscale.config.schema import Config
 from gptscale.config.validate import check, padded_vocab_size
@@ -38,6 +39,7 @@ log = logging.getLogger("gptscale")
 
 class Trainer:
     def __init__(self, cfg: Config):
+        cfg = adopt_model(cfg)  # model=from_checkpoint: the model task.init / checkpoint.resume was saved with
         self.cfg = cfg
         self.layout = check(cfg, world_size_from_env())
         self.run_dir = Path(cfg.run_dir)
@@ -93,7 +95,8 @@ class Trainer:
             "progress": self.progress, "schedule": self.schedule, "rng": self.rng, "guard": self.guard,
             "train_data": self.data.train, "valid_data": self.data.valid, "tracker": self.tracker,
         }, tokenizer_file=self.data.tokenizer_file)
-        self.checkpointer.resume()
+        if self.checkpointer.resume() is None and cfg.task.init:
+            self.checkpointer.initialize_from(cfg.task.init)  # fine-tuning: weights only
         self.reported_checkpoint = self.checkpointer.saved_step
         self.stop_request = StopRequest(self.device)  # SIGTERM / SIGUSR1: checkpoint and exit 0
 
