@@ -116,22 +116,26 @@ def train_step(engine, model: ModelChunks, batches: Iterator[dict], layout: Layo
     """Forward and backward over one global batch, then one optimizer update."""
     microbatches = _load(batches, layout, device)
     global_tokens = _global_tokens(microbatches, layout, is_last_stage)
+    gate = engine.update_gate  # decides at the update whether it happens: it needs the loss first
     if layout.pp == 1:
         share = torch.zeros((), device=device)
-        for batch in microbatches:
+        for index, batch in enumerate(microbatches):
             micro_share = _loss_share(_forward(engine, batch), batch["loss_mask"], global_tokens)
             # The engine divides by the accumulation steps and averages over data-parallel ranks; undo both.
             engine.backward(micro_share * (layout.num_microbatches * layout.dp))
-            engine.step()
             share += micro_share.detach()
+            if index == len(microbatches) - 1:
+                gate.loss = _global_loss(share, layout, is_last_stage)
+            engine.step()
     else:
         share = _run_pipeline(model, microbatches, global_tokens, layout, seq_len, forward_only=False)
+        gate.loss = _global_loss(share, layout, is_last_stage)
         all_reduce_tied_embedding_grads(model)
         reduce_gradients_outside_engine(engine)
         engine.step()
     grad_norm = engine.get_global_grad_norm()
     return StepResult(
-        loss=_global_loss(share, layout, is_last_stage),
+        loss=gate.loss,
         grad_norm=None if grad_norm is None else torch.as_tensor(grad_norm, dtype=torch.float32),
     )
 
