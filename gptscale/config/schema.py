@@ -169,6 +169,14 @@ class OptimConfig:
 
 
 @dataclass
+class SpikeConfig:
+    """Loss spikes: a step whose loss or gradient norm exceeds the rolling mean + zscore * std is skipped."""
+
+    zscore: Optional[float] = 6.0  # null or 0 disables spike detection (non-finite steps are still skipped)
+    window: int = 50  # past non-skipped steps the mean and std are taken over; detection starts once full
+
+
+@dataclass
 class TrainConfig:
     steps: int = 1000
     seq_len: int = 256
@@ -187,6 +195,7 @@ class TrainConfig:
     fp8_recipe: Fp8Recipe = Fp8Recipe.tensorwise
     fp8_emulate: bool = False  # torchao only: FP8 numerics without FP8 hardware (CPU tests; no speed-up)
     compile: bool = False  # torch.compile each transformer layer (not the whole model); measure before using
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
 
 
 @dataclass

@@ -130,6 +130,9 @@ def check(cfg: Config, world_size: int) -> Layout:
         f"(not {train.precision.value}): FP8 matmuls take bf16 weights and activations",
     )
     need(not train.fp8_emulate or train.fp8 is not None, "train.fp8_emulate=true needs train.fp8 (hybrid or e4m3)")
+    need(train.spike.window >= 2, f"train.spike.window={train.spike.window} must be at least 2 (a std needs two steps)")
+    need(train.spike.zscore is None or train.spike.zscore >= 0,
+         f"train.spike.zscore={train.spike.zscore} must not be negative (null or 0 disables spike detection)")
     need(cfg.bench.steps >= 1, f"bench.steps={cfg.bench.steps} must be at least 1")
     for name in ("warmup", "profile_steps"):
         need(getattr(cfg.bench, name) >= 0, f"bench.{name}={getattr(cfg.bench, name)} must not be negative")

@@ -134,6 +134,7 @@ def build_engine(model: torch.nn.Module, layout: Layout, zero: int, optim: Optim
             dist_init_required=False,
         )
     engine.clip_fp32_gradients = types.MethodType(_clip_and_record_norm, engine)
+    engine.update_gate = UpdateGate(engine, optimizer)
     return engine
 
 
@@ -144,6 +145,47 @@ def _hide_megatron_expert_marks(model: torch.nn.Module) -> None:
     for param in model.parameters():
         if hasattr(param, "allreduce"):
             del param.allreduce
+
+
+class UpdateGate:
+    """The one place that decides whether a step updates anything: not when the loss or gradient norm is not
+    finite, nor when either exceeds its limit (a loss spike, ``train/guard.py``).
+
+    It sits in front of torch's AdamW step, which every DeepSpeed path (ZeRO 0-3, bf16) calls after the global
+    gradient norm is known, and hands the decision to fused AdamW as ``found_inf``: weights, moments and
+    the step count stay as they were, and the host never waits for the device to decide.
+    """
+
+    def __init__(self, engine, optimizer: torch.optim.Optimizer):
+        self.engine = engine
+        self.loss: torch.Tensor | None = None  # the step's global loss, set before the update
+        self.loss_limit = float("inf")
+        self.norm_limit = float("inf")
+        self.skipped: torch.Tensor | None = None  # the last decision, 1.0 when the update was skipped
+        step = optimizer.step
+
+        def gated_step(*args, **kwargs):
+            optimizer.found_inf = self.decide()
+            return step(*args, **kwargs)
+
+        optimizer.step = gated_step
+
+    def grad_norm(self):
+        wrapper = self.engine.optimizer
+        norm = getattr(wrapper, "_global_grad_norm", None)
+        return norm if norm is not None else self.engine._global_grad_norm
+
+    def decide(self) -> torch.Tensor:
+        skip = torch.zeros((), dtype=torch.bool, device=self.engine.device)
+        if self.loss is not None:
+            loss = self.loss.to(skip.device)
+            skip = skip | ~torch.isfinite(loss) | (loss > self.loss_limit)
+        norm = self.grad_norm()
+        if norm is not None:
+            norm = torch.as_tensor(norm, dtype=torch.float32, device=skip.device)
+            skip = skip | ~torch.isfinite(norm) | (norm > self.norm_limit)
+        self.skipped = skip.float()
+        return self.skipped
 
 
 @contextlib.contextmanager
@@ -182,9 +224,8 @@ def _clip_and_record_norm(engine) -> None:
     """Clipping for fp32 without ZeRO, recording the global norm (which DeepSpeed's version drops).
 
     ZeRO and bf16 optimizers record the norm themselves. DeepSpeed's fp32 path also counts the last pipeline
-    stage's copy of a tied embedding a second time; this one does not. Like DeepSpeed's other optimizers it
-    skips the update when the norm is not finite, but without waiting for the device: fused AdamW reads
-    ``found_inf`` (the flag GradScaler uses) and then leaves weights, moments and its step count alone.
+    stage's copy of a tied embedding a second time; this one does not. A non-finite norm skips the update
+    through ``UpdateGate``, without waiting for the device.
     """
     params = [p for p in engine.module.parameters() if p.grad is not None]
     squares = [p.grad.detach().float().pow(2).sum() for p in params if _counted_in_norm(p)]
@@ -192,5 +233,4 @@ def _clip_and_record_norm(engine) -> None:
     dist.all_reduce(total, group=engine.mpu.get_model_parallel_group())
     norm = total.sqrt()
     engine._global_grad_norm = norm
-    engine.optimizer.found_inf = (~torch.isfinite(norm)).float()
     torch.nn.utils.clip_grads_with_norm_(params, engine.gradient_clipping(), norm)

@@ -142,24 +142,28 @@ def train_step(engine, model: ModelChunks, batches: Iterator[dict], layout: Layo
     if moe_model is not None:
         clear_tracker()  # evaluation forwards may have recorded losses
         set_aux_loss_scale(_aux_loss_scale(layout), device)
+    gate = engine.update_gate  # decides at the update whether it happens: it needs the loss first
     if layout.pp == 1:
         share = torch.zeros((), device=device)
-        for batch in microbatches:
+        for index, batch in enumerate(microbatches):
             micro_share = _loss_share(_forward(engine, batch), batch["loss_mask"], global_tokens)
             # The engine divides by the accumulation steps and averages over (expert-)data-parallel ranks;
             # undo both.
             engine.backward(micro_share * (layout.num_microbatches * layout.expert_dp))
-            engine.step()
             share += micro_share.detach()
+            if index == len(microbatches) - 1:
+                gate.loss = _global_loss(share, layout, is_last_stage)
+            engine.step()
     else:
         share = _run_pipeline(model, microbatches, global_tokens, layout, seq_len, forward_only=False)
+        gate.loss = _global_loss(share, layout, is_last_stage)
         all_reduce_tied_embedding_grads(model)
         reduce_gradients_outside_engine(engine)
         engine.step()
     grad_norm = engine.get_global_grad_norm()
     router_losses = None if moe_model is None else aux_losses(moe_model, layout, device)
     return StepResult(
-        loss=_global_loss(share, layout, is_last_stage),
+        loss=gate.loss,
         grad_norm=None if grad_norm is None else torch.as_tensor(grad_norm, dtype=torch.float32),
         aux=None if moe_model is None else weighted_aux_loss(moe_model, router_losses),
         router_losses=router_losses,

@@ -25,7 +25,7 @@ from gptscale.parallel.grads import (
 )
 from gptscale.parallel.groups import choose_device, destroy_model_parallel, init_parallel, world_size_from_env
 from gptscale.tracking import build_tracker
-from gptscale.train.guard import LossGuard, TooManyBadSteps, with_nan_loss
+from gptscale.train.guard import LossGuard, SpikeDetector, TooManyBadSteps, with_nan_loss
 from gptscale.train.lr_schedule import LearningRateSchedule
 from gptscale.train.metrics import ThroughputMeter, device_peak_tflops, flops_per_token
 from gptscale.train.preemption import StopRequest
@@ -70,6 +70,7 @@ class Trainer:
         self.rng = RngState(self.device)
         self.progress = Progress()
         self.guard = LossGuard(cfg.train.max_bad_steps, cfg.train.bad_step_window)
+        self.spikes = SpikeDetector(cfg.train.spike.zscore, cfg.train.spike.window)
 
         # Metrics: console, metrics.jsonl, W&B, TensorBoard (rank 0).
         self.tracker = build_tracker(cfg, self.ctx.rank == 0)
@@ -93,6 +94,7 @@ class Trainer:
         # Checkpoint: model and optimizer under layout-independent keys, plus the components above; resume.
         self.checkpointer = Checkpointer(cfg, self.run_dir, self.ctx, self.model, self.engine, components={
             "progress": self.progress, "schedule": self.schedule, "rng": self.rng, "guard": self.guard,
+            "spikes": self.spikes,
             "train_data": self.data.train, "valid_data": self.data.valid, "tracker": self.tracker,
         }, tokenizer_file=self.data.tokenizer_file)
         if self.checkpointer.resume() is None and cfg.task.init:
@@ -111,6 +113,9 @@ class Trainer:
 
     def train_one_step(self):
         lr = self.schedule.apply(self.engine.optimizer)
+        gate = self.engine.update_gate
+        gate.loss_limit, gate.norm_limit = self.spikes.limits()
+        gate.skipped = None
         batches = self.data.train
         if self.progress.step + 1 in self.cfg.train.inject_nan_steps:
             batches = with_nan_loss(batches)
@@ -130,12 +135,27 @@ class Trainer:
         return torch.stack(losses).mean().item()
 
     def check_step(self, result) -> None:
-        """Count a step skipped for a non-finite loss or gradient norm (DeepSpeed applied no update)."""
+        """Count a step skipped for a non-finite loss or gradient norm (DeepSpeed applied no update), or for a
+        spike (the update gate skipped it); a step that updated joins the spike detector's window."""
         loss = result.loss.item()
         grad_norm = None if result.grad_norm is None else result.grad_norm.item()
+        gate = self.engine.update_gate
+        skipped = gate.skipped is None or bool(gate.skipped.item())  # None: DeepSpeed skipped before the gate
+        zscores = self.spikes.zscores(loss, grad_norm)
         if self.guard.record(self.step, loss, grad_norm):
             log.warning("step %d skipped: loss %s, gradient norm %s (%d skipped in the last %d steps, %d in all)",
                         self.step, loss, grad_norm, len(self.guard.recent), self.guard.window, self.guard.skipped)
+        elif skipped:
+            self.spikes.skipped += 1
+            log.warning("step %d skipped as a spike: loss %.4f (z-score %s), gradient norm %s (z-score %s); "
+                        "%d spikes skipped in all", self.step, loss, _score(zscores[0]), grad_norm,
+                        _score(zscores[1]), self.spikes.skipped)
+            self.tracker.log(self.step, {"spike/skipped_step": 1, "spike/loss": loss,
+                                         "spike/zscore_loss": zscores[0], "spike/zscore_grad_norm": zscores[1],
+                                         "spike/skipped": self.spikes.skipped})
+        else:
+            self.spikes.add(loss, grad_norm)
+        self.last_zscores = zscores
 
     def too_many_bad_steps(self) -> TooManyBadSteps:
         self.checkpointer.wait()  # so that the message names the newest complete checkpoint
@@ -174,6 +194,9 @@ class Trainer:
                     "peak_memory_gib": speed.peak_memory_gib,
                     "consumed_tokens": self.progress.consumed_tokens,
                     "skipped_steps": self.guard.skipped,
+                    "spike/skipped": self.spikes.skipped,
+                    "spike/zscore_loss": self.last_zscores[0],
+                    "spike/zscore_grad_norm": self.last_zscores[1],
                 }
                 if self.moe_model is not None:
                     metrics.update(router_metrics(self.moe_model, result.router_losses, self.model))
@@ -202,3 +225,7 @@ class Trainer:
         self.stop_request.close()
         self.tracker.close()
         destroy_model_parallel()
+
+
+def _score(value) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
