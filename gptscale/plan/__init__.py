@@ -1,0 +1,1 @@
+"""Planning: what a layout costs per rank before (and while) it runs."""
