@@ -30,3 +30,13 @@ def rank_state(checkpoint: Path, rank: int = 0) -> dict:
 
 def step_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step_{step:06d}"
+
+
+def assert_resumed_exactly(straight: dict, first: dict, resumed: dict, what: str) -> None:
+    """A run split in two halves by a checkpoint has the losses and gradient norms of the straight run, bit for bit."""
+    steps = len(straight["loss"])
+    assert len(first["loss"]) == steps // 2 and len(resumed["loss"]) == steps - steps // 2, what
+    assert first["loss"] == straight["loss"][:steps // 2], f"{what}: first half differs from the straight run"
+    assert resumed["loss"] == straight["loss"][steps // 2:], f"{what}: resumed losses {resumed['loss']} differ " \
+                                                             f"from the straight run's {straight['loss'][steps // 2:]}"
+    assert resumed["grad_norm"] == straight["grad_norm"][steps // 2:], what

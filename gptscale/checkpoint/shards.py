@@ -7,6 +7,9 @@ updates: the full-precision model) and Adam's moments as ``optimizer.exp_avg.<ke
 ``optimizer.exp_avg_sq.<key>``. A load at any TP/PP/DP/ZeRO layout asks for its own shards and
 torch.distributed.checkpoint reads the overlapping pieces. Replica ids (data-parallel copies, the last
 pipeline stage's copy of a tied embedding) make exactly one rank write each piece.
+
+Persistent buffers that training changes (the MoE router's expert bias) are model state too: they are
+saved and restored beside the weights under their own keys, with no optimizer moments.
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ MODEL = "model"
 
 @dataclasses.dataclass
 class ParameterShard:
-    param: torch.nn.Parameter
+    param: torch.Tensor  # a parameter, or a persistent buffer when ``buffer`` is set
     description: Description  # megatron-core's: global key, shape, offset, replica id (a factory for SwiGLU)
+    buffer: bool = False  # not trained by the optimizer: saved and restored as it is
 
     @property
     def local_shape(self) -> torch.Size:
@@ -56,17 +60,32 @@ def _full_shapes_visible(params: list[torch.nn.Parameter]):
             param.data = data
 
 
+def _persistent_buffers(model: ModelChunks) -> dict[int, torch.Tensor]:
+    buffers = {}
+    for module in model.modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and name not in module._non_persistent_buffers_set:
+                buffers[id(buffer)] = buffer
+    return buffers
+
+
 def parameter_shards(model: ModelChunks) -> list[ParameterShard]:
-    """Every parameter of ``model`` with megatron-core's description, in the same order on every rank."""
+    """Every parameter (and persistent buffer) of ``model`` with megatron-core's description, in the same
+    order on every rank."""
     params = {id(p): p for p in model.parameters()}
+    buffers = _persistent_buffers(model)
     shards = []
     with _full_shapes_visible(list(params.values())):
         for chunk in model.chunks:
             for item in nested_values(chunk.sharded_state_dict()):
-                if isinstance(item, (ShardedTensor, ShardedTensorFactory)) and id(item.data) in params:
-                    shards.append(ParameterShard(params[id(item.data)], dataclasses.replace(item, data=None)
-                                                 if isinstance(item, ShardedTensor) else item))
-    covered = [id(shard.param) for shard in shards]
+                if not isinstance(item, (ShardedTensor, ShardedTensorFactory)):
+                    continue
+                description = dataclasses.replace(item, data=None) if isinstance(item, ShardedTensor) else item
+                if id(item.data) in params:
+                    shards.append(ParameterShard(params[id(item.data)], description))
+                elif id(item.data) in buffers and item.data.is_floating_point():
+                    shards.append(ParameterShard(buffers[id(item.data)], description, buffer=True))
+    covered = [id(shard.param) for shard in shards if not shard.buffer]
     missing = [name for name, p in model.named_parameters() if id(p) not in covered]
     if missing or len(covered) != len(set(covered)):
         raise RuntimeError(f"megatron-core's sharded state dict does not describe each parameter once: {missing}")
@@ -107,7 +126,10 @@ def snapshot(shards: list[ParameterShard], optimizer: OptimizerState, host: Host
     state = {MODEL: {}, OPTIMIZER: {moment: {} for moment in MOMENTS}}
     for index, shard in enumerate(shards):
         key = shard.description.key
-        state[MODEL][str(index)] = _describe(shard.description, host.copy(f"{index}", optimizer.get(shard.param)), key)
+        weight = shard.param if shard.buffer else optimizer.get(shard.param)
+        state[MODEL][str(index)] = _describe(shard.description, host.copy(f"{index}", weight), key)
+        if shard.buffer:
+            continue
         for moment in MOMENTS:
             copy = host.copy(f"{index}.{moment}", optimizer.get(shard.param, moment))
             state[OPTIMIZER][moment][str(index)] = _describe(shard.description, copy, moment_key(moment, key))
@@ -126,7 +148,7 @@ def load_request(shards: list[ParameterShard], with_optimizer: bool) -> dict:
     if with_optimizer:
         request[OPTIMIZER] = {
             moment: {str(i): _describe(s.description, empty(s), moment_key(moment, s.description.key))
-                     for i, s in enumerate(shards)}
+                     for i, s in enumerate(shards) if not s.buffer}
             for moment in MOMENTS
         }
     return request
@@ -142,11 +164,14 @@ def restore(shards: list[ParameterShard], loaded: dict, optimizer: OptimizerStat
     if with_optimizer:
         optimizer.ensure_adam_state()
     for index, shard in enumerate(shards):
+        if shard.buffer:
+            shard.param.copy_(loaded[MODEL][str(index)])
+            continue
         optimizer.set(shard.param, loaded[MODEL][str(index)])
         if with_optimizer:
             for moment in MOMENTS:
                 optimizer.set(shard.param, loaded[OPTIMIZER][moment][str(index)], moment)
-    optimizer.refresh_model_weights([shard.param for shard in shards])
+    optimizer.refresh_model_weights([shard.param for shard in shards if not shard.buffer])
     if with_optimizer:
         optimizer.set_adam_step(int(loaded[OPTIMIZER]["step"]))
 

@@ -107,6 +107,35 @@ def _patch_megatron_moe_splits() -> None:
     token_dispatcher.maybe_move_tensor_to_cpu = to_host
 
 
+def _patch_megatron_uneven_collectives() -> None:
+    """Under tensor parallelism the MoE dispatcher gathers and reduce-scatters token blocks of uneven sizes,
+    which gloo does not do: the gather pads every block to the largest and the reduce-scatter all-reduces the
+    whole input and keeps this rank's block."""
+    from megatron.core.tensor_parallel import mappings
+
+    gather, reduce_scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+
+    def gather_uneven(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        largest = max(output_split_sizes)
+        padded = input_.new_zeros((largest, *input_.shape[1:]))
+        padded[:input_.shape[0]] = input_
+        blocks = [torch.empty_like(padded) for _ in output_split_sizes]
+        torch.distributed.all_gather(blocks, padded.contiguous(), group=group)
+        return torch.cat([block[:size] for block, size in zip(blocks, output_split_sizes)])
+
+    def reduce_scatter_uneven(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return reduce_scatter(input_, group, input_split_sizes, use_global_buffer)
+        total = input_.contiguous().clone()
+        torch.distributed.all_reduce(total, group=group)
+        return torch.split(total, input_split_sizes, dim=0)[group.rank()].contiguous()
+
+    mappings._gather_along_first_dim = gather_uneven
+    mappings._reduce_scatter_along_first_dim = reduce_scatter_uneven
+
+
 def _skip_deepspeed_native_ops() -> None:
     """Keep DeepSpeed from compiling its shared-memory collective (~40 s of C++ on first use); gloo does the work."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -126,6 +155,7 @@ def install() -> None:
     _patch_torch_cuda()
     _patch_megatron_rng()
     _patch_megatron_moe_splits()
+    _patch_megatron_uneven_collectives()
     _skip_deepspeed_native_ops()
     _installed = _CudaToCpu()
     _installed.__enter__()

@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from tests.checkpoint_helpers import all_tensors, rank_state, step_dir
+from tests.checkpoint_helpers import all_tensors, assert_resumed_exactly, rank_state, step_dir
 from tests.helpers import run_jobs
 
 COMMON = [
@@ -93,15 +93,6 @@ def two_ranks(tmp_path_factory, one_rank):
         "imported": results[-3:-1],
         "fresh": results[-1],
     }
-
-
-def assert_resumed_exactly(straight, first, resumed, what):
-    steps = len(straight["loss"])
-    assert len(first["loss"]) == steps // 2 and len(resumed["loss"]) == steps - steps // 2, what
-    assert first["loss"] == straight["loss"][:steps // 2], f"{what}: first half differs from the straight run"
-    assert resumed["loss"] == straight["loss"][steps // 2:], f"{what}: resumed losses {resumed['loss']} differ " \
-                                                             f"from the straight run's {straight['loss'][steps // 2:]}"
-    assert resumed["grad_norm"] == straight["grad_norm"][steps // 2:], what
 
 
 def assert_nan_step_changed_nothing(nan_run, clean_run, nan_dir, clean_dir, what):

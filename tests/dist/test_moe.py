@@ -1,7 +1,16 @@
-"""MoE layout parity: moe-tiny (fp32, dropless, aux and z losses weighted so they matter) trains the same
-first five steps at 1 rank and under expert parallelism, alone and with ZeRO, data parallelism and
-gradient accumulation. Losses, router losses and gradient norms are compared."""
+"""MoE layout parity and resume: moe-tiny (fp32, dropless, aux and z losses weighted so they matter) trains
+the same first five steps at 1 rank and under expert parallelism, alone and with ZeRO, data, tensor and
+pipeline parallelism and gradient accumulation. Losses, router losses and gradient norms are compared.
 
+With aux-loss-free balancing on (the router's expert bias, a buffer the optimizer does not own), a run split
+by a checkpoint at EP=2 repeats the straight run bit for bit, and the EP=2 checkpoint resumed at one rank
+follows EP=2's own steps within 1e-4.
+"""
+
+import pytest
+import torch
+
+from tests.checkpoint_helpers import all_tensors, assert_resumed_exactly, step_dir
 from tests.helpers import run_jobs
 
 COMMON = [
@@ -19,32 +28,78 @@ TWO_RANKS = {
 }
 FOUR_RANKS = {
     "ep2-dp2-zero1": ["parallel.ep=2", "parallel.micro_batch=2", "parallel.zero=1"],
+    "tp2-ep2": ["parallel.tp=2", "parallel.sp=true", "parallel.ep=2", "parallel.micro_batch=2"],
+    "pp2-ep2": ["parallel.pp=2", "parallel.ep=2", "parallel.micro_batch=2"],
+    "pp2-ep2-mb1": ["parallel.pp=2", "parallel.ep=2", "parallel.micro_batch=1"],
 }
 RTOL = 1e-4
+
+BALANCED = ["train.steps=12", "checkpoint.save_final=true", "parallel.micro_batch=2", "optim.decay_steps=12",
+            "model.moe.expert_bias=true", "model.moe.expert_bias_update_rate=1e-2"]
 
 
 def jobs(layouts, tmp_path):
     return [[f"run_dir={tmp_path}/{name}", *COMMON, *overrides] for name, overrides in layouts.items()]
 
 
+def resume_jobs(run_dir):
+    """EP=2: 12 steps straight; 6 steps saved; the same run directory resumed (auto) to step 12."""
+    return [[f"run_dir={run_dir}-straight", *COMMON, *BALANCED, "parallel.ep=2", "checkpoint.resume=none",
+             "checkpoint.save_final=false"],
+            [f"run_dir={run_dir}", *COMMON, *BALANCED, "parallel.ep=2", "train.steps=6", "checkpoint.resume=none"],
+            [f"run_dir={run_dir}", *COMMON, *BALANCED, "parallel.ep=2"]]
+
+
 def reference_for(name: str) -> str:
     return "mb1" if name.endswith("mb1") else "mb2"
 
 
-def assert_close(history, expected, what):
-    for metric in ("loss", "aux_loss", "grad_norm"):
+def assert_close(history, expected, what, metrics=("loss", "aux_loss", "grad_norm")):
+    for metric in metrics:
         got_all, want_all = history[metric], expected[metric]
-        assert len(got_all) == len(want_all) == 5, what
+        assert len(got_all) == len(want_all), what
         for step, (got, want) in enumerate(zip(got_all, want_all), start=1):
-            assert abs(got - want) <= RTOL * abs(want), f"{what}: step {step} {metric} {got} vs one rank {want}"
+            assert abs(got - want) <= RTOL * abs(want), f"{what}: step {step} {metric} {got} vs {want}"
 
 
-def test_expert_parallel_layouts_match_one_rank(tmp_path):
-    reference = dict(zip(REFERENCE, run_jobs(1, jobs(REFERENCE, tmp_path / "one"), tmp_path)))
-    for name in REFERENCE:  # the router losses matter and training moves the loss
-        assert min(reference[name]["aux_loss"]) > 0.1, reference[name]
-        assert reference[name]["loss"][-1] < reference[name]["loss"][0], reference[name]
-    two = run_jobs(2, jobs(TWO_RANKS, tmp_path / "two"), tmp_path)
-    four = run_jobs(4, jobs(FOUR_RANKS, tmp_path / "four"), tmp_path)
-    for name, history in [*zip(TWO_RANKS, two), *zip(FOUR_RANKS, four)]:
-        assert_close(history, reference[reference_for(name)], name)
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("moe")
+    two = run_jobs(2, jobs(TWO_RANKS, tmp / "two") + resume_jobs(tmp / "ep2-balanced"), tmp)
+    ep2_checkpoint = step_dir(tmp / "ep2-balanced", 6)
+    one_jobs = jobs(REFERENCE, tmp / "one") + [
+        [f"run_dir={tmp}/one-resumed", *COMMON, *BALANCED, f"checkpoint.resume={ep2_checkpoint}",
+         "checkpoint.save_final=false"]]
+    one = run_jobs(1, one_jobs, tmp)
+    four = run_jobs(4, jobs(FOUR_RANKS, tmp / "four"), tmp)
+    return {"dir": tmp, "reference": dict(zip(REFERENCE, one)), "one-resumed": one[len(REFERENCE)],
+            "layouts": {**dict(zip(TWO_RANKS, two)), **dict(zip(FOUR_RANKS, four))},
+            "ep2-resume": two[len(TWO_RANKS):]}
+
+
+def test_router_losses_matter_in_the_reference(runs):
+    for name, history in runs["reference"].items():
+        assert len(history["loss"]) == 5, name
+        assert min(history["aux_loss"]) > 0.1, history
+        assert history["loss"][-1] < history["loss"][0], history
+
+
+@pytest.mark.parametrize("name", [*TWO_RANKS, *FOUR_RANKS])
+def test_expert_parallel_layout_matches_one_rank(runs, name):
+    assert_close(runs["layouts"][name], runs["reference"][reference_for(name)], name)
+
+
+def test_ep2_resumes_bit_for_bit_with_expert_bias(runs):
+    straight, first, resumed = runs["ep2-resume"]
+    assert_resumed_exactly(straight, first, resumed, "EP=2 with expert bias")
+    saved = all_tensors(step_dir(runs["dir"] / "ep2-balanced", 6))
+    biases = [key for key in saved if key.endswith("mlp.router.expert_bias")]
+    assert biases and not any(key.startswith("optimizer.") and "expert_bias" in key for key in saved)
+    assert any(saved[key].abs().max() > 0 for key in biases), "the expert bias never moved: nothing was tested"
+
+
+def test_ep2_checkpoint_resumes_at_one_rank(runs):
+    straight = runs["ep2-resume"][0]
+    expected = {metric: values[6:] for metric, values in straight.items()}
+    assert_close(runs["one-resumed"], expected, "EP=2 checkpoint at one rank")
+    assert torch.tensor(runs["one-resumed"]["loss"]).isfinite().all()
