@@ -1,11 +1,12 @@
-"""MoE export: transformers (Mixtral, Qwen2-MoE) and the reference decoder compute megatron-core's logits."""
+"""MoE export: transformers (Mixtral, Qwen2-MoE) and the reference decoder compute megatron-core's logits,
+and greedy decoding by transformers and by gptscale's generator picks the same tokens."""
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from gptscale.convert import ConversionError
-from gptscale.convert.generate import Decoder
+from gptscale.convert.generate import Decoder, generate
 from gptscale.convert.hf import export_hf
 from tests.convert.models import megatron_logits, perturbed_state, tiny_config
 
@@ -28,8 +29,16 @@ def test_moe_logits_equal_gptscale(variant, tmp_path):
         theirs = hf(tokens).logits[..., :400]
     decoder = Decoder(cfg.model, state, 400)
     reference = decoder.forward(tokens, decoder.new_cache())
+    print(f"{variant}: max abs logit diff transformers {(theirs - ours).abs().max().item():.3g}, "
+          f"reference decoder {(reference - ours).abs().max().item():.3g}")
     assert (theirs - ours).abs().max().item() <= 1e-5
     assert (reference - ours).abs().max().item() <= 1e-5
+    hf.generation_config.eos_token_id = None  # random weights: run the full length on both sides
+    prompt = tokens[0, :8].tolist()
+    padding = list(range(400, hf.config.vocab_size))  # rows past the tokens in use, which our decoder leaves out
+    greedy_theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
+                                suppress_tokens=padding)[0, len(prompt):].tolist()
+    assert generate(decoder, prompt, 16) == greedy_theirs
 
 
 @pytest.mark.parametrize("override, field", [("model.moe.expert_bias=true", "model.moe.expert_bias"),
