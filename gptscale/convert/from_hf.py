@@ -1,4 +1,4 @@
-"""Import a local Hugging Face GPT-2 or Llama directory as gptscale's config and tensors, to continue
+"""Import a local Hugging Face GPT-2, Llama, Mixtral or Qwen2-MoE directory as gptscale's config and tensors, to continue
 pretraining from it.
 
 The model config is derived from the HF config and composed through Hydra like any run's, so layout
@@ -29,11 +29,12 @@ from gptscale.convert.mapping import import_tensors
 
 log = logging.getLogger("gptscale")
 
-SUPPORTED = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}
+SUPPORTED = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MixtralForCausalLM": "mixtral",
+             "Qwen2MoeForCausalLM": "qwen2_moe"}
 
 
 def _read_config(hf_dir: Path) -> tuple[dict, str]:
-    """config.json and ``gpt2`` or ``llama`` (from ``architectures``, or ``model_type`` where that is missing)."""
+    """config.json and its architecture, a value of ``SUPPORTED`` (from ``architectures``, or ``model_type`` where that is missing)."""
     path = hf_dir / "config.json"
     if not path.is_file():
         raise ConversionError(f"{hf_dir} has no config.json: not a Hugging Face model directory")
@@ -101,6 +102,38 @@ def _llama_overrides(config: dict) -> list[str]:
     ]
 
 
+def _moe_layer_freq(config: dict, sparse: list[int]) -> int:
+    """``model.moe.layer_freq`` whose MoE layers (i % freq == 0) are exactly ``sparse``; refused otherwise."""
+    layers = config["num_hidden_layers"]
+    for freq in range(1, layers + 1):
+        if [i for i in range(layers) if i % freq == 0] == sparse:
+            return freq
+    raise ConversionError(f"MoE layers {sparse} of {layers}: gptscale places MoE layers every model.moe.layer_freq "
+                          "layers from the first (mlp_only_layers / decoder_sparse_step give another pattern)")
+
+
+def _moe_overrides(config: dict, arch: str) -> list[str]:
+    """The llama overrides plus ``model.moe.*`` for Mixtral (every layer routed, top-k renormalised) or
+    Qwen2-MoE (a gated shared expert, dense layers where ``mlp_only_layers`` says)."""
+    if config.get("sliding_window") and config.get("use_sliding_window", arch == "mixtral"):
+        raise ConversionError(f"sliding_window={config['sliding_window']}: gptscale attends over the whole sequence")
+    qkv_bias = arch == "qwen2_moe" and config.get("qkv_bias", True)
+    derived = _llama_overrides({key: value for key, value in config.items() if key != "qkv_bias"})
+    derived += [f"model.moe.top_k={config['num_experts_per_tok']}",
+                f"model.moe.aux_loss_coeff={config.get('router_aux_loss_coef', 0.0)}",
+                f"model.qkv_bias={str(bool(qkv_bias)).lower()}"]
+    if arch == "mixtral":
+        return derived + [f"model.moe.num_experts={config['num_local_experts']}",
+                          f"model.moe.ffn_hidden_size={config['intermediate_size']}", "model.moe.pre_softmax=false"]
+    step, dense = config.get("decoder_sparse_step", 1), set(config.get("mlp_only_layers") or [])
+    sparse = [i for i in range(config["num_hidden_layers"]) if i not in dense and (i + 1) % step == 0]
+    return derived + [
+        f"model.moe.num_experts={config['num_experts']}", f"model.moe.ffn_hidden_size={config['moe_intermediate_size']}",
+        f"model.moe.shared_expert_size={config['shared_expert_intermediate_size']}", "model.moe.shared_expert_gate=true",
+        f"model.moe.pre_softmax={str(not config.get('norm_topk_prob', False)).lower()}",
+        f"model.moe.layer_freq={_moe_layer_freq(config, sparse)}"]
+
+
 class _Weights:
     """Tensors of a safetensors checkpoint, single file or sharded with an index, read on demand."""
 
@@ -144,7 +177,7 @@ def import_hf(hf_dir: Path, overrides: Optional[list[str]] = None) -> tuple[Conf
     """(config, megatron-core global tensors, tokenizer file) of the HF model at ``hf_dir``."""
     hf_dir = Path(hf_dir)
     config, arch = _read_config(hf_dir)
-    derived = _gpt2_overrides(config) if arch == "gpt2" else _llama_overrides(config)
+    derived = {"gpt2": _gpt2_overrides, "llama": _llama_overrides}.get(arch, lambda c: _moe_overrides(c, arch))(config)
     derived += [f"model.name={hf_dir.resolve().name}", f"model.vocab_size={config['vocab_size']}"]
     cfg = load_config(derived + list(overrides or []))
     try:

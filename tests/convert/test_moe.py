@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from gptscale.convert import ConversionError
 from gptscale.convert.generate import Decoder, generate
+from gptscale.convert.from_hf import import_hf
 from gptscale.convert.hf import export_hf
 from tests.convert.models import megatron_logits, perturbed_state, tiny_config
 
@@ -39,6 +40,22 @@ def test_moe_logits_equal_gptscale(variant, tmp_path):
     greedy_theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
                                 suppress_tokens=padding)[0, len(prompt):].tolist()
     assert generate(decoder, prompt, 16) == greedy_theirs
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_moe_import_gives_back_the_exported_model(variant, tmp_path):
+    cfg = tiny_config("moe-tiny", *VARIANTS[variant])
+    state = perturbed_state(cfg, 400)
+    export_hf(cfg, state, None, tmp_path / "hf")
+    imported, tensors, _ = import_hf(tmp_path / "hf")
+    for field in ("num_experts", "top_k", "ffn_hidden_size", "shared_expert_size", "shared_expert_gate",
+                  "pre_softmax", "layer_freq"):
+        assert getattr(imported.model.moe, field) == getattr(cfg.model.moe, field), field
+    assert imported.model.qkv_bias == cfg.model.qkv_bias
+    assert tensors.keys() == state.keys()
+    for key, tensor in state.items():
+        rows = min(tensor.shape[0], tensors[key].shape[0]) if "word_embeddings" in key or "output_layer" in key else None
+        assert torch.equal(tensors[key][:rows], tensor[:rows]), key
 
 
 @pytest.mark.parametrize("override, field", [("model.moe.expert_bias=true", "model.moe.expert_bias"),
