@@ -1,5 +1,9 @@
 """Export to GGUF for llama.cpp (``gpt2`` and ``llama`` architectures), with the tokenizer embedded.
 
+Mixtral-style MoE models are llama.cpp's ``llama`` architecture with ``expert_count`` and
+``expert_used_count`` set and each layer's experts stacked into one tensor per projection
+(``ffn_gate_exps``, ``ffn_up_exps``, ``ffn_down_exps``) beside the router (``ffn_gate_inp``).
+
 Two layouts differ from Hugging Face's. llama.cpp's ``llama`` architecture applies RoPE to adjacent pairs
 (x0, x1), (x2, x3), ... of each head, while megatron-core (like HF) rotates the first half of a head
 against the second; so the rows of every Q and K head are permuted from [first half; second half] to
@@ -22,7 +26,7 @@ from tqdm import tqdm
 from gptscale.config.schema import Config
 from gptscale.convert import ConversionError
 from gptscale.convert.hf import output_vocab_size
-from gptscale.convert.mapping import architecture, export_tensors
+from gptscale.convert.mapping import architecture, expert_ffn_size, export_tensors
 from gptscale.convert.output import Summary, staged
 from gptscale.convert.state import check_state
 from gptscale.convert.tokenizer import gguf_vocab
@@ -61,9 +65,11 @@ def export_gguf(cfg: Config, state: Mapping[str, torch.Tensor], tokenizer_file: 
                               "tokenize text (train with a tokenized dataset)")
     model = cfg.model
     arch = architecture(model)
-    if model.moe.num_experts:
-        raise ConversionError(f"model.moe.num_experts={model.moe.num_experts}: this converter does not write "
-                              "mixture-of-experts GGUF yet; export --to hf and use llama.cpp's converter")
+    if arch == "qwen2_moe":
+        raise ConversionError(f"model.moe.shared_expert_size={model.moe.shared_expert_size}: this converter writes "
+                              "Mixtral-style MoE GGUF only (routed experts, no shared expert); export --to hf and "
+                              "use llama.cpp's converter for Qwen2-MoE")
+    gguf_arch = "llama" if arch == "mixtral" else arch
     check_state(cfg, state)
     vocab = gguf_vocab(tokenizer_file)
     vocab_size = output_vocab_size(state, tokenizer_file)
@@ -73,14 +79,19 @@ def export_gguf(cfg: Config, state: Mapping[str, torch.Tensor], tokenizer_file: 
                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
 
     with staged(out_file, overwrite, make_dir=False) as stage:
-        writer = gguf.GGUFWriter(str(stage), arch)
+        writer = gguf.GGUFWriter(str(stage), gguf_arch)
         writer.add_name(model.name)
         writer.add_file_type(file_type)
         if dtype == "q8_0":
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.add_block_count(model.num_layers)
         writer.add_embedding_length(model.hidden_size)
-        writer.add_feed_forward_length(model.ffn_hidden_size or 4 * model.hidden_size)
+        if arch == "mixtral":
+            writer.add_feed_forward_length(expert_ffn_size(model))
+            writer.add_expert_count(model.moe.num_experts)
+            writer.add_expert_used_count(model.moe.top_k)
+        else:
+            writer.add_feed_forward_length(model.ffn_hidden_size or 4 * model.hidden_size)
         writer.add_head_count(heads)
         writer.add_head_count_kv(groups)
         writer.add_vocab_size(vocab_size)
@@ -107,7 +118,7 @@ def export_gguf(cfg: Config, state: Mapping[str, torch.Tensor], tokenizer_file: 
         parameters = 0
         tensors = list(export_tensors(model, state, vocab_size, hf=False))
         for name, tensor in tqdm(tensors, desc=f"converting to GGUF {arch} {dtype}", unit="tensor"):
-            if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+            if gguf_arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
                 tensor = interleave_rope_rows(tensor, heads if "attn_q" in name else groups)
             data, raw_dtype = _encode(tensor, dtype)
             writer.add_tensor(name, data, raw_dtype=raw_dtype)
@@ -116,4 +127,4 @@ def export_gguf(cfg: Config, state: Mapping[str, torch.Tensor], tokenizer_file: 
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=True)
         writer.close()
-    return Summary("GGUF", arch, parameters, dtype, Path(out_file), [Path(out_file)])
+    return Summary("GGUF", gguf_arch, parameters, dtype, Path(out_file), [Path(out_file)])
