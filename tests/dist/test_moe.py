@@ -7,6 +7,8 @@ by a checkpoint at EP=2 repeats the straight run bit for bit, and the EP=2 check
 follows EP=2's own steps within 1e-4.
 """
 
+import json
+
 import pytest
 import torch
 
@@ -82,6 +84,25 @@ def test_router_losses_matter_in_the_reference(runs):
         assert len(history["loss"]) == 5, name
         assert min(history["aux_loss"]) > 0.1, history
         assert history["loss"][-1] < history["loss"][0], history
+
+
+def logged_router_metrics(run_dir):
+    return [line for line in map(json.loads, open(run_dir / "metrics.jsonl")) if "moe/tokens_per_expert" in line]
+
+
+def test_router_losses_and_expert_load_are_logged(runs):
+    """At the log interval (step 5): router losses, and per layer the tokens each expert got over steps 1-5
+    (every token routed to top_k experts), the same at EP=2 as at one rank."""
+    one, ep2 = (logged_router_metrics(runs["dir"] / where) for where in ("one/mb2", "two/ep2"))
+    assert [line["step"] for line in one] == [line["step"] for line in ep2] == [5]
+    routed = 5 * 8 * 32 * 2  # steps x sequences x tokens x top_k
+    counts = one[0]["moe/tokens_per_expert"]
+    assert len(counts) == 4 and all(sum(layer) == routed for layer in counts), counts
+    assert ep2[0]["moe/tokens_per_expert"] == counts
+    assert one[0]["moe/load_balancing_loss"] > 0 and one[0]["moe/z_loss"] > 0
+    for layer in range(4):
+        assert one[0][f"moe/layer{layer:02d}/min_load"] <= 1 <= one[0][f"moe/layer{layer:02d}/max_load"]
+    assert one[0]["moe/max_load"] == max(one[0][f"moe/layer{layer:02d}/max_load"] for layer in range(4))
 
 
 @pytest.mark.parametrize("name", [*TWO_RANKS, *FOUR_RANKS])
