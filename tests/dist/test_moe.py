@@ -4,13 +4,12 @@ pipeline parallelism and gradient accumulation. Losses, router losses and gradie
 
 With aux-loss-free balancing on (the router's expert bias, a buffer the optimizer does not own), a run split
 by a checkpoint at EP=2 repeats the straight run bit for bit, and the EP=2 checkpoint resumed at one rank
-follows EP=2's own steps within 1e-4.
+follows EP=2's own steps within 1e-4, and so does the same checkpoint resumed at TP=2xEP=2.
 """
 
 import json
 
 import pytest
-import torch
 
 from tests.checkpoint_helpers import all_tensors, assert_resumed_exactly, step_dir
 from tests.helpers import run_jobs
@@ -73,9 +72,12 @@ def runs(tmp_path_factory):
         [f"run_dir={tmp}/one-resumed", *COMMON, *BALANCED, f"checkpoint.resume={ep2_checkpoint}",
          "checkpoint.save_final=false"]]
     one = run_jobs(1, one_jobs, tmp)
-    four = run_jobs(4, jobs(FOUR_RANKS, tmp / "four"), tmp)
+    four = run_jobs(4, jobs(FOUR_RANKS, tmp / "four") + [
+        [f"run_dir={tmp}/tp2-ep2-resumed", *COMMON, *BALANCED, "parallel.tp=2", "parallel.sp=true", "parallel.ep=2",
+         f"checkpoint.resume={ep2_checkpoint}", "checkpoint.save_final=false"]], tmp)
     return {"dir": tmp, "reference": dict(zip(REFERENCE, one)), "one-resumed": one[len(REFERENCE)],
-            "layouts": {**dict(zip(TWO_RANKS, two)), **dict(zip(FOUR_RANKS, four))},
+            "tp2-ep2-resumed": four[len(FOUR_RANKS)],
+            "layouts": {**dict(zip(TWO_RANKS, two)), **dict(zip(FOUR_RANKS, four[:len(FOUR_RANKS)]))},
             "ep2-resume": two[len(TWO_RANKS):]}
 
 
@@ -119,8 +121,10 @@ def test_ep2_resumes_bit_for_bit_with_expert_bias(runs):
     assert any(saved[key].abs().max() > 0 for key in biases), "the expert bias never moved: nothing was tested"
 
 
-def test_ep2_checkpoint_resumes_at_one_rank(runs):
+@pytest.mark.parametrize("layout", ["one-resumed", "tp2-ep2-resumed"])
+def test_ep2_checkpoint_resumes_at_other_layouts(runs, layout):
+    """The EP=2 checkpoint of step 6, resumed at one rank and at TP=2xEP=2, follows EP=2's steps 7-12."""
     straight = runs["ep2-resume"][0]
     expected = {metric: values[6:] for metric, values in straight.items()}
-    assert_close(runs["one-resumed"], expected, "EP=2 checkpoint at one rank")
-    assert torch.tensor(runs["one-resumed"]["loss"]).isfinite().all()
+    assert len(runs[layout]["loss"]) == 6
+    assert_close(runs[layout], expected, f"EP=2 checkpoint at {layout}")
