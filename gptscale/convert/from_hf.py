@@ -1,5 +1,5 @@
-"""Import a local Hugging Face GPT-2, Llama, Mixtral or Qwen2-MoE directory as gptscale's config and tensors, to continue
-pretraining from it.
+"""Import a local Hugging Face GPT-2, Llama, Mixtral or Qwen2-MoE directory as gptscale's config and tensors,
+to continue pretraining from it.
 
 The model config is derived from the HF config and composed through Hydra like any run's, so layout
 overrides (``parallel.tp=2``) and other keys apply and are validated now, against the model, rather than
@@ -34,7 +34,8 @@ SUPPORTED = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MixtralFor
 
 
 def _read_config(hf_dir: Path) -> tuple[dict, str]:
-    """config.json and its architecture, a value of ``SUPPORTED`` (from ``architectures``, or ``model_type`` where that is missing)."""
+    """config.json and its architecture, a value of ``SUPPORTED`` (from ``architectures``, or ``model_type``
+    where that is missing)."""
     path = hf_dir / "config.json"
     if not path.is_file():
         raise ConversionError(f"{hf_dir} has no config.json: not a Hugging Face model directory")
@@ -118,8 +119,7 @@ def _moe_overrides(config: dict, arch: str) -> list[str]:
     if config.get("sliding_window") and config.get("use_sliding_window", arch == "mixtral"):
         raise ConversionError(f"sliding_window={config['sliding_window']}: gptscale attends over the whole sequence")
     qkv_bias = arch == "qwen2_moe" and config.get("qkv_bias", True)
-    derived = _llama_overrides({key: value for key, value in config.items() if key != "qkv_bias"})
-    derived += [f"model.moe.top_k={config['num_experts_per_tok']}",
+    derived = _llama_overrides(config) + [f"model.moe.top_k={config['num_experts_per_tok']}",
                 f"model.moe.aux_loss_coeff={config.get('router_aux_loss_coef', 0.0)}",
                 f"model.qkv_bias={str(bool(qkv_bias)).lower()}"]
     if arch == "mixtral":
@@ -128,8 +128,10 @@ def _moe_overrides(config: dict, arch: str) -> list[str]:
     step, dense = config.get("decoder_sparse_step", 1), set(config.get("mlp_only_layers") or [])
     sparse = [i for i in range(config["num_hidden_layers"]) if i not in dense and (i + 1) % step == 0]
     return derived + [
-        f"model.moe.num_experts={config['num_experts']}", f"model.moe.ffn_hidden_size={config['moe_intermediate_size']}",
-        f"model.moe.shared_expert_size={config['shared_expert_intermediate_size']}", "model.moe.shared_expert_gate=true",
+        f"model.moe.num_experts={config['num_experts']}",
+        f"model.moe.ffn_hidden_size={config['moe_intermediate_size']}",
+        f"model.moe.shared_expert_size={config['shared_expert_intermediate_size']}",
+        "model.moe.shared_expert_gate=true",
         f"model.moe.pre_softmax={str(not config.get('norm_topk_prob', False)).lower()}",
         f"model.moe.layer_freq={_moe_layer_freq(config, sparse)}"]
 
@@ -177,7 +179,10 @@ def import_hf(hf_dir: Path, overrides: Optional[list[str]] = None) -> tuple[Conf
     """(config, megatron-core global tensors, tokenizer file) of the HF model at ``hf_dir``."""
     hf_dir = Path(hf_dir)
     config, arch = _read_config(hf_dir)
-    derived = {"gpt2": _gpt2_overrides, "llama": _llama_overrides}.get(arch, lambda c: _moe_overrides(c, arch))(config)
+    if arch == "gpt2":
+        derived = _gpt2_overrides(config)
+    else:
+        derived = _llama_overrides(config) if arch == "llama" else _moe_overrides(config, arch)
     derived += [f"model.name={hf_dir.resolve().name}", f"model.vocab_size={config['vocab_size']}"]
     cfg = load_config(derived + list(overrides or []))
     try:

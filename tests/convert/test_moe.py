@@ -53,8 +53,8 @@ def test_moe_import_gives_back_the_exported_model(variant, tmp_path):
         assert getattr(imported.model.moe, field) == getattr(cfg.model.moe, field), field
     assert imported.model.qkv_bias == cfg.model.qkv_bias
     assert tensors.keys() == state.keys()
-    for key, tensor in state.items():
-        rows = min(tensor.shape[0], tensors[key].shape[0]) if "word_embeddings" in key or "output_layer" in key else None
+    for key, tensor in state.items():  # vocabulary rows are padded on import: compare the rows both have
+        rows = min(tensor.shape[0], tensors[key].shape[0])
         assert torch.equal(tensors[key][:rows], tensor[:rows]), key
 
 
@@ -93,4 +93,5 @@ def test_gguf_refuses_a_shared_expert_by_field(tmp_path):
     from gptscale.convert.gguf import export_gguf
 
     with pytest.raises(ConversionError, match="model.moe.shared_expert_size"):
-        export_gguf(tiny_config("moe-tiny", *VARIANTS["qwen2_moe"]), {}, tmp_path / "tokenizer.json", tmp_path / "m.gguf")
+        export_gguf(tiny_config("moe-tiny", *VARIANTS["qwen2_moe"]), {}, tmp_path / "tokenizer.json",
+                    tmp_path / "m.gguf")
