@@ -172,7 +172,7 @@ class OptimConfig:
 class SpikeConfig:
     """Loss spikes: a step whose loss or gradient norm exceeds the rolling mean + zscore * std is skipped."""
 
-    zscore: Optional[float] = 6.0  # null or 0 disables spike detection (non-finite steps are still skipped)
+    zscore: Optional[float] = None  # off by default; null or 0 disables it (non-finite steps are still skipped)
     window: int = 50  # past non-skipped steps the mean and std are taken over; detection starts once full
 
 
