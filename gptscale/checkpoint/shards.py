@@ -60,20 +60,17 @@ def _full_shapes_visible(params: list[torch.nn.Parameter]):
             param.data = data
 
 
-def _persistent_buffers(model: ModelChunks) -> dict[int, torch.Tensor]:
-    buffers = {}
-    for module in model.modules():
-        for name, buffer in module.named_buffers(recurse=False):
-            if buffer is not None and name not in module._non_persistent_buffers_set:
-                buffers[id(buffer)] = buffer
-    return buffers
+def _persistent_buffers(model: ModelChunks, params: dict[int, torch.nn.Parameter]) -> dict[int, torch.Tensor]:
+    """The tensors of the model's state dict that are not parameters: its persistent buffers."""
+    return {id(value): value for chunk in model.chunks for value in chunk.state_dict(keep_vars=True).values()
+            if torch.is_tensor(value) and id(value) not in params}
 
 
 def parameter_shards(model: ModelChunks) -> list[ParameterShard]:
     """Every parameter (and persistent buffer) of ``model`` with megatron-core's description, in the same
     order on every rank."""
     params = {id(p): p for p in model.parameters()}
-    buffers = _persistent_buffers(model)
+    buffers = _persistent_buffers(model, params)
     shards = []
     with _full_shapes_visible(list(params.values())):
         for chunk in model.chunks:

@@ -119,9 +119,10 @@ def _moe_overrides(config: dict, arch: str) -> list[str]:
     if config.get("sliding_window") and config.get("use_sliding_window", arch == "mixtral"):
         raise ConversionError(f"sliding_window={config['sliding_window']}: gptscale attends over the whole sequence")
     qkv_bias = arch == "qwen2_moe" and config.get("qkv_bias", True)
-    derived = _llama_overrides(config) + [f"model.moe.top_k={config['num_experts_per_tok']}",
-                f"model.moe.aux_loss_coeff={config.get('router_aux_loss_coef', 0.0)}",
-                f"model.qkv_bias={str(bool(qkv_bias)).lower()}"]
+    derived = _llama_overrides(config) + [
+        f"model.moe.top_k={config['num_experts_per_tok']}",
+        f"model.moe.aux_loss_coeff={config.get('router_aux_loss_coef', 0.0)}",
+        f"model.qkv_bias={str(bool(qkv_bias)).lower()}"]
     if arch == "mixtral":
         return derived + [f"model.moe.num_experts={config['num_local_experts']}",
                           f"model.moe.ffn_hidden_size={config['intermediate_size']}", "model.moe.pre_softmax=false"]
@@ -181,8 +182,10 @@ def import_hf(hf_dir: Path, overrides: Optional[list[str]] = None) -> tuple[Conf
     config, arch = _read_config(hf_dir)
     if arch == "gpt2":
         derived = _gpt2_overrides(config)
+    elif arch == "llama":
+        derived = _llama_overrides(config)
     else:
-        derived = _llama_overrides(config) if arch == "llama" else _moe_overrides(config, arch)
+        derived = _moe_overrides(config, arch)
     derived += [f"model.name={hf_dir.resolve().name}", f"model.vocab_size={config['vocab_size']}"]
     cfg = load_config(derived + list(overrides or []))
     try:

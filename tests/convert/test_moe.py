@@ -1,14 +1,18 @@
-"""MoE export: transformers (Mixtral, Qwen2-MoE) and the reference decoder compute megatron-core's logits,
-and greedy decoding by transformers and by gptscale's generator picks the same tokens."""
+"""MoE conversion: transformers (Mixtral, Qwen2-MoE) and the reference decoder compute megatron-core's logits
+and pick the same greedy tokens; the HF export imports back bit for bit; llama.cpp runs the Mixtral GGUF."""
 
+import numpy as np
 import pytest
 import torch
+from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM
 
 from gptscale.convert import ConversionError
-from gptscale.convert.generate import Decoder, generate
 from gptscale.convert.from_hf import import_hf
+from gptscale.convert.generate import Decoder, generate
+from gptscale.convert.gguf import export_gguf
 from gptscale.convert.hf import export_hf
+from tests.convert.llama_cpp_run import greedy, load, logits
 from tests.convert.models import megatron_logits, perturbed_state, tiny_config, train_state
 
 VARIANTS = {
@@ -68,12 +72,6 @@ def test_unexpressible_moe_refused_by_field(override, field, tmp_path):
 
 def test_mixtral_gguf_runs_in_llama_cpp(tokenizer_file, tmp_path):
     """llama.cpp computes our logits from the Mixtral-style GGUF and decodes the same greedy text."""
-    import numpy as np
-    from tokenizers import Tokenizer
-
-    from gptscale.convert.gguf import export_gguf
-    from tests.convert.llama_cpp_run import greedy, load, logits
-
     cfg = tiny_config("moe-tiny")
     state = train_state(cfg, tokenizer_file, steps=100)  # briefly trained: greedy continuations are not noise
     summary = export_gguf(cfg, state, tokenizer_file, tmp_path / "moe.gguf")
@@ -90,8 +88,6 @@ def test_mixtral_gguf_runs_in_llama_cpp(tokenizer_file, tmp_path):
 
 
 def test_gguf_refuses_a_shared_expert_by_field(tmp_path):
-    from gptscale.convert.gguf import export_gguf
-
     with pytest.raises(ConversionError, match="model.moe.shared_expert_size"):
         export_gguf(tiny_config("moe-tiny", *VARIANTS["qwen2_moe"]), {}, tmp_path / "tokenizer.json",
                     tmp_path / "m.gguf")
