@@ -77,6 +77,27 @@ def _loss_share(per_token_loss: torch.Tensor, loss_mask: torch.Tensor, global_to
     return (per_token_loss.float() * loss_mask).sum() / global_tokens
 
 
+def _schedule(model: ModelChunks, microbatches: list[dict], loss_func, layout: Layout, seq_len: int,
+              forward_only: bool) -> list[dict]:
+    """megatron-core's pipeline schedule over ``microbatches``; ``loss_func(loss_mask, per_token_loss)`` runs on
+    the last stage, whose outputs' dicts it returns (empty elsewhere)."""
+
+    def forward_step(data_iterator, chunk):
+        batch = next(data_iterator)
+        return _forward(chunk, batch), functools.partial(loss_func, batch["loss_mask"])
+
+    chunks = list(model.chunks)
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=[iter(microbatches) for _ in chunks] if len(chunks) > 1 else iter(microbatches),
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=len(microbatches),
+        seq_length=seq_len,
+        micro_batch_size=layout.micro_batch,
+        forward_only=forward_only,
+    )
+
+
 def _run_pipeline(model: ModelChunks, microbatches: list[dict], global_tokens: torch.Tensor, layout: Layout,
                   seq_len: int, forward_only: bool) -> torch.Tensor:
     """Forward (and backward) of all micro-batches through the pipeline; this rank's loss share on the last stage.
@@ -96,20 +117,7 @@ def _run_pipeline(model: ModelChunks, microbatches: list[dict], global_tokens: t
         backward = share * layout.expert_dp if moe_scale is None else share * (layout.expert_dp / moe_scale)
         return backward, loss_mask.sum().int(), {"share": share.detach()}
 
-    def forward_step(data_iterator, chunk):
-        batch = next(data_iterator)
-        return _forward(chunk, batch), functools.partial(loss_func, batch["loss_mask"])
-
-    chunks = list(model.chunks)
-    shares = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=[iter(microbatches) for _ in chunks] if len(chunks) > 1 else iter(microbatches),
-        model=chunks if len(chunks) > 1 else chunks[0],
-        num_microbatches=len(microbatches),
-        seq_length=seq_len,
-        micro_batch_size=layout.micro_batch,
-        forward_only=forward_only,
-    )
+    shares = _schedule(model, microbatches, loss_func, layout, seq_len, forward_only)
     if not shares:  # not the last stage
         return torch.zeros((), device=global_tokens.device)
     return torch.stack([item["share"] for item in shares]).sum()
@@ -181,3 +189,21 @@ def eval_step(engine, model: ModelChunks, batches: Iterator[dict], layout: Layou
     else:
         share = _run_pipeline(model, microbatches, global_tokens, layout, seq_len, forward_only=True)
     return _global_loss(share, layout, is_last_stage)
+
+
+@torch.no_grad()
+def sequence_log_likelihoods(engine, model: ModelChunks, microbatches: list[dict], layout: Layout, seq_len: int,
+                             device: torch.device, is_last_stage: bool) -> Optional[torch.Tensor]:
+    """Each sequence's summed log-probability of its unmasked labels (multiple-choice scoring), ``[n]`` on the
+    last pipeline stage and None elsewhere. Every micro-batch holds ``layout.micro_batch`` sequences."""
+    microbatches = [_to_device(batch, device) for batch in microbatches]
+    if layout.pp == 1:
+        return torch.cat([(_forward(engine, batch).float() * batch["loss_mask"]).sum(dim=1).neg()
+                          for batch in microbatches])
+
+    def loss_func(loss_mask, per_token_loss):
+        sums = (per_token_loss.float() * loss_mask).sum(dim=1)
+        return sums.sum(), loss_mask.sum().int(), {"sums": sums.neg()}
+
+    outputs = _schedule(model, microbatches, loss_func, layout, seq_len, forward_only=True)
+    return torch.cat([item["sums"] for item in outputs]) if is_last_stage else None

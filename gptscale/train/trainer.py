@@ -12,6 +12,8 @@ from gptscale.checkpoint.checkpointer import Checkpointer
 from gptscale.config.schema import Config
 from gptscale.config.validate import check, padded_vocab_size
 from gptscale.data import Data, build_data
+from gptscale.eval.score import TaskScorer, TaskResult
+from gptscale.eval.tasks import read_tasks
 from gptscale.model.build import build_model
 from gptscale.model.fp8 import check_fp8
 from gptscale.model.init import initialize
@@ -51,8 +53,12 @@ class Trainer:
         # Process groups: torch.distributed and megatron-core's TP / PP / DP groups.
         self.ctx = init_parallel(self.layout, self.device, cfg.train.seed)
 
-        # Data: this data-parallel rank's share of every global batch.
+        # Data: this data-parallel rank's share of every global batch, and the multiple-choice tasks scored
+        # at train.eval_interval.
         self.data = self.make_data()
+        tasks = read_tasks(cfg.eval.tasks, cfg.eval.max_examples)
+        self.tasks = TaskScorer(tasks, self.data.tokenizer_file, self.data.eod, cfg.train.seq_len, self.layout,
+                                self.ctx, self.device) if tasks else None
 
         # Model: this rank's chunks of megatron-core's GPTModel, initialised the same under every layout.
         self.model = build_model(cfg.model, cfg.parallel, cfg.train, self.data.vocab_size, backend, self.device)
@@ -127,12 +133,26 @@ class Trainer:
         self.meter.step_done()
         return lr, result
 
-    def evaluate(self) -> float:
-        self.engine.eval()
+    def heldout_loss(self) -> float:
+        """Mean loss per token of ``train.eval_batches`` global batches of the validation split."""
         losses = [eval_step(self.engine, self.model, self.data.valid, self.layout, self.cfg.train.seq_len,
                             self.device, self.ctx.is_last_stage) for _ in range(self.cfg.train.eval_batches)]
-        self.engine.train()
         return torch.stack(losses).mean().item()
+
+    def score_tasks(self) -> list[TaskResult]:
+        return self.tasks.score(self.engine, self.model) if self.tasks is not None else []
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out loss (when there is a validation split) and each task's accuracy, as logged metrics."""
+        self.engine.eval()
+        metrics = {}
+        if self.data.valid is not None:
+            metrics["eval_loss"] = self.heldout_loss()
+        for result in self.score_tasks():
+            metrics[f"eval/{result.task}/acc"] = result.acc
+            metrics[f"eval/{result.task}/acc_norm"] = result.acc_norm
+        self.engine.train()
+        return metrics
 
     def check_step(self, result) -> None:
         """Count a step skipped for a non-finite loss or gradient norm (DeepSpeed applied no update), or for a
@@ -201,8 +221,10 @@ class Trainer:
                 if self.moe_model is not None:
                     metrics.update(router_metrics(self.moe_model, result.router_losses, self.model))
                 self.tracker.log(self.step, metrics)
-            if train.eval_interval and self.step % train.eval_interval == 0 and self.data.valid is not None:
-                self.tracker.log(self.step, {"eval_loss": self.evaluate()})
+            if train.eval_interval and self.step % train.eval_interval == 0:
+                metrics = self.evaluate()
+                if metrics:
+                    self.tracker.log(self.step, metrics)
             if self.guard.exceeded():
                 raise self.too_many_bad_steps()
             stop = self.stop_request.agreed()

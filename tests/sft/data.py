@@ -1,5 +1,9 @@
-"""A generated fine-tuning set the tests can reason about: sums of two digits as chat conversations, and the
-held-out questions as a multiple-choice task."""
+"""A generated fine-tuning set the tests can reason about: sums of two digits as chat conversations or as
+prompt/completion pairs, and the held-out questions as a multiple-choice task.
+
+The multiple-choice context is the pair's prompt: a choice is scored as ``" " + choice`` after it, the
+tokens the completion was trained as. (A chat template's assistant header ends in a space or a newline,
+tokenized apart from the answer, so the same question in chat form is not the text the task scores.)"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from pathlib import Path
 from gptscale.data.chat import load_template, read_records
 from gptscale.data.prepare import prepare_dataset
 
-TEMPLATE = "plain"  # "User: ...\nAssistant: ...\n": the multiple-choice context below is its prefix
+TEMPLATE = "plain"  # "User: ...\nAssistant: ...\n"
 
 
 def sums(seed: int = 0) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
@@ -33,6 +37,16 @@ def write_chat(path: Path, pairs, repeat: int = 1) -> Path:
     return path
 
 
+def prompt(a: int, b: int) -> str:
+    return f"What is {a} + {b}? Answer:"
+
+
+def write_pairs(path: Path, pairs, repeat: int = 1) -> Path:
+    lines = [json.dumps({"prompt": prompt(a, b), "completion": f" {a + b}"}) for _ in range(repeat) for a, b in pairs]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def write_choices(path: Path, pairs, seed: int = 1) -> Path:
     """Held-out sums as four-way multiple choice: the right sum and three others."""
     rng = random.Random(seed)
@@ -41,7 +55,7 @@ def write_choices(path: Path, pairs, seed: int = 1) -> Path:
         wrong = rng.sample([n for n in range(19) if n != a + b], 3)
         choices = [str(n) for n in wrong + [a + b]]
         rng.shuffle(choices)
-        lines.append(json.dumps({"context": f"User: What is {a} + {b}?\nAssistant:", "choices": choices,
+        lines.append(json.dumps({"context": prompt(a, b), "choices": choices,
                                  "answer": choices.index(str(a + b))}))
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -50,5 +64,11 @@ def write_choices(path: Path, pairs, seed: int = 1) -> Path:
 def prepare_chat(directory: Path, chat_file: Path, vocab_size: int = 300, val_fraction: float = 0.1) -> Path:
     template = load_template(TEMPLATE, None)
     prepare_dataset(lambda: read_records(chat_file, "chat", template), directory, vocab_size=vocab_size,
+                    val_fraction=val_fraction, progress=False)
+    return directory
+
+
+def prepare_pairs(directory: Path, pairs_file: Path, vocab_size: int = 300, val_fraction: float = 0.1) -> Path:
+    prepare_dataset(lambda: read_records(pairs_file, "prompt-completion", None), directory, vocab_size=vocab_size,
                     val_fraction=val_fraction, progress=False)
     return directory

@@ -1,0 +1,3 @@
+from gptscale.eval.cli import main
+
+main()
