@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 from tokenizers import Tokenizer
 
-from gptscale.config.validate import Layout
 from gptscale.data.manifest import DataError
 from gptscale.eval.tasks import Task, encode_choice, scoring_sequence
 from gptscale.parallel.groups import ParallelContext
@@ -39,8 +38,8 @@ class TaskResult:
 class TaskScorer:
     """Tokenizes the tasks once; ``score`` runs their sequences through the model (a collective call)."""
 
-    def __init__(self, tasks: list[Task], tokenizer_file: Path | None, eod: int, seq_len: int, layout: Layout,
-                 ctx: ParallelContext, device: torch.device):
+    def __init__(self, tasks: list[Task], tokenizer_file: Path | None, eod: int, vocab_size: int, seq_len: int,
+                 ctx: ParallelContext):
         if tokenizer_file is None:
             raise DataError("eval.tasks: the training data names no tokenizer to tokenize the tasks with")
         tokenizer = Tokenizer.from_file(str(tokenizer_file))
@@ -48,7 +47,8 @@ class TaskScorer:
         def encode(text: str) -> list[int]:
             return tokenizer.encode(text).ids
 
-        self.tasks, self.layout, self.ctx, self.device, self.seq_len, self.eod = tasks, layout, ctx, device, seq_len, eod
+        self.tasks, self.ctx, self.layout, self.device = tasks, ctx, ctx.layout, ctx.device
+        self.seq_len, self.eod, self.vocab_size = seq_len, eod, vocab_size
         self.sequences: list[tuple[list[int], int]] = []
         for task in tasks:
             for number, example in enumerate(task.examples, start=1):
@@ -83,7 +83,7 @@ class TaskScorer:
         mine = list(range(self.ctx.dp_rank, total, layout.dp))
         mine += [-1] * (per_rank - len(mine))
         values = sequence_log_likelihoods(engine, model, self._microbatches(mine), layout, self.seq_len,
-                                          self.device, self.ctx.is_last_stage)
+                                          self.vocab_size, self.device, self.ctx.is_last_stage)
         result = torch.zeros(total, dtype=torch.float64, device=self.device)
         if values is not None:
             owned = torch.tensor([index >= 0 for index in mine], device=self.device)

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 from gptscale.config.validate import Layout
 from gptscale.data.batch import document_attention_mask
@@ -77,15 +78,10 @@ def _loss_share(per_token_loss: torch.Tensor, loss_mask: torch.Tensor, global_to
     return (per_token_loss.float() * loss_mask).sum() / global_tokens
 
 
-def _schedule(model: ModelChunks, microbatches: list[dict], loss_func, layout: Layout, seq_len: int,
+def _schedule(model: ModelChunks, microbatches: list[dict], forward_step, layout: Layout, seq_len: int,
               forward_only: bool) -> list[dict]:
-    """megatron-core's pipeline schedule over ``microbatches``; ``loss_func(loss_mask, per_token_loss)`` runs on
-    the last stage, whose outputs' dicts it returns (empty elsewhere)."""
-
-    def forward_step(data_iterator, chunk):
-        batch = next(data_iterator)
-        return _forward(chunk, batch), functools.partial(loss_func, batch["loss_mask"])
-
+    """megatron-core's pipeline schedule of ``forward_step`` over ``microbatches``; the last stage's loss
+    functions' output dicts (empty elsewhere)."""
     chunks = list(model.chunks)
     return get_forward_backward_func()(
         forward_step_func=forward_step,
@@ -117,7 +113,11 @@ def _run_pipeline(model: ModelChunks, microbatches: list[dict], global_tokens: t
         backward = share * layout.expert_dp if moe_scale is None else share * (layout.expert_dp / moe_scale)
         return backward, loss_mask.sum().int(), {"share": share.detach()}
 
-    shares = _schedule(model, microbatches, loss_func, layout, seq_len, forward_only)
+    def forward_step(data_iterator, chunk):
+        batch = next(data_iterator)
+        return _forward(chunk, batch), functools.partial(loss_func, batch["loss_mask"])
+
+    shares = _schedule(model, microbatches, forward_step, layout, seq_len, forward_only)
     if not shares:  # not the last stage
         return torch.zeros((), device=global_tokens.device)
     return torch.stack([item["share"] for item in shares]).sum()
@@ -191,19 +191,36 @@ def eval_step(engine, model: ModelChunks, batches: Iterator[dict], layout: Layou
     return _global_loss(share, layout, is_last_stage)
 
 
+def _log_likelihoods(logits: torch.Tensor, batch: dict, vocab_size: int) -> torch.Tensor:
+    """Each sequence's summed log-probability of its unmasked labels, normalised over the tokenizer's
+    ``vocab_size`` tokens only: the output layer's padding rows (``model.vocab_multiple``) are no tokens, and
+    Hugging Face exports drop them. ``logits``: ``[b, s, v / tp]``, this tensor-parallel rank's vocabulary shard."""
+    shard = logits.shape[-1]
+    start = parallel_state.get_tensor_model_parallel_rank() * shard
+    padding = torch.arange(start, start + shard, device=logits.device) >= vocab_size
+    logits = logits.float().masked_fill(padding, float("-inf"))
+    per_token_loss = vocab_parallel_cross_entropy(logits, batch["labels"])
+    return (per_token_loss * batch["loss_mask"]).sum(dim=1).neg()
+
+
 @torch.no_grad()
 def sequence_log_likelihoods(engine, model: ModelChunks, microbatches: list[dict], layout: Layout, seq_len: int,
-                             device: torch.device, is_last_stage: bool) -> Optional[torch.Tensor]:
+                             vocab_size: int, device: torch.device, is_last_stage: bool) -> Optional[torch.Tensor]:
     """Each sequence's summed log-probability of its unmasked labels (multiple-choice scoring), ``[n]`` on the
     last pipeline stage and None elsewhere. Every micro-batch holds ``layout.micro_batch`` sequences."""
     microbatches = [_to_device(batch, device) for batch in microbatches]
     if layout.pp == 1:
-        return torch.cat([(_forward(engine, batch).float() * batch["loss_mask"]).sum(dim=1).neg()
-                          for batch in microbatches])
+        return torch.cat([_log_likelihoods(engine(batch["tokens"], batch["position_ids"], attention_mask(batch)),
+                                           batch, vocab_size) for batch in microbatches])
+    sums = []
 
-    def loss_func(loss_mask, per_token_loss):
-        sums = (per_token_loss.float() * loss_mask).sum(dim=1)
-        return sums.sum(), loss_mask.sum().int(), {"sums": sums.neg()}
+    def loss_func(batch, logits):
+        sums.append(_log_likelihoods(logits, batch, vocab_size))
+        return sums[-1].sum(), batch["loss_mask"].sum().int(), {}
 
-    outputs = _schedule(model, microbatches, loss_func, layout, seq_len, forward_only=True)
-    return torch.cat([item["sums"] for item in outputs]) if is_last_stage else None
+    def forward_step(data_iterator, chunk):
+        batch = next(data_iterator)
+        return chunk(batch["tokens"], batch["position_ids"], attention_mask(batch)), functools.partial(loss_func, batch)
+
+    _schedule(model, microbatches, forward_step, layout, seq_len, forward_only=True)
+    return torch.cat(sums) if is_last_stage else None

@@ -57,8 +57,8 @@ class Trainer:
         # at train.eval_interval.
         self.data = self.make_data()
         tasks = read_tasks(cfg.eval.tasks, cfg.eval.max_examples)
-        self.tasks = TaskScorer(tasks, self.data.tokenizer_file, self.data.eod, cfg.train.seq_len, self.layout,
-                                self.ctx, self.device) if tasks else None
+        self.tasks = TaskScorer(tasks, self.data.tokenizer_file, self.data.eod, self.data.vocab_size,
+                                cfg.train.seq_len, self.ctx) if tasks else None
 
         # Model: this rank's chunks of megatron-core's GPTModel, initialised the same under every layout.
         self.model = build_model(cfg.model, cfg.parallel, cfg.train, self.data.vocab_size, backend, self.device)
