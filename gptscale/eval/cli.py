@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, help="also write the JSON lines to this file")
     parser.add_argument("--log-likelihoods", action="store_true", help="add each choice's log-likelihood")
     parser.add_argument("overrides", nargs="*", help="key=value configuration overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     with tempfile.TemporaryDirectory(prefix="gptscale-eval-") as run_dir:
         try:
