@@ -26,6 +26,8 @@ def format_line(step: int, metrics: dict) -> str:
         if key in metrics:
             value = metrics[key]
             parts.append(f"{label} {'n/a' if value is None else fmt.format(value)}")
+    parts += [f"{key.split('/')[1]} acc {value:.3f}" for key, value in metrics.items()
+              if key.startswith("eval/") and key.endswith("/acc")]
     return " | ".join(parts)
 
 

@@ -1,4 +1,5 @@
-"""``gptscale-plot RUN_DIR [--out FILE.png]``: loss, learning rate and tokens/s of a run, from its metrics.jsonl."""
+"""``gptscale-plot RUN_DIR [--out FILE.png]``: loss, learning rate, tokens/s and task accuracy of a run, from its
+metrics.jsonl."""
 
 from __future__ import annotations
 
@@ -37,8 +38,10 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 def plot(records: list[dict], out: Path, title: str) -> None:
     """Write the PNG next to ``out`` and rename it into place, so a reader never sees half a file."""
-    figure = Figure(figsize=(8, 9), layout="constrained")
-    loss_axes, lr_axes, speed_axes = figure.subplots(3, 1, sharex=True)
+    accuracies = sorted({key for record in records for key in record if key.startswith("eval/") and key.endswith("/acc")})
+    figure = Figure(figsize=(8, 12 if accuracies else 9), layout="constrained")
+    panels = figure.subplots(4 if accuracies else 3, 1, sharex=True)
+    loss_axes, lr_axes, speed_axes = panels[:3]
     loss_axes.plot(*_series(records, "loss"), label="train")
     if any("eval_loss" in record for record in records):
         loss_axes.plot(*_series(records, "eval_loss"), marker="o", label="eval")
@@ -48,8 +51,14 @@ def plot(records: list[dict], out: Path, title: str) -> None:
     lr_axes.set_ylabel("learning rate")
     speed_axes.plot(*_series(records, "tokens_per_s"))
     speed_axes.set_ylabel("tokens/s")
-    speed_axes.set_xlabel("step")
-    for axes in (loss_axes, lr_axes, speed_axes):
+    if accuracies:
+        for key in accuracies:
+            panels[3].plot(*_series(records, key), marker="o", label=key.split("/")[1])
+        panels[3].set_ylabel("accuracy")
+        panels[3].set_ylim(0, 1)
+        panels[3].legend()
+    panels[-1].set_xlabel("step")
+    for axes in panels:
         axes.grid(alpha=0.3)
     figure.suptitle(title)
     partial = out.with_name(f".{out.name}.partial")

@@ -12,8 +12,7 @@ from gptscale.checkpoint.checkpointer import Checkpointer
 from gptscale.config.schema import Config
 from gptscale.config.validate import check, padded_vocab_size
 from gptscale.data import Data, build_data
-from gptscale.eval.score import TaskScorer, TaskResult
-from gptscale.eval.tasks import read_tasks
+from gptscale.data.tasks import read_tasks
 from gptscale.model.build import build_model
 from gptscale.model.fp8 import check_fp8
 from gptscale.model.init import initialize
@@ -27,6 +26,7 @@ from gptscale.parallel.grads import (
 )
 from gptscale.parallel.groups import choose_device, destroy_model_parallel, init_parallel, world_size_from_env
 from gptscale.tracking import build_tracker
+from gptscale.train.evaluation import TaskResult, TaskScorer
 from gptscale.train.guard import LossGuard, SpikeDetector, TooManyBadSteps, with_nan_loss
 from gptscale.train.lr_schedule import LearningRateSchedule
 from gptscale.train.metrics import ThroughputMeter, device_peak_tflops, flops_per_token

@@ -159,3 +159,18 @@ def test_plot_refuses_a_directory_without_metrics(tmp_path, contents, message):
     assert proc.returncode == 2
     assert message in proc.stderr
     assert not (tmp_path / "metrics.png").exists()
+
+
+def png_height(path) -> int:
+    return int.from_bytes(path.read_bytes()[20:24], "big")  # the IHDR chunk: width, then height
+
+
+def test_plot_adds_an_accuracy_panel_for_evaluated_tasks(tmp_path):
+    lines = [json.dumps({"step": step, **STEPS[step]}) for step in (2, 4)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert plot(tmp_path, "--out", tmp_path / "plain.png").returncode == 0
+    lines += [json.dumps({"step": 4, "eval/sums/acc": 0.9, "eval/sums/acc_norm": 0.8, "eval/arc/acc": 0.3})]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    proc = plot(tmp_path, "--out", tmp_path / "tasks.png")
+    assert proc.returncode == 0, proc.stderr
+    assert png_height(tmp_path / "plain.png") == 900 and png_height(tmp_path / "tasks.png") == 1200

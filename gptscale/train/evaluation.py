@@ -18,7 +18,7 @@ import torch.distributed as dist
 from tokenizers import Tokenizer
 
 from gptscale.data.manifest import DataError
-from gptscale.eval.tasks import Task, encode_choice, scoring_sequence
+from gptscale.data.tasks import Task, encode_choice, scoring_sequence
 from gptscale.parallel.groups import ParallelContext
 from gptscale.train.step import sequence_log_likelihoods
 
