@@ -14,13 +14,14 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 
 from gptscale.config.schema import Backend, Config, Recompute
 from gptscale.config.validate import Layout
 from gptscale.model.build import build_model
 from gptscale.parallel import cpu
 from gptscale.parallel.deepspeed import parameter_groups
+from gptscale.plan.meta import on_meta
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,8 @@ def fake_groups(world_size: int, rank: int, layout: Layout):
     if dist.is_initialized():
         raise RuntimeError("gptscale.plan builds models in a fake process group and must run outside a "
                            "distributed job (torch.distributed is already initialised)")
+    if not torch.cuda.is_available():
+        cpu.install()  # megatron-core asks for CUDA streams and RNG states while it builds and runs layers
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
         parallel_state.initialize_model_parallel(
@@ -61,6 +64,7 @@ def fake_groups(world_size: int, rank: int, layout: Layout):
             expert_model_parallel_size=layout.ep,
             create_gloo_process_groups=False,
         )
+        tensor_parallel.model_parallel_cuda_manual_seed(0)  # recomputation and dropout fork its RNG states
         yield
     finally:
         if parallel_state.model_parallel_is_initialized():
@@ -92,11 +96,9 @@ def _build(cfg: Config, parallel, train, layout: Layout, vocab_size: int, pp_ran
     world = tp * ep * pp
     shape_layout = Layout(world, tp, pp, layout.vpp, ep, 1, ep, ep)
     rank = tp * (ep_rank + ep * pp_rank)
-    if not torch.cuda.is_available():
-        cpu.install()  # megatron-core's MoE layers ask for CUDA streams while they are built
     with fake_groups(world, rank, shape_layout):
         position = (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_expert_model_parallel_rank())
         assert position == (pp_rank, ep_rank), f"rank {rank} of {world} sits at {position}, not {(pp_rank, ep_rank)}"
-        with torch.device("meta"):
+        with on_meta():
             chunks = build_model(cfg.model, parallel, train, vocab_size, Backend.local, torch.device("meta"))
         return from_module(chunks)

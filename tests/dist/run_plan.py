@@ -1,4 +1,6 @@
-"""Trains one step per layout and writes, per rank, where the rank sits and the bytes of model states it holds.
+"""Trains one step per layout and writes, per rank, where the rank sits, the bytes of model states it holds
+and the bytes autograd saves in one micro-batch's forward through its chunks (not under ZeRO-3, whose
+gathered weights would count as saved tensors).
 
 Usage: torchrun --nproc_per_node=N tests/dist/run_plan.py JOBS.json RESULTS_PREFIX
 """
@@ -9,6 +11,7 @@ import sys
 import torch.distributed as dist
 
 from gptscale.config import load_config
+from gptscale.plan.activations import forward_saved_bytes
 from gptscale.plan.held import gradient_storages, held_bytes
 from gptscale.train.trainer import Trainer
 
@@ -27,9 +30,14 @@ def measure(overrides: list[str]) -> dict:
         optimizer.step = step
         trainer.fit()
         held = held_bytes(trainer.model, optimizer, recorded)
+        saved = None
+        if cfg.parallel.zero < 3:
+            tokens = next(trainer.data.train)["tokens"].to(trainer.device)
+            saved = sum(forward_saved_bytes(chunk, cfg.parallel.micro_batch, cfg.train.seq_len, trainer.data.vocab_size,
+                                            trainer.device, tokens) for chunk in trainer.model.chunks)
         return {"overrides": overrides, "vocab_size": trainer.data.vocab_size, "world_size": dist.get_world_size(),
                 "pp_rank": trainer.ctx.pp_rank, "ep_rank": trainer.ctx.ep_rank,
-                "dp_rank": trainer.engine.mpu.get_data_parallel_rank(), "held": vars(held)}
+                "dp_rank": trainer.engine.mpu.get_data_parallel_rank(), "held": vars(held), "saved": saved}
     finally:
         trainer.close()
 
