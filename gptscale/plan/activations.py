@@ -24,7 +24,7 @@ from megatron.core import parallel_state
 from gptscale.config.schema import Backend, Config, ModelConfig, MoeConfig, Precision
 from gptscale.config.validate import Layout
 from gptscale.model.build import build_model
-from gptscale.plan.counts import fake_groups
+from gptscale.plan.counts import fake_groups, shape_key
 from gptscale.plan.meta import on_meta
 
 
@@ -97,12 +97,11 @@ _parts: dict[tuple, ActivationParts] = {}
 
 def activation_parts(cfg: Config, layout: Layout, vocab_size: int) -> ActivationParts:
     """Measure (once per shape-deciding setting) the parts a stage's activations are made of."""
-    if cfg.model.moe.num_experts:
-        cfg, layout = replace(cfg, model=dense_stand_in(cfg.model)), replace(layout, ep=1)
-    model, parallel, train = cfg.model, cfg.parallel, cfg.train
-    key = (repr(model), layout.tp, parallel.sp, layout.ep, repr(replace(train, steps=0)), vocab_size)
+    key = (shape_key(cfg), layout.tp, cfg.parallel.sp, layout.ep, cfg.train.activation_checkpointing, vocab_size)
     if key not in _parts:
-        one, two = _stage_bytes(cfg, layout, vocab_size, 2), _stage_bytes(cfg, layout, vocab_size, 4)
+        if cfg.model.moe.num_experts:
+            cfg, layout = replace(cfg, model=dense_stand_in(cfg.model)), replace(layout, ep=1)
+        one, two = _stage_bytes(cfg, layout, vocab_size, 2, (0, 1)), _stage_bytes(cfg, layout, vocab_size, 4, (0,))
         per_layer = two[0] - one[0]
         _parts[key] = ActivationParts(first=one[0] - per_layer, per_layer=per_layer, last=one[1] - per_layer)
     return _parts[key]
@@ -117,14 +116,14 @@ def dense_stand_in(model: ModelConfig) -> ModelConfig:
     return replace(model, moe=MoeConfig(), ffn_hidden_size=moe.top_k * expert + moe.shared_expert_size)
 
 
-def _stage_bytes(cfg: Config, layout: Layout, vocab_size: int, num_layers: int) -> tuple[int, int]:
-    """Saved bytes of both stages of a two-stage pipeline of ``num_layers`` layers (one sequence)."""
+def _stage_bytes(cfg: Config, layout: Layout, vocab_size: int, num_layers: int, stages) -> list[int]:
+    """Saved bytes of ``stages`` of a two-stage pipeline of ``num_layers`` layers (one sequence)."""
     model = replace(cfg.model, num_layers=num_layers)
     parallel = replace(cfg.parallel, tp=layout.tp, pp=2, vpp=None, ep=layout.ep, zero=0, micro_batch=1,
                        global_batch=layout.ep)
     shape = Layout(layout.tp * 2 * layout.ep, layout.tp, 2, 1, layout.ep, 1, layout.ep, layout.ep)
     saved = []
-    for stage in range(2):
+    for stage in stages:
         with fake_groups(shape.world_size, layout.tp * layout.ep * stage, shape):
             with on_meta():
                 chunks = build_model(model, parallel, cfg.train, vocab_size, Backend.local, torch.device("meta"))
@@ -133,7 +132,7 @@ def _stage_bytes(cfg: Config, layout: Layout, vocab_size: int, num_layers: int) 
                     chunks.bfloat16()  # as DeepSpeed's bf16 engine casts the module (learned positions are fp32)
                 saved.append(forward_saved_bytes(chunks.chunks[0], 1, cfg.train.seq_len, vocab_size,
                                                  torch.device("meta")))
-    return saved[0], saved[1]
+    return saved
 
 
 def in_flight(layout: Layout, pp_rank: int) -> float:

@@ -73,32 +73,85 @@ def fake_groups(world_size: int, rank: int, layout: Layout):
 
 
 def rank_parameters(cfg: Config, layout: Layout, vocab_size: int, pp_rank: int, ep_rank: int = 0) -> RankParameters:
-    """Parameters of the rank at pipeline stage ``pp_rank`` and expert-parallel rank ``ep_rank``.
+    """Parameters of the rank at pipeline stage ``pp_rank`` (any tensor-, data- or expert-parallel rank:
+    ``config.check`` asks for even splits, so their shards have equal shapes).
 
-    Tensor-parallel ranks hold equal shards (``config.check`` asks for even splits) and data-parallel ranks
-    the same weights, so the model is built once per (stage, expert rank), at tensor-parallel rank 0, in a
-    world of tp x ep x pp ranks (megatron-core's rank order: tensor, then data/expert, then pipeline).
-    Builds are cached by what decides shapes: ZeRO stage, batch sizes and recomputation do not.
+    The model is built once per tensor/expert-parallel size (cached by what decides shapes: not the
+    pipeline, ZeRO stage, batch sizes or recomputation) with one period of its layer pattern (one layer,
+    or ``model.moe.layer_freq`` with MoE layers), and a stage takes the modules megatron-core gives it:
+    layers split evenly, model chunk v of stage r holding the (v * pp + r)-th block of
+    num_layers / (pp * vpp) layers, the embedding on the first chunk of the first stage, the final norm and
+    the output layer on the last chunk of the last, where a tied embedding's output weight is a copy.
+    Tests hold this to the model megatron-core builds for each stage and to what a real run holds.
     """
-    parallel = replace(cfg.parallel, zero=0, micro_batch=1, global_batch=1)
-    train = replace(cfg.train, activation_checkpointing=Recompute.none, steps=0)
-    key = (repr(cfg.model), repr(parallel), repr(train), vocab_size, pp_rank, ep_rank)
+    model = _pattern_model(cfg, layout, vocab_size)
+    key = (id(model), cfg.model.num_layers, layout.pp, layout.vpp, pp_rank)
+    if key not in _stages:
+        _stages[key] = _stage_parameters(model, cfg.model.num_layers, layout, pp_rank)
+    return _stages[key]
+
+
+_stages: dict[tuple, RankParameters] = {}
+
+
+def _stage_parameters(model: torch.nn.Module, num_layers: int, layout: Layout, pp_rank: int) -> RankParameters:
+    pattern = list(model.decoder.layers)
+    pp, vpp = layout.pp, layout.vpp
+    per_chunk = num_layers // (pp * vpp)
+    modules: list[torch.nn.Module] = []
+    for chunk in range(vpp):
+        if pp_rank == 0 and chunk == 0:
+            modules.append(model.embedding)
+        start = (chunk * pp + pp_rank) * per_chunk
+        modules.extend(pattern[index % len(pattern)] for index in range(start, start + per_chunk))
+        if pp_rank == pp - 1 and chunk == vpp - 1:
+            modules.append(model.decoder.final_layernorm)
+            modules.append(model.output_layer)
+            if model.share_embeddings_and_output_weights and pp > 1:
+                modules.append(_Copy(model.embedding.word_embeddings.weight))  # the last stage's output weight
+    numels, groups = [], None
+    for module in modules:  # a layer may appear many times: its parameters count each time
+        numels.extend(p.numel() for p in module.parameters() if p.requires_grad)
+        module_groups = [[p.numel() for p in group["params"]] for group in parameter_groups(module, 0.1)]
+        groups = module_groups if groups is None else [a + b for a, b in zip(groups, module_groups)]
+    dtype_bytes = next(model.parameters()).element_size()
+    return RankParameters(tuple(numels), tuple(tuple(group) for group in groups), dtype_bytes)
+
+
+class _Copy(torch.nn.Module):
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty_like(weight))
+
+
+_built: dict[tuple, torch.nn.Module] = {}
+
+
+def _pattern_model(cfg: Config, layout: Layout, vocab_size: int) -> torch.nn.Module:
+    """The model at tensor-parallel size tp and expert-parallel size ep, without pipelining, with one
+    period of its layer pattern, on the meta device."""
+    key = (shape_key(cfg), layout.tp, layout.ep, vocab_size)
     if key not in _built:
-        _built[key] = _build(cfg, parallel, train, layout, vocab_size, pp_rank, ep_rank)
+        period = cfg.model.moe.layer_freq if cfg.model.moe.num_experts else 1
+        model = replace(cfg.model, num_layers=min(period, cfg.model.num_layers))
+        parallel = replace(cfg.parallel, tp=layout.tp, pp=1, vpp=None, ep=layout.ep, zero=0, micro_batch=1,
+                           global_batch=layout.ep)
+        train = replace(cfg.train, activation_checkpointing=Recompute.none, steps=0)
+        world = layout.tp * layout.ep
+        with fake_groups(world, 0, Layout(world, layout.tp, 1, 1, layout.ep, 1, layout.ep, layout.ep)):
+            with on_meta():
+                _built[key] = build_model(model, parallel, train, vocab_size, Backend.local,
+                                          torch.device("meta")).chunks[0]
     return _built[key]
 
 
-_built: dict[tuple, RankParameters] = {}
+_reprs: dict[int, tuple] = {}
 
 
-def _build(cfg: Config, parallel, train, layout: Layout, vocab_size: int, pp_rank: int, ep_rank: int) -> RankParameters:
-    tp, pp, ep = layout.tp, layout.pp, layout.ep
-    world = tp * ep * pp
-    shape_layout = Layout(world, tp, pp, layout.vpp, ep, 1, ep, ep)
-    rank = tp * (ep_rank + ep * pp_rank)
-    with fake_groups(world, rank, shape_layout):
-        position = (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_expert_model_parallel_rank())
-        assert position == (pp_rank, ep_rank), f"rank {rank} of {world} sits at {position}, not {(pp_rank, ep_rank)}"
-        with on_meta():
-            chunks = build_model(cfg.model, parallel, train, vocab_size, Backend.local, torch.device("meta"))
-        return from_module(chunks)
+def shape_key(cfg: Config) -> tuple:
+    """What decides shapes besides the layout: the model, precision, sequence length and the layer spec's
+    settings (not ZeRO, batch sizes or recomputation); memoised by object, as a search shares them."""
+    model, train = cfg.model, cfg.train
+    if id(model) not in _reprs or _reprs[id(model)][0] is not model:
+        _reprs[id(model)] = (model, repr(model))
+    return (_reprs[id(model)][1], train.precision, train.seq_len, train.fp8, train.fp8_recipe, train.fp8_emulate)

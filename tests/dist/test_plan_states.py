@@ -1,19 +1,19 @@
 """Predicted bytes per rank against a real run: parameter, gradient and optimizer bytes equal what the engine
 holds after a step; activation bytes of one micro-batch are within 10 % of what autograd saves.
 
-The ranks train one step on gloo and report what they hold and save; the prediction is made here, in the
-test's own process, from the model built (and run) on the meta device in a fake process group
-(``gptscale.plan``), as the command-line planner makes it. Two launches (1 and 2 ranks) serve both tests.
+The ranks train one step on gloo and report what they hold and save; the prediction is made afterwards in
+a process of its own (tests/dist/predict_plan.py), from the model built and run on the meta device in a
+fake process group, as the command-line planner makes it. Two launches (1 and 2 ranks) serve both tests.
 """
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
-from gptscale.config import check, load_config
-from gptscale.plan.activations import stage_activation_bytes
-from gptscale.plan.memory import rank_states
-from tests.helpers import torchrun
+from tests.helpers import REPO, torchrun
 
 COMMON = ["train.steps=1", "train.seq_len=32", "train.log_interval=1", "parallel.global_batch=4", "parallel.micro_batch=1",
           "data.embedded_max_bytes=200000", "data.embedded_vocab_size=300", "checkpoint.save_final=false"]
@@ -47,12 +47,6 @@ def _held(tmp_path, nprocs: int, jobs: list[list[str]]) -> list[dict]:
             for result in json.loads((tmp_path / f"held{nprocs}.{rank}.json").read_text())]
 
 
-def _predicted(result: dict):
-    cfg = load_config(result["overrides"])
-    layout = check(cfg, result["world_size"])
-    return cfg, layout
-
-
 def _describe(result: dict) -> tuple:
     return result["overrides"][0], result["overrides"][len(COMMON) + 2:], result["pp_rank"], result["dp_rank"]
 
@@ -70,28 +64,24 @@ def results(tmp_path_factory):
     two_ranks += [job("moe-tiny", name, layout) for name, layout in MOE_TWO_RANKS.items()]
     found = _held(tmp_path, 1, one_rank) + _held(tmp_path, 2, two_ranks)
     assert len(found) == len(one_rank) + 2 * len(two_ranks)
-    return found
+    (tmp_path / "held.json").write_text(json.dumps(found))
+    subprocess.run([sys.executable, "tests/dist/predict_plan.py", str(tmp_path / "held.json"),
+                    str(tmp_path / "predicted.json")], cwd=REPO, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    predicted = json.loads((tmp_path / "predicted.json").read_text())
+    return [{**result, "predicted": prediction} for result, prediction in zip(found, predicted)]
 
 
 def test_predicted_state_bytes_equal_held_bytes(results):
-    mismatches = []
     for result in results:
-        cfg, layout = _predicted(result)
-        predicted = rank_states(cfg, layout, result["vocab_size"], result["pp_rank"], result["ep_rank"],
-                                result["dp_rank"])
         assert result["held"]["parameters"] > 0
-        if vars(predicted) != result["held"]:
-            mismatches.append((*_describe(result), vars(predicted), result["held"]))
+    mismatches = [(*_describe(r), r["predicted"]["states"], r["held"]) for r in results if r["predicted"]["states"] != r["held"]]
     assert not mismatches
 
 
 def test_predicted_activation_bytes_within_ten_percent_of_saved(results):
+    """Dense models; MoE layers are predicted with a dense stand-in (16 % under on moe-tiny, docs/planning.md)."""
     measured = [result for result in results if result["saved"] is not None and "moe-tiny" not in result["overrides"][0]]
     assert len(measured) >= 20
-    off = []
-    for result in measured:
-        cfg, layout = _predicted(result)
-        one_microbatch, _ = stage_activation_bytes(cfg, layout, result["vocab_size"], result["pp_rank"])
-        if abs(one_microbatch - result["saved"]) > 0.1 * result["saved"]:
-            off.append((*_describe(result), one_microbatch, result["saved"]))
+    off = [(*_describe(r), r["predicted"]["activations"], r["saved"]) for r in measured
+           if abs(r["predicted"]["activations"] - r["saved"]) > 0.1 * r["saved"]]
     assert not off
