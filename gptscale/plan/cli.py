@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import asdict
 
@@ -88,19 +89,20 @@ def format_search(results: list[Planned], cluster: Cluster, top: int) -> str:
     reasons: dict[str, list[Planned]] = {}
     for r in results:
         if r.refused is not None:
-            reasons.setdefault(_reason(r.refused), []).append(r)
+            reasons.setdefault(re.sub(r"[\d.]+", "N", _reason(r.refused)), []).append(r)
     if reasons:
-        lines.append(f"refused ({sum(len(v) for v in reasons.values())}), by reason, with one example:")
-        for reason, refused in sorted(reasons.items(), key=lambda item: -len(item[1])):
-            lines.append(f"  {len(refused):>5} x {reason}   e.g. {_layout_text(refused[0].settings)}")
+        lines.append(f"refused ({sum(len(v) for v in reasons.values())}), by reason (config.check's words; --json "
+                     "lists every layout), with one example:")
+        for refused in sorted(reasons.values(), key=len, reverse=True):
+            lines.append(f"  {len(refused):>5} x {_reason(refused[0].refused)}")
+            lines.append(f"          e.g. {_layout_text(refused[0].settings)}")
     lines.append(assumptions(cluster))
     return "\n".join(lines)
 
 
 def _reason(message: str) -> str:
-    """The first problem config.check names (or the memory verdict), without the figures that vary."""
-    first = message.split("\n  - ")[1] if "\n  - " in message else message
-    return first.split(":")[0] if first.startswith("does not fit") else first
+    """The first problem config.check names (or the memory verdict)."""
+    return message.split("\n  - ")[1] if "\n  - " in message else message
 
 
 def to_json(planned: Planned) -> dict:

@@ -14,13 +14,13 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state, tensor_parallel
 
 from gptscale.config.schema import Backend, Config, Recompute
 from gptscale.config.validate import Layout
 from gptscale.model.build import build_model
 from gptscale.parallel import cpu
 from gptscale.parallel.deepspeed import parameter_groups
+from gptscale.parallel.groups import destroy_model_parallel, init_model_parallel
 from gptscale.plan.meta import on_meta
 
 
@@ -46,7 +46,7 @@ def from_module(model: torch.nn.Module) -> RankParameters:
 
 
 @contextlib.contextmanager
-def fake_groups(world_size: int, rank: int, layout: Layout):
+def fake_groups(layout: Layout, rank: int):
     """torch.distributed and megatron-core's groups for one rank of ``layout``, without other processes."""
     from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
 
@@ -55,20 +55,12 @@ def fake_groups(world_size: int, rank: int, layout: Layout):
                            "distributed job (torch.distributed is already initialised)")
     if not torch.cuda.is_available():
         cpu.install()  # megatron-core asks for CUDA streams and RNG states while it builds and runs layers
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=layout.world_size)
     try:
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=layout.tp,
-            pipeline_model_parallel_size=layout.pp,
-            virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
-            expert_model_parallel_size=layout.ep,
-            create_gloo_process_groups=False,
-        )
-        tensor_parallel.model_parallel_cuda_manual_seed(0)  # recomputation and dropout fork its RNG states
+        init_model_parallel(layout, seed=0)  # recomputation and dropout fork its RNG states
         yield
     finally:
-        if parallel_state.model_parallel_is_initialized():
-            parallel_state.destroy_model_parallel()
+        destroy_model_parallel()
         dist.destroy_process_group()
 
 
@@ -138,7 +130,7 @@ def _pattern_model(cfg: Config, layout: Layout, vocab_size: int) -> torch.nn.Mod
                            global_batch=layout.ep)
         train = replace(cfg.train, activation_checkpointing=Recompute.none, steps=0)
         world = layout.tp * layout.ep
-        with fake_groups(world, 0, Layout(world, layout.tp, 1, 1, layout.ep, 1, layout.ep, layout.ep)):
+        with fake_groups(Layout(world, layout.tp, 1, 1, layout.ep, 1, layout.ep, layout.ep), 0):
             with on_meta():
                 _built[key] = build_model(model, parallel, train, vocab_size, Backend.local,
                                           torch.device("meta")).chunks[0]

@@ -23,7 +23,7 @@ for model, overrides, world in CASES:
     layout = check(cfg, world)
     for stage in range(layout.pp):
         composed = rank_parameters(cfg, layout, 300, stage)
-        with fake_groups(layout.tp * layout.pp, layout.tp * stage, layout), on_meta():
+        with fake_groups(layout, layout.tp * stage), on_meta():
             built = from_module(build_model(cfg.model, cfg.parallel, cfg.train, 300, Backend.local, torch.device("meta")))
         print(json.dumps({"case": [model, *overrides], "stage": stage, "equal": composed == built,
                           "numel": built.total}))
