@@ -276,6 +276,15 @@ class EvalConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """The machines a layout is planned for (``gptscale-plan``); GPU names are listed in gptscale/plan/cluster.py."""
+
+    nodes: int = 1
+    gpus_per_node: int = 8
+    gpu: str = "h100"  # h100 | h200 | a100 | a100-40 | l40s | ...
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -288,3 +297,4 @@ class Config:
     bench: BenchConfig = field(default_factory=BenchConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)

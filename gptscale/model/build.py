@@ -137,8 +137,14 @@ class ModelChunks(torch.nn.Module):
 
 def build_model(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig, vocab_size: int,
                 backend: Backend, device: torch.device) -> ModelChunks:
-    """Build this rank's share of the model (uninitialised: call ``gptscale.model.init.initialize``)."""
+    """Build this rank's share of the model (uninitialised: call ``gptscale.model.init.initialize``).
+
+    On the meta device (``gptscale.plan``, inside ``with torch.device("meta")``) weights get shapes and
+    dtypes but no storage and no initialisation, so a 70B model's shards are read in a fraction of a second.
+    """
     config = transformer_config(model, parallel, train, on_gpu=device.type == "cuda", backend=backend)
+    if device.type == "meta":
+        config.use_cpu_initialization, config.perform_initialization = True, False
     if model.moe.num_experts:
         provide_missing_te_gemm()
     float8 = torchao_float8_config(train) if backend == Backend.local else None

@@ -80,15 +80,7 @@ def init_parallel(layout: Layout, device: torch.device, seed: int) -> ParallelCo
     init_distributed(device)
     if dist.get_world_size() != layout.world_size:
         raise RuntimeError(f"layout was checked for {layout.world_size} ranks but the job has {dist.get_world_size()}")
-    destroy_model_parallel()  # a previous run in this process may have left its layout
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=layout.tp,
-        pipeline_model_parallel_size=layout.pp,
-        virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
-        expert_model_parallel_size=layout.ep,
-        create_gloo_process_groups=False,
-    )
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    init_model_parallel(layout, seed)
     return ParallelContext(
         layout=layout,
         rank=dist.get_rank(),
@@ -99,6 +91,19 @@ def init_parallel(layout: Layout, device: torch.device, seed: int) -> ParallelCo
         dp_rank=parallel_state.get_data_parallel_rank(),
         ep_rank=parallel_state.get_expert_model_parallel_rank(),
     )
+
+
+def init_model_parallel(layout: Layout, seed: int) -> None:
+    """megatron-core's TP / PP / DP / EP groups over the initialised world, and its model-parallel RNG."""
+    destroy_model_parallel()  # a previous run in this process may have left its layout
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
+        expert_model_parallel_size=layout.ep,
+        create_gloo_process_groups=False,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
 def destroy_model_parallel() -> None:

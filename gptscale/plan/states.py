@@ -1,21 +1,32 @@
-"""Bytes of parameters, gradients and optimizer states one rank holds, as DeepSpeed lays them out.
+"""Bytes of parameters, gradients and optimizer states one rank holds, as DeepSpeed 0.19 lays them out.
 
-The counts come from the model itself (its parameters, split into the optimizer's groups by
-``gptscale.parallel.deepspeed.parameter_groups``); the layout rules are DeepSpeed 0.19's:
+The counts come from the model itself (``gptscale.plan.counts``: its parameters in module order and in the
+optimizer's groups); the sizes DeepSpeed picks come from its own config class, filled from the engine
+configuration gptscale hands it (``engine_config``). What a rank holds between steps, with ``w`` the
+weight's bytes (4 fp32, 2 bf16):
 
 - no ZeRO, fp32: torch AdamW over the model's weights: weights, ``.grad``, two moments and a step count
   (a 4-byte tensor) per parameter tensor.
 - no ZeRO, bf16: DeepSpeed's unfused mixed-precision optimizer: bf16 weights and gradients, fp32 masters
   and moments per tensor.
-- ZeRO-1/2, fp32: each group flattened and padded to a multiple of 2 * dp elements; gradients, fp32 master
-  and moments hold this rank's 1/dp of it, plus one step count per group.
-- ZeRO-1/2, bf16 (fp32 gradient accumulation): DeepSpeed's BF16 optimizer: bf16 weights and gradients, a
-  full fp32 gradient accumulator, this rank's 1/dp of fp32 masters and moments.
+- ZeRO-1/2: each group flattened and padded to a multiple of 2 * dp elements (the weights become views of
+  it); fp32 master and moments hold this rank's 1/dp of it, plus one step count per group. Gradients, fp32:
+  with contiguous gradients (no pipelining) a buffer the size of every parameter that reaches into this
+  rank's partition (whole tensors, not their overlap) plus zeros for the padding; else the partition.
+  bf16 (fp32 accumulation), ZeRO-1: DeepSpeed's BF16 optimizer, bf16 gradients of the weights plus an fp32
+  accumulator of the flat group; ZeRO-2: an fp32 buffer of the partition.
+- ZeRO-3: each tensor split into dp parts of ceil(numel / dp); tensors of at most
+  ``param_persistence_threshold`` elements stay whole on every rank. The rank holds its flat partition in
+  the weights' dtype, an fp32 master and two moments of it, one step count per sub-group of
+  ``sub_group_size`` elements, an fp32 gradient partition, and the reduce bucket of
+  ``reduce_bucket_size`` elements in the weights' dtype.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
 
 @dataclass(frozen=True)
@@ -33,8 +44,16 @@ def _padded(numel: int, multiple: int) -> int:
     return -(-numel // multiple) * multiple
 
 
-def state_bytes(groups: list[list[int]], dp: int, zero: int, bf16: bool) -> StateBytes:
-    """Bytes one rank holds for parameter ``groups`` (each a list of tensor sizes) under ``zero`` and dp ranks."""
+def zero_settings(engine_json: dict) -> DeepSpeedZeroConfig:
+    """DeepSpeed's ZeRO settings (its defaults filled in) for the engine configuration gptscale builds."""
+    return DeepSpeedZeroConfig(**engine_json["zero_optimization"])
+
+
+def state_bytes(groups: list[list[int]], dp: int, zero: int, bf16: bool, dp_rank: int = 0,
+                settings: DeepSpeedZeroConfig | None = None, numels: list[int] | None = None) -> StateBytes:
+    """Bytes data-parallel rank ``dp_rank`` of ``dp`` holds for parameter ``groups`` (each a list of tensor
+    sizes in the optimizer's order; ``numels``: the same tensors in module order) under ZeRO stage ``zero``."""
+    settings = settings or DeepSpeedZeroConfig(stage=zero)
     numel = sum(sum(group) for group in groups)
     tensors = sum(len(group) for group in groups)
     weight = 2 if bf16 else 4
@@ -42,10 +61,61 @@ def state_bytes(groups: list[list[int]], dp: int, zero: int, bf16: bool) -> Stat
         masters = 4 * numel if bf16 else 0
         return StateBytes(weight * numel, weight * numel, masters + 8 * numel + 4 * tensors)
     if zero in (1, 2):
-        shard = sum(_padded(sum(group), 2 * dp) // dp for group in groups)
-        flat = sum(_padded(sum(group), 2 * dp) for group in groups)
+        shards = [_padded(sum(group), 2 * dp) // dp for group in groups]
+        flat = sum(shard * dp for shard in shards)
+        shard = sum(shards)
         step_counts = 4 * len(groups)
-        if bf16:
+        if bf16 and zero == 1:
             return StateBytes(2 * flat, 2 * numel + 4 * flat, 12 * shard + step_counts)
-        return StateBytes(4 * flat, 4 * shard, 12 * shard + step_counts)
-    raise NotImplementedError(f"parallel.zero={zero}: ZeRO-3's byte layout is not modelled yet")
+        if bf16:
+            return StateBytes(2 * flat, 4 * shard, 12 * shard + step_counts)
+        if settings.contiguous_gradients:
+            gradients = sum(_contiguous_gradient_numel(group, size, dp_rank) for group, size in zip(groups, shards))
+        else:
+            gradients = shard
+        return StateBytes(4 * flat, 4 * gradients, 12 * shard + step_counts)
+    if zero == 3:
+        return _zero3_bytes(groups, numels or [n for group in groups for n in group], dp, weight, settings)
+    raise ValueError(f"parallel.zero={zero} is not a ZeRO stage")
+
+
+def _contiguous_gradient_numel(group: list[int], partition: int, dp_rank: int) -> int:
+    """Elements of ZeRO-1/2's gradient buffer for one group: every tensor overlapping the partition, whole,
+    and a zero tensor for what the group's padding leaves uncovered (counted when it has several elements,
+    as the held-bytes reader counts tensors)."""
+    start, end = dp_rank * partition, (dp_rank + 1) * partition
+    whole, covered, offset = 0, 0, 0
+    for size in group:
+        if offset < end and offset + size > start:
+            whole += size
+            covered += min(end, offset + size) - max(start, offset)
+        offset += size
+    padding = partition - covered
+    return whole + (padding if padding > 1 else 0)
+
+
+def _zero3_bytes(groups: list[list[int]], numels: list[int], dp: int, weight: int,
+                 settings: DeepSpeedZeroConfig) -> StateBytes:
+    persistent, persisted = 0, 0
+    for size in numels:  # DeepSpeed walks the module's parameters in order
+        if size + persisted > settings.model_persistence_threshold:
+            continue
+        if size <= settings.param_persistence_threshold:
+            persistent += size
+            persisted += size
+    partition = sum(-(-size // dp) for group in groups for size in group)
+    sub_groups = sum(_sub_groups([-(-size // dp) for size in group], settings.sub_group_size) for group in groups)
+    optimizer = weight * partition + 12 * partition + 4 * sub_groups + weight * settings.reduce_bucket_size
+    return StateBytes(weight * persistent, 4 * partition, optimizer)
+
+
+def _sub_groups(partitions: list[int], sub_group_size: int) -> int:
+    """How many sub-groups ZeRO-3 cuts a group into (each gets its own flat buffers and step count)."""
+    if sub_group_size is None or sub_group_size >= sum(partitions):
+        return 1
+    count, size = 0, 0
+    for index, part in enumerate(partitions):
+        size += part
+        if size >= sub_group_size or index == len(partitions) - 1:
+            count, size = count + 1, 0
+    return count

@@ -25,6 +25,7 @@ from gptscale.parallel.grads import (
     register_sequence_parallel_hooks,
 )
 from gptscale.parallel.groups import choose_device, destroy_model_parallel, init_parallel, world_size_from_env
+from gptscale.plan.check import MemoryCheck
 from gptscale.tracking import build_tracker
 from gptscale.train.evaluation import TaskResult, TaskScorer
 from gptscale.train.guard import LossGuard, SpikeDetector, TooManyBadSteps, with_nan_loss
@@ -69,7 +70,10 @@ class Trainer:
         register_sequence_parallel_hooks(self.model)
         register_expert_parallel_hooks(self.model)
         mark_pipeline_replicas(self.model)
+        self.memory_check = MemoryCheck(cfg, self.layout, self.ctx.pp_rank, self.model, self.data.vocab_size,
+                                        self.device, self.ctx.rank)  # the plan's prediction, checked after step 1
         self.engine = build_engine(self.model, self.layout, cfg.parallel.zero, cfg.optim, cfg.train)
+        self.memory_check.watch(self.engine)
 
         # Optimizer schedule and everything else a restart must restore.
         self.schedule = LearningRateSchedule(cfg.optim, cfg.train.steps)
@@ -199,6 +203,7 @@ class Trainer:
         stop = False
         while self.step < train.steps and not stop:
             lr, result = self.train_one_step()
+            self.memory_check.after_step()
             history.append(result)
             self.check_step(result)
             if self.step % train.log_interval == 0 or self.step == train.steps:

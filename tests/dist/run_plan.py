@@ -1,4 +1,6 @@
-"""Trains one step per layout and writes, per rank, predicted and held bytes of model states.
+"""Trains one step per layout and writes, per rank, where the rank sits, the bytes of model states it holds
+and the bytes autograd saves in one micro-batch's forward through its chunks (not under ZeRO-3, whose
+gathered weights would count as saved tensors).
 
 Usage: torchrun --nproc_per_node=N tests/dist/run_plan.py JOBS.json RESULTS_PREFIX
 """
@@ -9,10 +11,8 @@ import sys
 import torch.distributed as dist
 
 from gptscale.config import load_config
-from gptscale.config.schema import Precision
-from gptscale.parallel.deepspeed import parameter_groups
+from gptscale.plan.activations import forward_saved_bytes
 from gptscale.plan.held import gradient_storages, held_bytes
-from gptscale.plan.states import state_bytes
 from gptscale.train.trainer import Trainer
 
 
@@ -29,10 +29,15 @@ def measure(overrides: list[str]) -> dict:
 
         optimizer.step = step
         trainer.fit()
-        groups = [[p.numel() for p in group["params"]] for group in parameter_groups(trainer.model, 0.1)]
-        predicted = state_bytes(groups, trainer.layout.dp, cfg.parallel.zero, cfg.train.precision == Precision.bf16)
         held = held_bytes(trainer.model, optimizer, recorded)
-        return {"overrides": overrides, "predicted": vars(predicted), "held": vars(held)}
+        saved = None
+        if cfg.parallel.zero < 3:
+            tokens = next(trainer.data.train)["tokens"].to(trainer.device)
+            saved = sum(forward_saved_bytes(chunk, cfg.parallel.micro_batch, cfg.train.seq_len, trainer.data.vocab_size,
+                                            trainer.device, tokens) for chunk in trainer.model.chunks)
+        return {"overrides": overrides, "vocab_size": trainer.data.vocab_size, "world_size": dist.get_world_size(),
+                "pp_rank": trainer.ctx.pp_rank, "ep_rank": trainer.ctx.ep_rank,
+                "dp_rank": trainer.engine.mpu.get_data_parallel_rank(), "held": vars(held), "saved": saved}
     finally:
         trainer.close()
 

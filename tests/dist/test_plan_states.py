@@ -1,14 +1,23 @@
-"""Predicted parameter, gradient and optimizer bytes per rank equal what the engine holds after a real step."""
+"""Predicted bytes per rank against a real run: parameter, gradient and optimizer bytes equal what the engine
+holds after a step; activation bytes of one micro-batch are within 10 % of what autograd saves.
+
+The ranks train one step on gloo and report what they hold and save; the prediction is made afterwards in
+a process of its own (tests/dist/predict_plan.py), from the model built and run on the meta device in a
+fake process group, as the command-line planner makes it. Two launches (1 and 2 ranks) serve both tests.
+"""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
-from tests.helpers import torchrun
+from tests.helpers import REPO, torchrun
 
 COMMON = ["train.steps=1", "train.seq_len=32", "train.log_interval=1", "parallel.global_batch=4", "parallel.micro_batch=1",
           "data.embedded_max_bytes=200000", "data.embedded_vocab_size=300", "checkpoint.save_final=false"]
-LAYOUTS = {
+TWO_RANKS = {
     "tp2": ["parallel.tp=2"],
     "pp2": ["parallel.pp=2"],
     "pp2-vpp2": ["parallel.pp=2", "parallel.vpp=2"],
@@ -16,35 +25,63 @@ LAYOUTS = {
     "dp2-zero0": ["parallel.zero=0"],
     "dp2-zero1": ["parallel.zero=1"],
     "dp2-zero2": ["parallel.zero=2"],
+    "dp2-zero3": ["parallel.zero=3"],
     "dp2-zero0-bf16": ["parallel.zero=0", "train.precision=bf16"],
     "dp2-zero1-bf16": ["parallel.zero=1", "train.precision=bf16"],
+    "dp2-zero2-bf16": ["parallel.zero=2", "train.precision=bf16"],
+    "dp2-zero3-bf16": ["parallel.zero=3", "train.precision=bf16"],
+    "tp2-sp-selective": ["parallel.tp=2", "parallel.sp=true", "train.activation_checkpointing=selective"],
 }
+ONE_RANK = {
+    "one": [],
+    "one-selective": ["train.activation_checkpointing=selective"],
+    "one-full-mb2": ["train.activation_checkpointing=full", "parallel.micro_batch=2"],
+}
+MOE_TWO_RANKS = {"ep2": ["parallel.ep=2"], "dp2-zero1": ["parallel.zero=1"], "dp2-zero3": ["parallel.zero=3"]}
 
 
-# llama-tiny under ZeRO-1/2 in fp32 holds 128 gradient bytes per rank (32 fp32 elements) more than predicted:
-# a padding rule of DeepSpeed's not yet modelled. Kept apart and strict, so it fails once it matches.
-KNOWN_GRADIENT_GAP = [("llama-tiny", "dp2-zero1"), ("llama-tiny", "dp2-zero2")]
-MATCHING = [(model, name) for model in ("gpt2-tiny", "llama-tiny") for name in LAYOUTS
-            if (model, name) not in KNOWN_GRADIENT_GAP]
+def _held(tmp_path, nprocs: int, jobs: list[list[str]]) -> list[dict]:
+    (tmp_path / f"jobs{nprocs}.json").write_text(json.dumps(jobs))
+    torchrun(nprocs, ["tests/dist/run_plan.py", str(tmp_path / f"jobs{nprocs}.json"), str(tmp_path / f"held{nprocs}")])
+    return [result for rank in range(nprocs)
+            for result in json.loads((tmp_path / f"held{nprocs}.{rank}.json").read_text())]
 
 
-def _mismatches(tmp_path, cases):
-    jobs = [[f"model={model}", f"run_dir={tmp_path}/{model}-{name}", *COMMON, *LAYOUTS[name]] for model, name in cases]
-    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
-    torchrun(2, ["tests/dist/run_plan.py", str(tmp_path / "jobs.json"), str(tmp_path / "results")])
-    mismatches = []
-    for rank in range(2):
-        for result in json.loads((tmp_path / f"results.{rank}.json").read_text()):
-            assert result["held"]["parameters"] > 0
-            if result["predicted"] != result["held"]:
-                mismatches.append((rank, result))
-    return mismatches
+def _describe(result: dict) -> tuple:
+    return result["overrides"][0], result["overrides"][len(COMMON) + 2:], result["pp_rank"], result["dp_rank"]
 
 
-def test_predicted_state_bytes_equal_held_bytes(tmp_path):
-    assert not _mismatches(tmp_path, MATCHING)
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("plan")
+
+    def job(model, name, layout):
+        return [f"model={model}", f"run_dir={tmp_path}/{model}-{name}", *COMMON, *layout]
+
+    one_rank = [job(model, name, layout) for model in ("gpt2-tiny", "llama-tiny") for name, layout in ONE_RANK.items()]
+    one_rank.append(job("moe-tiny", "one", []))
+    two_ranks = [job(model, name, layout) for model in ("gpt2-tiny", "llama-tiny") for name, layout in TWO_RANKS.items()]
+    two_ranks += [job("moe-tiny", name, layout) for name, layout in MOE_TWO_RANKS.items()]
+    found = _held(tmp_path, 1, one_rank) + _held(tmp_path, 2, two_ranks)
+    assert len(found) == len(one_rank) + 2 * len(two_ranks)
+    (tmp_path / "held.json").write_text(json.dumps(found))
+    subprocess.run([sys.executable, "tests/dist/predict_plan.py", str(tmp_path / "held.json"),
+                    str(tmp_path / "predicted.json")], cwd=REPO, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    predicted = json.loads((tmp_path / "predicted.json").read_text())
+    return [{**result, "predicted": prediction} for result, prediction in zip(found, predicted)]
 
 
-@pytest.mark.xfail(strict=True, reason="DeepSpeed ZeRO-1/2 fp32 gradient padding for llama-tiny not modelled")
-def test_predicted_gradient_bytes_llama_zero12(tmp_path):
-    assert not _mismatches(tmp_path, KNOWN_GRADIENT_GAP)
+def test_predicted_state_bytes_equal_held_bytes(results):
+    for result in results:
+        assert result["held"]["parameters"] > 0
+    mismatches = [(*_describe(r), r["predicted"]["states"], r["held"]) for r in results if r["predicted"]["states"] != r["held"]]
+    assert not mismatches
+
+
+def test_predicted_activation_bytes_within_ten_percent_of_saved(results):
+    """Dense models; MoE layers are predicted with a dense stand-in (16 % under on moe-tiny, docs/planning.md)."""
+    measured = [result for result in results if result["saved"] is not None and "moe-tiny" not in result["overrides"][0]]
+    assert len(measured) >= 20
+    off = [(*_describe(r), r["predicted"]["activations"], r["saved"]) for r in measured
+           if abs(r["predicted"]["activations"] - r["saved"]) > 0.1 * r["saved"]]
+    assert not off

@@ -1,0 +1,7 @@
+"""``python -m gptscale.plan``: the same as ``gptscale-plan``."""
+
+import sys
+
+from gptscale.plan.cli import main
+
+sys.exit(main())

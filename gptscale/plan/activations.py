@@ -1,0 +1,214 @@
+"""Activation bytes per micro-batch: what autograd saves for backward, measured on the model itself.
+
+``SavedBytes`` counts the tensors autograd keeps for backward (unique storages; weights are not
+activations). The plan runs the configured layers on the meta device, where tensors have shapes and
+dtypes but no data, inside a fake process group: recomputation, sequence parallelism, the loss layer's
+logits and whatever megatron-core saves are counted as the code does it, not as a formula says. Tests run
+the same counter in a real forward.
+
+A stage's bytes are composed from three measurements of small models of the configured shape (pipelines
+of two stages of one and of two layers): what the first stage adds (embedding), what one layer adds, and
+what the last stage adds (final norm, output layer, logits and the loss). All are linear in the
+micro-batch, which is measured at 1 sequence and scaled. Mixture-of-experts layers route tokens by their
+values, which the meta device cannot run: they are measured as a dense stand-in (``dense_stand_in``).
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass, replace
+
+import torch
+from megatron.core import parallel_state
+
+from gptscale.config.schema import Backend, Config, ModelConfig, MoeConfig, Precision
+from gptscale.config.validate import Layout
+from gptscale.model.build import build_model
+from gptscale.plan.counts import fake_groups, shape_key
+from gptscale.plan.meta import on_meta
+
+
+class SavedBytes:
+    """Bytes of the tensors autograd saves inside the ``with`` block, each storage once, weights left out."""
+
+    def __init__(self, weights=()):
+        self.weights = {_storage_key(w) for w in weights}
+        self.storages: dict[int, int] = {}
+
+    @property
+    def total(self) -> int:
+        return sum(self.storages.values())
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        key = _storage_key(tensor)
+        if key not in self.weights:
+            self.storages[key] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    def __enter__(self):
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+
+
+class LiveSavedBytes:
+    """The peak, inside the ``with`` block, of the bytes autograd holds for backward at once (each storage
+    once while any graph still holds it, weights left out): what a pipeline schedule's in-flight
+    micro-batches keep alive. Tests hold the schedule's in-flight prediction to it in a real step."""
+
+    def __init__(self, weights=()):
+        self.weights = {_storage_key(w) for w in weights}
+        self.holders: dict[int, int] = {}
+        self.live = self.peak = 0
+
+    def _pack(self, tensor: torch.Tensor):
+        key = _storage_key(tensor)
+        if key in self.weights:
+            return tensor
+        if key not in self.holders:
+            self.holders[key] = 0
+            self.live += tensor.untyped_storage().nbytes()
+            self.peak = max(self.peak, self.live)
+        self.holders[key] += 1
+        holder = _Held(tensor)
+        weakref.finalize(holder, self._release, key, tensor.untyped_storage().nbytes())
+        return holder
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self.holders[key] -= 1
+        if not self.holders[key]:
+            del self.holders[key]
+            self.live -= nbytes
+
+    def __enter__(self):
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+
+
+class _Held:
+    """What autograd keeps instead of a saved tensor, so that its release can be seen."""
+
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+
+def _unpack(saved):
+    return saved.tensor if isinstance(saved, _Held) else saved
+
+
+def _storage_key(tensor: torch.Tensor) -> int:
+    # The storage's identity: data pointers are all zero on the meta device, the storage object is not.
+    return tensor.untyped_storage()._cdata
+
+
+def forward_saved_bytes(chunk: torch.nn.Module, micro_batch: int, seq_len: int, vocab_size: int,
+                        device: torch.device, tokens: torch.Tensor | None = None) -> int:
+    """Bytes autograd saves in one forward of one micro-batch through ``chunk`` (a megatron-core GPTModel).
+
+    A chunk that does not start the model gets its input as the pipeline schedule gives it (sequence-first
+    hidden states, split over tensor-parallel ranks under sequence parallelism, requiring grad).
+    """
+    config = chunk.config
+    if tokens is None:
+        tokens = torch.zeros(micro_batch, seq_len, dtype=torch.long, device=device)
+    positions = torch.arange(seq_len, device=device).expand(micro_batch, seq_len)
+    if not chunk.pre_process:
+        tp = parallel_state.get_tensor_model_parallel_world_size() if config.sequence_parallel else 1
+        hidden = torch.zeros(seq_len // tp, micro_batch, config.hidden_size, dtype=config.params_dtype,
+                             device=device, requires_grad=True)
+        chunk.set_input_tensor(hidden)
+    with SavedBytes(chunk.parameters()) as saved:
+        chunk(tokens, positions, None, labels=tokens if chunk.post_process else None)
+    return saved.total
+
+
+@dataclass(frozen=True)
+class ActivationParts:
+    """Bytes saved per micro-batch of one sequence: by the first stage's extras, per layer, by the last's."""
+
+    first: int
+    per_layer: int
+    last: int
+
+    def stage(self, layers: int, first: bool, last: bool, micro_batch: int) -> int:
+        return round(micro_batch * (layers * self.per_layer + first * self.first + last * self.last))
+
+
+_parts: dict[tuple, ActivationParts] = {}
+
+
+def activation_parts(cfg: Config, layout: Layout, vocab_size: int) -> ActivationParts:
+    """Measure (once per shape-deciding setting) the parts a stage's activations are made of."""
+    key = (shape_key(cfg), layout.tp, cfg.parallel.sp, layout.ep, cfg.train.activation_checkpointing, vocab_size)
+    if key not in _parts:
+        if cfg.model.moe.num_experts:
+            cfg, layout = replace(cfg, model=dense_stand_in(cfg.model)), replace(layout, ep=1)
+        one, two = _stage_bytes(cfg, layout, vocab_size, 2, (0, 1)), _stage_bytes(cfg, layout, vocab_size, 4, (0,))
+        per_layer = two[0] - one[0]
+        _parts[key] = ActivationParts(first=one[0] - per_layer, per_layer=per_layer, last=one[1] - per_layer)
+    return _parts[key]
+
+
+def dense_stand_in(model: ModelConfig) -> ModelConfig:
+    """A dense model whose MLPs do what a MoE layer's experts do for a token under perfectly balanced routing
+    (top_k experts plus the shared one). Routing is data-dependent, which the meta device cannot run; this
+    misses the router's and the dispatcher's buffers (16 % under on moe-tiny, see docs/planning.md)."""
+    moe = model.moe
+    expert = moe.ffn_hidden_size or model.ffn_hidden_size or 4 * model.hidden_size
+    return replace(model, moe=MoeConfig(), ffn_hidden_size=moe.top_k * expert + moe.shared_expert_size)
+
+
+def _stage_bytes(cfg: Config, layout: Layout, vocab_size: int, num_layers: int, stages) -> list[int]:
+    """Saved bytes of ``stages`` of a two-stage pipeline of ``num_layers`` layers (one sequence)."""
+    model = replace(cfg.model, num_layers=num_layers)
+    parallel = replace(cfg.parallel, tp=layout.tp, pp=2, vpp=None, ep=layout.ep, zero=0, micro_batch=1,
+                       global_batch=layout.ep)
+    shape = Layout(layout.tp * 2 * layout.ep, layout.tp, 2, 1, layout.ep, 1, layout.ep, layout.ep)
+    saved = []
+    for stage in stages:
+        with fake_groups(shape, layout.tp * layout.ep * stage):
+            with on_meta():
+                chunks = build_model(model, parallel, cfg.train, vocab_size, Backend.local, torch.device("meta"))
+                chunks.train()
+                if cfg.train.precision == Precision.bf16:
+                    chunks.bfloat16()  # as DeepSpeed's bf16 engine casts the module (learned positions are fp32)
+                saved.append(forward_saved_bytes(chunks.chunks[0], 1, cfg.train.seq_len, vocab_size,
+                                                 torch.device("meta")))
+    return saved
+
+
+def in_flight(layout: Layout, pp_rank: int) -> float:
+    """Micro-batches whose activations a stage holds at once, in units of the stage's whole forward.
+
+    megatron-core's 1F1B runs ``pp - rank - 1`` warm-up forwards before its first backward, so stage
+    ``rank`` holds ``pp - rank`` micro-batches (the first stage the most); the interleaved schedule warms up
+    with ``(pp - rank - 1) * 2 + (vpp - 1) * pp`` chunk forwards, each a ``1/vpp`` of the stage. Never more
+    than the step's micro-batches; without pipelining one micro-batch at a time.
+    """
+    pp, vpp, micro = layout.pp, layout.vpp, layout.num_microbatches
+    if pp == 1:
+        return 1.0
+    if vpp == 1:
+        return float(min(pp - pp_rank, micro))
+    warmup = (pp - pp_rank - 1) * 2 + (vpp - 1) * pp
+    return min(warmup + 1, micro * vpp) / vpp
+
+
+def stage_activation_bytes(cfg: Config, layout: Layout, vocab_size: int, pp_rank: int) -> tuple[int, int]:
+    """(one micro-batch's saved bytes, peak bytes with the schedule's in-flight micro-batches) of stage
+    ``pp_rank``: its layers (megatron-core's even split), the embedding on the first stage, the loss layer
+    on the last."""
+    parts = activation_parts(cfg, layout, vocab_size)
+    layers = cfg.model.num_layers // layout.pp
+    one = parts.stage(layers, pp_rank == 0, pp_rank == layout.pp - 1, layout.micro_batch)
+    return one, math.ceil(one * in_flight(layout, pp_rank))

@@ -1,0 +1,66 @@
+"""gptscale-plan: stages composed as megatron-core builds them, the CLI's tables and JSON, the search's
+refusals in config.check's own words. Exactness against real runs: tests/dist/test_plan_states.py."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from gptscale.config import ConfigError, check, load_config
+from gptscale.plan.cluster import cluster_of
+from gptscale.plan.search import with_settings
+from tests.helpers import REPO
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def test_composed_stages_equal_megatron_stage_builds():
+    proc = _run(["tests/unit/run_plan_stages.py"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 2 + 4 + 2 + 2
+    assert all(row["numel"] > 0 for row in rows)
+    assert [row for row in rows if not row["equal"]] == []
+
+
+def test_plan_json_of_one_layout():
+    proc = _run(["-m", "gptscale.plan", "model=llama-tiny", "cluster.gpus_per_node=4", "parallel.tp=2",
+                 "parallel.pp=2", "parallel.zero=1", "train.seq_len=64", "--json"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert out["refused"] is None and out["layout"]["dp"] == 1
+    assert {rank["pp_rank"] for rank in out["ranks"]} == {0, 1}
+    for rank in out["ranks"]:
+        assert rank["total_bytes"] > rank["parameters_bytes"] + rank["activations_peak_bytes"] > 0
+    kinds = {c["kind"]: c for c in out["step"]["collectives"]}
+    assert kinds["TP all-reduce"]["bytes_per_step"] > 0 and kinds["PP send/recv"]["link"] == "intra-node"
+    assert out["tokens_per_s"] > 0
+
+
+def test_search_ranks_fitting_layouts_and_refuses_with_check_messages():
+    overrides = ["model=gpt2-tiny", "cluster.gpus_per_node=4", "train.seq_len=64", "parallel.global_batch=8"]
+    proc = _run(["-m", "gptscale.plan", *overrides, "--search", "--json"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    layouts = json.loads(proc.stdout)["layouts"]
+    fitting = [r for r in layouts if r["refused"] is None]
+    speeds = [r["tokens_per_s"] for r in fitting]
+    assert len(fitting) > 5 and speeds == sorted(speeds, reverse=True)
+    cfg = load_config(overrides)
+    refused = [r for r in layouts if r["refused"] and not r["refused"].startswith("does not fit")]
+    assert refused
+    for r in refused[:40]:
+        with pytest.raises(ConfigError) as error:
+            check(with_settings(cfg, r["settings"]), 4)
+        assert str(error.value) == r["refused"]
+
+
+def test_unknown_gpu_is_named():
+    cfg = load_config(["cluster.gpu=h900"])
+    with pytest.raises(ValueError, match="cluster.gpu='h900'"):
+        cluster_of(cfg.cluster)
