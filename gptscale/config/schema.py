@@ -170,10 +170,13 @@ class OptimConfig:
 
 @dataclass
 class SpikeConfig:
-    """Loss spikes: a step whose loss or gradient norm exceeds the rolling mean + zscore * std is skipped."""
+    """Loss spikes: a step whose loss and gradient norm exceed the rolling median + zscore robust stds is skipped."""
 
-    zscore: Optional[float] = None  # off by default; null or 0 disables it (non-finite steps are still skipped)
+    zscore: Optional[float] = 6.0  # robust stds above the median; null or 0: off (non-finite steps are still skipped)
     window: int = 50  # past non-skipped steps the mean and std are taken over; detection starts once full
+    min_relative_std: float = 0.01  # the robust std is at least this share of the median (a calm window)
+    require_both: bool = True  # a spike needs loss and grad norm both above their limits; false: either
+    max_consecutive: int = 5  # after this many spikes in a row the run rewinds (0: no bound)
 
 
 @dataclass

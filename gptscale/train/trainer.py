@@ -70,7 +70,8 @@ class Trainer:
         self.rng = RngState(self.device)
         self.progress = Progress()
         self.guard = LossGuard(cfg.train.max_bad_steps, cfg.train.bad_step_window)
-        self.spikes = SpikeDetector(cfg.train.spike.zscore, cfg.train.spike.window)
+        spike = cfg.train.spike
+        self.spikes = SpikeDetector(spike.zscore, spike.window, spike.min_relative_std, spike.require_both)
 
         # Metrics: console, metrics.jsonl, W&B, TensorBoard (rank 0).
         self.tracker = build_tracker(cfg, self.ctx.rank == 0)
@@ -115,6 +116,7 @@ class Trainer:
         lr = self.schedule.apply(self.engine.optimizer)
         gate = self.engine.update_gate
         gate.loss_limit, gate.norm_limit = self.spikes.limits()
+        gate.require_both = self.spikes.require_both
         gate.skipped = None
         batches = self.data.train
         if self.progress.step + 1 in self.cfg.train.inject_nan_steps:
@@ -146,7 +148,7 @@ class Trainer:
             log.warning("step %d skipped: loss %s, gradient norm %s (%d skipped in the last %d steps, %d in all)",
                         self.step, loss, grad_norm, len(self.guard.recent), self.guard.window, self.guard.skipped)
         elif skipped:
-            self.spikes.skipped += 1
+            self.spikes.count_skip(self.step)
             log.warning("step %d skipped as a spike: loss %.4f (z-score %s), gradient norm %s (z-score %s); "
                         "%d spikes skipped in all", self.step, loss, _score(zscores[0]), grad_norm,
                         _score(zscores[1]), self.spikes.skipped)
@@ -163,6 +165,18 @@ class Trainer:
             f"stopping at step {self.step}: {len(self.guard.recent)} steps in the last {self.guard.window} had a "
             f"non-finite loss or gradient norm (train.max_bad_steps={self.guard.max_bad_steps}); last good "
             f"checkpoint: {self.checkpointer.last_complete or 'none'}")
+
+    def too_many_spikes(self) -> bool:
+        bound = self.cfg.train.spike.max_consecutive
+        return bound > 0 and self.spikes.consecutive >= bound
+
+    def spike_cascade(self) -> TooManyBadSteps:
+        self.checkpointer.wait()
+        return TooManyBadSteps(
+            f"stopping at step {self.step}: {self.spikes.consecutive} steps in a row since step "
+            f"{self.spikes.streak_start} were skipped as loss spikes (train.spike.max_consecutive="
+            f"{self.cfg.train.spike.max_consecutive}); last good checkpoint: "
+            f"{self.checkpointer.last_complete or 'none'}")
 
     def report_checkpoint(self) -> None:
         """Log the step of a checkpoint once, when it is saved (trackers show where a run can resume)."""
@@ -205,6 +219,8 @@ class Trainer:
                 self.tracker.log(self.step, {"eval_loss": self.evaluate()})
             if self.guard.exceeded():
                 raise self.too_many_bad_steps()
+            if self.too_many_spikes():
+                raise self.spike_cascade()
             stop = self.stop_request.agreed()
             if stop:
                 log.warning("stop requested by signal: saving at step %d and exiting", self.step)
