@@ -222,6 +222,7 @@ class DataConfig:
     cache_dir: Optional[str] = None  # None: $GPTSCALE_CACHE or ~/.cache/gptscale
     packing: bool = True  # fine-tuning data: several whole conversations per sequence (false: one, padded)
     truncate_long: bool = False  # fine-tuning data: cut a conversation longer than a sequence (else data.on_error)
+    exclude: List[str] = field(default_factory=list)  # never trained on: FINGERPRINT:SHARD:INDEX, or files of them
 
 
 @dataclass
