@@ -2,9 +2,9 @@
 
     python tools/spike_check.py [OVERRIDES...]     # default: the README's job, 300 steps
 
-Prints the steps skipped as spikes (there should be none), the largest deciding score (under
-``train.spike.require_both`` the smaller of a step's loss and grad-norm z-scores) and the largest z-score of
-each, over the steps after the detector's window filled.
+Prints the steps skipped as spikes (there should be none), the largest deciding score (``train.spike.signal``:
+the loss z-score, or the smaller or larger of the loss and grad-norm ones) and the largest z-score of each, over
+the steps after the detector's window filled.
 """
 
 from __future__ import annotations
@@ -33,14 +33,14 @@ def main(overrides: list[str]) -> None:
         finally:
             trainer.close()
     spike = cfg.train.spike
-    replay = SpikeDetector(spike.zscore, spike.window, spike.min_relative_std, spike.require_both)
+    replay = SpikeDetector(spike.zscore, spike.window, spike.min_relative_std, spike.signal)
     scores = []
     for loss, norm in zip(history["loss"], history["grad_norm"]):
         loss_z, norm_z = replay.zscores(loss, norm)
         if loss_z is not None and norm_z is not None:
             scores.append((loss_z, norm_z))
         replay.add(loss, norm)  # exact only while nothing was skipped, which is what this checks
-    deciding = max(min(s) if spike.require_both else max(s) for s in scores)
+    deciding = max(replay.deciding(*s) for s in scores)
     print(f"{cfg.train.steps} steps in {time.perf_counter() - start:.0f} s: {skipped} skipped as spikes "
           f"(train.spike.zscore={spike.zscore}); max deciding z {deciding:.2f}, max loss z "
           f"{max(s[0] for s in scores):.2f}, max grad-norm z {max(s[1] for s in scores):.2f}")

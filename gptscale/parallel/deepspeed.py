@@ -149,8 +149,8 @@ def _hide_megatron_expert_marks(model: torch.nn.Module) -> None:
 
 class UpdateGate:
     """The one place that decides whether a step updates anything: not when the loss or gradient norm is not
-    finite, nor when both (or either, ``require_both=False``) exceed their limits (a loss spike,
-    ``train/guard.py``).
+    finite, nor when it is a loss spike (``train/guard.py``): a value above its limit (both values with
+    ``require_both``).
 
     It sits in front of torch's AdamW step, which every DeepSpeed path (ZeRO 0-3, bf16) calls after the global
     gradient norm is known, and hands the decision to fused AdamW as ``found_inf``: weights, moments and
@@ -162,7 +162,7 @@ class UpdateGate:
         self.loss: torch.Tensor | None = None  # the step's global loss, set before the update
         self.loss_limit = float("inf")
         self.norm_limit = float("inf")
-        self.require_both = True  # a spike needs both above their limits (``SpikeDetector``); false: either
+        self.require_both = False  # a spike needs both above their limits (``SpikeDetector``); false: either
         self.skipped: torch.Tensor | None = None  # the last decision, 1.0 when the update was skipped
         step = optimizer.step
 

@@ -57,20 +57,22 @@ class SpikeDetector:
     Values are compared in log space (spikes are multiplicative) against the window's median, in units of
     1.4826 x the median absolute deviation (the std of normal data, unmoved by the outliers it looks for),
     floored at ``min_relative_std`` so a calm window does not turn ordinary noise into spikes. A step is a
-    spike when its loss and its gradient norm are both more than ``zscore`` such units above the median
-    (``require_both``): a healthy run's gradient norm alone jumps several-fold now and then (clipping bounds
-    such an update), while a bad batch raises both. ``limits()`` gives the values above which the next step
-    is a spike; ``parallel/deepspeed.py``'s ``UpdateGate`` compares on the device, so a spike is skipped
-    exactly like a non-finite step. Skipped steps stay out of the window; ``consecutive`` counts the current
+    spike when its loss is more than ``zscore`` such units above the median (``signal="loss"``; "both": its
+    gradient norm too, "either": one of them). The gradient norm does not decide by default: in a healthy
+    run it alone jumps several-fold now and then (clipping bounds such an update), while a bad batch shows
+    in the loss. ``limits()`` gives the values above which the next step is a spike;
+    ``parallel/deepspeed.py``'s ``UpdateGate`` compares on the device, so a spike is skipped exactly like a
+    non-finite step. Skipped steps stay out of the window; ``consecutive`` counts the current
     run of skipped spikes, so the trainer can stop a cascade (``train.spike.max_consecutive``).
     """
 
     def __init__(self, zscore: Optional[float], window: int, min_relative_std: float = 0.01,
-                 require_both: bool = True):
+                 signal: str = "loss"):
         self.zscore = zscore or 0.0
         self.window = window
         self.min_relative_std = min_relative_std
-        self.require_both = require_both
+        self.signal = getattr(signal, "value", signal)
+        self.require_both = self.signal == "both"  # for the update gate
         self.losses: list[float] = []
         self.norms: list[float] = []
         self.skipped = 0  # steps skipped as spikes in the whole run
@@ -94,7 +96,11 @@ class SpikeDetector:
 
     def limits(self) -> tuple[float, float]:
         """(loss limit, gradient-norm limit) for the next step."""
-        return self._limit(self.losses), self._limit(self.norms)
+        return self._limit(self.losses), math.inf if self.signal == "loss" else self._limit(self.norms)
+
+    def deciding(self, loss_z: float, norm_z: float) -> float:
+        """The score compared with ``zscore``, from a step's two z-scores."""
+        return {"loss": loss_z, "both": min(loss_z, norm_z), "either": max(loss_z, norm_z)}[self.signal]
 
     def zscores(self, loss: float, grad_norm: Optional[float]) -> tuple[Optional[float], Optional[float]]:
         """How many robust standard deviations above the window's median these values are (None before the

@@ -33,7 +33,7 @@ def test_an_outlier_in_the_window_does_not_hide_the_next():
 
 def test_calm_window_floor():
     """A window of identical values would make any change a spike; the floor keeps a 1% change ordinary."""
-    detector = SpikeDetector(zscore=6.0, window=5, min_relative_std=0.01)
+    detector = SpikeDetector(zscore=6.0, window=5, min_relative_std=0.01, signal="either")
     for _ in range(5):
         detector.add(3.0, 0.5)
     loss_limit, norm_limit = detector.limits()
@@ -54,3 +54,15 @@ def test_disabled_and_state_round_trip():
     assert (copy.consecutive, copy.streak_start) == (2, 7)
     copy.add(3.0, 3.0)
     assert (copy.consecutive, copy.streak_start, copy.skipped) == (0, None, 2)
+
+
+def test_signal_chooses_what_decides():
+    scores = {}
+    for signal in ("loss", "both", "either"):
+        detector = SpikeDetector(zscore=6.0, window=3, signal=signal)
+        for value in (1.0, 1.1, 0.9):
+            detector.add(value, value)
+        scores[signal] = detector.deciding(2.0, 7.0)
+        assert (detector.limits()[1] == math.inf) == (signal == "loss")
+        assert detector.require_both == (signal == "both")
+    assert scores == {"loss": 2.0, "both": 2.0, "either": 7.0}
