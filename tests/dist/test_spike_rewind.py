@@ -8,9 +8,11 @@ import sys
 
 import pytest
 
+from gptscale.checkpoint.cli import inspect
 from gptscale.checkpoint.files import read_rank_state
 from gptscale.data.exclude import read_exclusions
 from gptscale.data.manifest import read_manifest
+from gptscale.tracking.plot import plot, read_metrics, spike_marks
 from tests.datasets import counting_documents, make_dataset, read_document, with_garbage
 from tests.helpers import REPO, run_jobs
 
@@ -60,6 +62,23 @@ def test_garbage_spike_is_skipped_rewound_and_then_bit_exact(runs):
     assert not any(r.get("spike/skipped") for r in metrics(reference))
     saved = read_rank_state(spiked / "checkpoints" / "step_000200", 1)["components"]["train_data"]
     assert saved["exclude"] == sorted(str(identity) for identity in recorded)  # every rank's state holds the list
+
+
+def test_skips_and_rewinds_are_visible(runs, capsys, tmp_path):
+    """metrics.jsonl has the skip and the rewind, gptscale-plot marks both, gptscale-ckpt inspect lists the
+    exclusions."""
+    _, spiked, _, _ = runs
+    records = read_metrics(spiked / "metrics.jsonl")
+    (steps, losses), rewinds = spike_marks(records)
+    skip = next(r for r in records if r.get("spike/skipped_step"))
+    assert steps == [skip["step"]] and losses == [skip["spike/loss"]] and rewinds == [(skip["step"], 180)]
+    plot(records, tmp_path / "curves.png", "spiked")
+    assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
+    assert inspect(spiked / "checkpoints" / "step_000200", checksums=False) == 0
+    report = capsys.readouterr().out
+    recorded = read_exclusions([str(spiked / "skipped_documents.txt")])
+    assert f"excluded {len(recorded)} documents:" in report
+    assert all(str(identity) in report for identity in recorded)
 
 
 def train(args):
