@@ -33,9 +33,12 @@ def runs(tmp_path_factory):
     dataset = make_dataset(tmp / "counting", with_garbage(counting_documents(2000, GARBAGE[0], seed=3), *GARBAGE, 400),
                            vocab=1000)
     spiked, reference = tmp / "spiked", tmp / "reference"
+    at_start = [f"run_dir={reference}", *common(dataset), "checkpoint.rewind=100", "train.steps=100"]
     results = run_jobs(2, [
         [f"run_dir={spiked}", *common(dataset), "train.spike.max_consecutive=1"],
         [f"run_dir={reference}", *common(dataset), f"data.exclude=[{spiked / 'skipped_documents.txt'}]"],
+        at_start,  # rewinds the reference run to its step-90 checkpoint ...
+        at_start,  # ... once: the same command line again resumes as usual
     ], tmp)
     return dataset, spiked, reference, results
 
@@ -45,7 +48,7 @@ def metrics(run_dir):
 
 
 def test_garbage_spike_is_skipped_rewound_and_then_bit_exact(runs):
-    dataset, spiked, reference, (rewound, excluded_from_start) = runs
+    dataset, spiked, reference, (rewound, excluded_from_start, _, _) = runs
     skips = [r for r in metrics(spiked) if r.get("spike/skipped_step")]
     assert len(skips) == 1 and skips[0]["spike/zscore_loss"] > 6
     spike_step = skips[0]["step"]
@@ -81,22 +84,16 @@ def test_skips_and_rewinds_are_visible(runs, capsys, tmp_path):
     assert all(str(identity) in report for identity in recorded)
 
 
-def train(args):
-    return subprocess.run([sys.executable, "-m", "gptscale.train", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
-
-
 def test_rewind_at_start_once_and_without_a_checkpoint(runs):
-    dataset, spiked, _, _ = runs
-    proc = train([f"run_dir={spiked}", *common(dataset), "checkpoint.rewind=25", "train.steps=210"])
-    assert proc.returncode != 0
-    assert "cannot rewind to step 25" in proc.stderr
-    assert "checkpoints present at steps: 30, 60, 90, 120, 150, 180, 200" in proc.stderr
-    proc = train([f"run_dir={spiked}", *common(dataset), "checkpoint.rewind=100", "train.steps=100"])
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "rewound from step 0 to the checkpoint of step 90" in proc.stderr
-    assert sorted(p.name.split("-")[0] for p in (spiked / "checkpoints" / "rewound").iterdir()) == [
+    dataset, spiked, reference, (_, _, rewound_at_start, relaunched) = runs
+    (rewind,) = [json.loads(line) for line in (reference / "rewinds.jsonl").read_text().splitlines()]
+    assert (rewind["reason"], rewind["to_step"], rewind["resumed_step"]) == ("checkpoint.rewind", 100, 90)
+    assert len(rewound_at_start["loss"]) == 10 and relaunched["loss"] == []  # steps 91-100, then none
+    assert sorted(p.name.split("-")[0] for p in (reference / "checkpoints" / "rewound").iterdir()) == [
         "step_000120", "step_000150", "step_000180", "step_000200"]
-    proc = train([f"run_dir={spiked}", *common(dataset), "checkpoint.rewind=100", "train.steps=100"])
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "checkpoint.rewind=100 was done before" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "gptscale.train", f"run_dir={spiked}", *common(dataset),
+                           "checkpoint.rewind=25"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert ("cannot rewind to step 25: " in proc.stderr
+            and "holds no complete checkpoint at or before it (checkpoints present at steps: 30, 60, 90, 120, 150, "
+                "180, 200)" in proc.stderr), proc.stderr[-3000:]
