@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -15,7 +16,8 @@ def test_default_job_has_no_false_spikes(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "gptscale.train", f"run_dir={tmp_path}", "train.steps=300",
                            "train.seq_len=64", "parallel.global_batch=8", "parallel.micro_batch=8",
                            "train.log_interval=1", "train.eval_interval=0", "checkpoint.save_final=false"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
