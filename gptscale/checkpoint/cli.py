@@ -61,7 +61,8 @@ def inspect(path: Path, checksums: bool = True) -> int:
     ]
     for label, value in rows:
         print(f"  {label:<8} {value}")
-    _print_exclusions(root, contents)
+    if not problems:
+        _print_exclusions(root, contents)
     if (root / CONFIG).is_file():
         print("  config:")
         for line in (root / CONFIG).read_text().splitlines():
