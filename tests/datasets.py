@@ -33,6 +33,14 @@ def random_documents(count: int, low: int, high: int, seed: int, max_len: int = 
     return [list(rng.integers(low, high, rng.integers(1, max_len))) for _ in range(count)]
 
 
+def counting_documents(count: int, high: int, seed: int, max_len: int = 30) -> list[list[int]]:
+    """Documents that count up from a random start (mod ``high``): a pattern a tiny model learns in a few
+    dozen steps, so that a document of anything else stands out in the loss."""
+    rng = np.random.default_rng(seed)
+    return [[(int(start) + i) % high for i in range(int(length))]
+            for start, length in zip(rng.integers(0, high, count), rng.integers(2, max_len, count))]
+
+
 def make_dataset(directory: Path, documents: list[list[int]], vocab: int = 1000, shard_size: int = 600,
                  val_fraction: float = 0.05, workers: int = 1, dtype: str = "auto") -> Path:
     """Prepare ``documents`` (lists of ids below ``vocab``) with the number tokenizer; small shards."""
@@ -66,3 +74,25 @@ def rewrite_manifest_entry(directory: Path, shard_name: str) -> None:
                 shard["bytes"], shard["sha256"] = len(data), hashlib.sha256(data).hexdigest()
     (directory / MANIFEST).write_text(json.dumps(manifest))
     read_manifest(str(directory))
+
+
+def with_garbage(documents: list[list[int]], low: int, high: int, length: int, seed: int = 0,
+                 val_fraction: float = 0.05) -> list[list[int]]:
+    """``documents`` with one garbage document planted mid-corpus in the train split: ``length`` random ids
+    from [low, high), a range the other documents never use, so every one of its tokens is a surprise."""
+    index = len(documents) // 2
+    while is_validation(index, val_fraction):
+        index += 1
+    garbage = [int(token) for token in np.random.default_rng(seed).integers(low, high, length)]
+    return documents[:index] + [garbage] + documents[index:]
+
+
+def read_document(manifest, identity) -> list[int]:
+    """The tokens (end-of-document included) of document ``identity`` (``data/exclude.py``), from its shard."""
+    import zstandard
+
+    from gptscale.data.shards import load_shard
+
+    info = next(shard for split in manifest.splits.values() for shard in split if shard.name == identity.shard)
+    loaded = load_shard(manifest.url(info.name), info, manifest.numpy_dtype)
+    return loaded.decode(identity.document, manifest.numpy_dtype, zstandard.ZstdDecompressor()).tolist()

@@ -19,7 +19,8 @@ from gptscale.checkpoint.async_writer import Writer
 from gptscale.checkpoint.files import copy_tokenizer, describe_model, read_config, write_config, write_rank_state
 from gptscale.checkpoint.load import check_fits, check_same_architecture, read_shards, restore_components, verify
 from gptscale.checkpoint.optimizer_state import OptimizerState
-from gptscale.checkpoint.publish import remove_unfinished, resolve
+from gptscale.checkpoint.manifest import CheckpointError
+from gptscale.checkpoint.publish import complete_checkpoints, remove_unfinished, resolve, set_aside
 from gptscale.checkpoint.save import publisher, sharded_strategy, stage, write_shards
 from gptscale.checkpoint.shards import HostCopies, global_shapes, parameter_shards, restore, snapshot
 from gptscale.config.schema import Config
@@ -74,6 +75,28 @@ class Checkpointer:
                 log.info("no checkpoint to resume from (checkpoint.resume=%s): training from scratch",
                          self.settings.resume)
             return None
+        return self.load(path)
+
+    def rewind(self, step: int) -> Path:
+        """Load the newest complete checkpoint of this run at or before ``step`` (collective); the newer ones
+        are set aside under ``checkpoints/rewound/`` so that no later resume picks a checkpoint of the
+        abandoned steps."""
+        self.writer.wait()
+        found = [complete_checkpoints(self.root) if self.ctx.rank == 0 else None]
+        dist.broadcast_object_list(found, src=0)
+        older = [at for at in found[0] if at <= step]
+        if not older:
+            present = ", ".join(str(at) for at in found[0]) or "none"
+            raise CheckpointError(f"cannot rewind to step {step}: {self.root} holds no complete checkpoint at or "
+                                  f"before it (checkpoints present at steps: {present})")
+        if self.ctx.rank == 0:
+            for path in set_aside(self.root, max(older)):
+                log.warning("rewind: set %s aside (its steps are abandoned)", path)
+        dist.barrier()
+        return self.load(found[0][max(older)])
+
+    def load(self, path: Path) -> Path:
+        """Restore model, optimizer and components from the checkpoint at ``path`` (collective)."""
         start = time.perf_counter()
         manifest = verify(path)
         saved_model = read_config(path).model

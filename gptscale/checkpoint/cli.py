@@ -11,7 +11,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from gptscale.checkpoint.files import CONFIG, describe_model, read_config
+from gptscale.checkpoint.files import CONFIG, RANKS, describe_model, read_config, read_rank_state
 from gptscale.checkpoint.manifest import CheckpointError, find_damage, read_manifest
 from gptscale.checkpoint.publish import resolve
 
@@ -61,11 +61,25 @@ def inspect(path: Path, checksums: bool = True) -> int:
     ]
     for label, value in rows:
         print(f"  {label:<8} {value}")
+    if not problems:
+        _print_exclusions(root, contents)
     if (root / CONFIG).is_file():
         print("  config:")
         for line in (root / CONFIG).read_text().splitlines():
             print(f"    {line}")
     return 1 if problems else 0
+
+
+def _print_exclusions(root: Path, contents: dict, shown: int = 20) -> None:
+    """The documents the train loader excludes (``data.exclude`` and loss spikes), from rank 0's saved state."""
+    if "train_data" not in contents["components"] or not (root / RANKS).is_dir():
+        return
+    excluded = read_rank_state(root, 0)["components"]["train_data"].get("exclude", [])
+    print(f"  {'excluded':<8} {len(excluded)} documents" + (":" if excluded else ""))
+    for identity in excluded[:shown]:
+        print(f"    {identity}")
+    if len(excluded) > shown:
+        print(f"    ... and {len(excluded) - shown} more")
 
 
 def main(argv: list[str] | None = None) -> None:

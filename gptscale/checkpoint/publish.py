@@ -20,6 +20,7 @@ from typing import Optional
 from gptscale.checkpoint.manifest import MANIFEST, fsync_dir
 
 LATEST = "latest"
+REWOUND = "rewound"  # checkpoints of steps a rewind abandoned
 _PUBLISHED = re.compile(r"^step_(\d+)$")
 _UNFINISHED = re.compile(r"^step_\d+\.(tmp|trash)-")
 
@@ -98,6 +99,22 @@ def prune(root: Path, keep_last: int, keep_every: int) -> list[Path]:
     for path in deleted:
         _discard(path)
     return deleted
+
+
+def set_aside(root: Path, newest_kept: int) -> list[Path]:
+    """Move the complete checkpoints after step ``newest_kept`` to ``root/rewound/`` (a rewind abandons their
+    steps; kept for a look, never resumed) and point ``latest`` at the newest one left."""
+    found = complete_checkpoints(root)
+    moved = []
+    for step, path in found.items():
+        if step > newest_kept:
+            aside = root / REWOUND / f"{path.name}-{new_nonce()}"
+            aside.parent.mkdir(exist_ok=True)
+            os.rename(path, aside)
+            moved.append(aside)
+    if newest_kept in found:
+        _write_latest(root, found[newest_kept].name)
+    return moved
 
 
 def remove_unfinished(root: Path) -> list[Path]:

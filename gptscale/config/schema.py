@@ -79,6 +79,14 @@ class Dispatcher(str, Enum):
     allgather = "allgather"  # every rank sees every token and keeps those of its experts
 
 
+class SpikeSignal(str, Enum):
+    """Which values make a loss spike (``train.spike``): a healthy run's grad norm alone jumps several-fold."""
+
+    loss = "loss"  # the loss above its limit (the grad norm is watched and logged)
+    both = "both"  # the loss and the grad norm, both above their limits
+    either = "either"  # the loss or the grad norm
+
+
 class WandbMode(str, Enum):
     online = "online"
     offline = "offline"
@@ -170,10 +178,14 @@ class OptimConfig:
 
 @dataclass
 class SpikeConfig:
-    """Loss spikes: a step whose loss or gradient norm exceeds the rolling mean + zscore * std is skipped."""
+    """Loss spikes: a step whose loss exceeds the rolling median + zscore robust stds is skipped."""
 
-    zscore: Optional[float] = None  # off by default; null or 0 disables it (non-finite steps are still skipped)
+    zscore: Optional[float] = 6.0  # robust stds above the median; null or 0: off (non-finite steps are still skipped)
     window: int = 50  # past non-skipped steps the mean and std are taken over; detection starts once full
+    min_relative_std: float = 0.01  # the robust std is at least this share of the median (a calm window)
+    signal: SpikeSignal = SpikeSignal.loss  # what must exceed its limit: the loss, both or either with the grad norm
+    max_consecutive: int = 5  # after this many spikes in a row the run rewinds (0: no bound)
+    max_rewinds: int = 3  # automatic rewinds a run may make (RUN_DIR/rewinds.jsonl); one more stops it
 
 
 @dataclass
@@ -219,6 +231,7 @@ class DataConfig:
     cache_dir: Optional[str] = None  # None: $GPTSCALE_CACHE or ~/.cache/gptscale
     packing: bool = True  # fine-tuning data: several whole conversations per sequence (false: one, padded)
     truncate_long: bool = False  # fine-tuning data: cut a conversation longer than a sequence (else data.on_error)
+    exclude: List[str] = field(default_factory=list)  # never trained on: FINGERPRINT:SHARD:INDEX, or files of them
 
 
 @dataclass
@@ -229,6 +242,7 @@ class CheckpointConfig:
     resume: str = "auto"  # auto | none | PATH
     save_final: bool = True
     async_save: bool = True  # write in the background: training waits only for the snapshot to host memory
+    rewind: Optional[int] = None  # at start: the newest checkpoint at or before this step, recorded spikes excluded
 
 
 @dataclass

@@ -133,6 +133,13 @@ def check(cfg: Config, world_size: int) -> Layout:
     need(train.spike.window >= 2, f"train.spike.window={train.spike.window} must be at least 2 (a std needs two steps)")
     need(train.spike.zscore is None or train.spike.zscore >= 0,
          f"train.spike.zscore={train.spike.zscore} must not be negative (null or 0 disables spike detection)")
+    need(train.spike.min_relative_std > 0,
+         f"train.spike.min_relative_std={train.spike.min_relative_std} must be positive (a floor of the std)")
+    need(train.spike.max_consecutive >= 0,
+         f"train.spike.max_consecutive={train.spike.max_consecutive} must not be negative (0: no bound)")
+    need(train.spike.max_rewinds >= 0, f"train.spike.max_rewinds={train.spike.max_rewinds} must not be negative")
+    need(cfg.checkpoint.rewind is None or cfg.checkpoint.rewind >= 0,
+         f"checkpoint.rewind={cfg.checkpoint.rewind} must not be negative (a step)")
     need(cfg.bench.steps >= 1, f"bench.steps={cfg.bench.steps} must be at least 1")
     for name in ("warmup", "profile_steps"):
         need(getattr(cfg.bench, name) >= 0, f"bench.{name}={getattr(cfg.bench, name)} must not be negative")

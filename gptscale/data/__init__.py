@@ -48,12 +48,17 @@ def build_data(cfg: DataConfig, layout: Layout, dp_rank: int, seq_len: int, serv
             raise DataError(f"data.sources: {manifest.location} and {first.location} were tokenized with "
                             "different tokenizers; blended datasets must share one")
     if any(manifest.masked for manifest in manifests):
+        if cfg.exclude:
+            raise DataError(f"data.exclude: {manifests[0].location} is fine-tuning data, whose loader serves "
+                            "whole conversations; exclusion lists apply to pretraining data")
         return _fine_tuning_data(cfg, manifests, layout, dp_rank, seq_len, serves_tokens, cache_dir)
+    train_sources = [Source(m, "train", w) for m, (_, w) in zip(manifests, locations)]
+    val_sources = [Source(m, "val", w) for m, (_, w) in zip(manifests, locations) if m.shards("val")]
+    exclude = _exclusions(cfg.exclude, train_sources + val_sources)
     options = dict(layout=layout, dp_rank=dp_rank, seq_len=seq_len, seed=cfg.seed, workers=cfg.workers,
                    reset_attention_at_eod=cfg.reset_attention_at_eod, on_error=cfg.on_error,
-                   serves_tokens=serves_tokens or cfg.reset_attention_at_eod)
-    train = StreamingLoader([Source(m, "train", w) for m, (_, w) in zip(manifests, locations)], **options)
-    val_sources = [Source(m, "val", w) for m, (_, w) in zip(manifests, locations) if m.shards("val")]
+                   serves_tokens=serves_tokens or cfg.reset_attention_at_eod, exclude=exclude)
+    train = StreamingLoader(train_sources, **options)
     valid = None
     if val_sources:
         try:
@@ -62,6 +67,19 @@ def build_data(cfg: DataConfig, layout: Layout, dp_rank: int, seq_len: int, serv
             log.warning("no validation data: %s", error)
     return Data(train=train, valid=valid, vocab_size=first.vocab_size, eod=first.eod,
                 tokenizer_file=local_tokenizer_file(first, cache_dir))
+
+
+def _exclusions(entries: list[str], sources: list) -> list:
+    """``data.exclude``, each identity checked against the sources this run reads."""
+    from gptscale.data.exclude import check_exclusions, read_exclusions
+
+    identities = read_exclusions(entries)
+    known = {source.fingerprint: {shard.name: shard.samples for shard in source.manifest.shards(source.split)}
+             for source in sources}
+    check_exclusions(identities, known, "data.exclude")
+    if identities:
+        log.info("data.exclude: %d documents are read as empty documents", len(set(identities)))
+    return identities
 
 
 def _fine_tuning_data(cfg: DataConfig, manifests: list, layout: Layout, dp_rank: int, seq_len: int,

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from gptscale.config.validate import Layout
 from gptscale.data.batch import micro_batch
+from gptscale.data.exclude import DocumentId
 from gptscale.data.manifest import DataError, Manifest
 from gptscale.data.order import GlobalOrder, SourceOrder
 from gptscale.data.reader import SequenceReader, ShardSource
@@ -54,11 +55,11 @@ class _StepStream(IterableDataset):
     """One item per step from ``start``: the sequences of this worker's share of the rank's slots."""
 
     def __init__(self, sources: list[Source], orders: list[SourceOrder], slots: range, start: int, seq_len: int,
-                 eod: int, on_error: str):
+                 eod: int, on_error: str, excluded: frozenset = frozenset()):
         self.shard_sources = [source.shard_source() for source in sources]
         self.weights = [source.weight for source in sources]
         self.orders, self.slots, self.start, self.seq_len = orders, slots, start, seq_len
-        self.eod, self.on_error = eod, on_error
+        self.eod, self.on_error, self.excluded = eod, on_error, excluded
 
     def __iter__(self):
         worker = get_worker_info()
@@ -66,7 +67,7 @@ class _StepStream(IterableDataset):
         if worker is not None:
             slots = np.array_split(np.arange(slots.start, slots.stop), worker.num_workers)[worker.id]
         order = GlobalOrder(self.orders, self.weights)
-        reader = SequenceReader(self.shard_sources, self.orders, self.on_error)
+        reader = SequenceReader(self.shard_sources, self.orders, self.on_error, self.excluded)
         try:
             for step in itertools.count(self.start):
                 # numpy, not torch, for the per-step arrays: torch's threaded fills stall on a busy machine.
@@ -90,7 +91,7 @@ class StreamingLoader:
 
     def __init__(self, sources: list[Source], layout: Layout, dp_rank: int, seq_len: int, *, seed: int,
                  workers: int = 0, reset_attention_at_eod: bool = False, on_error: str = "raise",
-                 serves_tokens: bool = True):
+                 serves_tokens: bool = True, exclude: tuple = ()):
         self.sources, self.layout, self.seq_len = sources, layout, seq_len
         self.workers, self.reset_attention, self.on_error = workers, reset_attention_at_eod, on_error
         self.serves_tokens = serves_tokens
@@ -103,6 +104,9 @@ class StreamingLoader:
         self._stream = None
         self._fields = None
         self._set_seed(seed)
+        self.fingerprints = [source.fingerprint for source in sources]
+        self.configured = {i for i in exclude if i.fingerprint in self.fingerprints}  # data.exclude
+        self.excluded: set[DocumentId] = set(self.configured)
 
     def _set_seed(self, seed: int) -> None:
         self.seed = seed
@@ -148,7 +152,8 @@ class StreamingLoader:
         return {name: torch.cat([item[name] for item in items]) for name in items[0]}
 
     def _open(self, start: int):
-        stream = _StepStream(self.sources, self.orders, self.slots, start, self.seq_len, self.eod, self.on_error)
+        stream = _StepStream(self.sources, self.orders, self.slots, start, self.seq_len, self.eod, self.on_error,
+                             self._excluded_keys())
         if self.workers == 0:
             return iter(stream)
         return iter(DataLoader(stream, batch_size=None, num_workers=self.workers))
@@ -173,6 +178,7 @@ class StreamingLoader:
             "dp": self.layout.dp,
             "sources": [{"location": s.manifest.location, "split": s.split, "fingerprint": s.fingerprint,
                          "weight": s.weight, **done} for s, done in zip(self.sources, progress)],
+            "exclude": [str(identity) for identity in sorted(self.excluded)],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -195,3 +201,38 @@ class StreamingLoader:
             self._set_seed(int(state["seed"]))
         self.step, self.micro_step = int(state["step"]), int(state["micro_step"])
         self._fields = None
+        saved = {DocumentId.parse(text, "the loader state's exclusion list") for text in state.get("exclude", [])}
+        self.excluded = self.configured | saved
+
+    def exclude(self, identities) -> list[DocumentId]:
+        """Exclude more documents from the next step on (those of other sources are ignored); returns the new."""
+        new = sorted({i for i in identities if i.fingerprint in self.fingerprints} - self.excluded)
+        if new:
+            self.excluded |= set(new)
+            self.close()
+            self._fields = None
+        return new
+
+    def _excluded_keys(self) -> frozenset:
+        """The exclusions as the reader's (source, shard, document) keys."""
+        shard_index = [{shard.name: i for i, shard in enumerate(s.manifest.shards(s.split))} for s in self.sources]
+        return frozenset((source, shard_index[source][identity.shard], identity.document)
+                         for identity in self.excluded for source, fingerprint in enumerate(self.fingerprints)
+                         if identity.fingerprint == fingerprint)
+
+    def documents_at(self, step: int) -> list[DocumentId]:
+        """The documents that global batch ``step`` (0-based) reads, in every slot of every rank: the order is a
+        pure function of the step, so any rank can name them. Already excluded ones are left out."""
+        reader = SequenceReader([source.shard_source() for source in self.sources], self.orders, self.on_error)
+        seen: list = []
+        try:
+            windows = np.zeros(self.seq_len + 1, dtype=np.int64)
+            valid = np.zeros(self.seq_len + 1, dtype=bool)
+            for slot in range(self.layout.global_batch):
+                reader.read(slot, self.order.pick(slot, step), windows, valid, seen)
+        finally:
+            reader.close()
+        names = [[shard.name for shard in s.manifest.shards(s.split)] for s in self.sources]
+        found = {DocumentId(self.fingerprints[source], names[source][shard], document)
+                 for source, shard, document in seen}
+        return sorted(found - self.excluded)

@@ -44,8 +44,10 @@ class _Shard:
 
 
 class SequenceReader:
-    def __init__(self, sources: list[ShardSource], orders: list[SourceOrder], on_error: str):
+    def __init__(self, sources: list[ShardSource], orders: list[SourceOrder], on_error: str,
+                 excluded: frozenset = frozenset()):
         self.sources = sources
+        self.excluded = excluded  # (source, shard, document) read as empty documents (``data/exclude.py``)
         self.orders = orders
         self.on_error = on_error
         self.skipped: Counter = Counter()  # shards and documents skipped, since the last ``take_skipped``
@@ -66,8 +68,9 @@ class SequenceReader:
         if self._fetcher is not None:
             self._fetcher.shutdown(wait=True, cancel_futures=True)
 
-    def read(self, slot: int, pick: Pick, tokens: np.ndarray, valid: np.ndarray) -> None:
-        """Fill ``tokens`` (length seq_len + 1) with the picked sequence; ``valid`` marks real tokens."""
+    def read(self, slot: int, pick: Pick, tokens: np.ndarray, valid: np.ndarray, seen: Optional[list] = None) -> None:
+        """Fill ``tokens`` (length seq_len + 1) with the picked sequence; ``valid`` marks real tokens.
+        ``seen``: gets the (source, shard, document) of every document the sequence touches."""
         if pick.sequence is None:
             return
         order = self.orders[pick.source]
@@ -82,7 +85,7 @@ class SequenceReader:
             if end > start:
                 shard = int(shard_order[position])
                 self._copy(holder, pick, shard, start - shard_start, end - shard_start, tokens[written:],
-                           valid[written:])
+                           valid[written:], seen)
                 written += end - start
                 start = end
                 if end - shard_start > PREFETCH_AT * (shard_stop - shard_start):
@@ -90,7 +93,7 @@ class SequenceReader:
             position += 1
 
     def _copy(self, holder, pick: Pick, shard: int, start: int, stop: int, tokens: np.ndarray,
-              valid: np.ndarray) -> None:
+              valid: np.ndarray, seen: Optional[list] = None) -> None:
         """Tokens [start, stop) of a shard's epoch stream into the front of ``tokens``."""
         entry = self._hold(holder, (pick.source, shard))
         if entry.loaded is None:
@@ -110,8 +113,15 @@ class SequenceReader:
             doc_start, doc_stop = int(offsets[index]), int(offsets[index + 1])
             end = min(stop, doc_stop)
             if end > start:
+                if seen is not None:
+                    seen.append((pick.source, shard, document))
                 array = self._document(holder, pick.source, shard, document, entry.loaded)
-                if array is not None:
+                if array is not None and (pick.source, shard, document) in self.excluded:
+                    # An empty document in its place: only its end-of-document token, which starts the next.
+                    if start <= doc_stop - 1 < end:
+                        tokens[written + doc_stop - 1 - start] = array[-1]
+                        valid[written + doc_stop - 1 - start] = True
+                elif array is not None:
                     tokens[written:written + end - start] = array[start - doc_start:end - doc_start]
                     valid[written:written + end - start] = True
                 written += end - start

@@ -149,7 +149,8 @@ def _hide_megatron_expert_marks(model: torch.nn.Module) -> None:
 
 class UpdateGate:
     """The one place that decides whether a step updates anything: not when the loss or gradient norm is not
-    finite, nor when either exceeds its limit (a loss spike, ``train/guard.py``).
+    finite, nor when it is a loss spike (``train/guard.py``): a value above its limit (both values with
+    ``require_both``).
 
     It sits in front of torch's AdamW step, which every DeepSpeed path (ZeRO 0-3, bf16) calls after the global
     gradient norm is known, and hands the decision to fused AdamW as ``found_inf``: weights, moments and
@@ -161,6 +162,7 @@ class UpdateGate:
         self.loss: torch.Tensor | None = None  # the step's global loss, set before the update
         self.loss_limit = float("inf")
         self.norm_limit = float("inf")
+        self.require_both = False  # a spike needs both above their limits (``SpikeDetector``); false: either
         self.skipped: torch.Tensor | None = None  # the last decision, 1.0 when the update was skipped
         step = optimizer.step
 
@@ -177,13 +179,19 @@ class UpdateGate:
 
     def decide(self) -> torch.Tensor:
         skip = torch.zeros((), dtype=torch.bool, device=self.engine.device)
+        high = []  # which of the loss and the gradient norm are above their spike limits
         if self.loss is not None:
             loss = self.loss.to(skip.device)
-            skip = skip | ~torch.isfinite(loss) | (loss > self.loss_limit)
+            skip = skip | ~torch.isfinite(loss)
+            high.append(loss > self.loss_limit)
         norm = self.grad_norm()
         if norm is not None:
             norm = torch.as_tensor(norm, dtype=torch.float32, device=skip.device)
-            skip = skip | ~torch.isfinite(norm) | (norm > self.norm_limit)
+            skip = skip | ~torch.isfinite(norm)
+            high.append(norm > self.norm_limit)
+        if high:
+            spike = torch.stack(high).all() if self.require_both else torch.stack(high).any()
+            skip = skip | spike
         self.skipped = skip.float()
         return self.skipped
 

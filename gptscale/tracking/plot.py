@@ -1,5 +1,8 @@
 """``gptscale-plot RUN_DIR [--out FILE.png]``: loss, learning rate, tokens/s and task accuracy of a run, from its
-metrics.jsonl."""
+metrics.jsonl.
+
+Steps skipped as loss spikes are marked on the loss curve (red x at the loss they had), rewinds as dashed
+lines at the step they went back to."""
 
 from __future__ import annotations
 
@@ -36,6 +39,14 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [step for step, _ in points], [value for _, value in points]
 
 
+def spike_marks(records: list[dict]) -> tuple[tuple[list[int], list[float]], list[tuple[int, int]]]:
+    """Steps skipped as spikes with the loss they had, and rewinds as (from step, step resumed at)."""
+    skipped = _series([record for record in records if record.get("spike/skipped_step")], "spike/loss")
+    rewinds = [(record["rewind/from_step"], record["step"]) for record in records
+               if record.get("rewind/from_step") is not None]
+    return skipped, rewinds
+
+
 def plot(records: list[dict], out: Path, title: str) -> None:
     """Write the PNG next to ``out`` and rename it into place, so a reader never sees half a file."""
     accuracies = sorted({key for record in records for key in record if key.startswith("eval/") and key.endswith("/acc")})
@@ -45,6 +56,14 @@ def plot(records: list[dict], out: Path, title: str) -> None:
     loss_axes.plot(*_series(records, "loss"), label="train")
     if any("eval_loss" in record for record in records):
         loss_axes.plot(*_series(records, "eval_loss"), marker="o", label="eval")
+    skipped, rewinds = spike_marks(records)
+    if skipped[0]:
+        loss_axes.scatter(*skipped, marker="x", color="red", zorder=3, label=f"skipped spike ({len(skipped[0])})")
+    for index, (from_step, to_step) in enumerate(rewinds):
+        loss_axes.axvline(to_step, color="purple", linestyle="--", alpha=0.7,
+                          label="rewind (from step → to here)" if index == 0 else None)
+        loss_axes.annotate(f"{from_step}→{to_step}", (to_step, 1.0), xycoords=("data", "axes fraction"), va="top",
+                           fontsize=8, color="purple")
     loss_axes.set_ylabel("loss")
     loss_axes.legend()
     lr_axes.plot(*_series(records, "lr"))

@@ -9,6 +9,7 @@ and Adam's state alone when the gradient norm is not finite (its ZeRO and bf16 o
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Iterator, Optional
 
 import torch
@@ -51,54 +52,90 @@ def with_nan_loss(batches: Iterator[dict]) -> Iterator[dict]:
 
 
 class SpikeDetector:
-    """Rolling mean and std of the loss and gradient norm over the last ``window`` updated steps.
+    """Robust rolling statistics of the loss and gradient norm over the last ``window`` updated steps.
 
-    ``limits()`` gives the values above which the next step is a spike (mean + zscore * std; infinite until
-    the window is full or when detection is off); ``parallel/deepspeed.py``'s ``UpdateGate`` compares on
-    the device, so a spike is skipped exactly like a non-finite step. Skipped steps stay out of the window.
+    Values are compared in log space (spikes are multiplicative) against the window's median, in units of
+    1.4826 x the median absolute deviation (the std of normal data, unmoved by the outliers it looks for),
+    floored at ``min_relative_std`` so a calm window does not turn ordinary noise into spikes. A step is a
+    spike when its loss is more than ``zscore`` such units above the median (``signal="loss"``; "both": its
+    gradient norm too, "either": one of them). The gradient norm does not decide by default: in a healthy
+    run it alone jumps several-fold now and then (clipping bounds such an update), while a bad batch shows
+    in the loss. ``limits()`` gives the values above which the next step is a spike;
+    ``parallel/deepspeed.py``'s ``UpdateGate`` compares on the device, so a spike is skipped exactly like a
+    non-finite step. Skipped steps stay out of the window; ``consecutive`` counts the current
+    run of skipped spikes, so the trainer can stop a cascade (``train.spike.max_consecutive``).
     """
 
-    def __init__(self, zscore: Optional[float], window: int):
+    def __init__(self, zscore: Optional[float], window: int, min_relative_std: float = 0.01,
+                 signal: str = "loss"):
         self.zscore = zscore or 0.0
         self.window = window
+        self.min_relative_std = min_relative_std
+        self.signal = getattr(signal, "value", signal)
+        self.require_both = self.signal == "both"  # for the update gate
         self.losses: list[float] = []
         self.norms: list[float] = []
         self.skipped = 0  # steps skipped as spikes in the whole run
+        self.consecutive = 0  # spikes skipped since the last updated step
+        self.streak_start: Optional[int] = None  # the first step of that run of spikes
+
+    def _center_scale(self, values: list[float]) -> Optional[tuple[float, float]]:
+        if len(values) < self.window:
+            return None
+        logs = [_log(v) for v in values]
+        center = statistics.median(logs)
+        spread = 1.4826 * statistics.median([abs(v - center) for v in logs])
+        return center, max(spread, math.log1p(self.min_relative_std))
 
     def _limit(self, values: list[float]) -> float:
-        if not self.zscore or len(values) < self.window:
+        stats = self._center_scale(values) if self.zscore else None
+        if stats is None:
             return math.inf
-        mean, std = _mean_std(values)
-        return mean + self.zscore * std
+        center, scale = stats
+        return math.exp(min(center + self.zscore * scale, 700.0))
 
     def limits(self) -> tuple[float, float]:
         """(loss limit, gradient-norm limit) for the next step."""
-        return self._limit(self.losses), self._limit(self.norms)
+        return self._limit(self.losses), math.inf if self.signal == "loss" else self._limit(self.norms)
+
+    def deciding(self, loss_z: float, norm_z: float) -> float:
+        """The score compared with ``zscore``, from a step's two z-scores."""
+        return {"loss": loss_z, "both": min(loss_z, norm_z), "either": max(loss_z, norm_z)}[self.signal]
 
     def zscores(self, loss: float, grad_norm: Optional[float]) -> tuple[Optional[float], Optional[float]]:
-        """How many standard deviations above the window's mean these values are (None before it is full)."""
+        """How many robust standard deviations above the window's median these values are (None before the
+        window is full)."""
         def score(value, values):
-            if value is None or len(values) < self.window or not math.isfinite(value):
+            stats = self._center_scale(values)
+            if value is None or stats is None or not math.isfinite(value):
                 return None
-            mean, std = _mean_std(values)
-            return (value - mean) / std if std > 0 else (0.0 if value == mean else math.inf)
+            return (_log(value) - stats[0]) / stats[1]
         return score(loss, self.losses), score(grad_norm, self.norms)
 
     def add(self, loss: float, grad_norm: Optional[float]) -> None:
-        """Add an updated (not skipped) step."""
+        """Add an updated (not skipped) step; it ends a run of spikes."""
         self.losses = (self.losses + [loss])[-self.window:]
         if grad_norm is not None:
             self.norms = (self.norms + [grad_norm])[-self.window:]
+        self.consecutive, self.streak_start = 0, None
+
+    def count_skip(self, step: int) -> None:
+        self.skipped += 1
+        self.consecutive += 1
+        if self.streak_start is None:
+            self.streak_start = step
 
     def state_dict(self) -> dict:
-        return {"losses": list(self.losses), "norms": list(self.norms), "skipped": self.skipped}
+        return {"losses": list(self.losses), "norms": list(self.norms), "skipped": self.skipped,
+                "consecutive": self.consecutive, "streak_start": self.streak_start}
 
     def load_state_dict(self, state: dict) -> None:
         self.losses = [float(v) for v in state["losses"]][-self.window:]
         self.norms = [float(v) for v in state["norms"]][-self.window:]
         self.skipped = int(state["skipped"])
+        self.consecutive = int(state.get("consecutive", 0))
+        self.streak_start = state.get("streak_start")
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    mean = sum(values) / len(values)
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+def _log(value: float) -> float:
+    return math.log(max(value, 1e-30))

@@ -6,9 +6,11 @@ import logging
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from gptscale.checkpoint.adopt import adopt_model
 from gptscale.checkpoint.checkpointer import Checkpointer
+from gptscale.checkpoint.manifest import CheckpointError
 from gptscale.config.schema import Config
 from gptscale.config.validate import check, padded_vocab_size
 from gptscale.data import Data, build_data
@@ -33,6 +35,7 @@ from gptscale.train.lr_schedule import LearningRateSchedule
 from gptscale.train.metrics import ThroughputMeter, device_peak_tflops, flops_per_token
 from gptscale.train.preemption import StopRequest
 from gptscale.train.progress import Progress
+from gptscale.train.rewind import AT_START, SpikeRecord
 from gptscale.train.rng import RngState, seed_everything
 from gptscale.train.router_metrics import router_metrics
 from gptscale.train.step import eval_step, train_step
@@ -80,7 +83,8 @@ class Trainer:
         self.rng = RngState(self.device)
         self.progress = Progress()
         self.guard = LossGuard(cfg.train.max_bad_steps, cfg.train.bad_step_window)
-        self.spikes = SpikeDetector(cfg.train.spike.zscore, cfg.train.spike.window)
+        spike = cfg.train.spike
+        self.spikes = SpikeDetector(spike.zscore, spike.window, spike.min_relative_std, spike.signal)
 
         # Metrics: console, metrics.jsonl, W&B, TensorBoard (rank 0).
         self.tracker = build_tracker(cfg, self.ctx.rank == 0)
@@ -107,7 +111,8 @@ class Trainer:
             "spikes": self.spikes,
             "train_data": self.data.train, "valid_data": self.data.valid, "tracker": self.tracker,
         }, tokenizer_file=self.data.tokenizer_file)
-        if self.checkpointer.resume() is None and cfg.task.init:
+        self.spike_record = SpikeRecord(self.run_dir, self.ctx.rank == 0)  # skipped documents, rewinds
+        if not self.rewind_at_start() and self.checkpointer.resume() is None and cfg.task.init:
             self.checkpointer.initialize_from(cfg.task.init)  # fine-tuning: weights only
         self.reported_checkpoint = self.checkpointer.saved_step
         self.stop_request = StopRequest(self.device)  # SIGTERM / SIGUSR1: checkpoint and exit 0
@@ -125,6 +130,7 @@ class Trainer:
         lr = self.schedule.apply(self.engine.optimizer)
         gate = self.engine.update_gate
         gate.loss_limit, gate.norm_limit = self.spikes.limits()
+        gate.require_both = self.spikes.require_both
         gate.skipped = None
         batches = self.data.train
         if self.progress.step + 1 in self.cfg.train.inject_nan_steps:
@@ -170,13 +176,14 @@ class Trainer:
             log.warning("step %d skipped: loss %s, gradient norm %s (%d skipped in the last %d steps, %d in all)",
                         self.step, loss, grad_norm, len(self.guard.recent), self.guard.window, self.guard.skipped)
         elif skipped:
-            self.spikes.skipped += 1
+            self.spikes.count_skip(self.step)
+            documents = self.record_spike_documents()
             log.warning("step %d skipped as a spike: loss %.4f (z-score %s), gradient norm %s (z-score %s); "
                         "%d spikes skipped in all", self.step, loss, _score(zscores[0]), grad_norm,
                         _score(zscores[1]), self.spikes.skipped)
             self.tracker.log(self.step, {"spike/skipped_step": 1, "spike/loss": loss,
                                          "spike/zscore_loss": zscores[0], "spike/zscore_grad_norm": zscores[1],
-                                         "spike/skipped": self.spikes.skipped})
+                                         "spike/skipped": self.spikes.skipped, "spike/documents": len(documents)})
         else:
             self.spikes.add(loss, grad_norm)
         self.last_zscores = zscores
@@ -187,6 +194,67 @@ class Trainer:
             f"stopping at step {self.step}: {len(self.guard.recent)} steps in the last {self.guard.window} had a "
             f"non-finite loss or gradient norm (train.max_bad_steps={self.guard.max_bad_steps}); last good "
             f"checkpoint: {self.checkpointer.last_complete or 'none'}")
+
+    def too_many_spikes(self) -> bool:
+        bound = self.cfg.train.spike.max_consecutive
+        return bound > 0 and self.spikes.consecutive >= bound
+
+    def record_spike_documents(self) -> list:
+        """The documents of the skipped step's whole global batch (rank 0 names them from the order; every
+        rank gets the list): recorded in RUN_DIR and excluded from the loader from the next step on."""
+        loader = self.data.train
+        if not hasattr(loader, "documents_at"):  # synthetic or fine-tuning data
+            return []
+        found = [loader.documents_at(loader.step - 1) if self.ctx.rank == 0 else None]
+        if self.layout.world_size > 1:
+            dist.broadcast_object_list(found, src=0)
+        self.spike_record.add(found[0], f"step {self.step}")
+        loader.exclude(found[0])
+        if self.ctx.rank == 0:
+            log.warning("step %d: its %d documents are excluded from now on and listed in %s", self.step,
+                        len(found[0]), self.spike_record.documents_file)
+        return found[0]
+
+    def rewind(self, target: int, reason: str) -> None:
+        """Reload the newest checkpoint at or before step ``target`` and go on with every recorded document
+        excluded (collective)."""
+        from_step = self.step
+        path = self.checkpointer.rewind(target)
+        new = self.data.train.exclude(self.spike_record.documents) if hasattr(self.data.train, "exclude") else []
+        self.spike_record.add_rewind({"from_step": from_step, "to_step": target, "checkpoint": str(path),
+                                      "resumed_step": self.step, "reason": reason, "excluded": len(new)})
+        if self.ctx.rank == 0:
+            log.warning("rewound from step %d to the checkpoint of step %d (%s; %s): %d more documents excluded",
+                        from_step, self.step, path, reason, len(new))
+        self.tracker.log(self.step, {"rewind/from_step": from_step, "rewind/excluded": len(new)})
+
+    def rewind_at_start(self) -> bool:
+        """``checkpoint.rewind=N``: start from the newest checkpoint at or before N, once per run directory (a
+        relaunch with the same command line then resumes as usual)."""
+        target = self.cfg.checkpoint.rewind
+        if target is None:
+            return False
+        if self.spike_record.rewound_at_start_to(target):
+            if self.ctx.rank == 0:
+                log.info("checkpoint.rewind=%d was done before (%s): resuming as usual", target,
+                         self.spike_record.rewinds_file)
+            return False
+        self.rewind(target, AT_START)
+        return True
+
+    def rewind_after_spikes(self) -> None:
+        """``train.spike.max_consecutive`` spikes in a row: rewind to before the first of them."""
+        spike = self.cfg.train.spike
+        what = (f"{self.spikes.consecutive} steps in a row since step {self.spikes.streak_start} were skipped as "
+                f"loss spikes (train.spike.max_consecutive={spike.max_consecutive})")
+        if self.spike_record.automatic_rewinds() >= spike.max_rewinds:
+            raise TooManyBadSteps(f"stopping at step {self.step}: {what}, and the run has rewound "
+                                  f"train.spike.max_rewinds={spike.max_rewinds} times already "
+                                  f"({self.spike_record.rewinds_file})")
+        try:
+            self.rewind(self.spikes.streak_start - 1, what)
+        except CheckpointError as error:
+            raise TooManyBadSteps(f"stopping at step {self.step}: {what}, and the run cannot rewind: {error}") from error
 
     def report_checkpoint(self) -> None:
         """Log the step of a checkpoint once, when it is saved (trackers show where a run can resume)."""
@@ -199,6 +267,7 @@ class Trainer:
         and benchmarks). Skipped steps are counted and stop the run when too many."""
         train = self.cfg.train
         history = []
+        first_step = self.step
         self.meter.reset()
         stop = False
         while self.step < train.steps and not stop:
@@ -232,6 +301,10 @@ class Trainer:
                     self.tracker.log(self.step, metrics)
             if self.guard.exceeded():
                 raise self.too_many_bad_steps()
+            if self.too_many_spikes():
+                self.rewind_after_spikes()
+                del history[max(self.step - first_step, 0):]  # the steps after the checkpoint are trained again
+                continue
             stop = self.stop_request.agreed()
             if stop:
                 log.warning("stop requested by signal: saving at step %d and exiting", self.step)

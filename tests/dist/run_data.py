@@ -3,7 +3,7 @@ resuming from a saved loader state, and writes the labels it served and its fina
 
 Usage: torchrun --nproc_per_node=N tests/dist/run_data.py JOB.json
 JOB.json: {"dataset", "global_batch", "micro_batch", "seq_len", "steps", "workers", "resume" (path or null),
-"output" (directory)}.
+"output" (directory), optionally "exclude" (data.exclude)}.
 """
 
 import json
@@ -24,7 +24,8 @@ def main(job_path: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     layout = Layout(world, 1, 1, 1, world, job["micro_batch"], job["global_batch"])
-    data = build_data(DataConfig(path=job["dataset"], workers=job["workers"]), layout, rank, job["seq_len"])
+    data = build_data(DataConfig(path=job["dataset"], workers=job["workers"], exclude=job.get("exclude", [])),
+                      layout, rank, job["seq_len"])
     if job["resume"]:
         data.train.load_state_dict(json.loads(Path(job["resume"]).read_text()))
     labels, first = [], None

@@ -1,0 +1,31 @@
+"""Spike detection on real runs: no false positives on the README's default job."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+from tests.helpers import REPO
+
+
+def test_default_job_has_no_false_spikes(tmp_path):
+    """300 steps of the embedded default (shorter sequences and batch; ``tools/spike_check.py`` runs the full
+    job) with the detector at its default: zero skipped steps, and the deciding score (the loss z-score) stays
+    well below train.spike.zscore."""
+    proc = subprocess.run([sys.executable, "-m", "gptscale.train", f"run_dir={tmp_path}", "train.steps=300",
+                           "train.seq_len=64", "parallel.global_batch=8", "parallel.micro_batch=8",
+                           "train.log_interval=1", "train.eval_interval=0", "checkpoint.save_final=false"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 300
+    assert all(r["spike/skipped"] == 0 and r["skipped_steps"] == 0 for r in steps)
+    assert "skipped as a spike" not in proc.stderr
+    scored = [r for r in steps if r["spike/zscore_loss"] is not None and r["spike/zscore_grad_norm"] is not None]
+    assert len(scored) == 250  # the detector was on from the step after its 50-step window filled
+    worst = {name: max(r[f"spike/zscore_{name}"] for r in scored) for name in ("loss", "grad_norm")}
+    print(f"max loss z {worst['loss']:.2f}, grad norm z {worst['grad_norm']:.2f}")
+    assert math.isfinite(worst["loss"]) and worst["loss"] < 0.75 * 6.0
