@@ -37,6 +37,7 @@ ONE_RANK = {
     "one": [],
     "one-selective": ["train.activation_checkpointing=selective"],
     "one-full-mb2": ["train.activation_checkpointing=full", "parallel.micro_batch=2"],
+    "one-zero3-bf16": ["parallel.zero=3", "train.precision=bf16"],
 }
 MOE_TWO_RANKS = {"ep2": ["parallel.ep=2"], "dp2-zero1": ["parallel.zero=1"], "dp2-zero3": ["parallel.zero=3"]}
 
