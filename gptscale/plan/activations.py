@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 from megatron.core import parallel_state
 
-from gptscale.config.schema import Backend, Config, ModelConfig, MoeConfig, Precision
+from gptscale.config.schema import Backend, Config, ModelConfig, MoeConfig, Precision, Recompute
 from gptscale.config.validate import Layout
 from gptscale.model.build import build_model
 from gptscale.plan.counts import fake_groups, shape_key
@@ -205,10 +205,16 @@ def in_flight(layout: Layout, pp_rank: int) -> float:
 
 
 def stage_activation_bytes(cfg: Config, layout: Layout, vocab_size: int, pp_rank: int) -> tuple[int, int]:
-    """(one micro-batch's saved bytes, peak bytes with the schedule's in-flight micro-batches) of stage
-    ``pp_rank``: its layers (megatron-core's even split), the embedding on the first stage, the loss layer
-    on the last."""
+    """(one micro-batch's saved bytes, peak bytes) of stage ``pp_rank``: its layers (megatron-core's even
+    split), the embedding on the first stage, the loss layer on the last. The peak holds the schedule's
+    in-flight micro-batches and, under full recomputation, the one layer whose forward is rerun during
+    backward with everything saved, less the loss layer's tensors, which that backward has freed by then."""
     parts = activation_parts(cfg, layout, vocab_size)
     layers = cfg.model.num_layers // layout.pp
-    one = parts.stage(layers, pp_rank == 0, pp_rank == layout.pp - 1, layout.micro_batch)
-    return one, math.ceil(one * in_flight(layout, pp_rank))
+    last = pp_rank == layout.pp - 1
+    one = parts.stage(layers, pp_rank == 0, last, layout.micro_batch)
+    rerun = 0
+    if cfg.train.activation_checkpointing == Recompute.full:
+        plain = replace(cfg, train=replace(cfg.train, activation_checkpointing=Recompute.none))
+        rerun = layout.micro_batch * (activation_parts(plain, layout, vocab_size).per_layer - last * parts.last)
+    return one, math.ceil(one * in_flight(layout, pp_rank)) + max(rerun, 0)

@@ -79,28 +79,29 @@ class MemoryCheck:
         optimizer.step = first_step
 
     def after_step(self) -> None:
-        """Once, after the first step: log measured beside predicted, warn past the tolerance."""
-        if self.done:
+        """Once, after the first step whose prediction is ready (on GPU the helper may need a few steps; the
+        peak counts from the start): log measured beside predicted, warn past the tolerance."""
+        if self.done or (self._activations is not None and not self._activations.done()):
             return
         self.done = True
         if self.device.type == "cuda":
             predicted = self.predicted.total
             if self._activations is not None:
                 try:
-                    predicted += self._activations.result(timeout=600)
+                    predicted += self._activations.result()
                 except Exception as error:  # the check must never stop training
                     log.warning("plan: activation prediction failed (%s); comparing model states only", error)
             predicted = round(predicted * (1 + ALLOCATOR_MARGIN))
-            measured, what = torch.cuda.max_memory_allocated(self.device), "peak allocated"
+            measured, what = torch.cuda.max_memory_allocated(self.device), "peak allocated so far"
         else:
             held = held_bytes(self.model, self.engine.optimizer, self._gradients)
-            predicted, measured, what = self.predicted.total, held.total, "model states held"
+            predicted, measured, what = self.predicted.total, held.total, "model states held after the first step"
             if held != self.predicted:
                 log.debug("plan: rank %d predicted %s, holds %s", self.rank, self.predicted, held)
         off = abs(predicted - measured) / max(measured, 1)
         if off > TOLERANCE:
-            log.warning("plan: rank %d %s %.3f GiB after the first step, predicted %.3f GiB (%.0f%% off; "
-                        "docs/planning.md)", self.rank, what, measured / GiB, predicted / GiB, 100 * off)
+            log.warning("plan: rank %d %s %.3f GiB, predicted %.3f GiB (%.0f%% off; docs/planning.md)",
+                        self.rank, what, measured / GiB, predicted / GiB, 100 * off)
         elif self.rank == 0:
-            log.info("plan: rank 0 %s %.3f GiB after the first step, predicted %.3f GiB (%.1f%% off)", what,
-                     measured / GiB, predicted / GiB, 100 * off)
+            log.info("plan: rank 0 %s %.3f GiB, predicted %.3f GiB (%.1f%% off)", what, measured / GiB,
+                     predicted / GiB, 100 * off)

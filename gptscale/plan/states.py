@@ -19,7 +19,8 @@ weight's bytes (4 fp32, 2 bf16):
   ``param_persistence_threshold`` elements stay whole on every rank. The rank holds its flat partition in
   the weights' dtype, an fp32 master and two moments of it, one step count per sub-group of
   ``sub_group_size`` elements, an fp32 gradient partition, and the reduce bucket of
-  ``reduce_bucket_size`` elements in the weights' dtype.
+  ``reduce_bucket_size`` elements in the weights' dtype. On one rank the persistent weights are views of
+  their sub-group's flat partition.
 """
 
 from __future__ import annotations
@@ -103,19 +104,33 @@ def _zero3_bytes(groups: list[list[int]], numels: list[int], dp: int, weight: in
         if size <= settings.param_persistence_threshold:
             persistent += size
             persisted += size
-    partition = sum(-(-size // dp) for group in groups for size in group)
-    sub_groups = sum(_sub_groups([-(-size // dp) for size in group], settings.sub_group_size) for group in groups)
-    optimizer = weight * partition + 12 * partition + 4 * sub_groups + weight * settings.reduce_bucket_size
-    return StateBytes(weight * persistent, 4 * partition, optimizer)
+    partition, sub_groups, flat_weights, flat_partitions = 0, 0, 0, 0
+    for group in groups:
+        for members in _sub_groups(group, dp, settings.sub_group_size):
+            flat = sum(-(-size // dp) for size in members)
+            partition += flat
+            sub_groups += 1
+            # One rank alone: a whole tensor is its own partition, so persistent weights are views of the flat
+            # buffer, which is then the weights' storage (gptscale leaves model_persistence_threshold unbounded).
+            if dp == 1 and any(size <= settings.param_persistence_threshold for size in members):
+                flat_weights += flat
+            else:
+                flat_partitions += flat
+    parameters = weight * (flat_weights if dp == 1 else persistent)
+    optimizer = weight * flat_partitions + 12 * partition + 4 * sub_groups + weight * settings.reduce_bucket_size
+    return StateBytes(parameters, 4 * partition, optimizer)
 
 
-def _sub_groups(partitions: list[int], sub_group_size: int) -> int:
-    """How many sub-groups ZeRO-3 cuts a group into (each gets its own flat buffers and step count)."""
+def _sub_groups(group: list[int], dp: int, sub_group_size: int) -> list[list[int]]:
+    """The sub-groups ZeRO-3 cuts a group into by partition size (each its own flat buffers and step count)."""
+    partitions = [-(-size // dp) for size in group]
     if sub_group_size is None or sub_group_size >= sum(partitions):
-        return 1
-    count, size = 0, 0
-    for index, part in enumerate(partitions):
+        return [group]
+    cuts, members, size = [], [], 0
+    for index, (tensor, part) in enumerate(zip(group, partitions)):
+        members.append(tensor)
         size += part
-        if size >= sub_group_size or index == len(partitions) - 1:
-            count, size = count + 1, 0
-    return count
+        if size >= sub_group_size or index == len(group) - 1:
+            cuts.append(members)
+            members, size = [], 0
+    return cuts

@@ -17,8 +17,8 @@ def predict(result: dict) -> dict:
     cfg = load_config(result["overrides"])
     layout = check(cfg, result["world_size"])
     states = rank_states(cfg, layout, result["vocab_size"], result["pp_rank"], result["ep_rank"], result["dp_rank"])
-    one_microbatch, _ = stage_activation_bytes(cfg, layout, result["vocab_size"], result["pp_rank"])
-    return {"states": asdict(states), "activations": one_microbatch}
+    one_microbatch, in_flight = stage_activation_bytes(cfg, layout, result["vocab_size"], result["pp_rank"])
+    return {"states": asdict(states), "activations": one_microbatch, "in_flight": in_flight}
 
 
 if __name__ == "__main__":

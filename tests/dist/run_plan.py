@@ -1,6 +1,6 @@
 """Trains one step per layout and writes, per rank, where the rank sits, the bytes of model states it holds
-and the bytes autograd saves in one micro-batch's forward through its chunks (not under ZeRO-3, whose
-gathered weights would count as saved tensors).
+the bytes autograd saves in one micro-batch's forward through its chunks, and the most it holds at once
+during the step (neither under ZeRO-3, whose gathered weights would count as saved tensors).
 
 Usage: torchrun --nproc_per_node=N tests/dist/run_plan.py JOBS.json RESULTS_PREFIX
 """
@@ -11,7 +11,7 @@ import sys
 import torch.distributed as dist
 
 from gptscale.config import load_config
-from gptscale.plan.activations import forward_saved_bytes
+from gptscale.plan.activations import LiveSavedBytes, forward_saved_bytes
 from gptscale.plan.held import gradient_storages, held_bytes
 from gptscale.train.trainer import Trainer
 
@@ -28,7 +28,8 @@ def measure(overrides: list[str]) -> dict:
             return update(*args, **kwargs)
 
         optimizer.step = step
-        trainer.fit()
+        with LiveSavedBytes(trainer.model.parameters()) as live:  # ZeRO-3 gathers weights: not comparable
+            trainer.fit()
         held = held_bytes(trainer.model, optimizer, recorded)
         saved = None
         if cfg.parallel.zero < 3:
@@ -37,7 +38,8 @@ def measure(overrides: list[str]) -> dict:
                                             trainer.device, tokens) for chunk in trainer.model.chunks)
         return {"overrides": overrides, "vocab_size": trainer.data.vocab_size, "world_size": dist.get_world_size(),
                 "pp_rank": trainer.ctx.pp_rank, "ep_rank": trainer.ctx.ep_rank,
-                "dp_rank": trainer.engine.mpu.get_data_parallel_rank(), "held": vars(held), "saved": saved}
+                "dp_rank": trainer.engine.mpu.get_data_parallel_rank(), "held": vars(held), "saved": saved,
+                "peak_saved": live.peak if cfg.parallel.zero < 3 else None}
     finally:
         trainer.close()
 

@@ -1,5 +1,6 @@
 """Predicted bytes per rank against a real run: parameter, gradient and optimizer bytes equal what the engine
-holds after a step; activation bytes of one micro-batch are within 10 % of what autograd saves.
+holds after a step; activation bytes of one micro-batch are within 10 % of what autograd saves, and with
+the schedule's in-flight micro-batches within 10 % of the most it holds at once during the step.
 
 The ranks train one step on gloo and report what they hold and save; the prediction is made afterwards in
 a process of its own (tests/dist/predict_plan.py), from the model built and run on the meta device in a
@@ -36,6 +37,7 @@ ONE_RANK = {
     "one": [],
     "one-selective": ["train.activation_checkpointing=selective"],
     "one-full-mb2": ["train.activation_checkpointing=full", "parallel.micro_batch=2"],
+    "one-zero3-bf16": ["parallel.zero=3", "train.precision=bf16"],
 }
 MOE_TWO_RANKS = {"ep2": ["parallel.ep=2"], "dp2-zero1": ["parallel.zero=1"], "dp2-zero3": ["parallel.zero=3"]}
 
@@ -84,4 +86,16 @@ def test_predicted_activation_bytes_within_ten_percent_of_saved(results):
     assert len(measured) >= 20
     off = [(*_describe(r), r["predicted"]["activations"], r["saved"]) for r in measured
            if abs(r["predicted"]["activations"] - r["saved"]) > 0.1 * r["saved"]]
+    assert not off
+
+
+def test_predicted_in_flight_activations_within_ten_percent_of_the_steps_peak(results):
+    """The schedule's in-flight micro-batches (1F1B: pp - stage; interleaved: warm-up chunks) against the most
+    autograd held at once during the real step (pipelined layouts run 4 micro-batches)."""
+    measured = [result for result in results if result["peak_saved"] is not None and "moe-tiny" not in result["overrides"][0]]
+    pipelined = [result for result in measured if "parallel.pp=2" in result["overrides"]]
+    assert len(pipelined) >= 8 and {r["pp_rank"] for r in pipelined} == {0, 1}
+    assert all(r["peak_saved"] > 1.5 * r["saved"] for r in pipelined if r["pp_rank"] == 0)
+    off = [(*_describe(r), r["predicted"]["in_flight"], r["peak_saved"]) for r in measured
+           if abs(r["predicted"]["in_flight"] - r["peak_saved"]) > 0.1 * r["peak_saved"]]
     assert not off
