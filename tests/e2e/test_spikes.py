@@ -45,3 +45,16 @@ def test_spikes_in_a_row_without_a_checkpoint_stop_the_run(tmp_path):
         in proc.stderr, proc.stderr[-3000:]
     assert "holds no complete checkpoint at or before it (checkpoints present at steps: none)" in proc.stderr
     assert (tmp_path / "skipped_documents.txt").read_text().count("# step") > 0
+
+
+def test_rewinds_are_bounded(tmp_path):
+    """With a checkpoint every step the hair-trigger detector rewinds, then spikes again: one rewind more than
+    train.spike.max_rewinds=1 stops the run; RUN_DIR/rewinds.jsonl holds the one it made."""
+    proc = train([f"run_dir={tmp_path}", "train.steps=60", "train.seq_len=32", "parallel.global_batch=4",
+                  "parallel.micro_batch=4", "train.eval_interval=0", "train.spike.zscore=0.2", "train.spike.window=2",
+                  "train.spike.max_consecutive=1", "train.spike.max_rewinds=1", "checkpoint.interval=1",
+                  "checkpoint.async_save=false"], timeout=300)
+    assert proc.returncode != 0
+    assert "and the run has rewound train.spike.max_rewinds=1 times already" in proc.stderr, proc.stderr[-3000:]
+    (rewind,) = [json.loads(line) for line in (tmp_path / "rewinds.jsonl").read_text().splitlines()]
+    assert rewind["resumed_step"] == rewind["to_step"] == rewind["from_step"] - 1
