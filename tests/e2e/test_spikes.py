@@ -20,7 +20,8 @@ def test_default_job_has_no_false_spikes(tmp_path):
     job) with the detector at its default: zero skipped steps, and the deciding score (the loss z-score) stays
     well below train.spike.zscore."""
     proc = train([f"run_dir={tmp_path}", "train.steps=300", "train.seq_len=64", "parallel.global_batch=8",
-                  "parallel.micro_batch=8", "train.log_interval=1", "train.eval_interval=0", "checkpoint.save_final=false"])
+                  "parallel.micro_batch=8", "train.log_interval=1", "train.eval_interval=0",
+                  "checkpoint.save_final=false"])
     assert proc.returncode == 0, proc.stderr[-4000:]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
