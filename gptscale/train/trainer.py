@@ -254,7 +254,8 @@ class Trainer:
         try:
             self.rewind(self.spikes.streak_start - 1, what)
         except CheckpointError as error:
-            raise TooManyBadSteps(f"stopping at step {self.step}: {what}, and the run cannot rewind: {error}") from error
+            raise TooManyBadSteps(f"stopping at step {self.step}: {what}, and the run cannot rewind: {error}") \
+                from error
 
     def report_checkpoint(self) -> None:
         """Log the step of a checkpoint once, when it is saved (trackers show where a run can resume)."""

@@ -3,15 +3,13 @@
 from collections import Counter
 
 import pytest
-import zstandard
 
 from gptscale.config.schema import DataConfig
 from gptscale.data import build_data
 from gptscale.data.exclude import DocumentId, read_exclusions, write_exclusions
 from gptscale.data.loader import Source, StreamingLoader
 from gptscale.data.manifest import DataError, read_manifest
-from gptscale.data.shards import load_shard
-from tests.datasets import layout, make_dataset, random_documents, split_tokens
+from tests.datasets import layout, make_dataset, random_documents, read_document, split_tokens
 
 SEQ_LEN, GLOBAL_BATCH = 16, 6
 
@@ -42,14 +40,8 @@ def epoch_labels(ranks) -> Counter:
 
 
 def document_tokens(manifest, identities) -> Counter:
-    """The tokens (end-of-document included) of the named documents, read from their shards."""
-    shards = {s.name: s for s in manifest.shards("train")}
-    counts = Counter()
-    for identity in identities:
-        info = shards[identity.shard]
-        loaded = load_shard(manifest.url(info.name), info, manifest.numpy_dtype)
-        counts.update(loaded.decode(identity.document, manifest.numpy_dtype, zstandard.ZstdDecompressor()).tolist())
-    return counts
+    """The tokens (end-of-document included) of the named documents."""
+    return sum((Counter(read_document(manifest, identity)) for identity in identities), Counter())
 
 
 def test_excluded_documents_leave_the_epoch_and_the_rest_stays(corpus):

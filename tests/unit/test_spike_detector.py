@@ -66,3 +66,28 @@ def test_signal_chooses_what_decides():
         assert (detector.limits()[1] == math.inf) == (signal == "loss")
         assert detector.require_both == (signal == "both")
     assert scores == {"loss": 2.0, "both": 2.0, "either": 7.0}
+
+
+def gate_decision(loss, norm, loss_limit, norm_limit, require_both):
+    import types
+
+    import torch
+
+    from gptscale.parallel.deepspeed import UpdateGate
+
+    optimizer = types.SimpleNamespace(step=lambda *args, **kwargs: None, _global_grad_norm=torch.tensor(norm))
+    engine = types.SimpleNamespace(device=torch.device("cpu"), optimizer=optimizer, _global_grad_norm=None)
+    gate = UpdateGate(engine, optimizer)
+    gate.loss, gate.loss_limit, gate.norm_limit, gate.require_both = torch.tensor(loss), loss_limit, norm_limit, \
+        require_both
+    optimizer.step()
+    return bool(optimizer.found_inf.item())
+
+
+def test_update_gate_skips_non_finite_steps_and_spikes_by_signal():
+    inf = math.inf
+    assert not gate_decision(2.0, 1.0, inf, inf, False)
+    assert gate_decision(math.nan, 1.0, inf, inf, False) and gate_decision(2.0, math.inf, inf, inf, True)
+    assert gate_decision(3.0, 1.0, 2.5, inf, False)  # signal=loss: the norm's limit is infinite
+    assert not gate_decision(3.0, 1.0, 2.5, 2.0, True) and gate_decision(3.0, 2.5, 2.5, 2.0, True)  # both
+    assert gate_decision(2.0, 2.5, 2.5, 2.0, False)  # either
