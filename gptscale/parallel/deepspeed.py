@@ -125,6 +125,8 @@ def build_engine(model: torch.nn.Module, layout: Layout, zero: int, optim: Optim
     )
     _hide_megatron_expert_marks(model)
     mpu = ExpertParallelMpu() if layout.ep > 1 else MegatronMpu()
+    if zero == 3:
+        _keep_local_rank_for_zero3()
     with _local_rank_set():
         engine, *_ = deepspeed.initialize(
             model=model,
@@ -194,6 +196,25 @@ class UpdateGate:
             skip = skip | spike
         self.skipped = skip.float()
         return self.skipped
+
+
+_LOCAL_RANK_FOR_ZERO3 = False
+
+
+def _keep_local_rank_for_zero3() -> None:
+    """ZeRO-3 reads LOCAL_RANK in every step too (for its gather buffers): a lone process keeps it set until
+    ``release_local_rank``, which the trainer calls when it closes."""
+    global _LOCAL_RANK_FOR_ZERO3
+    if "LOCAL_RANK" not in os.environ:
+        os.environ["LOCAL_RANK"] = "0"
+        _LOCAL_RANK_FOR_ZERO3 = True
+
+
+def release_local_rank() -> None:
+    global _LOCAL_RANK_FOR_ZERO3
+    if _LOCAL_RANK_FOR_ZERO3:
+        os.environ.pop("LOCAL_RANK", None)
+        _LOCAL_RANK_FOR_ZERO3 = False
 
 
 @contextlib.contextmanager

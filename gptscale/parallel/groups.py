@@ -66,9 +66,7 @@ def init_distributed(device: torch.device, timeout_minutes: float = 10.0) -> Non
         torch.cuda.set_device(device)
     if "MASTER_ADDR" not in os.environ:  # not started by torchrun or a cluster launcher: a lone process
         # An in-memory store: no port to pick, so concurrent lone runs cannot race for one. No environment
-        # variable is set either, so processes it starts do not take themselves for ranks of a job; except
-        # LOCAL_RANK, which DeepSpeed's ZeRO-3 reads to place tensors (and which alone makes no one a rank).
-        os.environ.setdefault("LOCAL_RANK", "0")
+        # variable is set either, so processes it starts do not take themselves for ranks of a job.
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
                                 timeout=timedelta(minutes=timeout_minutes))
         return

@@ -20,7 +20,7 @@ from gptscale.model.fp8 import check_fp8
 from gptscale.model.init import initialize
 from gptscale.model.moe import prepare_routers, update_expert_bias
 from gptscale.model.spec import resolve_backend
-from gptscale.parallel.deepspeed import build_engine
+from gptscale.parallel.deepspeed import build_engine, release_local_rank
 from gptscale.parallel.grads import (
     mark_pipeline_replicas,
     register_expert_parallel_hooks,
@@ -326,6 +326,7 @@ class Trainer:
         self.stop_request.close()
         self.tracker.close()
         destroy_model_parallel()
+        release_local_rank()
 
 
 def _score(value) -> str:
