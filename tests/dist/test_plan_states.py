@@ -39,7 +39,8 @@ ONE_RANK = {
     "one-full-mb2": ["train.activation_checkpointing=full", "parallel.micro_batch=2"],
     "one-zero3-bf16": ["parallel.zero=3", "train.precision=bf16"],
 }
-MOE_TWO_RANKS = {"ep2": ["parallel.ep=2"], "dp2-zero1": ["parallel.zero=1"], "dp2-zero3": ["parallel.zero=3"]}
+MOE_TWO_RANKS = {"ep2": ["parallel.ep=2"], "pp2": ["parallel.pp=2"],
+                 "dp2-zero1": ["parallel.zero=1"], "dp2-zero3": ["parallel.zero=3"]}
 
 
 def _held(tmp_path, nprocs: int, jobs: list[list[str]]) -> list[dict]:
