@@ -10,7 +10,10 @@ A stage's bytes are composed from three measurements of small models of the conf
 of two stages of one and of two layers): what the first stage adds (embedding), what one layer adds, and
 what the last stage adds (final norm, output layer, logits and the loss). All are linear in the
 micro-batch, which is measured at 1 sequence and scaled. Mixture-of-experts layers route tokens by their
-values, which the meta device cannot run: they are measured as a dense stand-in (``dense_stand_in``).
+values, which the meta device cannot compute: they run as under a perfectly balanced router (each token to
+``top_k`` experts, every expert an equal share; ``meta.on_meta(top_k)``), measured at one expert-parallel rank,
+whose experts then see the same number of token-expert pairs as each rank does under expert parallelism
+(under tensor parallelism a dense stand-in, ``dense_stand_in``).
 """
 
 from __future__ import annotations
@@ -152,7 +155,9 @@ def activation_parts(cfg: Config, layout: Layout, vocab_size: int) -> Activation
     key = (shape_key(cfg), layout.tp, cfg.parallel.sp, layout.ep, cfg.train.activation_checkpointing, vocab_size)
     if key not in _parts:
         if cfg.model.moe.num_experts:
-            cfg, layout = replace(cfg, model=dense_stand_in(cfg.model)), replace(layout, ep=1)
+            layout = replace(layout, ep=1)  # balanced routing: each rank's experts get tokens x top_k pairs
+            if layout.tp > 1:
+                cfg = replace(cfg, model=dense_stand_in(cfg.model))
         one, two = _stage_bytes(cfg, layout, vocab_size, 2, (0, 1)), _stage_bytes(cfg, layout, vocab_size, 4, (0,))
         per_layer = two[0] - one[0]
         _parts[key] = ActivationParts(first=one[0] - per_layer, per_layer=per_layer, last=one[1] - per_layer)
@@ -160,9 +165,10 @@ def activation_parts(cfg: Config, layout: Layout, vocab_size: int) -> Activation
 
 
 def dense_stand_in(model: ModelConfig) -> ModelConfig:
-    """A dense model whose MLPs do what a MoE layer's experts do for a token under perfectly balanced routing
-    (top_k experts plus the shared one). Routing is data-dependent, which the meta device cannot run; this
-    misses the router's and the dispatcher's buffers (16 % under on moe-tiny, see docs/planning.md)."""
+    """Under tensor parallelism the dispatcher reads per-rank split sizes on the host that balanced routing on
+    the meta device does not answer; there a dense model whose MLPs do what the experts do for a token (top_k
+    experts plus the shared one) stands in, missing the router's and dispatcher's buffers (16 % under on
+    moe-tiny, docs/planning.md)."""
     moe = model.moe
     expert = moe.ffn_hidden_size or model.ffn_hidden_size or 4 * model.hidden_size
     return replace(model, moe=MoeConfig(), ffn_hidden_size=moe.top_k * expert + moe.shared_expert_size)
@@ -177,7 +183,7 @@ def _stage_bytes(cfg: Config, layout: Layout, vocab_size: int, num_layers: int, 
     saved = []
     for stage in stages:
         with fake_groups(shape, layout.tp * layout.ep * stage):
-            with on_meta():
+            with on_meta(cfg.model.moe.top_k if cfg.model.moe.num_experts else None):
                 chunks = build_model(model, parallel, cfg.train, vocab_size, Backend.local, torch.device("meta"))
                 chunks.train()
                 if cfg.train.precision == Precision.bf16:

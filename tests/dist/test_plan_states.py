@@ -39,7 +39,8 @@ ONE_RANK = {
     "one-full-mb2": ["train.activation_checkpointing=full", "parallel.micro_batch=2"],
     "one-zero3-bf16": ["parallel.zero=3", "train.precision=bf16"],
 }
-MOE_TWO_RANKS = {"ep2": ["parallel.ep=2"], "dp2-zero1": ["parallel.zero=1"], "dp2-zero3": ["parallel.zero=3"]}
+MOE_TWO_RANKS = {"ep2": ["parallel.ep=2"], "pp2": ["parallel.pp=2"],
+                 "dp2-zero1": ["parallel.zero=1"], "dp2-zero3": ["parallel.zero=3"]}
 
 
 def _held(tmp_path, nprocs: int, jobs: list[list[str]]) -> list[dict]:
@@ -81,21 +82,27 @@ def test_predicted_state_bytes_equal_held_bytes(results):
 
 
 def test_predicted_activation_bytes_within_ten_percent_of_saved(results):
-    """Dense models; MoE layers are predicted with a dense stand-in (16 % under on moe-tiny, docs/planning.md)."""
-    measured = [result for result in results if result["saved"] is not None and "moe-tiny" not in result["overrides"][0]]
+    """Dense and MoE models (MoE layers planned with perfectly balanced routing). Under expert parallelism a
+    rank's experts get what the untrained router sends them, which the plan cannot know: 20 % there."""
+    measured = [result for result in results if result["saved"] is not None]
+    assert any("moe-tiny" in result["overrides"][0] for result in measured)
     assert len(measured) >= 20
     off = [(*_describe(r), r["predicted"]["activations"], r["saved"]) for r in measured
-           if abs(r["predicted"]["activations"] - r["saved"]) > 0.1 * r["saved"]]
+           if abs(r["predicted"]["activations"] - r["saved"]) > _tolerance(r) * r["saved"]]
     assert not off
+
+
+def _tolerance(result: dict) -> float:
+    return 0.2 if "parallel.ep=2" in result["overrides"] else 0.1
 
 
 def test_predicted_in_flight_activations_within_ten_percent_of_the_steps_peak(results):
     """The schedule's in-flight micro-batches (1F1B: pp - stage; interleaved: warm-up chunks) against the most
     autograd held at once during the real step (pipelined layouts run 4 micro-batches)."""
-    measured = [result for result in results if result["peak_saved"] is not None and "moe-tiny" not in result["overrides"][0]]
+    measured = [result for result in results if result["peak_saved"] is not None]
     pipelined = [result for result in measured if "parallel.pp=2" in result["overrides"]]
     assert len(pipelined) >= 8 and {r["pp_rank"] for r in pipelined} == {0, 1}
     assert all(r["peak_saved"] > 1.5 * r["saved"] for r in pipelined if r["pp_rank"] == 0)
     off = [(*_describe(r), r["predicted"]["in_flight"], r["peak_saved"]) for r in measured
-           if abs(r["predicted"]["in_flight"] - r["peak_saved"]) > 0.1 * r["peak_saved"]]
+           if abs(r["predicted"]["in_flight"] - r["peak_saved"]) > _tolerance(r) * r["peak_saved"]]
     assert not off
