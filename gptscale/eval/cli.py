@@ -30,7 +30,7 @@ from gptscale.config.schema import Config, ParallelConfig, WandbMode
 from gptscale.config.validate import ConfigError, check
 from gptscale.data.manifest import DataError
 from gptscale.parallel.groups import world_size_from_env
-from gptscale.train.__main__ import _setup_logging
+from gptscale.train.__main__ import setup_logging
 
 log = logging.getLogger("gptscale")
 LAYOUT_FIELDS = ("tp", "pp", "vpp", "sp", "ep", "zero")
@@ -62,13 +62,12 @@ def evaluate(cfg: Config, log_likelihoods: bool = False) -> list[dict]:
 
     trainer = Trainer(cfg)
     try:
-        trainer.engine.eval()
+        loss, results = trainer.evaluate()
         lines = []
-        if trainer.data.valid is not None:
-            loss = trainer.heldout_loss()
+        if loss is not None:
             lines.append({"task": "heldout", "loss": loss, "perplexity": math.exp(loss),
                           "tokens": trainer.tokens_per_step * cfg.train.eval_batches})
-        for result in trainer.score_tasks():
+        for result in results:
             line = result.summary()
             if log_likelihoods:
                 line["log_likelihoods"] = result.log_likelihoods
@@ -89,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="gptscale-eval-") as run_dir:
         try:
             cfg, root = eval_config(args.checkpoint, args.overrides, run_dir)
-            _setup_logging(cfg.logging.level)
+            setup_logging(cfg.logging.level)
             check(cfg, world_size_from_env())
             lines = evaluate(cfg, args.log_likelihoods)
         except (ConfigError, DataError, CheckpointError) as error:

@@ -8,7 +8,6 @@ toolchain on GPU).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import types
 
@@ -125,9 +124,8 @@ def build_engine(model: torch.nn.Module, layout: Layout, zero: int, optim: Optim
     )
     _hide_megatron_expert_marks(model)
     mpu = ExpertParallelMpu() if layout.ep > 1 else MegatronMpu()
-    if zero == 3:
-        _keep_local_rank_for_zero3()
-    with _local_rank_set():
+    start_only = _lend_local_rank(zero)
+    try:
         engine, *_ = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
@@ -135,6 +133,9 @@ def build_engine(model: torch.nn.Module, layout: Layout, zero: int, optim: Optim
             mpu=mpu,
             dist_init_required=False,
         )
+    finally:
+        if start_only:
+            release_local_rank()
     engine.clip_fp32_gradients = types.MethodType(_clip_and_record_norm, engine)
     engine.update_gate = UpdateGate(engine, optimizer)
     return engine
@@ -198,37 +199,27 @@ class UpdateGate:
         return self.skipped
 
 
-_LOCAL_RANK_FOR_ZERO3 = False
+_LENT_LOCAL_RANK = False
 
 
-def _keep_local_rank_for_zero3() -> None:
-    """ZeRO-3 reads LOCAL_RANK in every step too (for its gather buffers): a lone process keeps it set until
-    ``release_local_rank``, which the trainer calls when it closes."""
-    global _LOCAL_RANK_FOR_ZERO3
-    if "LOCAL_RANK" not in os.environ:
-        os.environ["LOCAL_RANK"] = "0"
-        _LOCAL_RANK_FOR_ZERO3 = True
+def _lend_local_rank(zero: int) -> bool:
+    """DeepSpeed's engine insists on LOCAL_RANK, which launchers set: a lone process is local rank 0 while the
+    engine starts and, under ZeRO-3 (which reads it at every step for its gather buffers), until
+    ``release_local_rank`` (the trainer calls it when it closes); processes started later must not inherit
+    it. Returns whether the variable was lent for the engine's start only."""
+    global _LENT_LOCAL_RANK
+    if "LOCAL_RANK" in os.environ:
+        return False
+    os.environ["LOCAL_RANK"] = "0"
+    _LENT_LOCAL_RANK = True
+    return zero != 3
 
 
 def release_local_rank() -> None:
-    global _LOCAL_RANK_FOR_ZERO3
-    if _LOCAL_RANK_FOR_ZERO3:
+    global _LENT_LOCAL_RANK
+    if _LENT_LOCAL_RANK:
         os.environ.pop("LOCAL_RANK", None)
-        _LOCAL_RANK_FOR_ZERO3 = False
-
-
-@contextlib.contextmanager
-def _local_rank_set():
-    """DeepSpeed's engine insists on LOCAL_RANK, which launchers set: a lone process is local rank 0 while the
-    engine starts, without leaving the variable to the processes it may start later."""
-    if "LOCAL_RANK" in os.environ:
-        yield
-        return
-    os.environ["LOCAL_RANK"] = "0"
-    try:
-        yield
-    finally:
-        del os.environ["LOCAL_RANK"]
+        _LENT_LOCAL_RANK = False
 
 
 def reduce_gradients_outside_engine(engine) -> None:

@@ -26,7 +26,7 @@ def _export_submitit_ranks() -> None:
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
-def _setup_logging(level: str) -> None:
+def setup_logging(level: str) -> None:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO) if rank == 0 else logging.WARNING,
@@ -50,7 +50,7 @@ def _run(dict_cfg: DictConfig) -> None:
         sys.exit(2)
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         cfg.run_dir = HydraConfig.get().runtime.output_dir  # each run of a sweep writes into its own directory
-    _setup_logging(cfg.logging.level)
+    setup_logging(cfg.logging.level)
     log = logging.getLogger("gptscale")
     try:
         check(cfg, world_size_from_env())

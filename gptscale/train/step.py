@@ -73,6 +73,11 @@ def _forward(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     return model(batch["tokens"], batch["position_ids"], attention_mask(batch), labels=batch["labels"])
 
 
+def _logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Logits ``[b, s, v / tp]`` (last stage) or hidden states (other stages) of one micro-batch."""
+    return model(batch["tokens"], batch["position_ids"], attention_mask(batch))
+
+
 def _loss_share(per_token_loss: torch.Tensor, loss_mask: torch.Tensor, global_tokens: torch.Tensor) -> torch.Tensor:
     """This micro-batch's part of the global per-token mean."""
     return (per_token_loss.float() * loss_mask).sum() / global_tokens
@@ -210,8 +215,7 @@ def sequence_log_likelihoods(engine, model: ModelChunks, microbatches: list[dict
     last pipeline stage and None elsewhere. Every micro-batch holds ``layout.micro_batch`` sequences."""
     microbatches = [_to_device(batch, device) for batch in microbatches]
     if layout.pp == 1:
-        return torch.cat([_log_likelihoods(engine(batch["tokens"], batch["position_ids"], attention_mask(batch)),
-                                           batch, vocab_size) for batch in microbatches])
+        return torch.cat([_log_likelihoods(_logits(engine, batch), batch, vocab_size) for batch in microbatches])
     sums = []
 
     def loss_func(batch, logits):
@@ -220,7 +224,7 @@ def sequence_log_likelihoods(engine, model: ModelChunks, microbatches: list[dict
 
     def forward_step(data_iterator, chunk):
         batch = next(data_iterator)
-        return chunk(batch["tokens"], batch["position_ids"], attention_mask(batch)), functools.partial(loss_func, batch)
+        return _logits(chunk, batch), functools.partial(loss_func, batch)
 
     _schedule(model, microbatches, forward_step, layout, seq_len, forward_only=True)
     return torch.cat(sums) if is_last_stage else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -143,26 +144,18 @@ class Trainer:
         self.meter.step_done()
         return lr, result
 
-    def heldout_loss(self) -> float:
-        """Mean loss per token of ``train.eval_batches`` global batches of the validation split."""
-        losses = [eval_step(self.engine, self.model, self.data.valid, self.layout, self.cfg.train.seq_len,
-                            self.device, self.ctx.is_last_stage) for _ in range(self.cfg.train.eval_batches)]
-        return torch.stack(losses).mean().item()
-
-    def score_tasks(self) -> list[TaskResult]:
-        return self.tasks.score(self.engine, self.model) if self.tasks is not None else []
-
-    def evaluate(self) -> dict[str, float]:
-        """Held-out loss (when there is a validation split) and each task's accuracy, as logged metrics."""
+    def evaluate(self) -> tuple[Optional[float], list[TaskResult]]:
+        """Held-out loss (mean per token of ``train.eval_batches`` global batches of the validation split; None
+        without one) and each task's result."""
         self.engine.eval()
-        metrics = {}
+        loss = None
         if self.data.valid is not None:
-            metrics["eval_loss"] = self.heldout_loss()
-        for result in self.score_tasks():
-            metrics[f"eval/{result.task}/acc"] = result.acc
-            metrics[f"eval/{result.task}/acc_norm"] = result.acc_norm
+            losses = [eval_step(self.engine, self.model, self.data.valid, self.layout, self.cfg.train.seq_len,
+                                self.device, self.ctx.is_last_stage) for _ in range(self.cfg.train.eval_batches)]
+            loss = torch.stack(losses).mean().item()
+        results = self.tasks.score(self.engine, self.model) if self.tasks is not None else []
         self.engine.train()
-        return metrics
+        return loss, results
 
     def check_step(self, result) -> None:
         """Count a step skipped for a non-finite loss or gradient norm (DeepSpeed applied no update), or for a
@@ -297,7 +290,11 @@ class Trainer:
                     metrics.update(router_metrics(self.moe_model, result.router_losses, self.model))
                 self.tracker.log(self.step, metrics)
             if train.eval_interval and self.step % train.eval_interval == 0:
-                metrics = self.evaluate()
+                loss, results = self.evaluate()
+                metrics = {} if loss is None else {"eval_loss": loss}
+                for result in results:
+                    metrics[f"eval/{result.task}/acc"] = result.acc
+                    metrics[f"eval/{result.task}/acc_norm"] = result.acc_norm
                 if metrics:
                     self.tracker.log(self.step, metrics)
             if self.guard.exceeded():
