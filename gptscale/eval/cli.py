@@ -36,7 +36,7 @@ log = logging.getLogger("gptscale")
 LAYOUT_FIELDS = ("tp", "pp", "vpp", "sp", "ep", "zero")
 
 
-def eval_config(checkpoint: str, overrides: list[str], run_dir: str) -> tuple[Config, Path]:
+def eval_config(checkpoint: str, overrides: list[str], run_dir: str) -> Config:
     """The checkpoint's configuration, made into an evaluation run that loads its weights and writes nothing."""
     root = resolve(checkpoint, Path(checkpoint))
     if root is None or not (root / CONFIG).is_file():
@@ -53,7 +53,7 @@ def eval_config(checkpoint: str, overrides: list[str], run_dir: str) -> tuple[Co
     cfg.checkpoint = dataclasses.replace(cfg.checkpoint, resume="none", interval=0, save_final=False)
     cfg.logging.wandb.mode = WandbMode.disabled
     cfg.logging.tensorboard = False
-    return cfg, root
+    return cfg
 
 
 def evaluate(cfg: Config, log_likelihoods: bool = False) -> list[dict]:
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     rank = int(os.environ.get("RANK", "0"))
     with tempfile.TemporaryDirectory(prefix="gptscale-eval-") as run_dir:
         try:
-            cfg, root = eval_config(args.checkpoint, args.overrides, run_dir)
+            cfg = eval_config(args.checkpoint, args.overrides, run_dir)
             setup_logging(cfg.logging.level)
             check(cfg, world_size_from_env())
             lines = evaluate(cfg, args.log_likelihoods)

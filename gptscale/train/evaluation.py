@@ -86,9 +86,8 @@ class TaskScorer:
                                           self.vocab_size, self.device, self.ctx.is_last_stage)
         result = torch.zeros(total, dtype=torch.float64, device=self.device)
         if values is not None:
-            owned = torch.tensor([index >= 0 for index in mine], device=self.device)
-            result[torch.tensor([i for i in mine if i >= 0], dtype=torch.long, device=self.device)] = \
-                values[owned].double()
+            owned = [index for index in mine if index >= 0]  # the padding follows them
+            result[owned] = values[:len(owned)].double()
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(result)
         return (result / layout.tp).cpu()  # every tensor-parallel rank of the last stage added it

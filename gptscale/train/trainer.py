@@ -292,9 +292,9 @@ class Trainer:
             if train.eval_interval and self.step % train.eval_interval == 0:
                 loss, results = self.evaluate()
                 metrics = {} if loss is None else {"eval_loss": loss}
-                for result in results:
-                    metrics[f"eval/{result.task}/acc"] = result.acc
-                    metrics[f"eval/{result.task}/acc_norm"] = result.acc_norm
+                for task in results:
+                    metrics[f"eval/{task.task}/acc"] = task.acc
+                    metrics[f"eval/{task.task}/acc_norm"] = task.acc_norm
                 if metrics:
                     self.tracker.log(self.step, metrics)
             if self.guard.exceeded():
