@@ -12,8 +12,7 @@ what the last stage adds (final norm, output layer, logits and the loss). All ar
 micro-batch, which is measured at 1 sequence and scaled. Mixture-of-experts layers route tokens by their
 values, which the meta device cannot compute: they run as under a perfectly balanced router (each token to
 ``top_k`` experts, every expert an equal share; ``meta.on_meta(top_k)``), measured at one expert-parallel rank,
-whose experts then see the same number of token-expert pairs as each rank does under expert parallelism
-(under tensor parallelism a dense stand-in, ``dense_stand_in``).
+whose experts then see the same number of token-expert pairs as each rank does under expert parallelism.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 from megatron.core import parallel_state
 
-from gptscale.config.schema import Backend, Config, ModelConfig, MoeConfig, Precision, Recompute
+from gptscale.config.schema import Backend, Config, Precision, Recompute
 from gptscale.config.validate import Layout
 from gptscale.model.build import build_model
 from gptscale.plan.counts import fake_groups, shape_key
@@ -156,22 +155,10 @@ def activation_parts(cfg: Config, layout: Layout, vocab_size: int) -> Activation
     if key not in _parts:
         if cfg.model.moe.num_experts:
             layout = replace(layout, ep=1)  # balanced routing: each rank's experts get tokens x top_k pairs
-            if layout.tp > 1:
-                cfg = replace(cfg, model=dense_stand_in(cfg.model))
         one, two = _stage_bytes(cfg, layout, vocab_size, 2, (0, 1)), _stage_bytes(cfg, layout, vocab_size, 4, (0,))
         per_layer = two[0] - one[0]
         _parts[key] = ActivationParts(first=one[0] - per_layer, per_layer=per_layer, last=one[1] - per_layer)
     return _parts[key]
-
-
-def dense_stand_in(model: ModelConfig) -> ModelConfig:
-    """Under tensor parallelism the dispatcher reads per-rank split sizes on the host that balanced routing on
-    the meta device does not answer; there a dense model whose MLPs do what the experts do for a token (top_k
-    experts plus the shared one) stands in, missing the router's and dispatcher's buffers (16 % under on
-    moe-tiny, docs/planning.md)."""
-    moe = model.moe
-    expert = moe.ffn_hidden_size or model.ffn_hidden_size or 4 * model.hidden_size
-    return replace(model, moe=MoeConfig(), ffn_hidden_size=moe.top_k * expert + moe.shared_expert_size)
 
 
 def _stage_bytes(cfg: Config, layout: Layout, vocab_size: int, num_layers: int, stages) -> list[int]:

@@ -10,6 +10,7 @@ changes, the plan follows.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, replace
 
 import torch
@@ -57,8 +58,12 @@ def fake_groups(layout: Layout, rank: int):
         cpu.install()  # megatron-core asks for CUDA streams and RNG states while it builds and runs layers
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=layout.world_size)
     try:
-        init_model_parallel(layout, seed=0)  # recomputation and dropout fork its RNG states
-        yield
+        with warnings.catch_warnings():
+            # Advice for a real run (CUDA_DEVICE_MAX_CONNECTIONS, renamed collectives) says nothing of a plan.
+            warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+            warnings.filterwarnings("ignore", message="When using sequence parallelism")
+            init_model_parallel(layout, seed=0)  # recomputation and dropout fork its RNG states
+            yield
     finally:
         destroy_model_parallel()
         dist.destroy_process_group()
