@@ -9,6 +9,7 @@
 #   bash tools/gpu_bench.sh memory     # goal 3: activation checkpointing trade-off, largest model with ZeRO-3 (~8 min)
 #   bash tools/gpu_bench.sh curve      # goal 2: 300-step loss curves, bf16 vs fp8 (~8 min)
 #   bash tools/gpu_bench.sh profile    # torch.profiler top kernels of a gpt2-774m step (~3 min)
+#   bash tools/gpu_bench.sh plan       # issue 14: predicted vs measured peak, gpt2-774m and llama-1b, 3 layouts (~5 min)
 #
 # Rows go to stdout, JSON lines to $OUT/bench.jsonl (OUT defaults to runs/gpu_bench). Baseline measured on
 # one H100 80GB on 2026-11-22 (torch 2.11 cu130), for comparison:
@@ -27,7 +28,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-runs/gpu_bench}"
 mkdir -p "$OUT"
-STAGE="${1:?stage: env | bf16 | llama | fp8 MODEL | memory | curve | profile}"
+STAGE="${1:?stage: env | bf16 | llama | fp8 MODEL | memory | curve | profile | plan}"
 
 # bf16 weights, ZeRO-1 (DeepSpeed's BF16 optimizer: fp32 master weights and gradient sums), T=1024, no accumulation.
 COMMON=(train.precision=bf16 parallel.zero=1 train.seq_len=1024 bench.warmup=5 bench.steps=20 "bench.output=$OUT/bench.jsonl")
@@ -103,6 +104,23 @@ EOF
   ;;
 profile)
   bench model=gpt2-774m parallel.micro_batch=8 parallel.global_batch=8 bench.steps=5 bench.profile_steps=2 bench.host_syncs=true
+  ;;
+plan)
+  # The trainer's "plan:" line: the plan's peak (model states + in-flight activations + allocator margin)
+  # beside torch.cuda.max_memory_allocated. PLAN_MODELS, PLAN_SEQ and PLAN_STEPS shrink it for a CPU rehearsal,
+  # where the line compares model states only.
+  layouts=("parallel.zero=1 parallel.micro_batch=8 parallel.global_batch=8"
+           "parallel.zero=1 parallel.micro_batch=16 parallel.global_batch=16 train.activation_checkpointing=full"
+           "parallel.zero=3 parallel.micro_batch=8 parallel.global_batch=8")
+  for model in ${PLAN_MODELS:-gpt2-774m llama-1b}; do
+    for layout in "${layouts[@]}"; do
+      # shellcheck disable=SC2086  # a layout is several overrides
+      python -m gptscale.train model="$model" train.precision=bf16 train.seq_len="${PLAN_SEQ:-1024}" \
+        train.steps="${PLAN_STEPS:-10}" train.log_interval=5 checkpoint.save_final=false "run_dir=$OUT/plan" \
+        $layout 2>&1 | sed -n "s|^.*\(plan: rank 0 .*\)|$model $layout: \1|p" | tee -a "$OUT/plan.txt"
+      rm -rf "$OUT/plan"
+    done
+  done
   ;;
 *)
   echo "unknown stage $STAGE" >&2; exit 2 ;;

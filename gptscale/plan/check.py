@@ -78,10 +78,11 @@ class MemoryCheck:
 
         optimizer.step = first_step
 
-    def after_step(self) -> None:
+    def after_step(self, last: bool = False) -> None:
         """Once, after the first step whose prediction is ready (on GPU the helper may need a few steps; the
-        peak counts from the start): log measured beside predicted, warn past the tolerance."""
-        if self.done or (self._activations is not None and not self._activations.done()):
+        peak counts from the start; after the ``last`` step it is waited for): log measured beside predicted,
+        warn past the tolerance."""
+        if self.done or (self._activations is not None and not self._activations.done() and not last):
             return
         self.done = True
         if self.device.type == "cuda":

@@ -308,6 +308,8 @@ class Trainer:
                 log.warning("stop requested by signal: saving at step %d and exiting", self.step)
             self.checkpointer.after_step(self.step, self.progress.consumed_tokens, force=stop)
             self.report_checkpoint()
+        if self.step > first_step:
+            self.memory_check.after_step(last=True)
         self.checkpointer.finish(self.step, self.progress.consumed_tokens)
         self.report_checkpoint()
         return {
