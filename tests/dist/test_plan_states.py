@@ -39,8 +39,9 @@ ONE_RANK = {
     "one-full-mb2": ["train.activation_checkpointing=full", "parallel.micro_batch=2"],
     "one-zero3-bf16": ["parallel.zero=3", "train.precision=bf16"],
 }
-MOE_TWO_RANKS = {"ep2": ["parallel.ep=2"], "pp2": ["parallel.pp=2"], "tp2-sp": ["parallel.tp=2", "parallel.sp=true"],
-                 "dp2-zero1": ["parallel.zero=1"], "dp2-zero3": ["parallel.zero=3"]}
+MOE_TWO_RANKS = {"ep2": ["parallel.ep=2"], "pp2": ["parallel.pp=2"], "pp2-vpp2": ["parallel.pp=2", "parallel.vpp=2"],
+                 "tp2-sp": ["parallel.tp=2", "parallel.sp=true"], "dp2-zero0": ["parallel.zero=0"],
+                 "dp2-zero1": ["parallel.zero=1"], "dp2-zero2": ["parallel.zero=2"], "dp2-zero3": ["parallel.zero=3"]}
 
 
 def _held(tmp_path, nprocs: int, jobs: list[list[str]]) -> list[dict]:
