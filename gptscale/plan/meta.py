@@ -68,7 +68,8 @@ class _OnMeta(TorchFunctionMode):
         the expert-tensor-parallel group (the dispatcher gathers its sequence-parallel tokens), spread evenly
         over the counts read (per local expert, or per source rank and local expert)."""
         pairs, _ = self._last_routing(counts)
-        received = pairs * parallel_state.get_expert_tensor_parallel_world_size() // parallel_state.get_expert_model_parallel_world_size()
+        gathered = pairs * parallel_state.get_expert_tensor_parallel_world_size()
+        received = gathered // parallel_state.get_expert_model_parallel_world_size()
         share, extra = divmod(received, counts.numel())
         return [share + (index < extra) for index in range(counts.numel())]
 
@@ -77,7 +78,8 @@ class _OnMeta(TorchFunctionMode):
         rank (where the plan measures) each is what one rank routes, its token-expert pairs."""
         pairs, _ = self._last_routing(splits)
         if parallel_state.get_expert_model_parallel_world_size() != 1:
-            raise RuntimeError("gptscale.plan: balanced routing on the meta device is measured at one expert-parallel rank")
+            raise RuntimeError("gptscale.plan: balanced routing on the meta device is measured at one "
+                               "expert-parallel rank")
         return np.full(tuple(splits.shape), pairs, dtype=np.int64)
 
     def _last_routing(self, read: torch.Tensor) -> tuple[int, int]:
