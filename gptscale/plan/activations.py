@@ -150,26 +150,27 @@ _parts: dict[tuple, ActivationParts] = {}
 
 
 def activation_parts(cfg: Config, layout: Layout, vocab_size: int) -> ActivationParts:
-    """Measure (once per shape-deciding setting) the parts a stage's activations are made of."""
-    key = (shape_key(cfg), layout.tp, cfg.parallel.sp, layout.ep, cfg.train.activation_checkpointing, vocab_size)
+    """Measure (once per shape-deciding setting) the parts a stage's activations are made of. Expert
+    parallelism is not one: under balanced routing each rank's experts get tokens x top_k pairs at any
+    expert-parallel size, so MoE layers are measured at one."""
+    key = (shape_key(cfg), layout.tp, cfg.parallel.sp, cfg.train.activation_checkpointing, vocab_size)
     if key not in _parts:
-        if cfg.model.moe.num_experts:
-            layout = replace(layout, ep=1)  # balanced routing: each rank's experts get tokens x top_k pairs
-        one, two = _stage_bytes(cfg, layout, vocab_size, 2, (0, 1)), _stage_bytes(cfg, layout, vocab_size, 4, (0,))
+        one = _stage_bytes(cfg, layout.tp, vocab_size, 2, (0, 1))
+        two = _stage_bytes(cfg, layout.tp, vocab_size, 4, (0,))
         per_layer = two[0] - one[0]
         _parts[key] = ActivationParts(first=one[0] - per_layer, per_layer=per_layer, last=one[1] - per_layer)
     return _parts[key]
 
 
-def _stage_bytes(cfg: Config, layout: Layout, vocab_size: int, num_layers: int, stages) -> list[int]:
-    """Saved bytes of ``stages`` of a two-stage pipeline of ``num_layers`` layers (one sequence)."""
+def _stage_bytes(cfg: Config, tp: int, vocab_size: int, num_layers: int, stages) -> list[int]:
+    """Saved bytes of ``stages`` of a two-stage pipeline of ``num_layers`` layers (one sequence, ``tp`` ranks
+    per stage, one expert-parallel rank)."""
     model = replace(cfg.model, num_layers=num_layers)
-    parallel = replace(cfg.parallel, tp=layout.tp, pp=2, vpp=None, ep=layout.ep, zero=0, micro_batch=1,
-                       global_batch=layout.ep)
-    shape = Layout(layout.tp * 2 * layout.ep, layout.tp, 2, 1, layout.ep, 1, layout.ep, layout.ep)
+    parallel = replace(cfg.parallel, tp=tp, pp=2, vpp=None, ep=1, zero=0, micro_batch=1, global_batch=1)
+    shape = Layout(world_size=2 * tp, tp=tp, pp=2, vpp=1, dp=1, micro_batch=1, global_batch=1)
     saved = []
     for stage in stages:
-        with fake_groups(shape, layout.tp * layout.ep * stage):
+        with fake_groups(shape, tp * stage):
             with on_meta(cfg.model.moe.top_k if cfg.model.moe.num_experts else None):
                 chunks = build_model(model, parallel, cfg.train, vocab_size, Backend.local, torch.device("meta"))
                 chunks.train()
