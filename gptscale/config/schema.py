@@ -181,7 +181,7 @@ class SpikeConfig:
     """Loss spikes: a step whose loss exceeds the rolling median + zscore robust stds is skipped."""
 
     zscore: Optional[float] = 6.0  # robust stds above the median; null or 0: off (non-finite steps are still skipped)
-    window: int = 50  # past non-skipped steps the mean and std are taken over; detection starts once full
+    window: int = 50  # past non-skipped steps the median and robust std are taken over; detection starts once full
     min_relative_std: float = 0.01  # the robust std is at least this share of the median (a calm window)
     signal: SpikeSignal = SpikeSignal.loss  # what must exceed its limit: the loss, both or either with the grad norm
     max_consecutive: int = 5  # after this many spikes in a row the run rewinds (0: no bound)

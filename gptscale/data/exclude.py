@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterable
 
 from gptscale.data.manifest import DataError
+from gptscale.files import replace_text
 
 _IDENTITY = re.compile(r"^([0-9a-f]{16}):(.+):(\d+)$")
 
@@ -57,9 +58,7 @@ def read_exclusions(entries: Iterable[str]) -> list[DocumentId]:
 
 def write_exclusions(path: Path, identities: Iterable[tuple[DocumentId, str]]) -> None:
     """Write ``(identity, comment)`` lines to ``path`` through a temporary name (``data.exclude`` reads it)."""
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text("".join(f"{identity}  # {comment}\n" for identity, comment in identities), encoding="utf-8")
-    os.replace(partial, path)
+    replace_text(path, "".join(f"{identity}  # {comment}\n" for identity, comment in identities))
 
 
 def check_exclusions(identities: Iterable[DocumentId], sources: dict[str, dict[str, int]], what: str) -> None:

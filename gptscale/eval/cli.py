@@ -29,6 +29,7 @@ from gptscale.checkpoint.publish import resolve
 from gptscale.config.schema import Config, ParallelConfig, WandbMode
 from gptscale.config.validate import ConfigError, check
 from gptscale.data.manifest import DataError
+from gptscale.files import replace_text
 from gptscale.parallel.groups import world_size_from_env
 from gptscale.train.__main__ import setup_logging
 
@@ -98,9 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         text = "".join(json.dumps(line) + "\n" for line in lines)
         sys.stdout.write(text)
         if args.output is not None:
-            partial = args.output.with_name(f".{args.output.name}.partial")
-            partial.write_text(text)
-            partial.replace(args.output)
+            replace_text(args.output, text)
 
 
 if __name__ == "__main__":

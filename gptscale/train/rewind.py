@@ -13,12 +13,12 @@ Every rank reads both files and holds the same lists; global rank 0 writes them.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Iterable
 
 from gptscale.data.exclude import DocumentId, write_exclusions
+from gptscale.files import replace_text
 
 SKIPPED_DOCUMENTS = "skipped_documents.txt"
 REWINDS = "rewinds.jsonl"
@@ -58,6 +58,4 @@ class SpikeRecord:
         self.rewinds.append(entry)
         if self.writes:
             self.rewinds_file.parent.mkdir(parents=True, exist_ok=True)
-            partial = self.rewinds_file.with_name(f".{self.rewinds_file.name}.partial")
-            partial.write_text("".join(json.dumps(line) + "\n" for line in self.rewinds))
-            os.replace(partial, self.rewinds_file)
+            replace_text(self.rewinds_file, "".join(json.dumps(line) + "\n" for line in self.rewinds))
