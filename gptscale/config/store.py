@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from importlib import resources
 from pathlib import Path
 
@@ -10,6 +12,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from gptscale.config.schema import Config
+from gptscale.config.validate import ConfigError
 
 
 def _config_dir() -> Path:
@@ -27,8 +30,33 @@ def register_schema() -> None:
     ConfigStore.instance().store(name="gptscale_schema", node=Config)
 
 
+def unknown_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """Keys the schema does not know, each with the nearest known ones: a ``+key=value`` override adds a key
+    even to a structured config, so a typo would otherwise be stored and ignored."""
+    schema = OmegaConf.get_type(cfg)
+    if not dataclasses.is_dataclass(schema):
+        return []
+    known = [field.name for field in dataclasses.fields(schema)]
+    problems = []
+    for key in cfg.keys():
+        name = f"{prefix}{key}"
+        if key not in known:
+            near = [f"{prefix}{match}" for match in difflib.get_close_matches(str(key), known, n=3, cutoff=0.6)]
+            hint = f" (did you mean {' or '.join(near)}?)" if near else f" (known keys here: {', '.join(known)})"
+            problems.append(f"{name}: unknown key{hint}")
+        else:
+            child = cfg._get_node(key)
+            if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+                problems += unknown_keys(child, f"{name}.")
+    return problems
+
+
 def to_config(cfg: DictConfig) -> Config:
-    """The typed Config of a composed Hydra config (enums and dataclasses, not DictConfig)."""
+    """The typed Config of a composed Hydra config (enums and dataclasses, not DictConfig); a key the schema
+    does not know is a ConfigError naming it."""
+    problems = unknown_keys(cfg)
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return OmegaConf.to_object(cfg)
 
 

@@ -121,8 +121,8 @@ def to_json(planned: Planned) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    cfg = load_config(args.overrides)
     try:
+        cfg = load_config(args.overrides)
         cluster = cluster_of(cfg.cluster)
     except ValueError as error:
         print(f"gptscale-plan: {error}", file=sys.stderr)

@@ -40,11 +40,10 @@ def setup_logging(level: str) -> None:
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)
 def _run(dict_cfg: DictConfig) -> None:
     _export_submitit_ranks()
-    cfg = to_config(dict_cfg)
     from gptscale.checkpoint.adopt import adopt_model
 
     try:
-        cfg = adopt_model(cfg, list(HydraConfig.get().overrides.task))
+        cfg = adopt_model(to_config(dict_cfg), list(HydraConfig.get().overrides.task))
     except ConfigError as error:
         logging.getLogger("gptscale").error("%s", error)
         sys.exit(2)

@@ -39,3 +39,12 @@ def test_unknown_key_fails_naming_it(tmp_path):
     proc = train([f"run_dir={tmp_path}", "parallel.tpp=2"], timeout=120)
     assert proc.returncode != 0
     assert "parallel.tpp" in proc.stderr
+
+
+def test_added_unknown_key_fails_with_the_nearest_known_key(tmp_path):
+    """``+train.stpes=10`` (what Hydra suggests after ``train.stpes=10``) is refused, not stored and ignored."""
+    proc = train([f"run_dir={tmp_path}", "+train.stpes=10"], timeout=120)
+    assert proc.returncode == 2
+    assert "train.stpes: unknown key (did you mean train.steps" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()

@@ -32,6 +32,17 @@ def test_unknown_key_names_the_key():
         load_config(["train.stpes=3"])
 
 
+@pytest.mark.parametrize("override, message", [
+    ("+train.stpes=3", "train.stpes: unknown key (did you mean train.steps"),
+    ("+train.spike.zscor=2", "train.spike.zscor: unknown key (did you mean train.spike.zscore?)"),
+    ("+zzz=1", "zzz: unknown key (known keys here: run_dir, model,"),
+])
+def test_added_unknown_key_names_it_and_the_nearest_known_key(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_config([override])
+    assert message in str(error.value)
+
+
 def test_wrong_type_names_the_key():
     with pytest.raises(ConfigCompositionException, match="parallel.tp"):
         load_config(["parallel.tp=two"])
