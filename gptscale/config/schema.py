@@ -72,6 +72,15 @@ class LrSchedule(str, Enum):
     constant = "constant"
 
 
+class ScheduleOnResume(str, Enum):
+    """What the lr schedule does when a run resumes with another ``train.steps`` than it was saved with."""
+
+    keep = "keep"  # follow the saved schedule; past its end the lr stays at min_lr
+    stretch = "stretch"  # the schedule of the new train.steps, as if the run had always had it (the lr jumps)
+    restart = "restart"  # a new warm-up and decay from the resume step to the new train.steps
+    extend = "extend"  # hold the lr of the resume step, then decay to min_lr over the last wsd_decay_fraction
+
+
 class Dispatcher(str, Enum):
     """How megatron-core's MoE layer moves tokens to the ranks holding their experts."""
 
@@ -174,6 +183,9 @@ class OptimConfig:
     warmup_steps: int = 100
     decay_steps: Optional[int] = None  # steps from the end of warm-up to min_lr; None: until train.steps
     wsd_decay_fraction: float = 0.2  # warmup-stable-decay: share of the steps spent decaying
+    # Resuming with another train.steps (decay_steps null): keep | stretch | restart | extend; null refuses
+    # to guess and names the choices.
+    on_new_steps: Optional[ScheduleOnResume] = None
 
 
 @dataclass

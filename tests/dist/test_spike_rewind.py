@@ -33,7 +33,8 @@ def runs(tmp_path_factory):
     dataset = make_dataset(tmp / "counting", with_garbage(counting_documents(2000, GARBAGE[0], seed=3), *GARBAGE, 400),
                            vocab=1000)
     spiked, reference = tmp / "spiked", tmp / "reference"
-    at_start = [f"run_dir={reference}", *common(dataset), "checkpoint.rewind=100", "train.steps=100"]
+    at_start = [f"run_dir={reference}", *common(dataset), "checkpoint.rewind=100", "train.steps=100",
+                "optim.on_new_steps=stretch"]
     results = run_jobs(2, [
         [f"run_dir={spiked}", *common(dataset), "train.spike.max_consecutive=1"],
         [f"run_dir={reference}", *common(dataset), f"data.exclude=[{spiked / 'skipped_documents.txt'}]"],

@@ -48,3 +48,18 @@ def test_added_unknown_key_fails_with_the_nearest_known_key(tmp_path):
     assert "train.stpes: unknown key (did you mean train.steps" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_resuming_with_another_length_asks_how_the_schedule_should_change(tmp_path):
+    """Raising train.steps on resume used to re-stretch the lr schedule silently (the lr jumped back up)."""
+    short = [f"run_dir={tmp_path}", "train.seq_len=32", "parallel.global_batch=4", "train.eval_interval=0",
+             "data.embedded_max_bytes=100000", "checkpoint.save_final=true"]
+    assert train([*short, "train.steps=4"]).returncode == 0
+    proc = train([*short, "train.steps=8"])
+    assert proc.returncode == 2
+    assert ("train.steps is 8, but the checkpoint's schedule was made for 4 steps: set optim.on_new_steps to keep"
+            in proc.stderr)
+    assert "Traceback" not in proc.stderr
+    proc = train([*short, "train.steps=8", "optim.on_new_steps=extend"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "train.steps changed from 4 to 8 on resume: optim.on_new_steps=extend" in proc.stderr
