@@ -45,8 +45,8 @@ def read_config(root: Path) -> Config:
 
 def describe_model(model: ModelConfig) -> str:
     return (f"{model.name}: {model.num_layers} layers, hidden {model.hidden_size}, {model.num_attention_heads} heads, "
-            f"{model.num_query_groups or model.num_attention_heads} query groups, "
-            f"ffn {model.ffn_hidden_size or 4 * model.hidden_size}, {model.activation.value}"
+            f"{model.query_groups} query groups, "
+            f"ffn {model.ffn_size}, {model.activation.value}"
             + (f", {model.moe.num_experts} experts (top-{model.moe.top_k})" if model.moe.num_experts else ""))
 
 

@@ -149,6 +149,21 @@ class ModelConfig:
     qkv_bias: bool = False  # biases on the query/key/value projection even when model.bias is false (Qwen)
     moe: MoeConfig = field(default_factory=MoeConfig)
 
+    @property
+    def ffn_size(self) -> int:
+        """The dense MLP's hidden size (``ffn_hidden_size``, null: 4 x hidden)."""
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+    @property
+    def query_groups(self) -> int:
+        """Key/value head groups (``num_query_groups``, null: one per head, i.e. no grouping)."""
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def expert_ffn_size(self) -> int:
+        """Each expert's MLP hidden size (``moe.ffn_hidden_size``, null: the dense one)."""
+        return self.moe.ffn_hidden_size or self.ffn_size
+
 
 def is_moe_layer(model: ModelConfig, index: int) -> bool:
     """Whether layer ``index`` (0-based, global) has a mixture-of-experts MLP rather than a dense one."""

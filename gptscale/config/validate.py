@@ -67,7 +67,7 @@ def check(cfg: Config, world_size: int) -> Layout:
     )
     dp = max(world_size // model_parallel, 1)
 
-    groups = model.num_query_groups or model.num_attention_heads
+    groups = model.query_groups
     need(
         model.hidden_size % model.num_attention_heads == 0,
         f"model.hidden_size={model.hidden_size} is not divisible by model.num_attention_heads={model.num_attention_heads}",
@@ -81,7 +81,7 @@ def check(cfg: Config, world_size: int) -> Layout:
         f"model.num_attention_heads={model.num_attention_heads} is not divisible by model.num_query_groups={groups}",
     )
     need(groups % tp == 0, f"model.num_query_groups={groups} is not divisible by parallel.tp={tp}")
-    ffn = model.ffn_hidden_size or 4 * model.hidden_size
+    ffn = model.ffn_size
     need(ffn % tp == 0, f"model.ffn_hidden_size={ffn} is not divisible by parallel.tp={tp}")
     need(
         model.vocab_multiple % tp == 0,
@@ -180,7 +180,7 @@ def _check_moe(model: ModelConfig, par: ParallelConfig, dp: int, fp8: bool, need
     need(tp == 1 or par.sp,
          f"parallel.tp={tp} with a mixture-of-experts model needs parallel.sp=true "
          "(megatron-core's MoE layers require sequence parallelism under tensor parallelism)")
-    expert_ffn = moe.ffn_hidden_size or model.ffn_hidden_size or 4 * model.hidden_size
+    expert_ffn = model.expert_ffn_size
     need(expert_ffn >= 1 and expert_ffn % tp == 0,
          f"model.moe.ffn_hidden_size={expert_ffn} must be positive and divisible by parallel.tp={tp}")
     need(moe.shared_expert_size >= 0 and moe.shared_expert_size % tp == 0,

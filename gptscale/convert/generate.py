@@ -59,7 +59,7 @@ class Decoder:
         self.w = {key: tensor.to(device=device, dtype=dtype) for key, tensor in state.items()}
         self.device, self.dtype = device, dtype
         self.heads = model.num_attention_heads
-        self.groups = model.num_query_groups or self.heads
+        self.groups = model.query_groups
         self.head_dim = model.hidden_size // self.heads
         self.output = self.w["embedding.word_embeddings.weight" if model.tie_embeddings else "output_layer.weight"]
         if model.position_embedding == PositionEmbedding.rope:

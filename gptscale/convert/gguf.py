@@ -74,7 +74,7 @@ def export_gguf(cfg: Config, state: Mapping[str, torch.Tensor], tokenizer_file: 
     vocab = gguf_vocab(tokenizer_file)
     vocab_size = output_vocab_size(state, tokenizer_file)
     heads = model.num_attention_heads
-    groups = model.num_query_groups or heads
+    groups = model.query_groups
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
 
@@ -91,7 +91,7 @@ def export_gguf(cfg: Config, state: Mapping[str, torch.Tensor], tokenizer_file: 
             writer.add_expert_count(model.moe.num_experts)
             writer.add_expert_used_count(model.moe.top_k)
         else:
-            writer.add_feed_forward_length(model.ffn_hidden_size or 4 * model.hidden_size)
+            writer.add_feed_forward_length(model.ffn_size)
         writer.add_head_count(heads)
         writer.add_head_count_kv(groups)
         writer.add_vocab_size(vocab_size)

@@ -54,7 +54,7 @@ def hf_config(cfg: Config, state: Mapping[str, torch.Tensor], vocab: int, eod_id
         config = GPT2Config(
             n_positions=state["embedding.position_embeddings.weight"].shape[0], n_embd=model.hidden_size,
             n_layer=model.num_layers, n_head=model.num_attention_heads,
-            n_inner=model.ffn_hidden_size or 4 * model.hidden_size, activation_function="gelu",
+            n_inner=model.ffn_size, activation_function="gelu",
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=model.norm_eps,
             initializer_range=model.init_std, **common)
     elif arch in ("mixtral", "qwen2_moe"):
@@ -62,7 +62,7 @@ def hf_config(cfg: Config, state: Mapping[str, torch.Tensor], vocab: int, eod_id
         layers = dict(
             hidden_size=model.hidden_size, num_hidden_layers=model.num_layers,
             num_attention_heads=model.num_attention_heads,
-            num_key_value_heads=model.num_query_groups or model.num_attention_heads, hidden_act="silu",
+            num_key_value_heads=model.query_groups, hidden_act="silu",
             max_position_embeddings=model.max_position_embeddings, rms_norm_eps=model.norm_eps,
             rope_parameters={"rope_type": "default", "rope_theta": float(model.rotary_base)},
             num_experts_per_tok=moe.top_k, router_aux_loss_coef=moe.aux_loss_coeff,
@@ -73,16 +73,16 @@ def hf_config(cfg: Config, state: Mapping[str, torch.Tensor], vocab: int, eod_id
                                    **layers)
         else:  # softmax over all experts then top-k; renormalising them equals megatron-core's top-k then softmax
             config = Qwen2MoeConfig(
-                intermediate_size=model.ffn_hidden_size or 4 * model.hidden_size, num_experts=moe.num_experts,
+                intermediate_size=model.ffn_size, num_experts=moe.num_experts,
                 moe_intermediate_size=expert_ffn_size(model), shared_expert_intermediate_size=moe.shared_expert_size,
                 norm_topk_prob=not moe.pre_softmax, decoder_sparse_step=1, qkv_bias=model.qkv_bias,
                 mlp_only_layers=[i for i in range(model.num_layers) if not is_moe_layer(model, i)],
                 use_sliding_window=False, **layers)
     else:
         config = LlamaConfig(
-            hidden_size=model.hidden_size, intermediate_size=model.ffn_hidden_size or 4 * model.hidden_size,
+            hidden_size=model.hidden_size, intermediate_size=model.ffn_size,
             num_hidden_layers=model.num_layers, num_attention_heads=model.num_attention_heads,
-            num_key_value_heads=model.num_query_groups or model.num_attention_heads,
+            num_key_value_heads=model.query_groups,
             head_dim=model.hidden_size // model.num_attention_heads, hidden_act="silu",
             max_position_embeddings=model.max_position_embeddings, rms_norm_eps=model.norm_eps,
             rope_parameters={"rope_type": "default", "rope_theta": float(model.rotary_base)},

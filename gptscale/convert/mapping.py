@@ -129,7 +129,7 @@ DENSE_MLP = (LAYER + "mlp.linear_fc1.weight", LAYER + "mlp.linear_fc2.weight")
 def architecture(model: ModelConfig) -> str:
     """``gpt2``, ``llama``, ``mixtral`` or ``qwen2_moe``: the inference architecture that computes exactly what
     ``model`` computes."""
-    groups = model.num_query_groups or model.num_attention_heads
+    groups = model.query_groups
     gpt2 = (model.position_embedding == PositionEmbedding.learned and model.normalization == Normalization.LayerNorm
             and model.activation == Activation.gelu and model.bias and groups == model.num_attention_heads)
     llama = (model.position_embedding == PositionEmbedding.rope and model.normalization == Normalization.RMSNorm
@@ -180,7 +180,7 @@ def stacked(model: ModelConfig) -> bool:
 
 
 def expert_ffn_size(model: ModelConfig) -> int:
-    return model.moe.ffn_hidden_size or model.ffn_hidden_size or 4 * model.hidden_size
+    return model.expert_ffn_size
 
 
 def layer_rows(model: ModelConfig, index: int) -> tuple[Row, ...]:
@@ -216,7 +216,7 @@ def placed_rows(model: ModelConfig) -> Iterator[tuple[Row, str, int | None, int 
 
 
 def _heads(model: ModelConfig) -> tuple[int, int]:
-    return model.num_attention_heads, model.num_query_groups or model.num_attention_heads
+    return model.num_attention_heads, model.query_groups
 
 
 def split_qkv(fused: torch.Tensor, model: ModelConfig) -> list[torch.Tensor]:

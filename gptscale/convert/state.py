@@ -62,9 +62,9 @@ def expected_shapes(cfg: Config, vocab_rows: int) -> dict[str, tuple[int, ...]]:
     """The global shape of every tensor a model of ``cfg`` holds, to check tensors before converting them."""
     model = cfg.model
     heads = model.num_attention_heads
-    groups = model.num_query_groups or heads
+    groups = model.query_groups
     head_dim, hidden, layers = model.hidden_size // heads, model.hidden_size, model.num_layers
-    ffn = model.ffn_hidden_size or 4 * hidden
+    ffn = model.ffn_size
     fc1 = 2 * ffn if model.activation.value == "swiglu" else ffn
     qkv = (heads + 2 * groups) * head_dim
     shapes = {

@@ -33,14 +33,14 @@ def matmul_parameters(model: ModelConfig, vocab_size: int) -> int:
     """Parameters that multiply activations: every layer's projections plus the output layer."""
     h, layers = model.hidden_size, model.num_layers
     head_dim = h // model.num_attention_heads
-    groups = model.num_query_groups or model.num_attention_heads
-    ffn = model.ffn_hidden_size or 4 * h
+    groups = model.query_groups
+    ffn = model.ffn_size
     attention = h * (model.num_attention_heads + 2 * groups) * head_dim + model.num_attention_heads * head_dim * h
     per_unit = 3 if model.activation.value == "swiglu" else 2
     mlp = h * ffn * per_unit
     moe = model.moe
     # A MoE layer's active weights: the router, the top-k experts a token visits and the shared expert.
-    expert_ffn = moe.ffn_hidden_size or ffn
+    expert_ffn = model.expert_ffn_size
     active_moe = h * moe.num_experts + moe.top_k * h * expert_ffn * per_unit + h * moe.shared_expert_size * per_unit
     moe_layers = sum(is_moe_layer(model, i) for i in range(layers))
     return layers * attention + (layers - moe_layers) * mlp + moe_layers * active_moe + vocab_size * h
