@@ -31,7 +31,7 @@ from gptscale.config.validate import ConfigError, check
 from gptscale.data.manifest import DataError
 from gptscale.files import replace_text
 from gptscale.parallel.groups import world_size_from_env
-from gptscale.train.__main__ import setup_logging
+from gptscale.tracking.console import setup_logging
 
 log = logging.getLogger("gptscale")
 LAYOUT_FIELDS = ("tp", "pp", "vpp", "sp", "ep", "zero")

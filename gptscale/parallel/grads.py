@@ -17,9 +17,6 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from gptscale.model.build import ModelChunks
-from gptscale.model.moe import expert_parameters
-
 
 def _sum_over(group):
     """A gradient hook that all-reduces (sums) the gradient over ``group`` as autograd produces it."""
@@ -32,7 +29,7 @@ def _sum_over(group):
     return all_reduce
 
 
-def register_sequence_parallel_hooks(model: ModelChunks) -> int:
+def register_sequence_parallel_hooks(model: torch.nn.Module) -> int:
     """All-reduce over TP the gradients of parameters marked ``sequence_parallel``; returns how many."""
     all_reduce = _sum_over(parallel_state.get_tensor_model_parallel_group())
     count = 0
@@ -43,7 +40,7 @@ def register_sequence_parallel_hooks(model: ModelChunks) -> int:
     return count
 
 
-def register_expert_parallel_hooks(model: ModelChunks) -> int:
+def register_expert_parallel_hooks(model: torch.nn.Module, expert_params: list[torch.nn.Parameter]) -> int:
     """Sum dense gradients over the expert-parallel group and count them once in the norm; returns how many.
 
     Nothing to do without expert parallelism (DeepSpeed then reduces over the whole data-parallel group).
@@ -52,7 +49,7 @@ def register_expert_parallel_hooks(model: ModelChunks) -> int:
         return 0
     all_reduce = _sum_over(parallel_state.get_expert_model_parallel_group())
     replica = parallel_state.get_expert_model_parallel_rank() > 0
-    experts = {id(param) for param in expert_parameters(model)}
+    experts = {id(param) for param in expert_params}
     count = 0
     for param in model.parameters():
         if id(param) not in experts and param.requires_grad:
@@ -63,7 +60,7 @@ def register_expert_parallel_hooks(model: ModelChunks) -> int:
     return count
 
 
-def tied_embedding_weights(model: ModelChunks) -> list[torch.nn.Parameter]:
+def tied_embedding_weights(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The copies of a tied embedding this rank holds when pipelining splits them over stages."""
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return []
@@ -74,14 +71,14 @@ def tied_embedding_weights(model: ModelChunks) -> list[torch.nn.Parameter]:
     return weights
 
 
-def mark_pipeline_replicas(model: ModelChunks) -> None:
+def mark_pipeline_replicas(model: torch.nn.Module) -> None:
     """Tell DeepSpeed's norm computation to count the last stage's copy of a tied embedding once, not twice."""
     for chunk in model.chunks:
         if chunk.share_embeddings_and_output_weights and chunk.post_process and not chunk.pre_process:
             chunk.shared_embedding_or_output_weight().ds_pipe_replicated = True
 
 
-def all_reduce_tied_embedding_grads(model: ModelChunks) -> None:
+def all_reduce_tied_embedding_grads(model: torch.nn.Module) -> None:
     weights = tied_embedding_weights(model)
     if not weights:
         return

@@ -3,7 +3,7 @@
 Bandwidths are per GPU and per direction, as NCCL's bus bandwidth counts them: ``intra_node`` over
 NVLink/NVSwitch (PCIe where there is none), ``inter_node`` the GPU's share of the node's network (one
 400 Gb/s NDR InfiniBand port per H100/H200, 200 Gb/s HDR per A100, 100 Gb/s Ethernet per L40S/A10G).
-Peak dense TFLOP/s come from the table the trainer's MFU uses (``gptscale.train.metrics.PEAK_TFLOPS``).
+Peak dense TFLOP/s come from the table the trainer's MFU uses (``gptscale.parallel.devices.PEAK_TFLOPS``).
 These are assumptions, listed in docs/planning.md; a cluster with other links gets its own entry.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gptscale.config.schema import ClusterConfig, Precision
-from gptscale.train.metrics import PEAK_TFLOPS
+from gptscale.parallel.devices import PEAK_TFLOPS
 
 GiB = 2**30
 

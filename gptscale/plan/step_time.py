@@ -1,7 +1,7 @@
 """A step-time estimate: matmul flops at an assumed share of the device's peak, the pipeline bubble, and
 each collective's volume over the link it crosses at an assumed share of its bandwidth, none overlapped.
 
-Flops per token are the trainer's own count (``gptscale.train.metrics.flops_per_token``: 6N plus the
+Flops per token are the trainer's own count (``gptscale.model.flops.flops_per_token``: 6N plus the
 attention scores); recomputation adds a forward (full) or the attention scores' forward (selective).
 Volumes per rank and step (``w`` the weights' bytes, m micro-batches, L/pp layers per rank):
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from gptscale.config.schema import Config, Precision, Recompute, is_moe_layer
 from gptscale.config.validate import Layout, padded_vocab_size
 from gptscale.plan.cluster import Cluster
-from gptscale.train.metrics import flops_per_token
+from gptscale.model.flops import flops_per_token
 
 COMPUTE_EFFICIENCY = 0.5  # share of peak dense matmul throughput a well-tuned layer reaches
 BANDWIDTH_EFFICIENCY = 0.7  # share of a link's bandwidth NCCL's ring collectives reach

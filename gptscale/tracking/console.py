@@ -1,8 +1,10 @@
-"""The human-readable log line: ``step N | loss X | lr ... | grad_norm ... | tokens/s ... | TFLOP/s ... | MFU ...``."""
+"""What a person reads: every command's logging setup, and the log line
+``step N | loss X | lr ... | grad_norm ... | tokens/s ... | TFLOP/s ... | MFU ...``."""
 
 from __future__ import annotations
 
 import logging
+import os
 
 log = logging.getLogger("gptscale")
 
@@ -18,6 +20,18 @@ _FORMATS = {
     "moe/load_balancing_loss": ("lb_loss", "{:.4f}"),
     "moe/max_load": ("max_load", "{:.2f}"),
 }
+
+
+def setup_logging(level: str) -> None:
+    """Rank 0 logs at ``level``; other ranks only warnings and errors, prefixed with their rank."""
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO) if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(message)s" if rank == 0 else f"%(asctime)s rank {rank} %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for chatty in ("megatron", "DeepSpeed"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 def format_line(step: int, metrics: dict) -> str:

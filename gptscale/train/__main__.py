@@ -12,6 +12,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from gptscale.config import CONFIG_DIR, ConfigError, check, register_schema, to_config
+from gptscale.tracking.console import setup_logging
 
 
 def world_size_from_env() -> int:
@@ -24,17 +25,6 @@ def _export_submitit_ranks() -> None:
         from submitit.helpers import TorchDistributedEnvironment
 
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-
-
-def setup_logging(level: str) -> None:
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO) if rank == 0 else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(message)s" if rank == 0 else f"%(asctime)s rank {rank} %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    for chatty in ("megatron", "DeepSpeed"):
-        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)

@@ -17,11 +17,13 @@ from gptscale.config.validate import check, padded_vocab_size
 from gptscale.data import Data, build_data
 from gptscale.data.tasks import read_tasks
 from gptscale.model.build import build_model
+from gptscale.model.flops import flops_per_token
 from gptscale.model.fp8 import check_fp8
 from gptscale.model.init import initialize
-from gptscale.model.moe import prepare_routers, update_expert_bias
+from gptscale.model.moe import expert_parameters, prepare_routers, update_expert_bias
 from gptscale.model.spec import resolve_backend
 from gptscale.parallel.deepspeed import build_engine, release_local_rank
+from gptscale.parallel.devices import device_peak_tflops
 from gptscale.parallel.grads import (
     mark_pipeline_replicas,
     register_expert_parallel_hooks,
@@ -33,7 +35,7 @@ from gptscale.tracking import build_tracker
 from gptscale.train.evaluation import TaskResult, TaskScorer
 from gptscale.train.guard import LossGuard, SpikeDetector, TooManyBadSteps, with_nan_loss
 from gptscale.train.lr_schedule import LearningRateSchedule
-from gptscale.train.metrics import ThroughputMeter, device_peak_tflops, flops_per_token
+from gptscale.train.metrics import ThroughputMeter
 from gptscale.train.preemption import StopRequest
 from gptscale.train.progress import Progress
 from gptscale.train.rewind import AT_START, SpikeRecord
@@ -72,7 +74,7 @@ class Trainer:
 
         # Parallelism: gradient sums across model-parallel ranks, then DeepSpeed (ZeRO, precision, clipping).
         register_sequence_parallel_hooks(self.model)
-        register_expert_parallel_hooks(self.model)
+        register_expert_parallel_hooks(self.model, expert_parameters(self.model))
         mark_pipeline_replicas(self.model)
         self.memory_check = MemoryCheck(cfg, self.layout, self.ctx.pp_rank, self.model, self.data.vocab_size,
                                         self.device, self.ctx.rank)  # the plan's prediction, checked after step 1

@@ -42,7 +42,7 @@ def test_layer_freq_mixes_dense_and_moe_layers():
 
 
 def test_flops_count_only_active_experts():
-    from gptscale.train.metrics import matmul_parameters
+    from gptscale.model.flops import matmul_parameters
 
     model = load_config(["model=mixtral-8x7b"]).model
     active = matmul_parameters(model, 32000)
