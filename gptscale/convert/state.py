@@ -8,19 +8,15 @@ doubled axis, so each shard is placed at its global offset.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Mapping
 
 import torch
 
-from gptscale.config.schema import Config, ParallelConfig, Precision, Recompute
-from gptscale.config.validate import check
+from gptscale.config.schema import Config
 from gptscale.convert import ConversionError
 from gptscale.convert.mapping import expert_ffn_size, placed_rows
-from gptscale.model.build import ModelChunks, build_model
+from gptscale.model.build import ModelChunks
 from gptscale.model.init import sharded_tensors
-from gptscale.model.spec import resolve_backend
-from gptscale.parallel.groups import init_parallel
 
 
 def _global_index(shard) -> tuple:
@@ -44,18 +40,6 @@ def model_state(model: ModelChunks) -> dict[str, torch.Tensor]:
     if partial:
         raise ConversionError(f"the model holds only part of {partial}: build it at one rank")
     return state
-
-
-@torch.no_grad()
-def load_state(model: ModelChunks, state: Mapping[str, torch.Tensor]) -> None:
-    """Copy full tensors into a one-rank ``model`` (the inverse of ``model_state``)."""
-    shards = sharded_tensors(model)
-    missing = sorted({shard.key for shard in shards} - set(state))
-    unexpected = sorted(set(state) - {shard.key for shard in shards})
-    if missing or unexpected:
-        raise ConversionError(f"tensors do not fit the model: missing {missing}, unexpected {unexpected}")
-    for shard in shards:
-        shard.data.copy_(state[shard.key][_global_index(shard)])
 
 
 def expected_shapes(cfg: Config, vocab_rows: int) -> dict[str, tuple[int, ...]]:
@@ -123,18 +107,3 @@ def check_state(cfg: Config, state: Mapping[str, torch.Tensor]) -> None:
     if problems:
         raise ConversionError("the tensors do not form a complete model of this config:\n  - "
                               + "\n  - ".join(problems))
-
-
-def one_rank_config(cfg: Config) -> Config:
-    """``cfg`` laid out on one rank in fp32: the layout the converters build models in."""
-    train = dataclasses.replace(cfg.train, precision=Precision.fp32, activation_checkpointing=Recompute.none)
-    return dataclasses.replace(cfg, parallel=ParallelConfig(), train=train)
-
-
-def build_one_rank_model(cfg: Config, vocab_rows: int, device: torch.device) -> ModelChunks:
-    """megatron-core's GPTModel of ``cfg`` on this process alone (sets up a one-rank process group)."""
-    cfg = one_rank_config(cfg)
-    layout = check(cfg, 1)
-    context = init_parallel(layout, device, cfg.train.seed)
-    return build_model(cfg.model, cfg.parallel, cfg.train, vocab_rows, resolve_backend(cfg.model, context.on_gpu),
-                       device)

@@ -143,11 +143,6 @@ class PackedLoader:
         self._decompressor = zstandard.ZstdDecompressor()
 
     @property
-    def steps_per_epoch(self) -> int:
-        """Global batches in the first epoch (every document once)."""
-        return self.order.steps_in(0)
-
-    @property
     def fingerprint(self) -> str:
         """The same identity of the data as a pretraining source's, so resume checks treat both alike."""
         return Source(self.manifest, self.split, 1.0).fingerprint

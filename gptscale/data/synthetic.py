@@ -1,4 +1,4 @@
-"""Random tokens for benchmarks: the loader interface of ``WindowLoader`` without reading or tokenizing.
+"""Random tokens for benchmarks: the loader interface of ``StreamingLoader`` without reading or tokenizing.
 
 One step's micro-batches are drawn once and served in turn, so timing sees no data work at all. Random
 tokens cost the model exactly what text does (nanoGPT's benchmark uses them too); the loss stays near

@@ -159,7 +159,3 @@ def install() -> None:
     _skip_deepspeed_native_ops()
     _installed = _CudaToCpu()
     _installed.__enter__()
-
-
-def installed() -> bool:
-    return _installed is not None

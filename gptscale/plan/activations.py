@@ -18,7 +18,6 @@ whose experts then see the same number of token-expert pairs as each rank does u
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass, replace
 
 import torch
@@ -55,57 +54,6 @@ class SavedBytes:
 
     def __exit__(self, *exc):
         self._hooks.__exit__(*exc)
-
-
-class LiveSavedBytes:
-    """The peak, inside the ``with`` block, of the bytes autograd holds for backward at once (each storage
-    once while any graph still holds it, weights left out): what a pipeline schedule's in-flight
-    micro-batches keep alive. Tests hold the schedule's in-flight prediction to it in a real step."""
-
-    def __init__(self, weights=()):
-        self.weights = {_storage_key(w) for w in weights}
-        self.holders: dict[int, int] = {}
-        self.live = self.peak = 0
-
-    def _pack(self, tensor: torch.Tensor):
-        key = _storage_key(tensor)
-        if key in self.weights:
-            return tensor
-        if key not in self.holders:
-            self.holders[key] = 0
-            self.live += tensor.untyped_storage().nbytes()
-            self.peak = max(self.peak, self.live)
-        self.holders[key] += 1
-        holder = _Held(tensor)
-        weakref.finalize(holder, self._release, key, tensor.untyped_storage().nbytes())
-        return holder
-
-    def _release(self, key: int, nbytes: int) -> None:
-        self.holders[key] -= 1
-        if not self.holders[key]:
-            del self.holders[key]
-            self.live -= nbytes
-
-    def __enter__(self):
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._hooks.__exit__(*exc)
-
-
-class _Held:
-    """What autograd keeps instead of a saved tensor, so that its release can be seen."""
-
-    __slots__ = ("tensor", "__weakref__")
-
-    def __init__(self, tensor: torch.Tensor):
-        self.tensor = tensor
-
-
-def _unpack(saved):
-    return saved.tensor if isinstance(saved, _Held) else saved
 
 
 def _storage_key(tensor: torch.Tensor) -> int:

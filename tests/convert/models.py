@@ -2,18 +2,52 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sysconfig
 from pathlib import Path
+from typing import Mapping
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from gptscale.config import Config, load_config
-from gptscale.config.validate import padded_vocab_size
-from gptscale.convert.state import build_one_rank_model, load_state, model_state
-from gptscale.model.init import initialize
+from gptscale.config.schema import ParallelConfig, Precision, Recompute
+from gptscale.config.validate import check, padded_vocab_size
+from gptscale.convert import ConversionError
+from gptscale.convert.state import _global_index, model_state
+from gptscale.model.build import ModelChunks, build_model
+from gptscale.model.init import initialize, sharded_tensors
+from gptscale.model.spec import resolve_backend
+from gptscale.parallel.groups import init_parallel
 
 EOD = "<|endoftext|>"
+
+
+@torch.no_grad()
+def load_state(model: ModelChunks, state: Mapping[str, torch.Tensor]) -> None:
+    """Copy full tensors into a one-rank ``model`` (the inverse of ``model_state``)."""
+    shards = sharded_tensors(model)
+    missing = sorted({shard.key for shard in shards} - set(state))
+    unexpected = sorted(set(state) - {shard.key for shard in shards})
+    if missing or unexpected:
+        raise ConversionError(f"tensors do not fit the model: missing {missing}, unexpected {unexpected}")
+    for shard in shards:
+        shard.data.copy_(state[shard.key][_global_index(shard)])
+
+
+def one_rank_config(cfg: Config) -> Config:
+    """``cfg`` laid out on one rank in fp32: the layout the converters build models in."""
+    train = dataclasses.replace(cfg.train, precision=Precision.fp32, activation_checkpointing=Recompute.none)
+    return dataclasses.replace(cfg, parallel=ParallelConfig(), train=train)
+
+
+def build_one_rank_model(cfg: Config, vocab_rows: int, device: torch.device) -> ModelChunks:
+    """megatron-core's GPTModel of ``cfg`` on this process alone (sets up a one-rank process group)."""
+    cfg = one_rank_config(cfg)
+    layout = check(cfg, 1)
+    context = init_parallel(layout, device, cfg.train.seed)
+    return build_model(cfg.model, cfg.parallel, cfg.train, vocab_rows, resolve_backend(cfg.model, context.on_gpu),
+                       device)
 
 
 def stdlib_text(names: list[str]) -> str:

@@ -115,15 +115,15 @@ def test_long_conversations_raise_drop_or_truncate(varied):
 def test_packing_keeps_documents_whole_and_apart(varied):
     packed = build_data(DataConfig(path=str(varied)), layout(1, 4, 4), 0, 128).train
     single = build_data(DataConfig(path=str(varied), packing=False), layout(1, 4, 4), 0, 128).train
-    assert packed.steps_per_epoch < single.steps_per_epoch
+    assert packed.order.steps_in(0) < single.order.steps_in(0)
     trained_packed = trained_single = 0
-    for _ in range(packed.steps_per_epoch):
+    for _ in range(packed.order.steps_in(0)):
         batch = next(packed)
         starts = batch["position_ids"] == 0
         assert (batch["document_ids"].diff(dim=1)[~starts[:, 1:]] == 0).all()  # positions restart per document
         assert not batch["loss_mask"][batch["tokens"] == packed.eod].any()  # no label from the next document
         trained_packed += int(batch["loss_mask"].sum())
-    for _ in range(single.steps_per_epoch):
+    for _ in range(single.order.steps_in(0)):
         trained_single += int(next(single)["loss_mask"].sum())
     assert trained_packed == trained_single > 0
 
