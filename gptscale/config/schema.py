@@ -211,8 +211,8 @@ class SpikeConfig:
     window: int = 50  # past non-skipped steps the median and robust std are taken over; detection starts once full
     min_relative_std: float = 0.01  # the robust std is at least this share of the median (a calm window)
     signal: SpikeSignal = SpikeSignal.loss  # what must exceed its limit: the loss, both or either with the grad norm
-    max_consecutive: int = 5  # after this many spikes in a row the run rewinds (0: no bound)
-    max_rewinds: int = 3  # automatic rewinds a run may make (RUN_DIR/rewinds.jsonl); one more stops it
+    max_consecutive: int = 5  # after this many spikes in a row the run rewinds, or if it cannot, goes on (0: no bound)
+    max_rewinds: int = 3  # automatic rewinds a run may make (RUN_DIR/rewinds.jsonl); after them streaks go on
 
 
 @dataclass

@@ -63,7 +63,8 @@ class SpikeDetector:
     in the loss. ``limits()`` gives the values above which the next step is a spike;
     ``parallel/deepspeed.py``'s ``UpdateGate`` compares on the device, so a spike is skipped exactly like a
     non-finite step. Skipped steps stay out of the window; ``consecutive`` counts the current
-    run of skipped spikes, so the trainer can stop a cascade (``train.spike.max_consecutive``).
+    run of skipped spikes, so the trainer can end a cascade (``train.spike.max_consecutive``): by a rewind,
+    or, where none is possible, by ``restart`` (the loss level is the model's, not a batch's).
     """
 
     def __init__(self, zscore: Optional[float], window: int, min_relative_std: float = 0.01,
@@ -117,6 +118,13 @@ class SpikeDetector:
         self.losses = (self.losses + [loss])[-self.window:]
         if grad_norm is not None:
             self.norms = (self.norms + [grad_norm])[-self.window:]
+        self.consecutive, self.streak_start = 0, None
+
+    def restart(self) -> None:
+        """Take the current loss level as the new normal: the window empties and detection starts again once
+        the next ``window`` updated steps fill it. Skipping cannot repair weights that an earlier update
+        damaged, so spikes that persist must not stop the model from training its way back."""
+        self.losses, self.norms = [], []
         self.consecutive, self.streak_start = 0, None
 
     def count_skip(self, step: int) -> None:

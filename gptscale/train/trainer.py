@@ -237,20 +237,30 @@ class Trainer:
         self.rewind(target, AT_START)
         return True
 
-    def rewind_after_spikes(self) -> None:
-        """``train.spike.max_consecutive`` spikes in a row: rewind to before the first of them."""
+    def end_spike_streak(self) -> bool:
+        """``train.spike.max_consecutive`` spikes in a row: rewind to before the first of them and return True.
+        Where the run cannot (no checkpoint early enough, or ``train.spike.max_rewinds`` used), the spikes are
+        the model's own level, not a batch's: the detector restarts from it and training goes on, as it would
+        with no spike handling at all."""
         spike = self.cfg.train.spike
         what = (f"{self.spikes.consecutive} steps in a row since step {self.spikes.streak_start} were skipped as "
                 f"loss spikes (train.spike.max_consecutive={spike.max_consecutive})")
         if self.spike_record.automatic_rewinds() >= spike.max_rewinds:
-            raise TooManyBadSteps(f"stopping at step {self.step}: {what}, and the run has rewound "
-                                  f"train.spike.max_rewinds={spike.max_rewinds} times already "
-                                  f"({self.spike_record.rewinds_file})")
-        try:
-            self.rewind(self.spikes.streak_start - 1, what)
-        except CheckpointError as error:
-            raise TooManyBadSteps(f"stopping at step {self.step}: {what}, and the run cannot rewind: {error}") \
-                from error
+            why_not = (f"the run has rewound train.spike.max_rewinds={spike.max_rewinds} times already "
+                       f"({self.spike_record.rewinds_file})")
+        else:
+            try:
+                self.rewind(self.spikes.streak_start - 1, what)
+                return True
+            except CheckpointError as error:
+                why_not = f"the run cannot rewind: {error}"
+        if self.ctx.rank == 0:
+            log.warning("step %d: %s, and %s; training goes on from this loss level, which the spike detector "
+                        "takes as the new normal once %d updated steps fill its window again", self.step, what,
+                        why_not, spike.window)
+        self.spikes.restart()
+        self.tracker.log(self.step, {"spike/restarted": 1})
+        return False
 
     def report_checkpoint(self) -> None:
         """Log the step of a checkpoint once, when it is saved (trackers show where a run can resume)."""
@@ -260,7 +270,8 @@ class Trainer:
 
     def fit(self) -> dict[str, list[float]]:
         """Train until ``train.steps`` or a stop signal; returns every step's loss and gradient norm (for tests
-        and benchmarks). Skipped steps are counted and stop the run when too many."""
+        and benchmarks). Too many non-finite steps stop the run; spikes in a row rewind it or, where it cannot
+        rewind, restart the spike detector (``end_spike_streak``)."""
         train = self.cfg.train
         history = []
         first_step = self.step
@@ -301,8 +312,7 @@ class Trainer:
                     self.tracker.log(self.step, metrics)
             if self.guard.exceeded():
                 raise self.too_many_bad_steps()
-            if self.too_many_spikes():
-                self.rewind_after_spikes()
+            if self.too_many_spikes() and self.end_spike_streak():
                 del history[max(self.step - first_step, 0):]  # the steps after the checkpoint are trained again
                 continue
             stop = self.stop_request.agreed()

@@ -1,5 +1,5 @@
-"""A generated fine-tuning set the tests can reason about: sums of two digits as chat conversations or as
-prompt/completion pairs, and the held-out questions as a multiple-choice task.
+"""Generated fine-tuning sets the tests can reason about: sums of two digits as chat conversations or as
+prompt/completion pairs, and the held-out questions as a multiple-choice task; odd/even questions.
 
 The multiple-choice context is the pair's prompt: a choice is scored as ``" " + choice`` after it, the
 tokens the completion was trained as. (A chat template's assistant header ends in a space or a newline,
@@ -43,6 +43,15 @@ def prompt(a: int, b: int) -> str:
 
 def write_pairs(path: Path, pairs, repeat: int = 1) -> Path:
     lines = [json.dumps({"prompt": prompt(a, b), "completion": f" {a + b}"}) for _ in range(repeat) for a, b in pairs]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_parity(path: Path, numbers) -> Path:
+    """Odd/even questions as prompt/completion pairs: a model only guesses (loss ln 2 on its answer) until it
+    learns to read the last digit."""
+    lines = [json.dumps({"prompt": f"Is {n} odd or even? Answer:", "completion": " odd" if n % 2 else " even"})
+             for n in numbers]
     path.write_text("\n".join(lines) + "\n")
     return path
 

@@ -91,3 +91,20 @@ def test_update_gate_skips_non_finite_steps_and_spikes_by_signal():
     assert gate_decision(3.0, 1.0, 2.5, inf, False)  # signal=loss: the norm's limit is infinite
     assert not gate_decision(3.0, 1.0, 2.5, 2.0, True) and gate_decision(3.0, 2.5, 2.5, 2.0, True)  # both
     assert gate_decision(2.0, 2.5, 2.5, 2.0, False)  # either
+
+
+def test_restart_takes_the_new_level_as_normal():
+    """After a streak that cannot be rewound, the spikes' level is the model's: the window empties, detection
+    waits for it to refill, and then judges against the new level; the run's count of skips stays."""
+    detector = SpikeDetector(zscore=6.0, window=3)
+    for loss in (0.35, 0.34, 0.36):
+        detector.add(loss, 1.0)
+    assert detector.zscores(1.1, None)[0] > 6
+    detector.count_skip(65)
+    detector.count_skip(66)
+    detector.restart()
+    assert (detector.consecutive, detector.streak_start, detector.skipped) == (0, None, 2)
+    assert detector.limits() == (math.inf, math.inf) and detector.zscores(1.1, None) == (None, None)
+    for loss in (1.2, 1.0, 1.1):
+        detector.add(loss, 20.0)
+    assert abs(detector.zscores(1.1, None)[0]) < 1 and detector.limits()[0] > 1.2
