@@ -6,7 +6,7 @@ Every rule names the fields involved, so the message tells the user what to chan
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from gptscale.config.schema import Config, DataConfig, ModelConfig, ParallelConfig, PositionEmbedding, Precision
 
@@ -43,6 +43,109 @@ def padded_vocab_size(vocab_size: int, multiple: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
+@dataclass(frozen=True)
+class Rule:
+    """What a number must be, in the words the error message uses."""
+
+    holds: Callable[[Any], bool]
+    words: str
+
+
+POSITIVE = Rule(lambda v: v > 0, "must be positive")
+NON_NEGATIVE = Rule(lambda v: v >= 0, "must not be negative")
+PROBABILITY = Rule(lambda v: 0 <= v < 1, "must be in [0, 1)")
+FRACTION = Rule(lambda v: 0 <= v <= 1, "must be in [0, 1]")
+
+# Every bounded number of the schema, checked before anything divides by it or runs with it. Null passes
+# (the schema lets only Optional fields be null); a list is checked item by item. Rules involving several
+# fields are in check().
+RANGES: dict[str, Rule] = {
+    "model.num_layers": POSITIVE,
+    "model.hidden_size": POSITIVE,
+    "model.num_attention_heads": POSITIVE,
+    "model.num_query_groups": POSITIVE,
+    "model.ffn_hidden_size": POSITIVE,
+    "model.vocab_size": POSITIVE,
+    "model.vocab_multiple": POSITIVE,
+    "model.max_position_embeddings": POSITIVE,
+    "model.rotary_base": POSITIVE,
+    "model.norm_eps": POSITIVE,
+    "model.init_std": POSITIVE,
+    "model.hidden_dropout": PROBABILITY,
+    "model.attention_dropout": PROBABILITY,
+    "model.moe.num_experts": NON_NEGATIVE,  # 0: dense
+    "model.moe.ffn_hidden_size": POSITIVE,
+    "model.moe.shared_expert_size": NON_NEGATIVE,  # 0: none
+    "model.moe.layer_freq": POSITIVE,
+    "model.moe.aux_loss_coeff": NON_NEGATIVE,
+    "model.moe.z_loss_coeff": NON_NEGATIVE,
+    "model.moe.expert_bias_update_rate": NON_NEGATIVE,
+    "model.moe.capacity_factor": POSITIVE,  # null: dropless
+    "parallel.tp": POSITIVE,
+    "parallel.pp": POSITIVE,
+    "parallel.vpp": POSITIVE,
+    "parallel.micro_batch": POSITIVE,
+    "parallel.global_batch": POSITIVE,
+    "parallel.ep": POSITIVE,
+    "optim.lr": NON_NEGATIVE,  # 0: a step that changes nothing (tests resume weights unchanged)
+    "optim.min_lr": NON_NEGATIVE,
+    "optim.betas": PROBABILITY,
+    "optim.eps": POSITIVE,
+    "optim.weight_decay": NON_NEGATIVE,
+    "optim.grad_clip": NON_NEGATIVE,  # 0: no clipping
+    "optim.warmup_steps": NON_NEGATIVE,
+    "optim.decay_steps": POSITIVE,
+    "optim.wsd_decay_fraction": FRACTION,
+    "train.steps": NON_NEGATIVE,
+    "train.seq_len": POSITIVE,
+    "train.seed": NON_NEGATIVE,  # NumPy's seed
+    "train.log_interval": POSITIVE,
+    "train.eval_interval": NON_NEGATIVE,  # 0: no evaluation during training
+    "train.eval_batches": POSITIVE,
+    "train.peak_tflops": POSITIVE,
+    "train.max_bad_steps": NON_NEGATIVE,
+    "train.bad_step_window": POSITIVE,
+    "train.spike.zscore": NON_NEGATIVE,  # null or 0: off
+    "train.spike.window": Rule(lambda v: v >= 2, "must be at least 2 (a spread needs two steps)"),
+    "train.spike.min_relative_std": POSITIVE,
+    "train.spike.max_consecutive": NON_NEGATIVE,  # 0: no bound
+    "train.spike.max_rewinds": NON_NEGATIVE,
+    "data.seed": NON_NEGATIVE,
+    "data.sources.weight": POSITIVE,
+    "data.workers": NON_NEGATIVE,
+    "data.embedded_max_bytes": POSITIVE,
+    "data.embedded_vocab_size": Rule(lambda v: v >= 258, "must be at least 258 (256 bytes + end of document)"),
+    "checkpoint.interval": NON_NEGATIVE,  # 0: no periodic saves
+    "checkpoint.keep_last": NON_NEGATIVE,  # 0: all
+    "checkpoint.keep_every": NON_NEGATIVE,  # 0: none
+    "checkpoint.rewind": NON_NEGATIVE,
+    "bench.steps": POSITIVE,
+    "bench.warmup": NON_NEGATIVE,
+    "bench.profile_steps": NON_NEGATIVE,
+    "eval.max_examples": POSITIVE,
+    "cluster.nodes": POSITIVE,
+    "cluster.gpus_per_node": POSITIVE,
+}
+
+
+def out_of_range(cfg: Config) -> list[str]:
+    """One line per number of ``cfg`` that breaks its rule in RANGES, naming the field and its value."""
+    return [f"{name}={value} {rule.words}" for path, rule in RANGES.items()
+            for name, value in _numbers(cfg, path.split("."), "") if not rule.holds(value)]
+
+
+def _numbers(node: Any, keys: list[str], name: str):
+    """(name, value) of the field at ``keys`` under ``node``, one per item where a list lies on the way."""
+    if isinstance(node, (list, tuple)):
+        for i, item in enumerate(node):
+            yield from _numbers(item, keys, f"{name}[{i}]")
+    elif not keys:
+        if node is not None:
+            yield name, node
+    else:
+        yield from _numbers(getattr(node, keys[0]), keys[1:], f"{name}.{keys[0]}" if name else keys[0])
+
+
 def check(cfg: Config, world_size: int) -> Layout:
     """Return the layout of ``cfg`` on ``world_size`` ranks or raise ConfigError naming the fields at fault."""
     model, par, train = cfg.model, cfg.parallel, cfg.train
@@ -52,11 +155,11 @@ def check(cfg: Config, world_size: int) -> Layout:
         if not ok:
             problems.append(message)
 
-    for name in ("tp", "pp", "micro_batch", "global_batch"):
-        need(getattr(par, name) >= 1, f"parallel.{name}={getattr(par, name)} must be at least 1")
-    need(par.vpp is None or par.vpp >= 1, f"parallel.vpp={par.vpp} must be at least 1 (or null)")
+    problems.extend(out_of_range(cfg))
     need(par.zero in (0, 1, 2, 3), f"parallel.zero={par.zero} must be a ZeRO stage 0, 1, 2 or 3")
-    if problems:
+    need(cfg.optim.min_lr <= cfg.optim.lr, f"optim.min_lr={cfg.optim.min_lr} must not exceed optim.lr={cfg.optim.lr}")
+    need(len(cfg.optim.betas) == 2, f"optim.betas={list(cfg.optim.betas)} must hold two numbers")
+    if problems:  # the rules below divide by these numbers
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
     tp, pp, vpp = par.tp, par.pp, par.vpp or 1
@@ -117,34 +220,17 @@ def check(cfg: Config, world_size: int) -> Layout:
         )
     _check_data(cfg.data, need)
     _check_moe(model, par, dp, cfg.train.fp8 is not None, need)
-    need(train.seq_len >= 1, f"train.seq_len={train.seq_len} must be at least 1")
     need(
         model.position_embedding != PositionEmbedding.learned or train.seq_len <= model.max_position_embeddings,
         f"train.seq_len={train.seq_len} exceeds model.max_position_embeddings={model.max_position_embeddings} "
         "(learned position embeddings)",
     )
-    need(train.steps >= 0, f"train.steps={train.steps} must not be negative")
     need(
         train.fp8 is None or train.precision == Precision.bf16,
         f"train.fp8={getattr(train.fp8, 'value', train.fp8)} needs train.precision=bf16 "
         f"(not {train.precision.value}): FP8 matmuls take bf16 weights and activations",
     )
     need(not train.fp8_emulate or train.fp8 is not None, "train.fp8_emulate=true needs train.fp8 (hybrid or e4m3)")
-    need(train.spike.window >= 2, f"train.spike.window={train.spike.window} must be at least 2 (a std needs two steps)")
-    need(train.spike.zscore is None or train.spike.zscore >= 0,
-         f"train.spike.zscore={train.spike.zscore} must not be negative (null or 0 disables spike detection)")
-    need(train.spike.min_relative_std > 0,
-         f"train.spike.min_relative_std={train.spike.min_relative_std} must be positive (a floor of the std)")
-    need(train.spike.max_consecutive >= 0,
-         f"train.spike.max_consecutive={train.spike.max_consecutive} must not be negative (0: no bound)")
-    need(train.spike.max_rewinds >= 0, f"train.spike.max_rewinds={train.spike.max_rewinds} must not be negative")
-    need(cfg.checkpoint.rewind is None or cfg.checkpoint.rewind >= 0,
-         f"checkpoint.rewind={cfg.checkpoint.rewind} must not be negative (a step)")
-    need(cfg.bench.steps >= 1, f"bench.steps={cfg.bench.steps} must be at least 1")
-    for name in ("warmup", "profile_steps"):
-        need(getattr(cfg.bench, name) >= 0, f"bench.{name}={getattr(cfg.bench, name)} must not be negative")
-    need(cfg.optim.warmup_steps >= 0, f"optim.warmup_steps={cfg.optim.warmup_steps} must not be negative")
-    need(len(cfg.optim.betas) == 2, f"optim.betas={list(cfg.optim.betas)} must hold two numbers")
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return Layout(world_size, tp, pp, vpp, dp, par.micro_batch, par.global_batch, par.ep)
@@ -153,26 +239,18 @@ def check(cfg: Config, world_size: int) -> Layout:
 def _check_data(data: DataConfig, need: Callable[[bool, str], None]) -> None:
     need(data.on_error in ("raise", "skip"), f"data.on_error={data.on_error!r} must be 'raise' or 'skip'")
     need(not (data.path and data.sources), "data.path and data.sources are exclusive: give one dataset or a list")
-    for i, source in enumerate(data.sources):
-        need(source.weight > 0, f"data.sources[{i}].weight={source.weight} must be positive")
-    need(data.workers >= 0, f"data.workers={data.workers} must not be negative")
-    need(data.embedded_max_bytes > 0, f"data.embedded_max_bytes={data.embedded_max_bytes} must be positive")
-    need(data.embedded_vocab_size >= 258,
-         f"data.embedded_vocab_size={data.embedded_vocab_size} must be at least 258 (256 bytes + end of document)")
 
 
 def _check_moe(model: ModelConfig, par: ParallelConfig, dp: int, fp8: bool, need: Callable[[bool, str], None]) -> None:
     """Mixture-of-experts rules: what megatron-core's MoE layers and DeepSpeed's engine can run."""
     moe, ep, tp = model.moe, par.ep, par.tp
-    need(ep >= 1, f"parallel.ep={ep} must be at least 1")
-    need(moe.num_experts >= 0, f"model.moe.num_experts={moe.num_experts} must not be negative (0: dense model)")
     if moe.num_experts <= 0:
         need(ep == 1, f"parallel.ep={ep} needs a mixture-of-experts model (model.moe.num_experts is 0)")
         return
     experts = moe.num_experts
-    need(ep < 1 or experts % ep == 0,
+    need(experts % ep == 0,
          f"model.moe.num_experts={experts} is not divisible by parallel.ep={ep} (each rank holds experts / ep)")
-    need(ep < 1 or dp % ep == 0,
+    need(dp % ep == 0,
          f"parallel.ep={ep} does not divide the data-parallel size {dp} (world size / (parallel.tp * parallel.pp)): "
          "expert-parallel ranks are carved out of the data-parallel ranks")
     need(1 <= moe.top_k <= experts,
@@ -181,18 +259,11 @@ def _check_moe(model: ModelConfig, par: ParallelConfig, dp: int, fp8: bool, need
          f"parallel.tp={tp} with a mixture-of-experts model needs parallel.sp=true "
          "(megatron-core's MoE layers require sequence parallelism under tensor parallelism)")
     expert_ffn = model.expert_ffn_size
-    need(expert_ffn >= 1 and expert_ffn % tp == 0,
-         f"model.moe.ffn_hidden_size={expert_ffn} must be positive and divisible by parallel.tp={tp}")
-    need(moe.shared_expert_size >= 0 and moe.shared_expert_size % tp == 0,
-         f"model.moe.shared_expert_size={moe.shared_expert_size} must not be negative and be divisible by "
-         f"parallel.tp={tp}")
+    need(expert_ffn % tp == 0, f"model.moe.ffn_hidden_size={expert_ffn} is not divisible by parallel.tp={tp}")
+    need(moe.shared_expert_size % tp == 0,
+         f"model.moe.shared_expert_size={moe.shared_expert_size} is not divisible by parallel.tp={tp}")
     need(not moe.shared_expert_gate or moe.shared_expert_size > 0,
          "model.moe.shared_expert_gate=true needs a shared expert (model.moe.shared_expert_size > 0)")
-    need(moe.layer_freq >= 1, f"model.moe.layer_freq={moe.layer_freq} must be at least 1")
-    for name in ("aux_loss_coeff", "z_loss_coeff", "expert_bias_update_rate"):
-        need(getattr(moe, name) >= 0, f"model.moe.{name}={getattr(moe, name)} must not be negative")
-    need(moe.capacity_factor is None or moe.capacity_factor > 0,
-         f"model.moe.capacity_factor={moe.capacity_factor} must be positive (or null: dropless routing)")
     need(not (moe.pre_softmax and moe.expert_bias),
          "model.moe.pre_softmax=true and model.moe.expert_bias=true are exclusive: expert biases use sigmoid "
          "scores, not a softmax")

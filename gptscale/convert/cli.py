@@ -43,7 +43,9 @@ def _convert_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="output directory (hf, import) or file (gguf)")
     parser.add_argument("--dtype", default="f32", choices=("f32", "f16", "bf16", "q8_0"),
                         help="weight type of the output (q8_0: GGUF only)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an output that already holds files")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a previous output of the same kind (an HF export, a GGUF file, an imported "
+                             "checkpoint); never a run, a checkpoint or the source")
     parser.add_argument("overrides", nargs="*",
                         help="with --from-hf: Hydra-style overrides such as parallel.tp=2 parallel.pp=2, checked "
                              "against the model now (a layout that cannot split it is refused here, not at the "
@@ -57,10 +59,11 @@ def _import(args) -> list[str]:
     from gptscale.checkpoint.read import save_model_state
     from gptscale.convert.from_hf import import_hf, resume_overrides
     from gptscale.convert.mapping import architecture
-    from gptscale.convert.output import Summary, staged
+    from gptscale.convert.output import IMPORTED, Summary, check_output, staged
 
+    check_output(args.out, IMPORTED, [args.from_hf], args.overwrite)
     cfg, state, tokenizer_file = import_hf(args.from_hf, args.overrides)
-    with staged(args.out, args.overwrite, make_dir=False) as stage:
+    with staged(args.out, IMPORTED, args.overwrite, make_dir=False) as stage:
         save_model_state(stage, cfg, state, tokenizer_file)
     files = sorted(path for path in Path(args.out).rglob("*") if path.is_file())
     summary = Summary("gptscale checkpoint", architecture(cfg.model), sum(t.numel() for t in state.values()), "f32",
@@ -86,6 +89,12 @@ def convert(argv: Optional[list[str]] = None) -> list[str]:
         raise ConversionError("--checkpoint needs --to hf or --to gguf")
     if args.overrides:
         raise ConversionError(f"overrides {args.overrides} are only for --from-hf")
+    from gptscale.checkpoint.publish import resolve
+    from gptscale.convert.output import GGUF_FILE, HF_EXPORT, check_output
+
+    read = resolve(str(args.checkpoint), args.checkpoint)  # a run or checkpoints directory: its newest checkpoint
+    check_output(args.out, HF_EXPORT if args.to == "hf" else GGUF_FILE,
+                 [args.checkpoint] + ([read] if read is not None else []), args.overwrite)
     cfg, state, tokenizer_file = read_checkpoint(args.checkpoint)
     if args.to == "hf":
         from gptscale.convert.hf import export_hf

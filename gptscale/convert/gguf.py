@@ -27,7 +27,7 @@ from gptscale.config.schema import Config
 from gptscale.convert import ConversionError
 from gptscale.convert.hf import output_vocab_size
 from gptscale.convert.mapping import architecture, expert_ffn_size, export_tensors
-from gptscale.convert.output import Summary, staged
+from gptscale.convert.output import GGUF_FILE, Summary, staged
 from gptscale.convert.state import check_state
 from gptscale.convert.tokenizer import gguf_vocab
 
@@ -78,7 +78,7 @@ def export_gguf(cfg: Config, state: Mapping[str, torch.Tensor], tokenizer_file: 
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
 
-    with staged(out_file, overwrite, make_dir=False) as stage:
+    with staged(out_file, GGUF_FILE, overwrite, make_dir=False) as stage:
         writer = gguf.GGUFWriter(str(stage), gguf_arch)
         writer.add_name(model.name)
         writer.add_file_type(file_type)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from gptscale.config.schema import Config
 from gptscale.convert import ConversionError
 from gptscale.convert.mapping import architecture, export_tensors
-from gptscale.convert.output import Summary, staged
+from gptscale.convert.output import HF_EXPORT, Summary, staged
 from gptscale.convert.state import check_state
 from gptscale.convert.tokenizer import eod_token, load_tokenizer, vocab_size, write_hf_tokenizer
 
@@ -131,7 +131,7 @@ def export_hf(cfg: Config, state: Mapping[str, torch.Tensor], tokenizer_file: Op
     rows = list(export_tensors(cfg.model, state, vocab, hf=True))
     named = {name: tensor.to(DTYPES[dtype]).contiguous()
              for name, tensor in tqdm(rows, desc=f"converting to {ARCHITECTURES[arch]}", unit="tensor")}
-    with staged(out_dir, overwrite, make_dir=True) as stage:
+    with staged(out_dir, HF_EXPORT, overwrite, make_dir=True) as stage:
         _write_weights(named, stage, max_shard_bytes)
         config = hf_config(cfg, state, vocab, None if eod is None else eod[1], dtype)
         config.save_pretrained(str(stage))

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from gptscale.config.schema import Config, WandbMode
 from gptscale.tracking.console import ConsoleSink
-from gptscale.tracking.jsonl import JsonlSink
+from gptscale.tracking.jsonl import METRICS, JsonlSink
 
 
 class Sink(Protocol):
@@ -57,7 +57,7 @@ def build_tracker(cfg: Config, is_logging_rank: bool) -> Tracker:
     if not is_logging_rank:
         return Tracker({})
     run_dir = Path(cfg.run_dir)
-    sinks: dict[str, Sink] = {"console": ConsoleSink(), "jsonl": JsonlSink(run_dir / "metrics.jsonl")}
+    sinks: dict[str, Sink] = {"console": ConsoleSink(), "jsonl": JsonlSink(run_dir / METRICS)}
     if cfg.logging.wandb.mode is not WandbMode.disabled:
         from gptscale.tracking.wandb import WandbSink  # wandb is slow to import; only runs that use it pay
 

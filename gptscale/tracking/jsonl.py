@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+METRICS = "metrics.jsonl"
+
 
 class JsonlSink:
     def __init__(self, path: Path):

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from gptscale.tracking.jsonl import METRICS
+
 
 def read_metrics(path: Path) -> list[dict]:
     """One merged record per step, in step order.
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dir", type=Path, help="a gptscale run directory (holds metrics.jsonl)")
     parser.add_argument("--out", type=Path, help="the PNG to write (default: RUN_DIR/metrics.png)")
     args = parser.parse_args(argv)
-    metrics = args.run_dir / "metrics.jsonl"
+    metrics = args.run_dir / METRICS
     if not metrics.is_file():
         parser.error(f"{metrics} does not exist: RUN_DIR must be the run_dir of a gptscale run")
     records = read_metrics(metrics)

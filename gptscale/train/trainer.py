@@ -12,6 +12,7 @@ import torch.distributed as dist
 from gptscale.checkpoint.adopt import adopt_model
 from gptscale.checkpoint.checkpointer import Checkpointer
 from gptscale.checkpoint.manifest import CheckpointError
+from gptscale.checkpoint.run_lock import RunLock
 from gptscale.config.schema import Config
 from gptscale.config.validate import check, padded_vocab_size
 from gptscale.data import Data, build_data
@@ -59,6 +60,9 @@ class Trainer:
 
         # Process groups: torch.distributed and megatron-core's TP / PP / DP groups.
         self.ctx = init_parallel(self.layout, self.device, cfg.train.seed)
+
+        # Run directory: this run alone writes in it until close() (RUN_DIR/.lock), or every rank stops here.
+        self.run_lock = RunLock.take(self.run_dir, self.ctx.rank == 0, self.layout.world_size)
 
         # Data: this data-parallel rank's share of every global batch, and the multiple-choice tasks scored
         # at train.eval_interval.
@@ -331,13 +335,14 @@ class Trainer:
         }
 
     def close(self) -> None:
-        """Release the checkpointer, trackers, signal handlers and megatron-core's groups (torch.distributed
-        stays up for the next run)."""
+        """Release the checkpointer, trackers, signal handlers, megatron-core's groups and, last, the run
+        directory (torch.distributed stays up for the next run)."""
         self.checkpointer.close()
         self.stop_request.close()
         self.tracker.close()
         destroy_model_parallel()
         release_local_rank()
+        self.run_lock.release()
 
 
 def _score(value) -> str:

@@ -48,14 +48,20 @@ def test_non_empty_output_is_refused_unless_overwrite(trained, tokenizer_file, t
     args = ["--checkpoint", str(ckpt), "--to", "hf", "--out", str(tmp_path / "hf")]
     assert convert_main(args) == 2
     assert "already exists and is not empty; pass --overwrite" in capsys.readouterr().err
+    assert convert_main(args + ["--overwrite"]) == 2  # not an export: --overwrite replaces only a previous one
     assert (tmp_path / "hf" / "notes.txt").read_text() == "mine"
+    (tmp_path / "hf" / "notes.txt").unlink()
+    assert convert_main(args) == 0
+    (tmp_path / "hf" / "notes.txt").write_text("mine")
     assert convert_main(args + ["--overwrite"]) == 0
     assert not (tmp_path / "hf" / "notes.txt").exists() and (tmp_path / "hf" / "config.json").is_file()
 
-    (tmp_path / "model.gguf").write_text("old")
     gguf = ["--checkpoint", str(ckpt), "--to", "gguf", "--out", str(tmp_path / "model.gguf")]
+    assert convert_main(gguf) == 0
+    size = (tmp_path / "model.gguf").stat().st_size
     assert convert_main(gguf) == 2
-    assert convert_main(gguf + ["--overwrite"]) == 0 and (tmp_path / "model.gguf").stat().st_size > 1000
+    assert convert_main(gguf + ["--overwrite", "--dtype", "q8_0"]) == 0
+    assert 1000 < (tmp_path / "model.gguf").stat().st_size < size
 
 
 def test_incomplete_checkpoint_is_refused(trained, tokenizer_file, tmp_path, capsys):

@@ -87,3 +87,32 @@ def test_layout_arithmetic():
     cfg = load_config(["parallel.tp=2", "parallel.pp=2", "parallel.micro_batch=2", "parallel.global_batch=16"])
     layout = check(cfg, world_size=8)
     assert (layout.tp, layout.pp, layout.dp, layout.num_microbatches) == (2, 2, 2, 4)
+
+
+def test_every_out_of_range_number_is_refused_at_once_with_its_field_and_value():
+    """Values that used to crash late (ZeroDivisionError at the first log line or evaluation, an empty model)
+    or train silently wrong are refused by check(), all in one message."""
+    cfg = load_config(["train.log_interval=0", "train.eval_batches=0", "model.hidden_size=0", "optim.lr=-1e-3",
+                       "optim.betas=[0.9,1.0]", "model.hidden_dropout=1.5", "checkpoint.keep_last=-1",
+                       "optim.warmup_steps=-5", "model.num_attention_heads=0", "train.seq_len=0"])
+    message = str(pytest.raises(ConfigError, check, cfg, 1).value)
+    for expected in ["train.log_interval=0 must be positive", "train.eval_batches=0 must be positive",
+                     "model.hidden_size=0 must be positive", "optim.lr=-0.001 must not be negative",
+                     "optim.betas[1]=1.0 must be in [0, 1)", "model.hidden_dropout=1.5 must be in [0, 1)",
+                     "checkpoint.keep_last=-1 must not be negative", "optim.warmup_steps=-5 must not be negative",
+                     "model.num_attention_heads=0 must be positive", "train.seq_len=0 must be positive",
+                     "optim.min_lr=0.0001 must not exceed optim.lr=-0.001"]:
+        assert expected in message, (expected, message)
+
+
+@pytest.mark.parametrize("override", ["optim.lr=0", "optim.min_lr=0", "train.eval_interval=0", "train.steps=0",
+                                      "checkpoint.keep_last=0", "optim.grad_clip=0", "optim.betas=[0.0,0.999]"])
+def test_boundary_values_that_mean_something_are_accepted(override):
+    cfg = load_config([override, "optim.min_lr=0"] if override == "optim.lr=0" else [override])
+    check(cfg, 1)
+
+
+def test_each_list_item_is_checked_by_name():
+    cfg = load_config(["data.sources=[{path: a, weight: 1.0}, {path: b, weight: 0.0}]"])
+    message = str(pytest.raises(ConfigError, check, cfg, 1).value)
+    assert "data.sources[1].weight=0.0 must be positive" in message and "sources[0]" not in message
