@@ -126,7 +126,7 @@ class ModelConfig:
     """Shape and architecture of a GPT; presets live in conf/model/."""
 
     name: str = "gpt2-tiny"
-    num_layers: int = 2
+    num_layers: int = 4
     hidden_size: int = 64
     num_attention_heads: int = 4
     num_query_groups: Optional[int] = None  # None: one key/value head per query head
@@ -179,8 +179,8 @@ class ParallelConfig:
     vpp: Optional[int] = None  # virtual pipeline stages (model chunks) per pipeline rank
     sp: bool = False  # sequence parallel (needs tp > 1)
     zero: int = 0  # DeepSpeed ZeRO stage 0..3
-    micro_batch: int = 1  # sequences per rank per forward pass
-    global_batch: int = 8  # sequences per optimizer step, all ranks together
+    micro_batch: int = 4  # sequences per rank per forward pass
+    global_batch: int = 16  # sequences per optimizer step, all ranks together
     ep: int = 1  # expert parallel: each MoE layer's experts split over this many data-parallel ranks
 
 
@@ -188,14 +188,14 @@ class ParallelConfig:
 class OptimConfig:
     """AdamW and its learning-rate schedule."""
 
-    lr: float = 6e-4
-    min_lr: float = 6e-5
+    lr: float = 1e-3
+    min_lr: float = 1e-4
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # 0 disables clipping
     schedule: LrSchedule = LrSchedule.cosine
-    warmup_steps: int = 100
+    warmup_steps: int = 20
     decay_steps: Optional[int] = None  # steps from the end of warm-up to min_lr; None: until train.steps
     wsd_decay_fraction: float = 0.2  # warmup-stable-decay: share of the steps spent decaying
     # Resuming with another train.steps (decay_steps null): keep | stretch | restart | extend; null refuses
@@ -217,13 +217,13 @@ class SpikeConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
-    seq_len: int = 256
-    precision: Precision = Precision.fp32
-    activation_checkpointing: Recompute = Recompute.none
+    steps: int = 600
+    seq_len: int = 128
+    precision: Precision = Precision.fp32  # fp32 | bf16
+    activation_checkpointing: Recompute = Recompute.none  # none | selective | full
     seed: int = 1234
     log_interval: int = 10
-    eval_interval: int = 0  # 0: no evaluation during training
+    eval_interval: int = 200  # 0: no evaluation during training
     eval_batches: int = 4
     peak_tflops: Optional[float] = None  # per-device peak for MFU; None: look the device up
     device: str = "auto"  # auto | cpu | cuda
@@ -231,7 +231,7 @@ class TrainConfig:
     bad_step_window: int = 100  # ... within this many steps stop the run
     inject_nan_steps: List[int] = field(default_factory=list)  # test hook: these steps get a NaN loss
     fp8: Optional[Fp8Format] = None  # FP8 matmuls (needs precision=bf16): TE with backend te, torchao with local
-    fp8_recipe: Fp8Recipe = Fp8Recipe.tensorwise
+    fp8_recipe: Fp8Recipe = Fp8Recipe.tensorwise  # tensorwise | delayed (delayed: Transformer Engine only)
     fp8_emulate: bool = False  # torchao only: FP8 numerics without FP8 hardware (CPU tests; no speed-up)
     compile: bool = False  # torch.compile each transformer layer (not the whole model); measure before using
     spike: SpikeConfig = field(default_factory=SpikeConfig)
@@ -247,7 +247,7 @@ class DataSourceConfig:
 class DataConfig:
     """Where tokens come from. Without a path the embedded corpus (the standard library's source) is used."""
 
-    path: Optional[str] = None
+    path: Optional[str] = None  # a dataset written by gptscale-prepare: directory, URL prefix or pipe: template with {}
     sources: List[DataSourceConfig] = field(default_factory=list)  # several datasets blended by weight
     seed: int = 1234  # shard and document order
     on_error: str = "raise"  # raise | skip: what a corrupt or missing shard does
@@ -274,7 +274,7 @@ class CheckpointConfig:
 
 @dataclass
 class WandbConfig:
-    mode: WandbMode = WandbMode.disabled
+    mode: WandbMode = WandbMode.disabled  # online | offline | disabled
     project: str = "gptscale"
     entity: Optional[str] = None
     group: Optional[str] = None
@@ -286,7 +286,7 @@ class WandbConfig:
 class LoggingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     tensorboard: bool = False
-    level: str = "INFO"
+    level: str = "INFO"  # rank 0's log level; other ranks log warnings and errors
 
 
 @dataclass
@@ -327,7 +327,7 @@ class ClusterConfig:
 
 @dataclass
 class Config:
-    run_dir: str = "runs/default"
+    run_dir: str = "runs/${model.name}"  # logs, metrics.jsonl and checkpoints
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

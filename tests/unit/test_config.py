@@ -116,3 +116,25 @@ def test_each_list_item_is_checked_by_name():
     cfg = load_config(["data.sources=[{path: a, weight: 1.0}, {path: b, weight: 0.0}]"])
     message = str(pytest.raises(ConfigError, check, cfg, 1).value)
     assert "data.sources[1].weight=0.0 must be positive" in message and "sources[0]" not in message
+
+
+def test_the_schema_is_the_one_source_of_defaults():
+    """A config built in code (``Config()``) is the command line's default job: conf/ sets no default of its
+    own, only presets (model=, optim=, task=) choose values."""
+    import dataclasses
+
+    from gptscale.config.schema import Config
+
+    def differences(code, composed, prefix=""):
+        for f in dataclasses.fields(code):
+            mine, theirs = getattr(code, f.name), getattr(composed, f.name)
+            if dataclasses.is_dataclass(mine):
+                yield from differences(mine, theirs, f"{prefix}{f.name}.")
+            elif mine != theirs:
+                yield f"{prefix}{f.name}: {mine!r} in the schema, {theirs!r} on the command line"
+
+    composed = load_config([])
+    found = [d for d in differences(Config(), composed) if not d.startswith(("run_dir:", "model.ffn_hidden_size:"))]
+    assert found == []
+    assert composed.run_dir == "runs/gpt2-tiny"  # the schema's runs/${model.name}, resolved
+    assert composed.model.ffn_size == Config().model.ffn_size  # the preset spells out what null means
