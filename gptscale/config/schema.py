@@ -106,7 +106,7 @@ class WandbMode(str, Enum):
 class MoeConfig:
     """Mixture-of-experts MLPs (megatron-core's router, token dispatcher and experts); num_experts=0: dense."""
 
-    num_experts: int = 0
+    num_experts: int = 0  # routed experts per MoE layer; 0: a dense model
     top_k: int = 2  # experts each token is routed to
     pre_softmax: bool = False  # softmax over all experts, then top-k (no renormalisation); Mixtral: false
     ffn_hidden_size: Optional[int] = None  # per expert; None: model.ffn_hidden_size
@@ -115,37 +115,37 @@ class MoeConfig:
     layer_freq: int = 1  # layer i is a MoE layer when i % layer_freq == 0 (1: every layer)
     aux_loss_coeff: float = 1e-2  # load-balancing loss weight (Switch/GShard)
     z_loss_coeff: float = 0.0  # router z-loss weight (ST-MoE)
-    expert_bias: bool = False  # aux-loss-free balancing (DeepSeek-V3): sigmoid scores, a per-expert bias nudged to balance
-    expert_bias_update_rate: float = 1e-3
+    expert_bias: bool = False  # aux-loss-free balancing (DeepSeek-V3): sigmoid scores, a bias nudged to balance
+    expert_bias_update_rate: float = 1e-3  # how far each step nudges the expert biases
     capacity_factor: Optional[float] = None  # tokens an expert takes, times its fair share; None: dropless
-    dispatcher: Dispatcher = Dispatcher.alltoall
+    dispatcher: Dispatcher = Dispatcher.alltoall  # alltoall | allgather: how tokens reach their experts
 
 
 @dataclass
 class ModelConfig:
     """Shape and architecture of a GPT; presets live in conf/model/."""
 
-    name: str = "gpt2-tiny"
-    num_layers: int = 4
-    hidden_size: int = 64
-    num_attention_heads: int = 4
+    name: str = "gpt2-tiny"  # the preset's name (run_dir and logs use it)
+    num_layers: int = 4  # transformer layers
+    hidden_size: int = 64  # width of the residual stream
+    num_attention_heads: int = 4  # attention heads per layer
     num_query_groups: Optional[int] = None  # None: one key/value head per query head
     ffn_hidden_size: Optional[int] = None  # None: 4 * hidden_size
     vocab_size: int = 50257  # used when the data brings no tokenizer (synthetic benchmarks)
     vocab_multiple: int = 128  # embedding rows are padded to a multiple of this (independent of tp)
-    max_position_embeddings: int = 1024
-    position_embedding: PositionEmbedding = PositionEmbedding.learned
-    rotary_base: float = 10000.0
-    normalization: Normalization = Normalization.LayerNorm
-    norm_eps: float = 1e-5
-    activation: Activation = Activation.gelu
-    bias: bool = True
-    tie_embeddings: bool = True
-    init_std: float = 0.02
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
-    backend: Backend = Backend.auto
-    attention: Attention = Attention.sdpa
+    max_position_embeddings: int = 1024  # longest sequence the position embedding covers
+    position_embedding: PositionEmbedding = PositionEmbedding.learned  # learned (GPT-2) | rope (Llama)
+    rotary_base: float = 10000.0  # RoPE base frequency
+    normalization: Normalization = Normalization.LayerNorm  # LayerNorm | RMSNorm
+    norm_eps: float = 1e-5  # epsilon of the norms
+    activation: Activation = Activation.gelu  # gelu | swiglu
+    bias: bool = True  # biases on linear layers
+    tie_embeddings: bool = True  # the output layer shares the input embedding's weight
+    init_std: float = 0.02  # std of the normal initialisation (output projections scaled by depth)
+    hidden_dropout: float = 0.0  # dropout after attention and MLP
+    attention_dropout: float = 0.0  # dropout of attention probabilities
+    backend: Backend = Backend.auto  # auto | local | te (Transformer Engine); auto: te on GPU when installed
+    attention: Attention = Attention.sdpa  # sdpa (fused) | unfused
     qkv_bias: bool = False  # biases on the query/key/value projection even when model.bias is false (Qwen)
     moe: MoeConfig = field(default_factory=MoeConfig)
 
@@ -174,8 +174,8 @@ def is_moe_layer(model: ModelConfig, index: int) -> bool:
 class ParallelConfig:
     """How the model and the batch are split over ranks; data parallel size is what remains."""
 
-    tp: int = 1
-    pp: int = 1
+    tp: int = 1  # tensor parallel ranks
+    pp: int = 1  # pipeline stages
     vpp: Optional[int] = None  # virtual pipeline stages (model chunks) per pipeline rank
     sp: bool = False  # sequence parallel (needs tp > 1)
     zero: int = 0  # DeepSpeed ZeRO stage 0..3
@@ -188,14 +188,14 @@ class ParallelConfig:
 class OptimConfig:
     """AdamW and its learning-rate schedule."""
 
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    weight_decay: float = 0.1
+    lr: float = 1e-3  # peak learning rate, reached at the end of warm-up
+    min_lr: float = 1e-4  # learning rate at the end of the decay
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW's beta1, beta2
+    eps: float = 1e-8  # AdamW's epsilon
+    weight_decay: float = 0.1  # decoupled weight decay (not on biases and norms)
     grad_clip: float = 1.0  # 0 disables clipping
-    schedule: LrSchedule = LrSchedule.cosine
-    warmup_steps: int = 20
+    schedule: LrSchedule = LrSchedule.cosine  # cosine | linear | wsd | constant
+    warmup_steps: int = 20  # linear warm-up steps from 0 to lr
     decay_steps: Optional[int] = None  # steps from the end of warm-up to min_lr; None: until train.steps
     wsd_decay_fraction: float = 0.2  # warmup-stable-decay: share of the steps spent decaying
     # Resuming with another train.steps (decay_steps null): keep | stretch | restart | extend; null refuses
@@ -217,14 +217,14 @@ class SpikeConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 600
-    seq_len: int = 128
+    steps: int = 600  # optimizer steps of the run
+    seq_len: int = 128  # tokens per sequence
     precision: Precision = Precision.fp32  # fp32 | bf16
     activation_checkpointing: Recompute = Recompute.none  # none | selective | full
-    seed: int = 1234
-    log_interval: int = 10
+    seed: int = 1234  # weights, dropout and RNG streams
+    log_interval: int = 10  # steps between log lines and metrics records
     eval_interval: int = 200  # 0: no evaluation during training
-    eval_batches: int = 4
+    eval_batches: int = 4  # global batches of held-out data per evaluation
     peak_tflops: Optional[float] = None  # per-device peak for MFU; None: look the device up
     device: str = "auto"  # auto | cpu | cuda
     max_bad_steps: int = 5  # steps with a non-finite loss or grad norm are skipped; more than this many ...
@@ -267,7 +267,7 @@ class CheckpointConfig:
     keep_last: int = 2  # newest checkpoints kept; 0: all
     keep_every: int = 0  # also keep every K-th step's checkpoint; 0: none
     resume: str = "auto"  # auto | none | PATH
-    save_final: bool = True
+    save_final: bool = True  # save when the run ends
     async_save: bool = True  # write in the background: training waits only for the snapshot to host memory
     rewind: Optional[int] = None  # at start: the newest checkpoint at or before this step, recorded spikes excluded
 
@@ -275,17 +275,17 @@ class CheckpointConfig:
 @dataclass
 class WandbConfig:
     mode: WandbMode = WandbMode.disabled  # online | offline | disabled
-    project: str = "gptscale"
-    entity: Optional[str] = None
-    group: Optional[str] = None
-    name: Optional[str] = None
-    tags: List[str] = field(default_factory=list)
+    project: str = "gptscale"  # W&B project
+    entity: Optional[str] = None  # W&B team or user; None: the API key's default
+    group: Optional[str] = None  # W&B group (a sweep's runs side by side)
+    name: Optional[str] = None  # W&B run name; None: the run directory's name
+    tags: List[str] = field(default_factory=list)  # W&B tags
 
 
 @dataclass
 class LoggingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    tensorboard: bool = False
+    tensorboard: bool = False  # also write TensorBoard event files into run_dir
     level: str = "INFO"  # rank 0's log level; other ranks log warnings and errors
 
 
@@ -293,8 +293,8 @@ class LoggingConfig:
 class BenchConfig:
     """gptscale-bench: timed steps on synthetic tokens, after untimed warm-up steps."""
 
-    steps: int = 10
-    warmup: int = 3
+    steps: int = 10  # timed optimizer steps
+    warmup: int = 3  # untimed steps first (allocator, kernels, DeepSpeed's first-step work)
     profile_steps: int = 0  # extra steps under torch.profiler after the timed ones; 0: no profile
     host_syncs: bool = False  # one extra step that lists where the host waits for the device
     output: Optional[str] = None  # append one JSON line per config to this file
@@ -320,8 +320,8 @@ class EvalConfig:
 class ClusterConfig:
     """The machines a layout is planned for (``gptscale-plan``); GPU names are listed in gptscale/plan/cluster.py."""
 
-    nodes: int = 1
-    gpus_per_node: int = 8
+    nodes: int = 1  # machines
+    gpus_per_node: int = 8  # GPUs per machine
     gpu: str = "h100"  # h100 | h200 | a100 | a100-40 | l40s | ...
 
 

@@ -65,6 +65,12 @@ def _run(dict_cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    if {"--help", "-h"} & set(sys.argv[1:]):
+        from gptscale.config import load_config
+        from gptscale.config.help import help_page
+
+        print(help_page(load_config([])))
+        return
     register_schema()
     _run()
 

@@ -63,3 +63,10 @@ def test_resuming_with_another_length_asks_how_the_schedule_should_change(tmp_pa
     proc = train([*short, "train.steps=8", "optim.on_new_steps=extend"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "train.steps changed from 4 to 8 on resume: optim.on_new_steps=extend" in proc.stderr
+
+
+def test_help_is_one_page_of_the_keys_users_type():
+    proc = train(["--help"], timeout=120)
+    assert proc.returncode == 0
+    assert "optim.lr=0.001" in proc.stdout and "peak learning rate" in proc.stdout
+    assert "Powered by Hydra" not in proc.stdout

@@ -138,3 +138,25 @@ def test_the_schema_is_the_one_source_of_defaults():
     assert found == []
     assert composed.run_dir == "runs/gpt2-tiny"  # the schema's runs/${model.name}, resolved
     assert composed.model.ffn_size == Config().model.ffn_size  # the preset spells out what null means
+
+
+def test_help_page_names_every_key_with_its_default_and_meaning():
+    """``gptscale-train --help``: every leaf key of the schema, its default and the schema's comment on it."""
+    import dataclasses
+
+    from gptscale.config.help import help_page
+    from gptscale.config.schema import Config
+
+    def leaves(node, prefix=""):
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            yield from leaves(value, f"{prefix}{f.name}.") if dataclasses.is_dataclass(value) else [prefix + f.name]
+
+    cfg = load_config([])
+    page = help_page(cfg).splitlines()
+    for key in leaves(Config()):
+        line = next((row for row in page if row.strip().startswith(f"{key}=")), None)
+        assert line is not None, key
+        assert len(line.split(None, 1)) == 2, f"{key} has no meaning in schema.py"
+    assert "  train.steps=600" in "\n".join(page)
+    assert any(row.startswith("  model=") and "llama-7b" in row for row in page)
