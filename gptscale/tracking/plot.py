@@ -1,5 +1,5 @@
-"""``gptscale-plot RUN_DIR [--out FILE.png]``: loss, learning rate, tokens/s and task accuracy of a run, from its
-metrics.jsonl.
+"""``gptscale-plot RUN_DIR [RUN_DIR ...] [--out FILE.png] [--smooth N]``: loss, gradient norm, learning rate,
+tokens/s and task accuracy of one run or several side by side (a sweep), from their metrics.jsonl.
 
 Steps skipped as loss spikes are marked on the loss curve (red x at the loss they had), rewinds as dashed
 lines at the step they went back to."""
@@ -49,35 +49,63 @@ def spike_marks(records: list[dict]) -> tuple[tuple[list[int], list[float]], lis
     return skipped, rewinds
 
 
-def plot(records: list[dict], out: Path, title: str) -> None:
-    """Write the PNG next to ``out`` and rename it into place, so a reader never sees half a file."""
-    accuracies = sorted({key for record in records for key in record if key.startswith("eval/") and key.endswith("/acc")})
-    figure = Figure(figsize=(8, 12 if accuracies else 9), layout="constrained")
-    panels = figure.subplots(4 if accuracies else 3, 1, sharex=True)
-    loss_axes, lr_axes, speed_axes = panels[:3]
-    loss_axes.plot(*_series(records, "loss"), label="train")
-    if any("eval_loss" in record for record in records):
-        loss_axes.plot(*_series(records, "eval_loss"), marker="o", label="eval")
-    skipped, rewinds = spike_marks(records)
-    if skipped[0]:
-        loss_axes.scatter(*skipped, marker="x", color="red", zorder=3, label=f"skipped spike ({len(skipped[0])})")
-    for index, (from_step, to_step) in enumerate(rewinds):
-        loss_axes.axvline(to_step, color="purple", linestyle="--", alpha=0.7,
-                          label="rewind (from step → to here)" if index == 0 else None)
-        loss_axes.annotate(f"{from_step}→{to_step}", (to_step, 1.0), xycoords=("data", "axes fraction"), va="top",
-                           fontsize=8, color="purple")
-    loss_axes.set_ylabel("loss")
-    loss_axes.legend()
-    lr_axes.plot(*_series(records, "lr"))
+def smoothed(values: list[float], window: int) -> list[float]:
+    """Trailing mean over ``window`` points (1: the values as logged)."""
+    if window <= 1:
+        return values
+    out, total = [], 0.0
+    for index, value in enumerate(values):
+        total += value
+        if index >= window:
+            total -= values[index - window]
+        out.append(total / min(index + 1, window))
+    return out
+
+
+def plot(runs: dict[str, list[dict]], out: Path, title: str, smooth: int = 1) -> None:
+    """Draw every run on the same axes (one colour each) and write the PNG under a temporary name, then rename
+    it into place, so a reader never sees half a file."""
+    accuracies = sorted({key for records in runs.values() for record in records for key in record
+                         if key.startswith("eval/") and key.endswith("/acc")})
+    rows = 5 if accuracies else 4
+    figure = Figure(figsize=(8, 3 * rows), layout="constrained")
+    panels = figure.subplots(rows, 1, sharex=True)
+    loss_axes, norm_axes, lr_axes, speed_axes = panels[:4]
+    several = len(runs) > 1
+    for index, (name, records) in enumerate(runs.items()):
+        colour = f"C{index % 10}"
+        label = f"{name} " if several else ""
+        steps, losses = _series(records, "loss")
+        loss_axes.plot(steps, smoothed(losses, smooth), color=colour, label=f"{label}train")
+        if any("eval_loss" in record for record in records):
+            loss_axes.plot(*_series(records, "eval_loss"), color=colour, marker="o", linestyle=":",
+                           label=f"{label}eval")
+        skipped, rewinds = spike_marks(records)
+        if skipped[0]:
+            loss_axes.scatter(*skipped, marker="x", color="red", zorder=3,
+                              label=f"{label}skipped spike ({len(skipped[0])})")
+        for number, (from_step, to_step) in enumerate(rewinds):
+            loss_axes.axvline(to_step, color=colour, linestyle="--", alpha=0.7,
+                              label=f"{label}rewind (from step → to here)" if number == 0 else None)
+            loss_axes.annotate(f"{from_step}→{to_step}", (to_step, 1.0), xycoords=("data", "axes fraction"),
+                               va="top", fontsize=8, color=colour)
+        steps, norms = _series(records, "grad_norm")
+        norm_axes.plot(steps, smoothed(norms, smooth), color=colour, label=name)
+        lr_axes.plot(*_series(records, "lr"), color=colour, label=name)
+        speed_axes.plot(*_series(records, "tokens_per_s"), color=colour, label=name)
+        for key_index, key in enumerate(accuracies):
+            panels[4].plot(*_series(records, key), marker="o", color=colour,
+                           linestyle=["-", "--", ":", "-."][key_index % 4], label=f"{label}{key.split('/')[1]}")
+    loss_axes.set_ylabel("loss" + (f" (mean of {smooth})" if smooth > 1 else ""))
+    loss_axes.legend(fontsize=8)
+    norm_axes.set_ylabel("gradient norm")
+    norm_axes.set_yscale("log")
     lr_axes.set_ylabel("learning rate")
-    speed_axes.plot(*_series(records, "tokens_per_s"))
     speed_axes.set_ylabel("tokens/s")
     if accuracies:
-        for key in accuracies:
-            panels[3].plot(*_series(records, key), marker="o", label=key.split("/")[1])
-        panels[3].set_ylabel("accuracy")
-        panels[3].set_ylim(0, 1)
-        panels[3].legend()
+        panels[4].set_ylabel("accuracy")
+        panels[4].set_ylim(0, 1)
+        panels[4].legend(fontsize=8)
     panels[-1].set_xlabel("step")
     for axes in panels:
         axes.grid(alpha=0.3)
@@ -87,20 +115,43 @@ def plot(records: list[dict], out: Path, title: str) -> None:
     os.replace(partial, out)
 
 
+def run_dirs(paths: list[Path]) -> list[Path]:
+    """The runs named: a run directory itself, or a directory of runs (a sweep's multirun/) for each run in it."""
+    found = []
+    for path in paths:
+        if (path / METRICS).is_file():
+            found.append(path)
+        else:
+            found += sorted(sub for sub in path.glob("*") if (sub / METRICS).is_file()) if path.is_dir() else []
+    return found
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="gptscale-plot", description=__doc__.split(":", 1)[1].strip())
-    parser.add_argument("run_dir", type=Path, help="a gptscale run directory (holds metrics.jsonl)")
-    parser.add_argument("--out", type=Path, help="the PNG to write (default: RUN_DIR/metrics.png)")
+    parser.add_argument("run_dir", type=Path, nargs="+",
+                        help="gptscale run directories (each holds metrics.jsonl), or a sweep's directory of runs")
+    parser.add_argument("--out", type=Path, help="the PNG to write (default: metrics.png in the run directory, or "
+                                                 "in the directory the runs share)")
+    parser.add_argument("--smooth", type=int, default=1, metavar="N",
+                        help="draw loss and gradient norm as the mean of the last N logged points")
     args = parser.parse_args(argv)
-    metrics = args.run_dir / METRICS
-    if not metrics.is_file():
-        parser.error(f"{metrics} does not exist: RUN_DIR must be the run_dir of a gptscale run")
-    records = read_metrics(metrics)
-    if not any(record.get("loss") is not None for record in records):
-        parser.error(f"{metrics} has no training steps yet")
-    out = args.out or args.run_dir / "metrics.png"
+    if args.smooth < 1:
+        parser.error(f"--smooth must be at least 1, got {args.smooth}")
+    found = run_dirs(args.run_dir)
+    if not found:
+        parser.error(f"no {METRICS} in {', '.join(map(str, args.run_dir))}: give the run_dir of a gptscale run "
+                     "(or a directory of runs)")
+    shared = Path(os.path.commonpath([str(run) for run in found]))
+    runs = {}
+    for run in found:
+        records = read_metrics(run / METRICS)
+        if not any(record.get("loss") is not None for record in records):
+            parser.error(f"{run / METRICS} has no training steps yet")
+        runs[str(run.relative_to(shared)) if len(found) > 1 else str(run)] = records
+    out = args.out or shared / "metrics.png"
     out.parent.mkdir(parents=True, exist_ok=True)
-    plot(records, out, title=str(args.run_dir))
+    title = str(found[0]) if len(found) == 1 else f"{len(found)} runs in {shared}"
+    plot(runs, out, title, smooth=args.smooth)
     print(out)
 
 

@@ -76,7 +76,7 @@ def test_skips_and_rewinds_are_visible(runs, capsys, tmp_path):
     (steps, losses), rewinds = spike_marks(records)
     skip = next(r for r in records if r.get("spike/skipped_step"))
     assert steps == [skip["step"]] and losses == [skip["spike/loss"]] and rewinds == [(skip["step"], 180)]
-    plot(records, tmp_path / "curves.png", "spiked")
+    plot({"spiked": records}, tmp_path / "curves.png", "spiked")
     assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
     assert inspect(spiked / "checkpoints" / "step_000200", checksums=False) == 0
     report = capsys.readouterr().out

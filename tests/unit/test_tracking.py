@@ -151,7 +151,7 @@ def test_plot_draws_a_png_and_tolerates_resumed_and_cut_lines(tmp_path):
     assert not list((tmp_path / "curves").glob(".*partial"))
 
 
-@pytest.mark.parametrize("contents, message", [(None, "does not exist"), ("", "has no training steps")])
+@pytest.mark.parametrize("contents, message", [(None, "no metrics.jsonl in"), ("", "has no training steps")])
 def test_plot_refuses_a_directory_without_metrics(tmp_path, contents, message):
     if contents is not None:
         (tmp_path / "metrics.jsonl").write_text(contents)
@@ -173,4 +173,28 @@ def test_plot_adds_an_accuracy_panel_for_evaluated_tasks(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     proc = plot(tmp_path, "--out", tmp_path / "tasks.png")
     assert proc.returncode == 0, proc.stderr
-    assert png_height(tmp_path / "plain.png") == 900 and png_height(tmp_path / "tasks.png") == 1200
+    assert png_height(tmp_path / "plain.png") == 1200 and png_height(tmp_path / "tasks.png") == 1500
+
+
+def test_plot_overlays_the_runs_of_a_sweep_with_smoothing(tmp_path):
+    """A sweep's runs on the same axes: named one by one, or by their directory; --smooth averages the loss."""
+    for number, scale in enumerate((1.0, 2.0)):
+        run = tmp_path / "multirun" / str(number)
+        run.mkdir(parents=True)
+        lines = [json.dumps({"step": step, **STEPS[step], "loss": STEPS[step]["loss"] * scale}) for step in (2, 4)]
+        (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    proc = plot(tmp_path / "multirun", "--smooth", 2)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(tmp_path / "multirun" / "metrics.png")
+    assert png_height(tmp_path / "multirun" / "metrics.png") == 1200
+    proc = plot(tmp_path / "multirun" / "0", tmp_path / "multirun" / "1", "--out", tmp_path / "both.png")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "both.png").read_bytes().startswith(b"\x89PNG")
+    assert plot(tmp_path / "multirun", "--smooth", 0).returncode == 2
+
+
+def test_smoothing_is_a_trailing_mean():
+    from gptscale.tracking.plot import smoothed
+
+    assert smoothed([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert smoothed([1.0, 3.0], 1) == [1.0, 3.0]
