@@ -125,6 +125,18 @@ def remove_unfinished(root: Path) -> list[Path]:
     return leftovers
 
 
+def resume_candidates(root: Path) -> list[Path]:
+    """What ``checkpoint.resume=auto`` tries, in order: every published name under ``root``, newest first,
+    those without a manifest included (a published name without one is damaged, and is named as such)."""
+    found = {}
+    if root.is_dir():
+        for path in root.iterdir():
+            match = _PUBLISHED.match(path.name)
+            if match and path.is_dir():
+                found[int(match.group(1))] = path
+    return [found[step] for step in sorted(found, reverse=True)]
+
+
 def resolve(spec: str, checkpoints: Path) -> Optional[Path]:
     """The checkpoint ``checkpoint.resume`` asks for: ``none``, ``auto`` (newest complete one in this run, if
     any) or a path: a checkpoint directory, or a run or checkpoints directory (its newest)."""
