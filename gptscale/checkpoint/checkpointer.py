@@ -87,18 +87,17 @@ class Checkpointer:
                 log.info("no checkpoint to resume from (checkpoint.resume=%s): training from scratch",
                          self.settings.resume)
             return None
-        for path in candidates:
+        *newer, oldest = candidates
+        for path in newer:  # auto only: a named checkpoint is the one candidate
             try:
                 manifest = verify(path)
             except CheckpointError as error:
-                if not auto or path == candidates[-1]:
-                    raise
                 if self.ctx.rank == 0:
                     log.warning("checkpoint.resume=auto skips a damaged checkpoint: %s\n  trying the next older one",
                                 error)
                 continue
             return self.load(path, manifest)
-        return None
+        return self.load(oldest)
 
     def rewind(self, step: int) -> Path:
         """Load the newest complete checkpoint of this run at or before ``step`` (collective); the newer ones

@@ -14,7 +14,7 @@ class RngState:
         self.device = device
 
     def state_dict(self) -> dict:
-        """Tensors and plain types only (NumPy's state as a list), so checkpoints load with ``weights_only``."""
+        """Tensors and plain types only (NumPy's key array as a tensor), so checkpoints load with ``weights_only``."""
         name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
         state = {
             "python": random.getstate(),
