@@ -14,24 +14,23 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-import torch
 import torch.distributed as dist
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import is_main_replica
 
-from gptscale.checkpoint.manifest import MANIFEST, CheckpointError
+from gptscale.checkpoint.manifest import MANIFEST
 
 
 def bytes_needed(state: dict, previous: Optional[Path]) -> int:
     """About how many bytes the checkpoint of the snapshot ``state`` takes on disk (collective)."""
     mine = sum(item.data.numel() * item.data.element_size() for item in nested_values(state)
                if hasattr(item, "replica_id") and is_main_replica(item.replica_id))
-    total = torch.tensor([mine], dtype=torch.int64)
-    dist.all_reduce(total)
+    everyone = [0] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
     before = 0
     if previous is not None and (previous / MANIFEST).is_file():
         before = json.loads((previous / MANIFEST).read_text()).get("bytes", 0)
-    return max(int(total.item()), before)
+    return max(sum(everyone), before)
 
 
 def no_space(directory: Path, step: int, needed: int, free: int) -> str:

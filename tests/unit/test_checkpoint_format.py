@@ -13,7 +13,7 @@ from gptscale.checkpoint.files import read_rank_state
 from gptscale.checkpoint.manifest import CheckpointError, data_files, describe_file, find_damage, read_manifest, \
     write_manifest
 from gptscale.checkpoint.publish import LATEST, complete_checkpoints, latest, prune, publish, remove_unfinished, \
-    resolve, staging_dir, step_name
+    resolve, resume_candidates, staging_dir, step_name
 from gptscale.checkpoint.read import load_model_state, save_model_state
 from gptscale.config import load_config
 from gptscale.train.rng import RngState, seed_everything
@@ -53,6 +53,7 @@ def test_unfinished_saves_are_never_taken_for_checkpoints(tmp_path):
     half_published.mkdir()
     assert complete_checkpoints(tmp_path) == {4: done}
     assert latest(tmp_path) == done
+    assert resume_candidates(tmp_path) == [half_published, done]  # resume=auto names the damaged one, skips it
     assert remove_unfinished(tmp_path) == [unfinished]
     assert done.is_dir() and half_published.is_dir()
 
