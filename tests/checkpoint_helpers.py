@@ -25,7 +25,7 @@ def all_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 def rank_state(checkpoint: Path, rank: int = 0) -> dict:
-    return torch.load(checkpoint / "ranks" / f"rank_{rank:05d}.pt", weights_only=False)
+    return torch.load(checkpoint / "ranks" / f"rank_{rank:05d}.pt", weights_only=True)
 
 
 def step_dir(run_dir: Path, step: int) -> Path:

@@ -62,7 +62,11 @@ def inspect(path: Path, checksums: bool = True) -> int:
     for label, value in rows:
         print(f"  {label:<8} {value}")
     if not problems:
-        _print_exclusions(root, contents)
+        try:
+            _print_exclusions(root, contents)
+        except CheckpointError as error:  # a rank file that is not plain data: refused, never unpickled
+            problems = [str(error)]
+            print(f"  ! {error}")
     if (root / CONFIG).is_file():
         print("  config:")
         for line in (root / CONFIG).read_text().splitlines():

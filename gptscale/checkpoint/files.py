@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import pickle
+import re
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -20,6 +22,7 @@ from typing import Optional
 import torch
 from omegaconf import OmegaConf
 
+from gptscale.checkpoint.manifest import CheckpointError
 from gptscale.config.schema import Config, ModelConfig
 
 SHARDS = "shards"
@@ -71,5 +74,15 @@ def write_rank_state(root: Path, rank: int, position: dict, components: dict) ->
 
 
 def read_rank_state(root: Path, rank: int) -> dict:
-    # Component states hold Python and NumPy RNG states (tuples, arrays): not loadable with weights_only.
-    return torch.load(_rank_file(root, rank), weights_only=False)
+    """A rank's saved states, unpickled as plain data only: a checkpoint from elsewhere cannot run code here.
+
+    Components keep their states to tensors, numbers, strings, lists, tuples and dicts, which is all
+    ``weights_only`` admits; a file that asks for anything else is refused before any of it is built."""
+    path = _rank_file(root, rank)
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as error:
+        wanted = re.search(r"GLOBAL (\S+)", str(error))
+        raise CheckpointError(f"{path} is refused: it holds more than plain data (tensors, numbers, strings, lists, "
+                              f"dicts){f', it asks for {wanted.group(1)}' if wanted else ''}, and loading it "
+                              "could run code") from None

@@ -24,7 +24,7 @@ from gptscale.checkpoint.shards import ParameterShard, load_request
 from gptscale.config.schema import ModelConfig
 
 
-def _raise_everywhere(problems: list[str], headline: str) -> None:
+def raise_everywhere(problems: list[str], headline: str) -> None:
     """Gather every rank's problems so that all ranks raise the same error (none is left waiting)."""
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, problems)
@@ -42,7 +42,7 @@ def verify(path: Path) -> dict:
     if manifest is not None:
         names = sorted(manifest["files"])
         problems = find_damage(path, manifest, names[dist.get_rank()::dist.get_world_size()])
-    _raise_everywhere(problems, f"cannot resume from {path}:")
+    raise_everywhere(problems, f"cannot resume from {path}:")
     return manifest
 
 
@@ -108,17 +108,20 @@ def read_shards(path: Path, shards: list[ParameterShard], with_optimizer: bool) 
 _SAME_RANKS = ("world_size", "tp", "pp", "dp")  # layouts that agree on these map rank to rank
 
 
-def restore_components(path: Path, manifest: dict, components: dict, layout: dict) -> list[str]:
-    """Load each component's state; returns the names the checkpoint holds no state for.
+def read_components(path: Path, manifest: dict, layout: dict) -> dict:
+    """This rank's saved component states, by name (collective: a refused rank file stops every rank).
 
     At the layout it was saved at, each rank gets back its own states. At another layout there is no rank
     to match, so every rank takes global rank 0's: exact for global counters (step, schedule, a loader
     whose position is a global sample count); per-rank RNG streams restart from rank 0's.
     """
+    if not manifest["contents"]["components"]:
+        return {}
     saved_layout = manifest.get("layout") or {}
     same_layout = all(saved_layout.get(key) == layout[key] for key in _SAME_RANKS)
-    saved = read_rank_state(path, dist.get_rank() if same_layout else 0)["components"]
-    for name, component in components.items():
-        if name in saved:
-            component.load_state_dict(saved[name])
-    return [name for name in components if name not in saved]
+    try:
+        saved, problems = read_rank_state(path, dist.get_rank() if same_layout else 0)["components"], []
+    except CheckpointError as error:
+        saved, problems = {}, [str(error)]
+    raise_everywhere(problems, f"cannot resume from {path}:")
+    return saved

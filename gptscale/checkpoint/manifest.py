@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import zlib
 from pathlib import Path
 
@@ -69,6 +70,9 @@ def read_manifest(root: Path) -> dict:
     if not root.is_dir():
         raise CheckpointError(f"{root}: no such checkpoint directory")
     if not path.is_file():
+        if re.fullmatch(r"step_\d+", root.name):  # published names are given only once the manifest is written
+            raise CheckpointError(f"{root} is damaged: {MANIFEST} is missing (a published checkpoint always has "
+                                  "one: it was deleted or lost since)")
         raise CheckpointError(f"{root} is incomplete: {MANIFEST} is missing (the save did not finish)")
     try:
         manifest = json.loads(path.read_text())

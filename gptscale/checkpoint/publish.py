@@ -37,15 +37,20 @@ def new_nonce() -> str:
     return uuid.uuid4().hex[:8]
 
 
-def complete_checkpoints(root: Path) -> dict[int, Path]:
-    """Published checkpoints under ``root`` by step (a published name with its manifest)."""
+def _published(root: Path) -> dict[int, Path]:
+    """Directories under ``root`` with a published name, by step (oldest first)."""
     found = {}
     if root.is_dir():
         for path in root.iterdir():
             match = _PUBLISHED.match(path.name)
-            if match and (path / MANIFEST).is_file():
+            if match and path.is_dir():
                 found[int(match.group(1))] = path
     return dict(sorted(found.items()))
+
+
+def complete_checkpoints(root: Path) -> dict[int, Path]:
+    """Published checkpoints under ``root`` by step (a published name with its manifest)."""
+    return {step: path for step, path in _published(root).items() if (path / MANIFEST).is_file()}
 
 
 def latest(root: Path) -> Optional[Path]:
@@ -123,6 +128,12 @@ def remove_unfinished(root: Path) -> list[Path]:
     for path in leftovers:
         shutil.rmtree(path, ignore_errors=True)
     return leftovers
+
+
+def resume_candidates(root: Path) -> list[Path]:
+    """What ``checkpoint.resume=auto`` tries, in order: every published name under ``root``, newest first,
+    those without a manifest included (a published name without one is damaged, and is named as such)."""
+    return list(reversed(_published(root).values()))
 
 
 def resolve(spec: str, checkpoints: Path) -> Optional[Path]:

@@ -14,9 +14,12 @@ class RngState:
         self.device = device
 
     def state_dict(self) -> dict:
+        """Tensors and plain types only (NumPy's key array as a tensor), so checkpoints load with ``weights_only``."""
+        name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
         state = {
             "python": random.getstate(),
-            "numpy": np.random.get_state(),
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss),
+                      float(cached_gaussian)],
             "torch": torch.get_rng_state(),
             "megatron": tensor_parallel.get_cuda_rng_tracker().get_states(),
         }
@@ -26,7 +29,8 @@ class RngState:
 
     def load_state_dict(self, state: dict) -> None:
         random.setstate(state["python"])
-        np.random.set_state(state["numpy"])
+        name, keys, position, has_gauss, cached_gaussian = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
         torch.set_rng_state(state["torch"])
         tensor_parallel.get_cuda_rng_tracker().set_states(state["megatron"])
         if self.device.type == "cuda" and "cuda" in state:

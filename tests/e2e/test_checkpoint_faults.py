@@ -175,40 +175,80 @@ def other_norm_eps(checkpoint, destination):
 
 
 @pytest.fixture(scope="module")
-def outcomes(tmp_path_factory, killed, stopped):
-    """One launch (1 rank): the stopped run resumed, a run with too many NaN steps, damaged checkpoints."""
+def small_disks(tmp_path_factory, killed):
+    """Two small real filesystems (tmpfs) sized from a checkpoint of this model: ``roomy`` holds one
+    checkpoint and a half; ``tight`` holds the shard files alone (more than the tensors a save counts
+    before writing, less than the whole checkpoint), so its first save runs out of space while writing.
+    None where mounting is not allowed."""
+    tmp = tmp_path_factory.mktemp("disks")
+    good = step_dir(killed[0], 8)
+    whole = json.loads((good / "checkpoint.json").read_text())["bytes"]
+    shards = sum(path.stat().st_size for path in (good / "shards").glob("*.distcp"))
+    disks = {"roomy": (tmp / "roomy", whole * 3 // 2), "tight": (tmp / "tight", shards)}
+    mounted = []
+    for directory, size in disks.values():
+        directory.mkdir()
+        mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)],
+                               capture_output=True, text=True)
+        if mount.returncode != 0:
+            break
+        mounted.append(directory)
+    yield {name: directory for name, (directory, _) in disks.items()} if len(mounted) == len(disks) else None
+    for directory in mounted:
+        subprocess.run(["umount", str(directory)], check=True)
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory, killed, stopped, small_disks):
+    """One launch (1 rank): the stopped run resumed, a run with too many NaN steps, damaged checkpoints,
+    resume=auto past damaged ones, saves onto full disks. Returns also the launch's output (warnings)."""
     tmp = tmp_path_factory.mktemp("outcomes")
     good = step_dir(killed[0], 8)
     cases = {}
     for name in ("truncated", "corrupted", "missing"):
         shutil.copytree(killed[0], tmp / name)
-        shard = max((step_dir(tmp / name, 8) / "shards").glob("*.distcp"), key=lambda p: p.stat().st_size)
-        data = shard.read_bytes()
-        middle = len(data) // 2
-        if name == "truncated":
-            shard.write_bytes(data[:middle])
-        elif name == "corrupted":
-            shard.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:])
-        else:
-            shard.unlink()
-        cases[name] = (step_dir(tmp / name, 8), shard)
+        cases[name] = (step_dir(tmp / name, 8), damage(step_dir(tmp / name, 8), name))
     small = fewer_layers(good, tmp / "small" / "checkpoints" / "step_000000")
     cases["other-shape"] = (small, small / "shards" / ".metadata")
     other_eps = other_norm_eps(good, tmp / "eps" / "checkpoints" / "step_000000")
     cases["other-norm-eps"] = (other_eps, other_eps)
     before = {name: fingerprint(path.parent.parent) for name, (path, _) in cases.items()}
+    shutil.copytree(killed[0], tmp / "fallback")  # step 8 corrupted, a step 7 without manifest: auto takes 6
+    damage(step_dir(tmp / "fallback", 8), "corrupted")
+    shutil.copytree(step_dir(tmp / "fallback", 6), step_dir(tmp / "fallback", 7))
+    (step_dir(tmp / "fallback", 7) / "checkpoint.json").unlink()
     run, _, _, stopped_at = stopped
     jobs = {
         "resumed-after-stop": [*COMMON, f"run_dir={run}", f"train.steps={stopped_at + 2}"],
         "nan": [*COMMON, f"run_dir={tmp / 'nan'}", "train.steps=10", "checkpoint.interval=2",
                 "train.inject_nan_steps=[3,4,5]", "train.max_bad_steps=2", "train.bad_step_window=10"],
-        **{name: [*COMMON, f"run_dir={path.parent.parent}", "train.steps=10"] if name == "corrupted"  # auto
-           else [*COMMON, f"run_dir={tmp / ('resume-' + name)}", "train.steps=10", f"checkpoint.resume={path}"]
+        **{name: [*COMMON, f"run_dir={tmp / ('resume-' + name)}", "train.steps=10", f"checkpoint.resume={path}"]
            for name, (path, _) in cases.items()},
+        "fallback": [*COMMON, f"run_dir={tmp / 'fallback'}", "train.steps=10"],
     }
+    if small_disks:
+        jobs["disk-full-before-writing"] = [*COMMON, f"run_dir={small_disks['roomy'] / 'run'}", "train.steps=6",
+                                            "checkpoint.interval=2"]
+        jobs["disk-full-while-writing"] = [*COMMON, f"run_dir={small_disks['tight'] / 'run'}", "train.steps=2",
+                                           "checkpoint.interval=2"]
     (tmp / "jobs.json").write_text(json.dumps(jobs))
-    torchrun(1, ["tests/dist/run_outcomes.py", str(tmp / "jobs.json"), str(tmp / "results.json")], timeout=900)
-    return tmp, good, cases, before, json.loads((tmp / "results.json").read_text())
+    launch = torchrun(1, ["tests/dist/run_outcomes.py", str(tmp / "jobs.json"), str(tmp / "results.json")],
+                      timeout=900)
+    return tmp, good, cases, before, launch.stdout + launch.stderr, json.loads((tmp / "results.json").read_text())
+
+
+def damage(checkpoint, how):
+    """Truncate, corrupt (one byte flipped) or delete the largest shard file of ``checkpoint``; returns it."""
+    shard = max((checkpoint / "shards").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    data = shard.read_bytes()
+    middle = len(data) // 2
+    if how == "truncated":
+        shard.write_bytes(data[:middle])
+    elif how == "corrupted":
+        shard.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:])
+    else:
+        shard.unlink()
+    return shard
 
 
 def test_stopped_run_resumes_where_it_stopped(stopped, outcomes):
@@ -236,7 +276,8 @@ def test_too_many_nan_steps_stop_the_run_naming_the_last_good_checkpoint(outcome
     ("other-norm-eps", "model.norm_eps: 0.001 in the checkpoint's config.yaml, 1e-05 here"),
 ])
 def test_bad_checkpoints_are_refused_naming_file_and_mismatch(outcomes, name, expected):
-    tmp, _, cases, before, results = outcomes
+    """Named explicitly (checkpoint.resume=PATH), a damaged checkpoint is refused, never replaced."""
+    tmp, _, cases, before, _, results = outcomes
     path, culprit = cases[name]
     error = results[name].get("error")
     assert error is not None, f"{name}: the resume went through"
@@ -250,7 +291,7 @@ def test_bad_checkpoints_are_refused_naming_file_and_mismatch(outcomes, name, ex
 
 
 def test_inspect_command(outcomes):
-    _, good, cases, _, _ = outcomes
+    _, good, cases, _, _, _ = outcomes
     report = inspect(good)
     assert report.returncode == 0 and f"{good}: complete" in report.stdout
     assert "tp 1, pp 1, vpp 1, dp 2" in report.stdout
@@ -262,9 +303,48 @@ def test_other_shape_case_is_a_real_model(outcomes):
     """The cut checkpoint keeps every key, only two layers long (so the refusal is about shape alone)."""
     from gptscale.checkpoint.read import load_model_state
 
-    _, good, cases, _, _ = outcomes
+    _, good, cases, _, _, _ = outcomes
     _, full, _ = load_model_state(good)
     _, cut, _ = load_model_state(cases["other-shape"][0])
     assert full.keys() == cut.keys()
     assert torch.equal(cut["decoder.layers.self_attention.linear_qkv.weight"],
                        full["decoder.layers.self_attention.linear_qkv.weight"][:2])
+
+
+def test_auto_resume_skips_damaged_checkpoints_saying_which_and_why(outcomes):
+    """A requeued job whose newest checkpoint is damaged resumes from the newest intact one instead of
+    failing at every relaunch; a published checkpoint whose manifest was deleted counts as damaged."""
+    tmp, _, _, _, output, results = outcomes
+    newest, unlisted = step_dir(tmp / "fallback", 8), step_dir(tmp / "fallback", 7)
+    assert len(results["fallback"].get("loss", [])) == 4, results["fallback"]  # steps 7..10, from step 6
+    assert f"checkpoint.resume=auto skips a damaged checkpoint: cannot resume from {newest}:" in output
+    assert f"{newest}/shards/" in output and "is corrupted: its CRC-32 differs" in output
+    assert f"checkpoint.resume=auto skips a damaged checkpoint: cannot resume from {unlisted}:\n  - {unlisted} is " \
+           "damaged: checkpoint.json is missing" in output
+    assert newest.is_dir() and unlisted.is_dir(), "skipped checkpoints are kept for a look"
+
+
+def test_disk_full_before_writing_is_named_and_loses_nothing(outcomes, small_disks):
+    if not small_disks:
+        pytest.skip("mounting a small tmpfs needs root (CAP_SYS_ADMIN); this process may not mount")
+    checkpoints = small_disks["roomy"] / "run" / "checkpoints"
+    previous = step_dir(small_disks["roomy"] / "run", 2)
+    needed = json.loads((previous / "checkpoint.json").read_text())["bytes"]
+    error = outcomes[-1]["disk-full-before-writing"].get("error", "")
+    assert error.startswith(f"CheckpointError: no space left on device for the checkpoint of step 4: {checkpoints} "
+                            "has "), error
+    assert f"the checkpoint needs about {needed:,} bytes" in error and f"{previous}, is intact" in error, error
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_000002"]
+    assert inspect(previous).returncode == 0
+
+
+def test_disk_full_while_writing_is_named_and_the_half_written_save_removed(outcomes, small_disks):
+    if not small_disks:
+        pytest.skip("mounting a small tmpfs needs root (CAP_SYS_ADMIN); this process may not mount")
+    checkpoints = small_disks["tight"] / "run" / "checkpoints"
+    error = outcomes[-1]["disk-full-while-writing"].get("error", "")
+    assert error.startswith(f"CheckpointError: no space left on device for the checkpoint of step 2: {checkpoints} "
+                            "has "), error
+    assert "the checkpoint needs about" in error and ".tmp-" in error and "was removed" in error, error
+    assert "Worker failure" not in error
+    assert list(checkpoints.iterdir()) == [], "the half-written save is left behind"

@@ -1,27 +1,36 @@
 """The on-disk side of checkpoints, in one process: publishing, retention, damage detection, read.py, inspect."""
 
 import json
+import os
+import random
 
+import numpy as np
 import pytest
 import torch
 
 from gptscale.checkpoint.cli import inspect
+from gptscale.checkpoint.files import read_rank_state
 from gptscale.checkpoint.manifest import CheckpointError, data_files, describe_file, find_damage, read_manifest, \
     write_manifest
 from gptscale.checkpoint.publish import LATEST, complete_checkpoints, latest, prune, publish, remove_unfinished, \
-    resolve, staging_dir, step_name
+    resolve, resume_candidates, staging_dir, step_name
 from gptscale.checkpoint.read import load_model_state, save_model_state
 from gptscale.config import load_config
+from gptscale.train.rng import RngState, seed_everything
 
 
-def fake_checkpoint(root, step, payload=b"weights" * 100):
-    """A published checkpoint with one data file, as save.py leaves it."""
+def fake_checkpoint(root, step, payload=b"weights" * 100, rank_state=None):
+    """A published checkpoint with one data file (and rank 0's states, if given), as save.py leaves it."""
     staging = staging_dir(root, step, "test")
     (staging / "shards").mkdir(parents=True)
     (staging / "shards" / "__0_0.distcp").write_bytes(payload)
+    if rank_state is not None:
+        (staging / "ranks").mkdir()
+        torch.save(rank_state, staging / "ranks" / "rank_00000.pt")
     files = {name: describe_file(staging / name) for name in data_files(staging)}
+    components = sorted(rank_state["components"]) if rank_state is not None else []
     write_manifest(staging, {"step": step, "consumed_tokens": 0, "model": "m", "layout": None,
-                             "contents": {"optimizer": False, "components": []}, "saved_at": "now",
+                             "contents": {"optimizer": False, "components": components}, "saved_at": "now",
                              "bytes": sum(f["bytes"] for f in files.values()), "files": files})
     publish(staging, root / step_name(step))
     return root / step_name(step)
@@ -44,6 +53,7 @@ def test_unfinished_saves_are_never_taken_for_checkpoints(tmp_path):
     half_published.mkdir()
     assert complete_checkpoints(tmp_path) == {4: done}
     assert latest(tmp_path) == done
+    assert resume_candidates(tmp_path) == [half_published, done]  # resume=auto names the damaged one, skips it
     assert remove_unfinished(tmp_path) == [unfinished]
     assert done.is_dir() and half_published.is_dir()
 
@@ -89,8 +99,8 @@ def test_damage_is_found_and_named(tmp_path):
     data.unlink()
     assert "missing" in find_damage(path, manifest, names)[0]
     (path / "checkpoint.json").unlink()
-    with pytest.raises(CheckpointError, match="incomplete: checkpoint.json is missing"):
-        read_manifest(path)
+    with pytest.raises(CheckpointError, match="damaged: checkpoint.json is missing"):
+        read_manifest(path)  # a published name without its manifest was damaged after the save
 
 
 def llama_like_tensors(cfg):
@@ -150,3 +160,37 @@ def test_inspect_reports_and_fails_on_incomplete(tmp_path, capsys):
     (path / "checkpoint.json").unlink()
     assert inspect(path) == 1
     assert "INCOMPLETE" in capsys.readouterr().out
+
+
+class RunsShell:
+    """Unpickles by running a shell command: what a planted rank file could hold."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_a_rank_file_that_would_run_code_is_refused_naming_it(tmp_path, capsys):
+    marker = tmp_path / "ran"
+    state = {"rank": 0, "position": {}, "components": {"train_data": {"exclude": [RunsShell(f"touch {marker}")]}}}
+    path = fake_checkpoint(tmp_path / "checkpoints", 2, rank_state=state)
+    rank_file = path / "ranks" / "rank_00000.pt"
+    assert inspect(path) == 1
+    assert f"{rank_file} is refused" in capsys.readouterr().out
+    with pytest.raises(CheckpointError, match=f"{rank_file} is refused: .* asks for posix.system"):
+        read_rank_state(path, 0)
+    assert not marker.exists(), "the planted payload ran"
+    torch.load(rank_file, weights_only=False)  # the payload is live: an unrestricted load runs it
+    assert marker.exists()
+
+
+def test_rng_state_is_plain_data_and_restores_every_generator(tmp_path):
+    rng = RngState(torch.device("cpu"))
+    seed_everything(3)
+    path = fake_checkpoint(tmp_path, 2, rank_state={"rank": 0, "position": {}, "components": {"rng": rng.state_dict()}})
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    seed_everything(4)
+    rng.load_state_dict(read_rank_state(path, 0)["components"]["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
