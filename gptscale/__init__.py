@@ -1,10 +1,24 @@
 """gptscale: tensor-, pipeline- and data-parallel GPT pretraining on megatron-core and DeepSpeed."""
 
+import os
 import warnings
 
 # megatron-core announces every optional fused-kernel package it does not find; gptscale chooses its own
 # kernels (gptscale.model.spec), so these notices say nothing to its users.
 warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex|apex).* (is|are) not installed")
 warnings.filterwarnings("ignore", message=r".*full scope is deprecated")
+
+
+def _name_the_cpu_accelerator() -> None:
+    """Without a GPU, DeepSpeed warns "Setting accelerator to CPU" in every process that imports it; naming
+    the accelerator before that import (its DS_ACCELERATOR override) selects the same one quietly."""
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+_name_the_cpu_accelerator()
 
 __version__ = "0.1.0"

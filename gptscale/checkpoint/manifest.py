@@ -14,13 +14,15 @@ import re
 import zlib
 from pathlib import Path
 
+from gptscale.errors import GptscaleError
+
 FORMAT = "gptscale-checkpoint"
 VERSION = 1
 MANIFEST = "checkpoint.json"
 _CHUNK = 16 << 20
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(GptscaleError, RuntimeError):
     """A checkpoint that cannot be used: incomplete, damaged, or for another model. Names the file and why."""
 
 

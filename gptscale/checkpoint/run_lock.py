@@ -10,6 +10,7 @@ process could still lock the unlinked file while another creates a new one, and 
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import fcntl
 import json
@@ -84,6 +85,7 @@ class RunLock:
         file.flush()
         os.fsync(file.fileno())
         lock = _held[path] = cls(path, file)
+        atexit.register(lock.release)  # a run that stops on an error releases too; only a killed one cannot
         return lock
 
     def release(self) -> None:

@@ -9,10 +9,13 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from gptscale.config.schema import Config, DataConfig, ModelConfig, ParallelConfig, PositionEmbedding, Precision
+from gptscale.errors import GptscaleError
 
 
-class ConfigError(ValueError):
+class ConfigError(GptscaleError, ValueError):
     """A configuration that cannot run; the message lists every problem found."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,8 @@ megatron-core's global sharded-state-dict names (what ``gptscale.checkpoint.read
 and ``gptscale.convert.state.model_state`` builds from an in-memory model).
 """
 
+from gptscale.errors import GptscaleError
 
-class ConversionError(ValueError):
+
+class ConversionError(GptscaleError, ValueError):
     """An input the converters cannot handle; the message says what and why."""

@@ -88,8 +88,9 @@ def _fine_tuning_data(cfg: DataConfig, manifests: list, layout: Layout, dp_rank:
     from gptscale.data.packed import PackedLoader
 
     if len(manifests) > 1:
-        raise DataError(f"data.sources: fine-tuning data ({manifests[0].location}) is read from one dataset, "
-                        "not blended; prepare the conversations together")
+        tuning = ", ".join(str(m.location) for m in manifests if m.masked)
+        raise DataError(f"data.sources: fine-tuning data ({tuning}) is read from one dataset, not blended with "
+                        "others; prepare the conversations together and give it as data.path")
     manifest = manifests[0]
     options = dict(layout=layout, dp_rank=dp_rank, seq_len=seq_len, seed=cfg.seed, packing=cfg.packing,
                    truncate_long=cfg.truncate_long, on_error=cfg.on_error, serves_tokens=serves_tokens)

@@ -17,6 +17,8 @@ from typing import Optional
 import numpy as np
 from webdataset.gopen import gopen
 
+from gptscale.errors import GptscaleError
+
 FORMAT = "gptscale-tokens/1"
 SFT_FORMAT = "gptscale-sft/1"  # documents carry a loss mask; the manifest lists each shard's document lengths
 MANIFEST = "manifest.json"
@@ -24,7 +26,7 @@ TOKENIZER = "tokenizer.json"
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 
 
-class DataError(ValueError):
+class DataError(GptscaleError, ValueError):
     """Bad input data; the message names the file, shard or member at fault."""
 
 

@@ -11,7 +11,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from gptscale.config import CONFIG_DIR, ConfigError, check, register_schema, to_config
+from gptscale.config import CONFIG_DIR, check, register_schema, to_config
+from gptscale.errors import GptscaleError, report
 from gptscale.tracking.console import setup_logging
 
 
@@ -30,38 +31,28 @@ def _export_submitit_ranks() -> None:
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)
 def _run(dict_cfg: DictConfig) -> None:
     _export_submitit_ranks()
-    from gptscale.checkpoint.adopt import adopt_model
-
-    try:
-        cfg = adopt_model(to_config(dict_cfg), list(HydraConfig.get().overrides.task))
-    except ConfigError as error:
-        logging.getLogger("gptscale").error("%s", error)
-        sys.exit(2)
-    if HydraConfig.get().mode == RunMode.MULTIRUN:
-        cfg.run_dir = HydraConfig.get().runtime.output_dir  # each run of a sweep writes into its own directory
-    setup_logging(cfg.logging.level)
+    setup_logging(dict_cfg.logging.level)
     log = logging.getLogger("gptscale")
     try:
-        check(cfg, world_size_from_env())
-    except ConfigError as error:
-        log.error("%s", error)
-        sys.exit(2)
-    from gptscale.checkpoint import CheckpointError  # heavy imports only once the config is known to be valid
-    from gptscale.train.guard import TooManyBadSteps
-    from gptscale.train.trainer import Trainer
+        train(dict_cfg)
+    except GptscaleError as error:  # configuration, data, checkpoint: one clear line, no traceback
+        sys.exit(report(error, log))
 
+
+def train(dict_cfg: DictConfig) -> None:
+    from gptscale.checkpoint.adopt import adopt_model
+
+    cfg = adopt_model(to_config(dict_cfg), list(HydraConfig.get().overrides.task))
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        cfg.run_dir = HydraConfig.get().runtime.output_dir  # each run of a sweep writes into its own directory
+    check(cfg, world_size_from_env())
+    from gptscale.train.trainer import Trainer  # heavy imports only once the config is known to be valid
+
+    trainer = Trainer(cfg)
     try:
-        trainer = Trainer(cfg)
-        try:
-            trainer.fit()
-        finally:
-            trainer.close()
-    except ConfigError as error:  # what only the device can tell (FP8 hardware)
-        log.error("%s", error)
-        sys.exit(2)
-    except (CheckpointError, TooManyBadSteps) as error:
-        log.error("%s", error)
-        sys.exit(1)
+        trainer.fit()
+    finally:
+        trainer.close()
 
 
 def main() -> None:

@@ -14,8 +14,10 @@ from typing import Iterator, Optional
 
 import torch
 
+from gptscale.errors import GptscaleError
 
-class TooManyBadSteps(RuntimeError):
+
+class TooManyBadSteps(GptscaleError, RuntimeError):
     """The run produced too many non-finite steps in a row of steps to go on."""
 
 
