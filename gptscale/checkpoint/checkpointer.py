@@ -133,6 +133,7 @@ class Checkpointer:
         """Write a checkpoint of this step. With ``async_save`` training goes on once the snapshot is in host
         memory, and the checkpoint is published when every rank's background write has finished."""
         self.writer.wait()  # one save at a time: it also frees the host buffers for this snapshot
+        self.writer.prepare()
         start = time.perf_counter()
         target = stage(self.root, step)
         request = write_shards(snapshot(self.shards, self.optimizer, self.host), target, self.strategy)

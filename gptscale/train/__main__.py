@@ -57,22 +57,30 @@ def _run(dict_cfg: DictConfig) -> None:
     except ConfigError as error:
         log.error("%s", error)
         sys.exit(2)
-    from gptscale.checkpoint import CheckpointError  # heavy imports only once the config is known to be valid
+    # Heavy imports only once the config is known to be valid.
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    from gptscale.checkpoint import CheckpointError
     from gptscale.train.guard import TooManyBadSteps
-    from gptscale.train.trainer import Trainer
 
     try:
-        trainer = Trainer(cfg)
-        try:
-            trainer.fit()
-        finally:
-            trainer.close()
+        record(_train)(cfg)  # an error is also written where torchrun reads it, to name the rank that failed first
     except ConfigError as error:  # what only the device can tell (FP8 hardware)
         log.error("%s", error)
         sys.exit(2)
     except (CheckpointError, TooManyBadSteps) as error:
         log.error("%s", error)
         sys.exit(1)
+
+
+def _train(cfg) -> None:
+    from gptscale.train.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
 
 
 def main() -> None:
