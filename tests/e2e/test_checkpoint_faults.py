@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ from gptscale.checkpoint.manifest import data_files, describe_file
 from gptscale.checkpoint.save import KILL_AT_SAVE_ENV
 from tests.checkpoint_helpers import step_dir
 from tests.helpers import REPO, free_port, torchrun
+from tests.processes import MARKER, session_processes
 
 COMMON = [
     "model=gpt2-tiny", "train.seq_len=32", "train.eval_interval=0", "train.log_interval=1",
@@ -40,27 +42,26 @@ def inspect(path):
 
 
 def launch_killed(args, tmp_path):
-    """A torchrun launch whose rank 0 is SIGKILLed in the save of step 6; returns its exit status.
-
-    A killed rank leaves its helper processes behind (the multiprocessing manager megatron-core's writer
-    starts), holding the launch's output open: output goes to a file, and the launch's leftovers (found by
-    a marker in their environment) are killed afterwards.
-    """
-    marker = f"GPTSCALE_TEST_LAUNCH={tmp_path}".encode()
+    """A launch (gptscale's torchrun) whose rank 0 is SIGKILLed in the save of step 6; returns its exit status
+    and the processes of the launch still running 10 s after it ended (found by a marker in their environment,
+    then killed)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), KILL_AT_SAVE_ENV: "6",
-           "GPTSCALE_TEST_LAUNCH": str(tmp_path)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-               *args]
+           MARKER: f"killed-{tmp_path.name}"}
+    command = [sys.executable, "-m", "gptscale.parallel.torchrun", "--nproc_per_node=2",
+               f"--master_port={free_port()}", *args]
     with open(tmp_path / "killed.log", "w") as output:
         status = subprocess.run(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT,
                                 timeout=600).returncode
-    for pid in filter(str.isdigit, os.listdir("/proc")):
+    deadline = time.monotonic() + 10
+    while session_processes(env[MARKER]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = session_processes(env[MARKER])
+    for pid in left:
         try:
-            if marker in open(f"/proc/{pid}/environ", "rb").read().split(b"\0"):
-                os.kill(int(pid), signal.SIGKILL)
-        except OSError:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
             pass
-    return status
+    return status, left
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +70,12 @@ def killed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("killed")
     run, args = tmp / "run", ["-m", "gptscale.train", f"run_dir={tmp / 'run'}", "train.steps=8",
                               "checkpoint.interval=2", *COMMON]
-    status = launch_killed(args, tmp)
+    status, left = launch_killed(args, tmp)
     checkpoints = run / "checkpoints"
     after_kill = {
         "status": status,
+        "left": left,
+        "log": (tmp / "killed.log").read_text(),
         "published": sorted(p.name for p in checkpoints.iterdir() if re.fullmatch(r"step_\d+", p.name)),
         "latest": (checkpoints / "latest").read_text().strip(),
         "unfinished": list(checkpoints.glob("step_000006.tmp-*")),
@@ -93,6 +96,15 @@ def test_save_killed_mid_write_leaves_nothing_that_looks_complete(killed):
     assert list((copy / "shards").glob("*.distcp")), "the kill should come after the shards were written"
     assert after_kill["published"] == ["step_000002", "step_000004"] and after_kill["latest"] == "step_000004"
     assert after_kill["inspect"].returncode == 1 and "INCOMPLETE" in after_kill["inspect"].stdout
+
+
+def test_a_killed_rank_leaves_no_process_behind(killed):
+    """Not the rank's checkpoint helpers either (the multiprocessing manager, the writer processes)."""
+    assert killed[1]["left"] == {}
+
+
+def test_the_launch_names_the_rank_that_failed_first(killed):
+    assert f"gptscale: rank 0 on {socket.gethostname()} failed first (killed by SIGKILL)" in killed[1]["log"]
 
 
 def test_resume_after_the_kill_picks_the_previous_complete_checkpoint(killed):

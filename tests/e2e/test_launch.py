@@ -4,6 +4,7 @@ and the launcher's refusals (too many ranks, an unreachable or incomplete rendez
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -206,3 +207,16 @@ def test_stop_signal_to_the_launcher_saves_the_stop_step_and_it_resumes_exactly(
                               tmp_path)
     assert resumed["loss"] == fresh["loss"][stopped_at:]
     assert [r["loss"] for r in metrics(run_dir) if "loss" in r][:stopped_at] == fresh["loss"][:stopped_at]
+
+
+def test_the_rank_that_failed_first_is_named_with_its_error(tmp_path):
+    """Rank 1 raises; rank 0 then fails too, in a collective without its peer, and is stopped by torchrun: the
+    launch's last line names rank 1, its host and its error."""
+    command = [sys.executable, "-m", "gptscale.parallel.torchrun", "--standalone", "--nproc_per_node=2",
+               "tests/e2e/failing_rank.py", f"run_dir={tmp_path}", "train.steps=10", "train.eval_interval=0",
+               "parallel.micro_batch=2", "parallel.global_batch=8"]
+    proc = subprocess.run(command, cwd=REPO, env=launcher_env(tmp_path), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (f"gptscale: rank 1 on {socket.gethostname()} failed first "
+                                                   "(exit code 1): RuntimeError: injected failure in step 3 of rank 1")
