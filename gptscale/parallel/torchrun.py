@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     except ChildFailedError as error:
         sys.exit(first_failure(error))
     except SignalException as error:
-        print(f"gptscale: torchrun got {error.sigval.name} and stopped the ranks", file=sys.stderr)
+        print(f"gptscale: torchrun got {error.sigval.name} and ended the launch", file=sys.stderr)
         sys.exit(128 + int(error.sigval))
 
 

@@ -6,14 +6,16 @@ import os
 from gptscale.train.__main__ import main
 from gptscale.train.trainer import Trainer
 
-if os.environ.get("RANK") == "1":
-    train_one_step = Trainer.train_one_step
+train_one_step = Trainer.train_one_step
 
-    def failing_step(self):
-        if self.step == 2:
-            raise RuntimeError("injected failure in step 3 of rank 1")
-        return train_one_step(self)
 
-    Trainer.train_one_step = failing_step
+def failing_step(self):
+    if self.step == 2:
+        raise RuntimeError("injected failure in step 3 of rank 1")
+    return train_one_step(self)
 
-main()
+
+if __name__ == "__main__":  # not in the helper processes a save spawns
+    if os.environ.get("RANK") == "1":
+        Trainer.train_one_step = failing_step
+    main()

@@ -280,3 +280,49 @@ def test_other_shape_case_is_a_real_model(outcomes):
     assert full.keys() == cut.keys()
     assert torch.equal(cut["decoder.layers.self_attention.linear_qkv.weight"],
                        full["decoder.layers.self_attention.linear_qkv.weight"][:2])
+
+
+def stop_one_process(script, run_dir, tmp_path):
+    """A 1-process run (in its own process group, with its checkpoint helpers) saving every 3 steps; SIGTERM
+    to the whole group once step 4 is logged (a save of step 3 may still be written). Returns its output."""
+    command = [sys.executable, *script, f"run_dir={run_dir}", "train.steps=100000", "checkpoint.interval=3",
+               *COMMON]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ((run_dir / "metrics.jsonl").exists() and any(step >= 4 for step, _ in logged(run_dir))):
+            assert process.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        os.killpg(process.pid, signal.SIGTERM)
+        output = process.communicate(timeout=300)[0]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return process.returncode, output
+
+
+def test_stop_signal_to_the_process_group_saves_the_stop_step(tmp_path):
+    run_dir = tmp_path / "run"
+    status, output = stop_one_process(["-m", "gptscale.train"], run_dir, tmp_path)
+    assert status == 0, output[-5000:]
+    stopped_at = logged(run_dir)[-1][0]
+    assert f"stop requested by signal: saving at step {stopped_at}" in output
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at:06d}"
+    assert (step_dir(run_dir, stopped_at) / "checkpoint.json").is_file()
+    assert not list((run_dir / "checkpoints").glob("*.tmp-*"))
+
+
+def test_a_stop_save_that_cannot_be_written_names_the_checkpoint_to_resume_from(tmp_path):
+    run_dir = tmp_path / "run"
+    status, output = stop_one_process(["tests/e2e/failing_stop_save.py"], run_dir, tmp_path)
+    stopped_at = logged(run_dir)[-1][0]
+    previous = step_dir(run_dir, stopped_at - stopped_at % 3)
+    assert status == 1, output[-5000:]
+    assert (f"stop requested by signal, but the checkpoint of step {stopped_at} could not be saved (OSError: "
+            f"[Errno 28] No space left on device); the run resumes from {previous}") in output, output[-5000:]
+    assert "Traceback" not in output
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == previous.name
+    assert inspect(previous).returncode == 0
