@@ -80,12 +80,13 @@ class StopForwarder:
 def first_failure(error: ChildFailedError) -> str:
     """One line: the rank that failed first, its host, and the last line of its error."""
     rank, failure = error.get_first_failure()
+    where = f"gptscale: rank {rank} on {socket.gethostname()} failed first"
+    if failure.exitcode < 0:
+        return f"{where} (killed by {failure.signal_name()})"
+    if not os.path.isfile(failure.error_file):  # it recorded no error (its log has one)
+        return f"{where} (exit code {failure.exitcode})"
     message = failure.message["message"] if isinstance(failure.message, dict) else failure.message
-    how = f"killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
-    if failure.exitcode < 0 or failure.error_file == "<N/A>":  # no recorded error: the rank's log has it
-        return f"gptscale: rank {rank} on {socket.gethostname()} failed first ({how})"
-    last = (message.strip().splitlines() or [""])[-1]
-    return f"gptscale: rank {rank} on {socket.gethostname()} failed first ({how}): {last}"
+    return f"{where} (exit code {failure.exitcode}): {(message.strip().splitlines() or [''])[-1]}"
 
 
 def main(argv: list[str] | None = None) -> None:
