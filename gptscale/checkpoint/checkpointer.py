@@ -19,16 +19,45 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from gptscale.checkpoint.async_writer import Writer
-from gptscale.checkpoint.files import copy_tokenizer, describe_model, read_config, write_config, write_rank_state
-from gptscale.checkpoint.load import check_fits, check_same_architecture, raise_everywhere, read_components, \
-    read_shards, verify
-from gptscale.checkpoint.optimizer_state import OptimizerState
+from gptscale.checkpoint.files import (
+    copy_tokenizer,
+    describe_model,
+    read_config,
+    write_config,
+    write_rank_state,
+)
+from gptscale.checkpoint.load import (
+    check_fits,
+    check_same_architecture,
+    raise_everywhere,
+    read_components,
+    read_shards,
+    verify,
+)
 from gptscale.checkpoint.manifest import CheckpointError
-from gptscale.checkpoint.publish import complete_checkpoints, remove_unfinished, resolve, resume_candidates, \
-    set_aside
-from gptscale.checkpoint.save import SaveTarget, publisher, sharded_strategy, stage, write_shards
+from gptscale.checkpoint.optimizer_state import OptimizerState
+from gptscale.checkpoint.publish import (
+    complete_checkpoints,
+    remove_unfinished,
+    resolve,
+    resume_candidates,
+    set_aside,
+)
+from gptscale.checkpoint.save import (
+    SaveTarget,
+    publisher,
+    sharded_strategy,
+    stage,
+    write_shards,
+)
+from gptscale.checkpoint.shards import (
+    HostCopies,
+    global_shapes,
+    parameter_shards,
+    restore,
+    snapshot,
+)
 from gptscale.checkpoint.space import bytes_needed, no_space, out_of_space, shortfall
-from gptscale.checkpoint.shards import HostCopies, global_shapes, parameter_shards, restore, snapshot
 from gptscale.config.schema import Config
 from gptscale.model.build import ModelChunks
 from gptscale.parallel.groups import ParallelContext
@@ -158,6 +187,7 @@ class Checkpointer:
         """Write a checkpoint of this step. With ``async_save`` training goes on once the snapshot is in host
         memory, and the checkpoint is published when every rank's background write has finished."""
         self.wait()  # one save at a time: it also frees the host buffers for this snapshot
+        self.writer.prepare()
         start = time.perf_counter()
         target = stage(self.root, step)
         state = snapshot(self.shards, self.optimizer, self.host)

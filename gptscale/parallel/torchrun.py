@@ -1,17 +1,29 @@
-"""torchrun, whose rendezvous failures end in one line that says what to check (launch/torchrun.sh runs it).
+"""torchrun, whose rendezvous failures, stop signals and failed ranks end in lines that say what happened
+(launch/torchrun.sh runs it).
 
 torchrun reports an unreachable rendezvous or a node that never joined as a bare ``RendezvousTimeoutError``
-traceback, and a signal it forwarded to the ranks as a ``SignalException`` traceback; everything else is torchrun.
+traceback. On a stop signal (SIGTERM, SIGUSR1) it would signal the ranks and then end with the signal's exit
+status even when they saved and stopped cleanly; here the signal is passed to the ranks and torchrun goes on
+watching them, so a clean stop exits 0 (and a rank that has not stopped after TORCH_ELASTIC_SHUTDOWN_TIMEOUT
+seconds is killed). When ranks fail, the one that failed first is named with its host and the last line of
+its error (the ranks record their errors for torchrun: gptscale/train/__main__.py). Everything else is torchrun.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
 import sys
+import threading
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError, RendezvousTimeoutError
 from torch.distributed.run import main as torchrun
 from torch.distributed.run import parse_args
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def _rdzv_timeout(rdzv_conf: str) -> str:
@@ -19,10 +31,69 @@ def _rdzv_timeout(rdzv_conf: str) -> str:
     return options.get("join_timeout", "600")
 
 
+def _ranks() -> list[int]:
+    """This agent's rank processes: its children, each the leader of its own process group."""
+    children = []
+    for task in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{task}/children") as f:
+            children += map(int, f.read().split())
+    ranks = []
+    for pid in children:
+        try:
+            if os.getpgid(pid) == pid:
+                ranks.append(pid)
+        except ProcessLookupError:
+            pass
+    return ranks
+
+
+def _signal_ranks(signum: int) -> None:
+    for pid in _ranks():
+        try:
+            os.killpg(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+class StopForwarder:
+    """Passes SIGTERM / SIGUSR1 to the ranks (their whole process groups, as torchrun would) and lets torchrun
+    watch them stop; SIGKILLs them if they have not after the grace period."""
+
+    def __init__(self):
+        self.deadline: threading.Timer | None = None
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self.handle)
+
+    def handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if not _ranks():
+            raise SignalException(f"got {name} before the ranks started", sigval=signal.Signals(signum))
+        print(f"gptscale: torchrun got {name} and passed it to the ranks (they save and stop)", file=sys.stderr)
+        _signal_ranks(signum)
+        if self.deadline is None:
+            self.deadline = threading.Timer(float(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30")),
+                                            _signal_ranks, args=(signal.SIGKILL,))
+            self.deadline.daemon = True
+            self.deadline.start()
+
+
+def first_failure(error: ChildFailedError) -> str:
+    """One line: the rank that failed first, its host, and the last line of its error."""
+    rank, failure = error.get_first_failure()
+    where = f"gptscale: rank {rank} on {socket.gethostname()} failed first"
+    if failure.exitcode < 0:
+        return f"{where} (killed by {failure.signal_name()})"
+    if not os.path.isfile(failure.error_file):  # it recorded no error (its log has one)
+        return f"{where} (exit code {failure.exitcode})"
+    message = failure.message["message"] if isinstance(failure.message, dict) else failure.message
+    return f"{where} (exit code {failure.exitcode}): {(message.strip().splitlines() or [''])[-1]}"
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     where = f"the rendezvous at {args.rdzv_endpoint} (id {args.rdzv_id}, {args.nnodes} nodes)"
+    StopForwarder()
     try:
         torchrun(argv)
     except RendezvousConnectionError as error:
@@ -32,9 +103,10 @@ def main(argv: list[str] | None = None) -> None:
     except RendezvousTimeoutError:
         sys.exit(f"gptscale: {where} timed out after {_rdzv_timeout(args.rdzv_conf)} s before every node joined.\n"
                  "Did every node start, with the same --nnodes, master address, port and rendezvous id?")
+    except ChildFailedError as error:
+        sys.exit(first_failure(error))
     except SignalException as error:
-        print(f"gptscale: torchrun got {error.sigval.name} and passed it to the ranks (they save and stop)",
-              file=sys.stderr)
+        print(f"gptscale: torchrun got {error.sigval.name} and ended the launch", file=sys.stderr)
         sys.exit(128 + int(error.sigval))
 
 

@@ -33,8 +33,10 @@ def _run(dict_cfg: DictConfig) -> None:
     _export_submitit_ranks()
     setup_logging(dict_cfg.logging.level)
     log = logging.getLogger("gptscale")
+    from torch.distributed.elastic.multiprocessing.errors import record
+
     try:
-        train(dict_cfg)
+        record(train)(dict_cfg)  # also writes the error where torchrun reads it, naming the rank that failed first
     except GptscaleError as error:  # configuration, data, checkpoint: one clear line, no traceback
         sys.exit(report(error, log))
 

@@ -272,6 +272,18 @@ class Trainer:
             self.reported_checkpoint = self.checkpointer.saved_step
             self.tracker.log(self.step, {"checkpoint_step": self.reported_checkpoint})
 
+    def save_at_stop(self) -> None:
+        """Save the step a stop signal ends the run at and wait until it is published; if it cannot be, say so
+        and name the checkpoint the run will resume from (left intact: a failed save is never published)."""
+        try:
+            self.checkpointer.after_step(self.step, self.progress.consumed_tokens, force=True)
+            self.checkpointer.wait()
+        except Exception as error:
+            raise CheckpointError(
+                f"stop requested by signal, but the checkpoint of step {self.step} could not be saved "
+                f"({type(error).__name__}: {error}); the run resumes from "
+                f"{self.checkpointer.last_complete or 'the start (no complete checkpoint)'}") from error
+
     def fit(self) -> dict[str, list[float]]:
         """Train until ``train.steps`` or a stop signal; returns every step's loss and gradient norm (for tests
         and benchmarks). Too many non-finite steps stop the run; spikes in a row rewind it or, where it cannot
@@ -322,7 +334,9 @@ class Trainer:
             stop = self.stop_request.agreed()
             if stop:
                 log.warning("stop requested by signal: saving at step %d and exiting", self.step)
-            self.checkpointer.after_step(self.step, self.progress.consumed_tokens, force=stop)
+                self.save_at_stop()
+            else:
+                self.checkpointer.after_step(self.step, self.progress.consumed_tokens)
             self.report_checkpoint()
         if self.step > first_step:
             self.memory_check.after_step(last=True)

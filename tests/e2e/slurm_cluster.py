@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from tests.helpers import free_port
+from tests.processes import keep_running
 
 PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel", "sinfo")
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
@@ -100,6 +101,7 @@ class SlurmCluster:
         with open(self.root / f"{name}.out", "w") as log:
             self.daemons.append(subprocess.Popen([self.programs[name], *args], env=self.env, stdout=log,
                                                  stderr=subprocess.STDOUT))
+        keep_running(self.daemons[-1].pid)
 
     def _wait(self, condition, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ from gptscale.checkpoint.manifest import data_files, describe_file
 from gptscale.checkpoint.save import KILL_AT_SAVE_ENV
 from tests.checkpoint_helpers import step_dir
 from tests.helpers import REPO, free_port, torchrun
+from tests.processes import MARKER, session_processes
 
 COMMON = [
     "model=gpt2-tiny", "train.seq_len=32", "train.eval_interval=0", "train.log_interval=1",
@@ -40,27 +42,26 @@ def inspect(path):
 
 
 def launch_killed(args, tmp_path):
-    """A torchrun launch whose rank 0 is SIGKILLed in the save of step 6; returns its exit status.
-
-    A killed rank leaves its helper processes behind (the multiprocessing manager megatron-core's writer
-    starts), holding the launch's output open: output goes to a file, and the launch's leftovers (found by
-    a marker in their environment) are killed afterwards.
-    """
-    marker = f"GPTSCALE_TEST_LAUNCH={tmp_path}".encode()
+    """A launch (gptscale's torchrun) whose rank 0 is SIGKILLed in the save of step 6; returns its exit status
+    and the processes of the launch still running 10 s after it ended (found by a marker in their environment,
+    then killed)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), KILL_AT_SAVE_ENV: "6",
-           "GPTSCALE_TEST_LAUNCH": str(tmp_path)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-               *args]
+           MARKER: f"killed-{tmp_path.name}"}
+    command = [sys.executable, "-m", "gptscale.parallel.torchrun", "--nproc_per_node=2",
+               f"--master_port={free_port()}", *args]
     with open(tmp_path / "killed.log", "w") as output:
         status = subprocess.run(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT,
                                 timeout=600).returncode
-    for pid in filter(str.isdigit, os.listdir("/proc")):
+    deadline = time.monotonic() + 10
+    while session_processes(env[MARKER]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = session_processes(env[MARKER])
+    for pid in left:
         try:
-            if marker in open(f"/proc/{pid}/environ", "rb").read().split(b"\0"):
-                os.kill(int(pid), signal.SIGKILL)
-        except OSError:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
             pass
-    return status
+    return status, left
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +70,12 @@ def killed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("killed")
     run, args = tmp / "run", ["-m", "gptscale.train", f"run_dir={tmp / 'run'}", "train.steps=8",
                               "checkpoint.interval=2", *COMMON]
-    status = launch_killed(args, tmp)
+    status, left = launch_killed(args, tmp)
     checkpoints = run / "checkpoints"
     after_kill = {
         "status": status,
+        "left": left,
+        "log": (tmp / "killed.log").read_text(),
         "published": sorted(p.name for p in checkpoints.iterdir() if re.fullmatch(r"step_\d+", p.name)),
         "latest": (checkpoints / "latest").read_text().strip(),
         "unfinished": list(checkpoints.glob("step_000006.tmp-*")),
@@ -93,6 +96,15 @@ def test_save_killed_mid_write_leaves_nothing_that_looks_complete(killed):
     assert list((copy / "shards").glob("*.distcp")), "the kill should come after the shards were written"
     assert after_kill["published"] == ["step_000002", "step_000004"] and after_kill["latest"] == "step_000004"
     assert after_kill["inspect"].returncode == 1 and "INCOMPLETE" in after_kill["inspect"].stdout
+
+
+def test_a_killed_rank_leaves_no_process_behind(killed):
+    """Not the rank's checkpoint helpers either (the multiprocessing manager, the writer processes)."""
+    assert killed[1]["left"] == {}
+
+
+def test_the_launch_names_the_rank_that_failed_first(killed):
+    assert f"gptscale: rank 0 on {socket.gethostname()} failed first (killed by SIGKILL)" in killed[1]["log"]
 
 
 def test_resume_after_the_kill_picks_the_previous_complete_checkpoint(killed):
@@ -348,3 +360,49 @@ def test_disk_full_while_writing_is_named_and_the_half_written_save_removed(outc
     assert "the checkpoint needs about" in error and ".tmp-" in error and "was removed" in error, error
     assert "Worker failure" not in error
     assert list(checkpoints.iterdir()) == [], "the half-written save is left behind"
+
+
+def stop_one_process(script, run_dir, tmp_path):
+    """A 1-process run (in its own process group, with its checkpoint helpers) saving every 3 steps; SIGTERM
+    to the whole group once step 4 is logged (a save of step 3 may still be written). Returns its output."""
+    command = [sys.executable, *script, f"run_dir={run_dir}", "train.steps=100000", "checkpoint.interval=3",
+               *COMMON]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ((run_dir / "metrics.jsonl").exists() and any(step >= 4 for step, _ in logged(run_dir))):
+            assert process.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        os.killpg(process.pid, signal.SIGTERM)
+        output = process.communicate(timeout=300)[0]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return process.returncode, output
+
+
+def test_stop_signal_to_the_process_group_saves_the_stop_step(tmp_path):
+    run_dir = tmp_path / "run"
+    status, output = stop_one_process(["-m", "gptscale.train"], run_dir, tmp_path)
+    assert status == 0, output[-5000:]
+    stopped_at = logged(run_dir)[-1][0]
+    assert f"stop requested by signal: saving at step {stopped_at}" in output
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at:06d}"
+    assert (step_dir(run_dir, stopped_at) / "checkpoint.json").is_file()
+    assert not list((run_dir / "checkpoints").glob("*.tmp-*"))
+
+
+def test_a_stop_save_that_cannot_be_written_names_the_checkpoint_to_resume_from(tmp_path):
+    run_dir = tmp_path / "run"
+    status, output = stop_one_process(["tests/e2e/failing_stop_save.py"], run_dir, tmp_path)
+    stopped_at = logged(run_dir)[-1][0]
+    previous = step_dir(run_dir, stopped_at - stopped_at % 3)
+    assert status == 1, output[-5000:]
+    assert (f"stop requested by signal, but the checkpoint of step {stopped_at} could not be saved (OSError: "
+            f"[Errno 28] No space left on device); the run resumes from {previous}") in output, output[-5000:]
+    assert "Traceback" not in output
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == previous.name
+    assert inspect(previous).returncode == 0

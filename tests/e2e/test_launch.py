@@ -4,13 +4,14 @@ and the launcher's refusals (too many ranks, an unreachable or incomplete rendez
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from tests.helpers import REPO, free_port
+from tests.helpers import REPO, free_port, run_jobs
 from tests.wandb_file import read_run
 
 STEPS = 8
@@ -164,3 +165,58 @@ def test_local_sweep_runs_each_config_in_its_own_directory(tmp_path):
     assert [r["step"] for r in first] == [2] == [r["step"] for r in second]
     assert second[0]["lr"] == pytest.approx(2 * first[0]["lr"])
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def wait_for_step(run_dir, step, process, timeout=300):
+    """Until metrics.jsonl logs ``step`` (the run must still be going)."""
+    deadline = time.monotonic() + timeout
+    while not ((run_dir / "metrics.jsonl").exists() and any(r.get("step", 0) >= step for r in metrics(run_dir))):
+        assert process.poll() is None, process.communicate()[0][-5000:]
+        assert time.monotonic() < deadline, f"step {step} not logged after {timeout} s"
+        time.sleep(0.2)
+
+
+def test_stop_signal_to_the_launcher_saves_the_stop_step_and_it_resumes_exactly(tmp_path):
+    """SIGUSR1 to launch/torchrun.sh's pid after a checkpoint was saved (its writer's helper processes are up,
+    in each rank's process group, which torchrun signals): the ranks save the step they stop at, the launcher
+    exits 0, and training resumed from that checkpoint gives the losses of a run never stopped."""
+    run_dir, env = tmp_path / "run", launcher_env(tmp_path)
+    job = ["train.log_interval=1", "train.eval_interval=0", "parallel.micro_batch=2", "parallel.global_batch=8"]
+    launcher = launch(["--nproc-per-node", 2, f"run_dir={run_dir}", "parallel.tp=2", "train.steps=100000",
+                       "checkpoint.interval=3", *job], env, popen=True)
+    try:
+        wait_for_step(run_dir, 5, launcher)
+        os.kill(launcher.pid, signal.SIGUSR1)
+        output = launcher.communicate(timeout=300)[0]
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
+    assert launcher.returncode == 0, output[-5000:]
+    assert "torchrun got SIGUSR1 and passed it to the ranks" in output
+    stopped_at = [r for r in metrics(run_dir) if "loss" in r][-1]["step"]
+    assert f"stop requested by signal: saving at step {stopped_at}" in output
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == f"step_{stopped_at:06d}", output[-5000:]
+    assert (checkpoints / f"step_{stopped_at:06d}" / "checkpoint.json").is_file()
+    assert not list(checkpoints.glob("*.tmp-*"))
+
+    steps = stopped_at + 2
+    resumed, fresh = run_jobs(2, [[f"run_dir={run_dir}", "parallel.tp=2", f"train.steps={steps}", *job],
+                                  [f"run_dir={tmp_path / 'fresh'}", "parallel.tp=2", f"train.steps={steps}", *job]],
+                              tmp_path)
+    assert resumed["loss"] == fresh["loss"][stopped_at:]
+    assert [r["loss"] for r in metrics(run_dir) if "loss" in r][:stopped_at] == fresh["loss"][:stopped_at]
+
+
+def test_the_rank_that_failed_first_is_named_with_its_error(tmp_path):
+    """Rank 1 raises; rank 0 then fails too, in a collective without its peer, and is stopped by torchrun: the
+    launch's last line names rank 1, its host and its error."""
+    command = [sys.executable, "-m", "gptscale.parallel.torchrun", "--standalone", "--nproc_per_node=2",
+               "tests/e2e/failing_rank.py", f"run_dir={tmp_path}", "train.steps=10", "train.eval_interval=0",
+               "parallel.micro_batch=2", "parallel.global_batch=8"]
+    proc = subprocess.run(command, cwd=REPO, env=launcher_env(tmp_path), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (f"gptscale: rank 1 on {socket.gethostname()} failed first "
+                                                   "(exit code 1): RuntimeError: injected failure in step 3 of rank 1")

@@ -2,13 +2,14 @@
 hydra/launcher=slurm, and a job signalled ahead of its time limit that checkpoints, is requeued and resumes."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.slurm_cluster import TERMINAL_STATES, SlurmCluster
-from tests.helpers import REPO
+from tests.helpers import REPO, run_jobs
 from tests.wandb_file import read_run
 
 JOB = ["train.log_interval=2", "train.eval_interval=0", "parallel.micro_batch=2", "parallel.global_batch=8"]
@@ -83,27 +84,34 @@ def test_hydra_sweep_through_the_slurm_launcher_runs_every_job(cluster, job_env,
 
 
 def test_job_signalled_before_its_time_limit_checkpoints_requeues_and_resumes(cluster, job_env, tmp_path):
-    """SLURM's --signal=B:USR1@300 warning, sent now instead of 300 s before the limit: the ranks save, the
-    job requeues itself and the second run continues from the checkpoint, in the same W&B run."""
+    """SLURM's --signal=B:USR1@300 warning, sent now instead of 300 s before the limit, and to every process of
+    the job (--full: the batch script, torchrun, the ranks and the checkpoint writer's helper processes), once
+    a checkpoint was saved: the ranks save the step they stop at, the job requeues itself, and the second run
+    continues from that checkpoint, in the same W&B run, with the losses of a run never stopped."""
     run_dir, steps = tmp_path / "run", 40
-    job_id = submit(cluster, tmp_path, f"run_dir={run_dir}", f"train.steps={steps}", *JOB,
+    job_id = submit(cluster, tmp_path, f"run_dir={run_dir}", f"train.steps={steps}", *JOB, "checkpoint.interval=4",
                     "logging.wandb.mode=offline")
     out = tmp_path / "slurm.out"
     running = cluster.wait_for(job_id, timeout=600, condition=lambda job: job["JobState"] in TERMINAL_STATES
-                               or (run_dir / "metrics.jsonl").exists() and len(log_lines(run_dir)) >= 2)
+                               or (run_dir / "metrics.jsonl").exists() and len(log_lines(run_dir)) >= 3)
     assert running["JobState"] == "RUNNING", out.read_text()[-5000:]
-    cluster.run("scancel", "--signal=USR1", "--batch", job_id)
+    cluster.run("scancel", "--signal=USR1", "--full", job_id)
     # Done once it ended after its requeue, or ended without ever seeing the signal.
     job = cluster.wait_for(job_id, timeout=900, condition=lambda job: job["JobState"] in TERMINAL_STATES
                            and (job["Restarts"] != "0" or "SIGUSR1 ahead" not in out.read_text()))
-    log = (tmp_path / "slurm.out").read_text()
+    log = out.read_text()
     assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), log[-5000:]
     assert job["Restarts"] == "1"
     assert "SIGUSR1 ahead of the time limit" in log and f"requeueing job {job_id}" in log
     assert f"gptscale: job {job_id}, restart 1" in log
+    stopped_at = int(re.search(r"stop requested by signal: saving at step (\d+)", log).group(1))
+    assert stopped_at >= 6 and f"resumed from {run_dir / 'checkpoints' / f'step_{stopped_at:06d}'}" in log, log
     steps_logged = [r["step"] for r in log_lines(run_dir)]
     assert steps_logged.count(2) == 1, steps_logged  # the second run resumed instead of starting over
     assert steps_logged[-1] == steps
     assert any("checkpoint_step" in r for r in metrics(run_dir))
     runs = [read_run(path) for path in (run_dir / "wandb").glob("*/run-*.wandb") if path.parent.name != "latest-run"]
     assert len(runs) == 2 and runs[0].run_id == runs[1].run_id
+    [never_stopped] = run_jobs(2, [[f"run_dir={tmp_path / 'never-stopped'}", f"train.steps={steps}", *JOB]], tmp_path)
+    assert {r["step"]: r["loss"] for r in log_lines(run_dir)} == \
+        {step: never_stopped["loss"][step - 1] for step in steps_logged}
