@@ -110,5 +110,5 @@ else
 fi
 
 exec "${PYTHON:-python}" -m gptscale.parallel.torchrun --nnodes="$nnodes" --nproc_per_node="$nproc_per_node" \
-    "${rendezvous[@]}" --max_restarts=0 --signals_to_handle=SIGINT,SIGHUP,SIGQUIT \
+    "${rendezvous[@]}" --max_restarts=0 --signals_to_handle=SIGHUP,SIGQUIT \
     -m gptscale.train "$@"

@@ -86,6 +86,7 @@ class Checkpointer:
         self.writer = Writer(asynchronous=self.settings.async_save)
         self.strategy = sharded_strategy(ctx.layout.dp)
         self.saved_step: Optional[int] = None  # the step of the newest checkpoint this run wrote or resumed
+        self.saved_at = time.monotonic()  # when this process last saved (or started)
         self.last_complete: Optional[Path] = None  # the newest checkpoint known to be complete
         self.writing: Optional[tuple[SaveTarget, int]] = None  # a save not yet published, and its size estimate
         if ctx.rank == 0:
@@ -218,10 +219,16 @@ class Checkpointer:
                                           published))
         with self._failures_named():
             self.writer.submit(request)
-        self.saved_step = step
+        self.saved_step, self.saved_at = step, time.monotonic()
         if self.writer.asynchronous and self.ctx.rank == 0:
             log.info("checkpoint of step %d: training waited %.2f s, writing in the background", step,
                      time.perf_counter() - start)
+
+    def due_by_time(self) -> bool:
+        """Whether ``checkpoint.interval_minutes`` have passed since the last save (this rank's clock: the
+        trainer agrees on it across ranks with the stop flag)."""
+        minutes = self.settings.interval_minutes
+        return minutes > 0 and time.monotonic() - self.saved_at >= 60 * minutes
 
     def after_step(self, step: int, consumed_tokens: int, force: bool = False) -> None:
         """Save when ``checkpoint.interval`` says so (or ``force``); otherwise finalize finished background saves."""

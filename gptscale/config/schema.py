@@ -264,6 +264,7 @@ class DataConfig:
 @dataclass
 class CheckpointConfig:
     interval: int = 0  # 0: no periodic saves (one at the end still happens unless save_final is false)
+    interval_minutes: float = 30.0  # also save when this much wall time passed since the last save; 0: off
     keep_last: int = 2  # newest checkpoints kept; 0: all
     keep_every: int = 0  # also keep every K-th step's checkpoint; 0: none
     resume: str = "auto"  # auto | none | PATH

@@ -119,6 +119,7 @@ RANGES: dict[str, Rule] = {
     "data.embedded_max_bytes": POSITIVE,
     "data.embedded_vocab_size": Rule(lambda v: v >= 258, "must be at least 258 (256 bytes + end of document)"),
     "checkpoint.interval": NON_NEGATIVE,  # 0: no periodic saves
+    "checkpoint.interval_minutes": NON_NEGATIVE,  # 0: no saves by wall time
     "checkpoint.keep_last": NON_NEGATIVE,  # 0: all
     "checkpoint.keep_every": NON_NEGATIVE,  # 0: none
     "checkpoint.rewind": NON_NEGATIVE,

@@ -2,10 +2,10 @@
 (launch/torchrun.sh runs it).
 
 torchrun reports an unreachable rendezvous or a node that never joined as a bare ``RendezvousTimeoutError``
-traceback. On a stop signal (SIGTERM, SIGUSR1) it would signal the ranks and then end with the signal's exit
-status even when they saved and stopped cleanly; here the signal is passed to the ranks and torchrun goes on
-watching them, so a clean stop exits 0 (and a rank that has not stopped after TORCH_ELASTIC_SHUTDOWN_TIMEOUT
-seconds is killed). When ranks fail, the one that failed first is named with its host and the last line of
+traceback. On a stop signal (SIGTERM, SIGUSR1, Ctrl-C's SIGINT) it would signal the ranks and then end with the
+signal's exit status even when they saved and stopped cleanly; here the signal is passed to the ranks and
+torchrun goes on watching them, so a clean stop exits 0 (and a rank that has not stopped after
+TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds is killed). When ranks fail, the one that failed first is named with its host and the last line of
 its error (the ranks record their errors for torchrun: gptscale/train/__main__.py). Everything else is torchrun.
 """
 
@@ -23,7 +23,7 @@ from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError, 
 from torch.distributed.run import main as torchrun
 from torch.distributed.run import parse_args
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 def _rdzv_timeout(rdzv_conf: str) -> str:

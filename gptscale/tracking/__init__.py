@@ -57,7 +57,7 @@ def build_tracker(cfg: Config, is_logging_rank: bool) -> Tracker:
     if not is_logging_rank:
         return Tracker({})
     run_dir = Path(cfg.run_dir)
-    sinks: dict[str, Sink] = {"console": ConsoleSink(), "jsonl": JsonlSink(run_dir / METRICS)}
+    sinks: dict[str, Sink] = {"console": ConsoleSink(cfg.train.steps), "jsonl": JsonlSink(run_dir / METRICS)}
     if cfg.logging.wandb.mode is not WandbMode.disabled:
         from gptscale.tracking.wandb import WandbSink  # wandb is slow to import; only runs that use it pay
 

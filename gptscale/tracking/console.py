@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from typing import Optional
 
 log = logging.getLogger("gptscale")
 
@@ -34,8 +36,8 @@ def setup_logging(level: str) -> None:
         logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
-def format_line(step: int, metrics: dict) -> str:
-    parts = [f"step {step}"]
+def format_line(step: int, metrics: dict, total_steps: Optional[int] = None) -> str:
+    parts = [f"step {step}" if total_steps is None else f"step {step}/{total_steps}"]
     for key, (label, fmt) in _FORMATS.items():
         if key in metrics:
             value = metrics[key]
@@ -45,9 +47,51 @@ def format_line(step: int, metrics: dict) -> str:
     return " | ".join(parts)
 
 
+def duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m{rest % 60:02d}s" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
 class ConsoleSink:
+    """The log line of each logged step, with the elapsed time and an estimate of the time left; a summary of
+    the run when it closes."""
+
+    def __init__(self, total_steps: Optional[int] = None):
+        self.total_steps = total_steps
+        self.start: Optional[tuple[int, float]] = None  # the first step seen and when
+        self.last: dict = {}  # the newest value of each metric
+        self.step = 0
+
     def log(self, step: int, metrics: dict) -> None:
-        log.info(format_line(step, metrics))
+        self.last.update({key: value for key, value in metrics.items() if value is not None})
+        self.step = step
+        if not any(key in metrics for key in _FORMATS) and not any(key.startswith("eval/") for key in metrics):
+            return  # e.g. the step of a checkpoint, which the checkpointer reports itself
+        line = format_line(step, metrics, self.total_steps)
+        if self.start is None:
+            self.start = (step, time.monotonic())
+        elif "loss" in metrics:
+            first, began = self.start
+            elapsed = time.monotonic() - began
+            line += f" | elapsed {duration(elapsed)}"
+            if self.total_steps and step > first:
+                line += f" | eta {duration(elapsed / (step - first) * max(self.total_steps - step, 0))}"
+        log.info(line)
 
     def close(self) -> None:
-        pass
+        if "loss" not in self.last or self.start is None:
+            return
+        first, began = self.start
+        parts = [f"run ended at step {self.step}" + (f"/{self.total_steps}" if self.total_steps else ""),
+                 f"{duration(time.monotonic() - began)} since step {first}",
+                 f"loss {self.last['loss']:.4f}"]
+        if "eval_loss" in self.last:
+            parts.append(f"eval_loss {self.last['eval_loss']:.4f}")
+        parts += [f"{key.split('/')[1]} acc {value:.3f}" for key, value in self.last.items()
+                  if key.startswith("eval/") and key.endswith("/acc")]
+        if "consumed_tokens" in self.last:
+            parts.append(f"{self.last['consumed_tokens']:,} tokens")
+        if "checkpoint_step" in self.last:
+            parts.append(f"newest checkpoint: step {self.last['checkpoint_step']}")
+        log.info(" | ".join(parts))

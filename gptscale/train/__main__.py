@@ -39,6 +39,9 @@ def _run(dict_cfg: DictConfig) -> None:
         record(train)(dict_cfg)  # also writes the error where torchrun reads it, naming the rank that failed first
     except GptscaleError as error:  # configuration, data, checkpoint: one clear line, no traceback
         sys.exit(report(error, log))
+    except KeyboardInterrupt:  # a second Ctrl-C (the first saves and stops)
+        log.error("stopped by a second Ctrl-C without saving: the run resumes from its newest complete checkpoint")
+        sys.exit(130)
 
 
 def train(dict_cfg: DictConfig) -> None:

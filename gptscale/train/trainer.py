@@ -122,7 +122,7 @@ class Trainer:
         if not self.rewind_at_start() and self.checkpointer.resume() is None and cfg.task.init:
             self.checkpointer.initialize_from(cfg.task.init)  # fine-tuning: weights only
         self.reported_checkpoint = self.checkpointer.saved_step
-        self.stop_request = StopRequest(self.device)  # SIGTERM / SIGUSR1: checkpoint and exit 0
+        self.stop_request = StopRequest(self.device)  # SIGTERM / SIGUSR1 / first Ctrl-C: checkpoint and exit 0
 
     @property
     def step(self) -> int:
@@ -331,12 +331,12 @@ class Trainer:
             if self.too_many_spikes() and self.end_spike_streak():
                 del history[max(self.step - first_step, 0):]  # the steps after the checkpoint are trained again
                 continue
-            stop = self.stop_request.agreed()
+            stop, save_due = self.stop_request.agreed(self.checkpointer.due_by_time())
             if stop:
                 log.warning("stop requested by signal: saving at step %d and exiting", self.step)
                 self.save_at_stop()
             else:
-                self.checkpointer.after_step(self.step, self.progress.consumed_tokens)
+                self.checkpointer.after_step(self.step, self.progress.consumed_tokens, force=save_due)
             self.report_checkpoint()
         if self.step > first_step:
             self.memory_check.after_step(last=True)

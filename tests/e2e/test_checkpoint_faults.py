@@ -362,37 +362,56 @@ def test_disk_full_while_writing_is_named_and_the_half_written_save_removed(outc
     assert list(checkpoints.iterdir()) == [], "the half-written save is left behind"
 
 
-def stop_one_process(script, run_dir, tmp_path):
-    """A 1-process run (in its own process group, with its checkpoint helpers) saving every 3 steps; SIGTERM
-    to the whole group once step 4 is logged (a save of step 3 may still be written). Returns its output."""
+def stop_one_process(script, run_dir, tmp_path, signum=signal.SIGTERM, again=False):
+    """A 1-process run (in its own process group, with its checkpoint helpers) saving every 3 steps; ``signum``
+    to the whole group once step 4 is logged (a save of step 3 may still be written), and with ``again`` once
+    more when the run has said it is stopping. Returns its exit status and output."""
     command = [sys.executable, *script, f"run_dir={run_dir}", "train.steps=100000", "checkpoint.interval=3",
                *COMMON]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
+    log = tmp_path / f"{run_dir.name}.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
+                                   start_new_session=True)
     try:
         deadline = time.monotonic() + 300
         while not ((run_dir / "metrics.jsonl").exists() and any(step >= 4 for step, _ in logged(run_dir))):
             assert process.poll() is None and time.monotonic() < deadline, "training did not start"
             time.sleep(0.2)
-        os.killpg(process.pid, signal.SIGTERM)
-        output = process.communicate(timeout=300)[0]
+        os.killpg(process.pid, signum)
+        while again and "stop requested by signal" not in log.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, "the run did not start stopping"
+            time.sleep(0.05)
+        if again:
+            os.killpg(process.pid, signum)
+        process.wait(timeout=300)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-    return process.returncode, output
+    return process.returncode, log.read_text()
 
 
-def test_stop_signal_to_the_process_group_saves_the_stop_step(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_stop_signal_to_the_process_group_saves_the_stop_step(tmp_path, signum):
+    """SIGTERM as a scheduler sends it, or a first Ctrl-C, to the process group: the step is saved, exit 0."""
     run_dir = tmp_path / "run"
-    status, output = stop_one_process(["-m", "gptscale.train"], run_dir, tmp_path)
+    status, output = stop_one_process(["-m", "gptscale.train"], run_dir, tmp_path, signum)
     assert status == 0, output[-5000:]
     stopped_at = logged(run_dir)[-1][0]
     assert f"stop requested by signal: saving at step {stopped_at}" in output
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at:06d}"
     assert (step_dir(run_dir, stopped_at) / "checkpoint.json").is_file()
     assert not list((run_dir / "checkpoints").glob("*.tmp-*"))
+
+
+def test_a_second_ctrl_c_stops_at_once_with_one_line(tmp_path):
+    run_dir = tmp_path / "run"
+    status, output = stop_one_process(["-m", "gptscale.train"], run_dir, tmp_path, signal.SIGINT, again=True)
+    assert status == 130, output[-5000:]
+    assert "Ctrl-C: finishing this step, saving a checkpoint and stopping (Ctrl-C again" in output
+    assert "stopped by a second Ctrl-C without saving: the run resumes from its newest complete checkpoint" in output
+    assert "Traceback" not in output.split("stopped by a second Ctrl-C")[0]
 
 
 def test_a_stop_save_that_cannot_be_written_names_the_checkpoint_to_resume_from(tmp_path):

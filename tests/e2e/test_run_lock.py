@@ -63,5 +63,5 @@ def test_second_run_is_refused_and_a_dead_runs_lock_is_taken_over(tmp_path):
     assert third.returncode == 0, third.stderr[-4000:]
     assert (f"taking over {run_dir / '.lock'} from a run that ended without releasing it: pid {first.pid} on host "
             f"{socket.gethostname()}") in third.stderr, third.stderr[-4000:]
-    assert "step 2 | loss" in third.stderr
+    assert "step 2/2 | loss" in third.stderr
     assert (run_dir / ".lock").read_text() == ""  # released at the end: the next run starts without a warning

@@ -59,7 +59,7 @@ def test_sbatch_template_trains_two_ranks(cluster, job_env, tmp_path):
     log = (tmp_path / "slurm.out").read_text()
     assert (job["JobState"], job["ExitCode"], job["JobName"]) == ("COMPLETED", "0:0", "gptscale"), log[-5000:]
     assert f"gptscale: job {job_id}, restart 0, 1 node(s), 2 rank(s) per node" in log
-    assert "2 ranks (tp 1, pp 1, vpp 1, dp 2)" in log and "step 6 | loss" in log
+    assert "2 ranks (tp 1, pp 1, vpp 1, dp 2)" in log and "step 6/6 | loss" in log
     assert [r["step"] for r in log_lines(run_dir)] == [2, 4, 6]
     assert (run_dir / "checkpoints" / "step_000006" / "checkpoint.json").is_file()  # checkpoint.save_final
 

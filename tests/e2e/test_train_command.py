@@ -21,7 +21,8 @@ def test_default_job_learns(tmp_path):
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 6
     assert losses[-1] < losses[0] - 1.0, losses
-    assert "step 60 | loss" in proc.stderr
+    assert "step 60/60 | loss" in proc.stderr and "| eta 0m00s" in proc.stderr
+    assert "run ended at step 60/60" in proc.stderr
     assert any("eval_loss" in r for r in records)
 
 
@@ -70,3 +71,14 @@ def test_help_is_one_page_of_the_keys_users_type():
     assert proc.returncode == 0
     assert "optim.lr=0.001" in proc.stdout and "peak learning rate" in proc.stdout
     assert "Powered by Hydra" not in proc.stdout
+
+
+def test_checkpoints_by_wall_time(tmp_path):
+    """checkpoint.interval_minutes saves without a step interval (on by default: 30 minutes), so a long run
+    interrupted by hand does not lose everything."""
+    proc = train([f"run_dir={tmp_path}", "train.steps=12", "train.seq_len=32", "parallel.global_batch=4",
+                  "train.eval_interval=0", "data.embedded_max_bytes=100000", "checkpoint.interval=0",
+                  "checkpoint.interval_minutes=0.0001", "checkpoint.save_final=false", "checkpoint.keep_last=0"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = sorted(int(p.name.split("_")[1]) for p in (tmp_path / "checkpoints").glob("step_*"))
+    assert len(saved) >= 2 and saved[0] < 12, saved
