@@ -24,6 +24,7 @@ from gptscale.checkpoint.publish import complete_checkpoints, remove_unfinished,
 from gptscale.checkpoint.save import publisher, sharded_strategy, stage, write_shards
 from gptscale.checkpoint.shards import HostCopies, global_shapes, parameter_shards, restore, snapshot
 from gptscale.config.schema import Config
+from gptscale.optim import OPTIMIZERS
 from gptscale.model.build import ModelChunks
 from gptscale.parallel.groups import ParallelContext
 
@@ -46,7 +47,7 @@ class Checkpointer:
         self.components = {name: c for name, c in components.items() if c is not None}
         self.tokenizer_file = tokenizer_file
         self.shards = parameter_shards(model)
-        self.optimizer = OptimizerState(engine)
+        self.optimizer = OptimizerState(engine, OPTIMIZERS[cfg.optim.name].state)
         self.host = HostCopies()
         self.writer = Writer(asynchronous=self.settings.async_save)
         self.strategy = sharded_strategy(ctx.layout.dp)
@@ -99,11 +100,17 @@ class Checkpointer:
         """Restore model, optimizer and components from the checkpoint at ``path`` (collective)."""
         start = time.perf_counter()
         manifest = verify(path)
-        saved_model = read_config(path).model
+        saved = read_config(path)
+        saved_model = saved.model
         check_fits(path, global_shapes(self.shards), describe_model(saved_model), describe_model(self.cfg.model))
         check_same_architecture(path, saved_model, self.cfg.model, self.tokenizer_file)
         with_optimizer = manifest["contents"]["optimizer"]
-        restore(self.shards, read_shards(path, self.shards, with_optimizer), self.optimizer, with_optimizer)
+        if with_optimizer and saved.optim.name != self.cfg.optim.name:
+            raise CheckpointError(f"{path} holds the state of optim.name={saved.optim.name}, this run uses "
+                                  f"optim.name={self.cfg.optim.name}: its state cannot continue it (to start a new "
+                                  "optimizer from these weights, give the checkpoint as task.init)")
+        state_names = self.optimizer.state_names if with_optimizer else ()
+        restore(self.shards, read_shards(path, self.shards, state_names), self.optimizer, with_optimizer)
         missing = list(self.components)
         if manifest["contents"]["components"]:
             missing = restore_components(path, manifest, self.components, self.layout)
@@ -123,7 +130,7 @@ class Checkpointer:
         saved_model = read_config(path).model
         check_fits(path, global_shapes(self.shards), describe_model(saved_model), describe_model(self.cfg.model))
         check_same_architecture(path, saved_model, self.cfg.model, self.tokenizer_file)
-        restore(self.shards, read_shards(path, self.shards, False), self.optimizer, False)
+        restore(self.shards, read_shards(path, self.shards, ()), self.optimizer, False)
         if self.ctx.rank == 0:
             log.info("weights from %s (step %d, %s); optimizer, schedule and data start fresh", path,
                      manifest["step"], saved_model.name)

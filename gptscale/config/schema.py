@@ -186,12 +186,13 @@ class ParallelConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW and its learning-rate schedule."""
+    """The optimizer (by name, ``gptscale/optim``) and its learning-rate schedule."""
 
+    name: str = "adamw"  # adamw | lion
     lr: float = 6e-4
     min_lr: float = 6e-5
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
+    eps: float = 1e-8  # AdamW's; Lion has none
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # 0 disables clipping
     schedule: LrSchedule = LrSchedule.cosine
