@@ -4,8 +4,9 @@ megatron-core's ``sharded_state_dict()`` describes each parameter shard a rank h
 (layers stacked on a leading axis: ``decoder.layers.mlp.linear_fc1.weight``), global shape, offset and
 replica id. Under those descriptions the checkpoint stores the fp32 master weight (what the optimizer
 updates: the full-precision model) and the optimizer's per-parameter state under its names (Adam:
-``optimizer.exp_avg.<key>`` and ``optimizer.exp_avg_sq.<key>``; Lion: ``optimizer.exp_avg.<key>``). A load at any TP/PP/DP/ZeRO layout asks for its own shards and
-torch.distributed.checkpoint reads the overlapping pieces. Replica ids (data-parallel copies, the last
+``optimizer.exp_avg.<key>`` and ``optimizer.exp_avg_sq.<key>``; Lion: ``optimizer.exp_avg.<key>``). A load
+at any TP/PP/DP/ZeRO layout asks for its own shards and torch.distributed.checkpoint reads the overlapping
+pieces. Replica ids (data-parallel copies, the last
 pipeline stage's copy of a tied embedding) make exactly one rank write each piece.
 
 Persistent buffers that training changes (the MoE router's expert bias) are model state too: they are

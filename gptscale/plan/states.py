@@ -122,7 +122,8 @@ def _zero3_bytes(groups: list[list[int]], numels: list[int], dp: int, weight: in
             else:
                 flat_partitions += flat
     parameters = weight * (flat_weights if dp == 1 else persistent)
-    optimizer = weight * flat_partitions + (4 + moment_bytes) * partition + 4 * sub_groups + weight * settings.reduce_bucket_size
+    optimizer = (weight * flat_partitions + (4 + moment_bytes) * partition + 4 * sub_groups
+                 + weight * settings.reduce_bucket_size)
     return StateBytes(parameters, 4 * partition, optimizer)
 
 

@@ -6,6 +6,8 @@
   next losses are TP=2's own within 1e-4, and Lion's state (exp_avg, no exp_avg_sq) is in the checkpoints
   and at step 9 the same whichever layout carried it.
 - The name is honoured: the same settings with ``optim.name=adamw`` train differently.
+- A step planted with a NaN loss under ZeRO-1 and ZeRO-3 changes nothing: the update gate's ``found_inf``
+  reaches Lion as it reaches AdamW.
 
 One launch per rank count (imports dominate the cost of tiny runs).
 """
@@ -13,17 +15,18 @@ One launch per rank count (imports dominate the cost of tiny runs).
 import pytest
 import torch
 
-from tests.checkpoint_helpers import all_tensors, step_dir
+from tests.checkpoint_helpers import all_tensors, rank_state, step_dir
 from tests.helpers import run_jobs
 
 COMMON = [
-    "optim=lion", "optim.lr=1e-3", "train.seq_len=32", "train.eval_interval=0", "train.log_interval=3", "parallel.global_batch=8",
-    "parallel.micro_batch=2", "optim.warmup_steps=2", "optim.decay_steps=10", "data.embedded_max_bytes=200000",
-    "data.embedded_vocab_size=300",
+    "optim=lion", "optim.lr=1e-3", "optim.warmup_steps=2", "optim.decay_steps=10", "train.seq_len=32",
+    "train.eval_interval=0", "train.log_interval=3", "parallel.global_batch=8", "parallel.micro_batch=2",
+    "data.embedded_max_bytes=200000", "data.embedded_vocab_size=300",
 ]
 MODELS = {"gpt2": "gpt2-tiny", "llama": "llama-tiny"}
 LAYOUTS = {"tp2": ["parallel.tp=2"], "dp2-zero1": ["parallel.zero=1"], "dp2-zero3": ["parallel.zero=3"]}
 RESUMED = {"dp2-zero1": ["parallel.zero=1"], "dp2-zero3": ["parallel.zero=3"]}
+NAN = RESUMED
 STEPS, SAVED, TOTAL = 6, 6, 9
 RTOL = 1e-4
 
@@ -57,12 +60,16 @@ def two_ranks(tmp_path_factory):
         jobs.append(job("llama", tmp / f"resumed-{name}", TOTAL,
                         f"checkpoint.resume={step_dir(tmp / 'llama-tp2', SAVED)}", *overrides))
         names.append(("resumed", name))
+    for name, overrides in NAN.items():
+        jobs.append(job("gpt2", tmp / f"nan-{name}", 3, "train.inject_nan_steps=[3]", *overrides))
+        jobs.append(job("gpt2", tmp / f"clean-{name}", 2, *overrides))
+        names += [("nan", name), ("clean", name)]
     return tmp, dict(zip(names, run_jobs(2, jobs, tmp)))
 
 
-def assert_close(got, want, what):
+def assert_close(got, want, what, first=1):
     assert len(got) == len(want), what
-    for step, (g, w) in enumerate(zip(got, want), start=1):
+    for step, (g, w) in enumerate(zip(got, want), start=first):
         assert abs(g - w) <= RTOL * abs(w), f"{what}: step {step} {g} vs {w}"
 
 
@@ -93,7 +100,8 @@ def test_lion_checkpoint_of_tp2_resumes_at_other_layouts(two_ranks, name):
     resumed = results[("resumed", name)]
     assert len(resumed["loss"]) == TOTAL - SAVED
     for metric in ("loss", "grad_norm"):
-        assert_close(resumed[metric], results[("llama", "tp2")][metric][SAVED:], f"resumed at {name} {metric}")
+        assert_close(resumed[metric], results[("llama", "tp2")][metric][SAVED:], f"resumed at {name} {metric}",
+                     first=SAVED + 1)
 
 
 @pytest.mark.parametrize("name", list(RESUMED))
@@ -107,9 +115,23 @@ def test_lion_state_is_saved_and_carried_across_layouts(two_ranks, name):
     assert {k.removeprefix("optimizer.exp_avg.") for k in moments} == {k for k in saved if "." in k and
                                                                        not k.startswith("optimizer.")}
     assert all(saved[k].abs().sum() > 0 for k in moments) and int(saved["step"]) == SAVED
-    straight, resumed = all_tensors(step_dir(tmp / "llama-tp2", TOTAL)), all_tensors(step_dir(tmp / f"resumed-{name}", TOTAL))
+    straight = all_tensors(step_dir(tmp / "llama-tp2", TOTAL))
+    resumed = all_tensors(step_dir(tmp / f"resumed-{name}", TOTAL))
     assert int(resumed["step"]) == TOTAL
     for key in moments:
         difference = torch.linalg.vector_norm(resumed[key] - straight[key])
         assert difference <= RTOL * torch.linalg.vector_norm(straight[key]), f"{name}: {key}"
         assert torch.linalg.vector_norm(straight[key] - saved[key]) > 10 * difference, key  # it did move
+
+
+@pytest.mark.parametrize("name", list(NAN))
+def test_nan_step_leaves_lion_untouched(two_ranks, name):
+    """The checkpoint after a skipped NaN step equals the one before it: weights, moments and step count."""
+    tmp, results = two_ranks
+    nan_run, clean_run = results[("nan", name)], results[("clean", name)]
+    assert nan_run["loss"][2] != nan_run["loss"][2] and nan_run["loss"][:2] == clean_run["loss"], name
+    after, before = all_tensors(step_dir(tmp / f"nan-{name}", 3)), all_tensors(step_dir(tmp / f"clean-{name}", 2))
+    assert after.keys() == before.keys() and any(k.startswith("optimizer.exp_avg.") for k in before)
+    for key in before:
+        assert torch.equal(after[key], before[key]), f"{name}: {key} changed in the skipped step"
+    assert rank_state(step_dir(tmp / f"nan-{name}", 3))["components"]["guard"]["skipped"] == 1
