@@ -24,8 +24,8 @@ from gptscale.checkpoint.publish import complete_checkpoints, remove_unfinished,
 from gptscale.checkpoint.save import publisher, sharded_strategy, stage, write_shards
 from gptscale.checkpoint.shards import HostCopies, global_shapes, parameter_shards, restore, snapshot
 from gptscale.config.schema import Config
-from gptscale.optim import OPTIMIZERS
 from gptscale.model.build import ModelChunks
+from gptscale.optim import OPTIMIZERS
 from gptscale.parallel.groups import ParallelContext
 
 log = logging.getLogger("gptscale")

@@ -19,6 +19,7 @@ from deepspeed.utils import (
     safe_set_full_optimizer_state,
 )
 
+
 def _is_partitioned(param: torch.nn.Parameter) -> bool:
     """ZeRO-3 (``ds_id``), ZeRO-1/2 or DeepSpeed's bf16 optimizer (``_hp_mapping``)."""
     return hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")
@@ -30,7 +31,7 @@ class OptimizerState:
     def __init__(self, engine, state_names: tuple[str, ...]):
         self.state_names = state_names  # the optimizer's per-parameter state tensors besides its step count
         self.optimizer = engine.optimizer  # a DeepSpeed wrapper, or the torch optimizer for fp32 without ZeRO
-        self.torch = getattr(self.optimizer, "optimizer", self.optimizer)  # the torch optimizer either way
+        self.base = getattr(self.optimizer, "optimizer", self.optimizer)  # the torch optimizer either way
         # bf16 without ZeRO: DeepSpeed's fp16 wrapper keeps an fp32 copy of each parameter.
         self._copies = {
             id(low): high
@@ -47,7 +48,7 @@ class OptimizerState:
         zero3 = getattr(self.optimizer, "fp32_partitioned_groups_flat", None)  # ZeRO-3 empties param_groups
         if zero3 is not None:
             return list(zero3)
-        return [tensor for group in self.torch.param_groups for tensor in group["params"]]
+        return [tensor for group in self.base.param_groups for tensor in group["params"]]
 
     def get(self, param: torch.nn.Parameter, moment: str | None = None) -> torch.Tensor:
         """The fp32 master weight (``moment=None``) or the optimizer state ``moment`` of ``param``, full and
@@ -57,7 +58,7 @@ class OptimizerState:
                 return safe_get_full_fp32_param(param)
             return safe_get_full_optimizer_state(param, moment)
         master = self._master(param)
-        return master.detach() if moment is None else self.torch.state[master][moment]
+        return master.detach() if moment is None else self.base.state[master][moment]
 
     def set(self, param: torch.nn.Parameter, value: torch.Tensor, moment: str | None = None) -> None:
         """Overwrite the master weight or a moment; call ``refresh_model_weights`` after the last weight."""
@@ -68,7 +69,7 @@ class OptimizerState:
                 safe_set_full_optimizer_state(param, value, moment)
             return
         master = self._master(param)
-        target = master.data if moment is None else self.torch.state[master][moment]
+        target = master.data if moment is None else self.base.state[master][moment]
         target.copy_(value.view_as(target))
 
     def ensure_state(self) -> None:
@@ -80,7 +81,7 @@ class OptimizerState:
         first step would have created.
         """
         for master in self._master_tensors():
-            state = self.torch.state[master]
+            state = self.base.state[master]
             if state:
                 continue
             state["step"] = torch.zeros((), dtype=torch.float32, device=master.device)
@@ -95,12 +96,12 @@ class OptimizerState:
 
     def step_count(self) -> int:
         """The optimizer's step counter (the same for every tensor: a skipped step skips them all)."""
-        steps = [self.torch.state[m]["step"] for m in self._master_tensors() if "step" in self.torch.state[m]]
+        steps = [self.base.state[m]["step"] for m in self._master_tensors() if "step" in self.base.state[m]]
         return int(steps[0]) if steps else 0
 
     def set_step_count(self, step: int) -> None:
         for master in self._master_tensors():
-            self.torch.state[master]["step"].fill_(step)
+            self.base.state[master]["step"].fill_(step)
 
     def before_weights_set(self) -> None:
         """ZeRO-3 keeps small parameters gathered between steps; release them before their partitions change."""

@@ -6,8 +6,8 @@ replica id. Under those descriptions the checkpoint stores the fp32 master weigh
 updates: the full-precision model) and the optimizer's per-parameter state under its names (Adam:
 ``optimizer.exp_avg.<key>`` and ``optimizer.exp_avg_sq.<key>``; Lion: ``optimizer.exp_avg.<key>``). A load
 at any TP/PP/DP/ZeRO layout asks for its own shards and torch.distributed.checkpoint reads the overlapping
-pieces. Replica ids (data-parallel copies, the last
-pipeline stage's copy of a tied embedding) make exactly one rank write each piece.
+pieces. Replica ids (data-parallel copies, the last pipeline stage's copy of a tied embedding) make exactly
+one rank write each piece.
 
 Persistent buffers that training changes (the MoE router's expert bias) are model state too: they are
 saved and restored beside the weights under their own keys, with no optimizer moments.
@@ -155,7 +155,8 @@ def load_request(shards: list[ParameterShard], state_names: tuple[str, ...]) -> 
 
 @torch.no_grad()
 def restore(shards: list[ParameterShard], loaded: dict, optimizer: OptimizerState, with_optimizer: bool) -> None:
-    """Write loaded master weights (and optimizer state and step count) into DeepSpeed, then refresh the model weights.
+    """Write loaded master weights (and optimizer state and step count) into DeepSpeed, then refresh the model
+    weights.
 
     A collective over data-parallel ranks under ZeRO.
     """

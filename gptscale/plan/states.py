@@ -12,8 +12,9 @@ AdamW's two fp32 moments 8, Lion's one 4):
   and optimizer state per tensor.
 - ZeRO-1/2: each group flattened and padded to a multiple of 2 * dp elements (the weights become views of
   it); fp32 master and optimizer state hold this rank's 1/dp of it, plus one step count per group.
-  Gradients, fp32: with contiguous gradients (no pipelining) a buffer the size of every parameter that reaches into this
-  rank's partition (whole tensors, not their overlap) plus zeros for the padding; else the partition.
+  Gradients, fp32: with contiguous gradients (no pipelining) a buffer the size of every parameter that
+  reaches into this rank's partition (whole tensors, not their overlap) plus zeros for the padding; else
+  the partition.
   bf16 (fp32 accumulation), ZeRO-1: DeepSpeed's BF16 optimizer, bf16 gradients of the weights plus an fp32
   accumulator of the flat group; ZeRO-2: an fp32 buffer of the partition.
 - ZeRO-3: each tensor split into dp parts of ceil(numel / dp); tensors of at most

@@ -5,18 +5,21 @@
 - Resharding: TP=2 saves at step 6 and goes on; resumed from that checkpoint at DP=2 ZeRO-1 and ZeRO-3, the
   next losses are TP=2's own within 1e-4, and Lion's state (exp_avg, no exp_avg_sq) is in the checkpoints
   and at step 9 the same whichever layout carried it.
-- The name is honoured: the same settings with ``optim.name=adamw`` train differently.
+- The name is honoured: the same settings with ``optim.name=adamw`` train differently, and a Lion
+  checkpoint's state does not resume under AdamW (the error names both).
 - A step planted with a NaN loss under ZeRO-1 and ZeRO-3 changes nothing: the update gate's ``found_inf``
   reaches Lion as it reaches AdamW.
 
 One launch per rank count (imports dominate the cost of tiny runs).
 """
 
+import json
+
 import pytest
 import torch
 
 from tests.checkpoint_helpers import all_tensors, rank_state, step_dir
-from tests.helpers import run_jobs
+from tests.helpers import run_jobs, torchrun
 
 COMMON = [
     "optim=lion", "optim.lr=1e-3", "optim.warmup_steps=2", "optim.decay_steps=10", "train.seq_len=32",
@@ -37,11 +40,15 @@ def job(model, run_dir, steps, *overrides):
 
 @pytest.fixture(scope="module")
 def one_rank(tmp_path_factory):
+    """Each model under Lion (Llama's saved at the end), Llama under AdamW, and AdamW resuming Lion's save."""
     tmp = tmp_path_factory.mktemp("one-rank")
-    jobs = [job(model, tmp / model, STEPS, "checkpoint.save_final=false") for model in MODELS]
-    jobs.append(job("llama", tmp / "adamw", STEPS, "checkpoint.save_final=false", "optim.name=adamw"))
-    results = run_jobs(1, jobs, tmp)
-    return dict(zip([*MODELS, "adamw"], results))
+    jobs = {model: job(model, tmp / model, STEPS) for model in MODELS}
+    jobs["adamw"] = job("llama", tmp / "adamw", STEPS, "checkpoint.save_final=false", "optim.name=adamw")
+    jobs["adamw-resumes-lion"] = job("llama", tmp / "adamw-resumes-lion", STEPS + 1, "optim.name=adamw",
+                                     f"checkpoint.resume={step_dir(tmp / 'llama', STEPS)}")
+    (tmp / "jobs.json").write_text(json.dumps({name: [str(o) for o in overrides] for name, overrides in jobs.items()}))
+    torchrun(1, ["tests/dist/run_outcomes.py", str(tmp / "jobs.json"), str(tmp / "results.json")], timeout=900)
+    return tmp, json.loads((tmp / "results.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +85,19 @@ def test_lion_trains_and_is_not_adamw(one_rank):
 
     AdamW's first update is sign(g) too (bias-corrected m / sqrt(v) at step one), so the two part from the
     second update on."""
-    lion, adamw = one_rank["llama"]["loss"], one_rank["adamw"]["loss"]
+    _, results = one_rank
+    lion, adamw = results["llama"]["loss"], results["adamw"]["loss"]
     assert lion[-1] < lion[0] - 0.1, (lion, adamw)
     assert lion[0] == adamw[0] and abs(lion[1] - adamw[1]) <= RTOL * adamw[1], (lion, adamw)
     assert all(abs(a - b) > 1e-3 * abs(b) for a, b in zip(lion[2:], adamw[2:])), (lion, adamw)
+
+
+def test_lion_state_does_not_resume_under_adamw(one_rank):
+    tmp, results = one_rank
+    error = results["adamw-resumes-lion"].get("error")
+    assert error == (f"CheckpointError: {step_dir(tmp / 'llama', STEPS)} holds the state of optim.name=lion, this "
+                     "run uses optim.name=adamw: its state cannot continue it (to start a new optimizer from these "
+                     "weights, give the checkpoint as task.init)"), error
 
 
 @pytest.mark.parametrize("model", list(MODELS))
@@ -90,7 +106,7 @@ def test_two_rank_layouts_match_one_rank(one_rank, two_ranks, model):
     for name in LAYOUTS:
         for metric in ("loss", "grad_norm"):
             got = results[(model, name)][metric][:STEPS]
-            assert_close(got, one_rank[model][metric], f"{model} {name} {metric}")
+            assert_close(got, one_rank[1][model][metric], f"{model} {name} {metric}")
 
 
 @pytest.mark.parametrize("name", list(RESUMED))
