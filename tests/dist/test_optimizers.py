@@ -151,3 +151,11 @@ def test_nan_step_leaves_lion_untouched(two_ranks, name):
     for key in before:
         assert torch.equal(after[key], before[key]), f"{name}: {key} changed in the skipped step"
     assert rank_state(step_dir(tmp / f"nan-{name}", 3))["components"]["guard"]["skipped"] == 1
+
+
+def test_inspect_names_the_optimizer(one_rank, capsys):
+    from gptscale.checkpoint.cli import inspect
+
+    tmp, _ = one_rank
+    assert inspect(step_dir(tmp / "llama", STEPS), checksums=False) == 0
+    assert "holds    fp32 master weights, lion's state and step count" in capsys.readouterr().out
