@@ -60,6 +60,7 @@ from gptscale.checkpoint.shards import (
 from gptscale.checkpoint.space import bytes_needed, no_space, out_of_space, shortfall
 from gptscale.config.schema import Config
 from gptscale.model.build import ModelChunks
+from gptscale.optim import OPTIMIZERS
 from gptscale.parallel.groups import ParallelContext
 
 log = logging.getLogger("gptscale")
@@ -81,7 +82,7 @@ class Checkpointer:
         self.components = {name: c for name, c in components.items() if c is not None}
         self.tokenizer_file = tokenizer_file
         self.shards = parameter_shards(model)
-        self.optimizer = OptimizerState(engine)
+        self.optimizer = OptimizerState(engine, OPTIMIZERS[cfg.optim.name].state)
         self.host = HostCopies()
         self.writer = Writer(asynchronous=self.settings.async_save)
         self.strategy = sharded_strategy(ctx.layout.dp)
@@ -152,12 +153,18 @@ class Checkpointer:
         is the one ``verify`` returned, when the caller verified it already."""
         start = time.perf_counter()
         manifest = manifest or verify(path)
-        saved_model = read_config(path).model
+        saved_config = read_config(path)
+        saved_model = saved_config.model
         check_fits(path, global_shapes(self.shards), describe_model(saved_model), describe_model(self.cfg.model))
         check_same_architecture(path, saved_model, self.cfg.model, self.tokenizer_file)
         saved = read_components(path, manifest, self.layout)
         with_optimizer = manifest["contents"]["optimizer"]
-        restore(self.shards, read_shards(path, self.shards, with_optimizer), self.optimizer, with_optimizer)
+        if with_optimizer and saved_config.optim.name != self.cfg.optim.name:
+            raise CheckpointError(f"{path} holds the state of optim.name={saved_config.optim.name}, this run uses "
+                                  f"optim.name={self.cfg.optim.name}: its state cannot continue it (to start a new "
+                                  "optimizer from these weights, give the checkpoint as task.init)")
+        state_names = self.optimizer.state_names if with_optimizer else ()
+        restore(self.shards, read_shards(path, self.shards, state_names), self.optimizer, with_optimizer)
         for name, state in saved.items():
             if name in self.components:
                 self.components[name].load_state_dict(state)
@@ -178,7 +185,7 @@ class Checkpointer:
         saved_model = read_config(path).model
         check_fits(path, global_shapes(self.shards), describe_model(saved_model), describe_model(self.cfg.model))
         check_same_architecture(path, saved_model, self.cfg.model, self.tokenizer_file)
-        restore(self.shards, read_shards(path, self.shards, False), self.optimizer, False)
+        restore(self.shards, read_shards(path, self.shards, ()), self.optimizer, False)
         if self.ctx.rank == 0:
             log.info("weights from %s (step %d, %s); optimizer, schedule and data start fresh", path,
                      manifest["step"], saved_model.name)

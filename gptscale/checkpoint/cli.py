@@ -47,14 +47,16 @@ def inspect(path: Path, checksums: bool = True) -> int:
     parts = Counter()
     for name, entry in manifest["files"].items():
         parts[name.split("/")[0]] += entry["bytes"]
-    model = describe_model(read_config(root).model) if (root / CONFIG).is_file() else manifest["model"]
+    saved = read_config(root) if (root / CONFIG).is_file() else None
+    model = describe_model(saved.model) if saved else manifest["model"]
+    optimizer = f"{saved.optim.name}'s" if saved else "optimizer"
     rows = [
         ("step", f"{manifest['step']}"),
         ("tokens", f"{manifest['consumed_tokens']:,}"),
         ("saved", manifest["saved_at"]),
         ("layout", _layout(manifest["layout"])),
         ("model", model),
-        ("holds", "fp32 master weights" + (", Adam moments and step" if contents["optimizer"] else "")
+        ("holds", "fp32 master weights" + (f", {optimizer} state and step count" if contents["optimizer"] else "")
          + (f"; per-rank states of {', '.join(contents['components'])}" if contents["components"] else "")),
         ("size", f"{_size(manifest['bytes'])} in {len(manifest['files'])} files: "
          + ", ".join(f"{part} {_size(count)}" for part, count in parts.most_common())),

@@ -7,7 +7,7 @@
       config.yaml          the run's resolved configuration
       tokenizer.json       the data's tokenizer, when it has one
       shards/              megatron-core distributed checkpoint (torch_dist: PyTorch DCP files): fp32 master
-                           weights and Adam moments under global keys, Adam's step in common.pt
+                           weights and optimizer state under global keys, its step count in common.pt
       ranks/rank_00003.pt  each rank's component states (data loader position, RNG, lr schedule, ...)
 """
 
@@ -33,7 +33,7 @@ OPTIMIZER = "optimizer"  # shard keys under this prefix are optimizer state: opt
 
 
 def moment_key(moment: str, key: str) -> str:
-    """Shard key of an Adam moment of the weight stored under ``key``."""
+    """Shard key of the optimizer state ``moment`` (Adam's exp_avg, ...) of the weight stored under ``key``."""
     return f"{OPTIMIZER}.{moment}.{key}"
 
 

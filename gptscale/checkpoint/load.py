@@ -100,9 +100,10 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def read_shards(path: Path, shards: list[ParameterShard], with_optimizer: bool) -> dict:
-    """This rank's master weights (and moments and Adam's step) from the checkpoint, in host memory."""
-    return dist_checkpointing.load(load_request(shards, with_optimizer), str(path / SHARDS))
+def read_shards(path: Path, shards: list[ParameterShard], state_names: tuple[str, ...]) -> dict:
+    """This rank's master weights (and the optimizer state ``state_names`` and step count) from the
+    checkpoint, in host memory."""
+    return dist_checkpointing.load(load_request(shards, state_names), str(path / SHARDS))
 
 
 _SAME_RANKS = ("world_size", "tp", "pp", "dp")  # layouts that agree on these map rank to rank

@@ -1,12 +1,13 @@
-"""Model weights and Adam moments as megatron-core ShardedTensors under global, layout-independent keys.
+"""Model weights and optimizer state as megatron-core ShardedTensors under global, layout-independent keys.
 
 megatron-core's ``sharded_state_dict()`` describes each parameter shard a rank holds by its global key
 (layers stacked on a leading axis: ``decoder.layers.mlp.linear_fc1.weight``), global shape, offset and
 replica id. Under those descriptions the checkpoint stores the fp32 master weight (what the optimizer
-updates: the full-precision model) and Adam's moments as ``optimizer.exp_avg.<key>`` and
-``optimizer.exp_avg_sq.<key>``. A load at any TP/PP/DP/ZeRO layout asks for its own shards and
-torch.distributed.checkpoint reads the overlapping pieces. Replica ids (data-parallel copies, the last
-pipeline stage's copy of a tied embedding) make exactly one rank write each piece.
+updates: the full-precision model) and the optimizer's per-parameter state under its names (Adam:
+``optimizer.exp_avg.<key>`` and ``optimizer.exp_avg_sq.<key>``; Lion: ``optimizer.exp_avg.<key>``). A load
+at any TP/PP/DP/ZeRO layout asks for its own shards and torch.distributed.checkpoint reads the overlapping
+pieces. Replica ids (data-parallel copies, the last pipeline stage's copy of a tied embedding) make exactly
+one rank write each piece.
 
 Persistent buffers that training changes (the MoE router's expert bias) are model state too: they are
 saved and restored beside the weights under their own keys, with no optimizer moments.
@@ -23,7 +24,7 @@ from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
 from gptscale.checkpoint.files import OPTIMIZER, moment_key
-from gptscale.checkpoint.optimizer_state import MOMENTS, OptimizerState
+from gptscale.checkpoint.optimizer_state import OptimizerState
 from gptscale.model.build import ModelChunks
 
 Description = Union[ShardedTensor, ShardedTensorFactory]
@@ -115,62 +116,64 @@ class HostCopies:
 
 
 def snapshot(shards: list[ParameterShard], optimizer: OptimizerState, host: HostCopies) -> dict:
-    """The sharded state dict to save: host copies of every master weight and moment, and Adam's step.
+    """The sharded state dict to save: host copies of every master weight and state tensor, and the step count.
 
     A collective over data-parallel ranks under ZeRO (DeepSpeed assembles the partitions).
     """
-    optimizer.ensure_adam_state()
-    state = {MODEL: {}, OPTIMIZER: {moment: {} for moment in MOMENTS}}
+    optimizer.ensure_state()
+    state = {MODEL: {}, OPTIMIZER: {moment: {} for moment in optimizer.state_names}}
     for index, shard in enumerate(shards):
         key = shard.description.key
         weight = shard.param if shard.buffer else optimizer.get(shard.param)
         state[MODEL][str(index)] = _describe(shard.description, host.copy(f"{index}", weight), key)
         if shard.buffer:
             continue
-        for moment in MOMENTS:
+        for moment in optimizer.state_names:
             copy = host.copy(f"{index}.{moment}", optimizer.get(shard.param, moment))
             state[OPTIMIZER][moment][str(index)] = _describe(shard.description, copy, moment_key(moment, key))
-    state[OPTIMIZER]["step"] = optimizer.adam_step()
+    state[OPTIMIZER]["step"] = optimizer.step_count()
     if torch.cuda.is_available() and any(b.is_pinned() for b in host.buffers.values()):
         torch.cuda.synchronize()
     return state
 
 
-def load_request(shards: list[ParameterShard], with_optimizer: bool) -> dict:
-    """The sharded state dict to load into: fp32 host tensors of this rank's shapes."""
+def load_request(shards: list[ParameterShard], state_names: tuple[str, ...]) -> dict:
+    """The sharded state dict to load into: fp32 host tensors of this rank's shapes, for the weights and the
+    optimizer state tensors ``state_names`` (none: weights only)."""
     def empty(shard: ParameterShard) -> torch.Tensor:
         return torch.empty(shard.local_shape, dtype=torch.float32)
 
     request = {MODEL: {str(i): _describe(s.description, empty(s), s.description.key) for i, s in enumerate(shards)}}
-    if with_optimizer:
+    if state_names:
         request[OPTIMIZER] = {
             moment: {str(i): _describe(s.description, empty(s), moment_key(moment, s.description.key))
                      for i, s in enumerate(shards) if not s.buffer}
-            for moment in MOMENTS
+            for moment in state_names
         }
     return request
 
 
 @torch.no_grad()
 def restore(shards: list[ParameterShard], loaded: dict, optimizer: OptimizerState, with_optimizer: bool) -> None:
-    """Write loaded master weights (and moments and Adam's step) into DeepSpeed, then refresh the model weights.
+    """Write loaded master weights (and optimizer state and step count) into DeepSpeed, then refresh the model
+    weights.
 
     A collective over data-parallel ranks under ZeRO.
     """
     optimizer.before_weights_set()
     if with_optimizer:
-        optimizer.ensure_adam_state()
+        optimizer.ensure_state()
     for index, shard in enumerate(shards):
         if shard.buffer:
             shard.param.copy_(loaded[MODEL][str(index)])
             continue
         optimizer.set(shard.param, loaded[MODEL][str(index)])
         if with_optimizer:
-            for moment in MOMENTS:
+            for moment in optimizer.state_names:
                 optimizer.set(shard.param, loaded[OPTIMIZER][moment][str(index)], moment)
     optimizer.refresh_model_weights([shard.param for shard in shards if not shard.buffer])
     if with_optimizer:
-        optimizer.set_adam_step(int(loaded[OPTIMIZER]["step"]))
+        optimizer.set_step_count(int(loaded[OPTIMIZER]["step"]))
 
 
 def global_shapes(shards: list[ParameterShard]) -> dict[str, tuple[int, ...]]:

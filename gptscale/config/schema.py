@@ -186,12 +186,13 @@ class ParallelConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW and its learning-rate schedule."""
+    """The optimizer (by name, ``gptscale/optim``) and its learning-rate schedule."""
 
+    name: str = "adamw"  # adamw | lion: conf/optim/NAME.yaml, gptscale/optim/
     lr: float = 1e-3  # peak learning rate, reached at the end of warm-up
     min_lr: float = 1e-4  # learning rate at the end of the decay
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW's beta1, beta2
-    eps: float = 1e-8  # AdamW's epsilon
+    eps: float = 1e-8  # AdamW's epsilon (Lion has none)
     weight_decay: float = 0.1  # decoupled weight decay (not on biases and norms)
     grad_clip: float = 1.0  # 0 disables clipping
     schedule: LrSchedule = LrSchedule.cosine  # cosine | linear | wsd | constant

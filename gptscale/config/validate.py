@@ -8,8 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from gptscale.config.schema import Config, DataConfig, ModelConfig, ParallelConfig, PositionEmbedding, Precision
+from gptscale.config.schema import (Config, DataConfig, ModelConfig, OptimConfig, ParallelConfig, PositionEmbedding,
+                                    Precision)
 from gptscale.errors import GptscaleError
+from gptscale.optim import OPTIMIZERS, REFUSED
 
 
 class ConfigError(GptscaleError, ValueError):
@@ -235,9 +237,21 @@ def check(cfg: Config, world_size: int) -> Layout:
         f"(not {train.precision.value}): FP8 matmuls take bf16 weights and activations",
     )
     need(not train.fp8_emulate or train.fp8 is not None, "train.fp8_emulate=true needs train.fp8 (hybrid or e4m3)")
+    _check_optimizer(cfg.optim, par.zero, need)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return Layout(world_size, tp, pp, vpp, dp, par.micro_batch, par.global_batch, par.ep)
+
+
+def _check_optimizer(optim: OptimConfig, zero: int, need: Callable[[bool, str], None]) -> None:
+    """The optimizer exists and the installed DeepSpeed runs it correctly at this ZeRO stage."""
+    kind = OPTIMIZERS.get(optim.name)
+    if kind is None:
+        reason = REFUSED.get(optim.name, f"unknown; choose one of {', '.join(OPTIMIZERS)}")
+        need(False, f"optim.name={optim.name} is not offered: {reason}")
+        return
+    need(zero in kind.zero_stages, f"optim.name={optim.name} is not correct under parallel.zero={zero} "
+         f"(stages it runs correctly at: {', '.join(map(str, kind.zero_stages))})")
 
 
 def _check_data(data: DataConfig, need: Callable[[bool, str], None]) -> None:

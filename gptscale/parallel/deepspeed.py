@@ -1,9 +1,9 @@
-"""The DeepSpeed engine over a megatron-core model: ZeRO, mixed precision, gradient clipping, AdamW.
+"""The DeepSpeed engine over a megatron-core model: ZeRO, mixed precision, gradient clipping, the optimizer.
 
 The engine's configuration is derived here, in one place, from gptscale's typed configs; nothing else
-builds or passes DeepSpeed JSON. The optimizer is torch's AdamW, handed to DeepSpeed, so no C++ op is
-compiled at start-up (DeepSpeed's FusedAdam JIT-builds for minutes on CPU and needs a matching CUDA
-toolchain on GPU).
+builds or passes DeepSpeed JSON. The optimizer (``optim.name``, built by ``gptscale.optim``) is a torch
+optimizer handed to DeepSpeed, so no C++ op is compiled at start-up (DeepSpeed's FusedAdam and FusedLion
+JIT-build for minutes on CPU and need a matching CUDA toolchain on GPU).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from megatron.core import parallel_state
 
 from gptscale.config.schema import OptimConfig, Precision, TrainConfig
 from gptscale.config.validate import Layout
+from gptscale.optim import build as build_optimizer
 
 
 class MegatronMpu:
@@ -114,14 +115,8 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_engine(model: torch.nn.Module, layout: Layout, zero: int, optim: OptimConfig, train: TrainConfig):
-    """Wrap ``model`` in a DeepSpeed engine with torch AdamW; returns the engine."""
-    optimizer = torch.optim.AdamW(
-        parameter_groups(model, optim.weight_decay),
-        lr=optim.lr,
-        betas=tuple(optim.betas),
-        eps=optim.eps,
-        fused=True,  # one kernel per parameter group (CUDA and CPU); no per-step reads of the step count
-    )
+    """Wrap ``model`` in a DeepSpeed engine with the optimizer ``optim.name``; returns the engine."""
+    optimizer = build_optimizer(optim, parameter_groups(model, optim.weight_decay))
     _hide_megatron_expert_marks(model)
     mpu = ExpertParallelMpu() if layout.ep > 1 else MegatronMpu()
     start_only = _lend_local_rank(zero)
@@ -155,9 +150,11 @@ class UpdateGate:
     finite, nor when it is a loss spike (``train/guard.py``): a value above its limit (both values with
     ``require_both``).
 
-    It sits in front of torch's AdamW step, which every DeepSpeed path (ZeRO 0-3, bf16) calls after the global
-    gradient norm is known, and hands the decision to fused AdamW as ``found_inf``: weights, moments and
-    the step count stay as they were, and the host never waits for the device to decide.
+    It sits in front of the torch optimizer's step, which every DeepSpeed path (ZeRO 0-3, bf16) calls after
+    the global gradient norm is known, and hands the decision over as ``found_inf`` (the attribute torch's
+    GradScaler sets on optimizers that declare ``_step_supports_amp_scaling``): weights, optimizer state and
+    the step count stay as they were, and the host never waits for the device to decide. An optimizer that
+    would ignore ``found_inf`` is refused.
     """
 
     def __init__(self, engine, optimizer: torch.optim.Optimizer):
@@ -167,6 +164,9 @@ class UpdateGate:
         self.norm_limit = float("inf")
         self.require_both = False  # a spike needs both above their limits (``SpikeDetector``); false: either
         self.skipped: torch.Tensor | None = None  # the last decision, 1.0 when the update was skipped
+        if not getattr(optimizer, "_step_supports_amp_scaling", False):
+            raise TypeError(f"{type(optimizer).__name__} does not read found_inf (_step_supports_amp_scaling): "
+                            "a skipped step would still update the weights")
         step = optimizer.step
 
         def gated_step(*args, **kwargs):

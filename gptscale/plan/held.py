@@ -8,7 +8,7 @@ from gptscale.plan.states import StateBytes
 
 
 def _tensors(obj, found: list, seen: set, depth: int = 0) -> None:
-    """Tensors reachable from a DeepSpeed/torch optimizer object (its lists, dicts and attributes)."""
+    """Tensors reachable from a DeepSpeed/torch/gptscale optimizer object (its lists, dicts and attributes)."""
     if id(obj) in seen or depth > 6:
         return
     seen.add(id(obj))
@@ -23,7 +23,7 @@ def _tensors(obj, found: list, seen: set, depth: int = 0) -> None:
         children = list(obj.values())
     elif isinstance(obj, (list, tuple)):
         children = list(obj)
-    elif type(obj).__module__.startswith(("deepspeed", "torch.optim")) and hasattr(obj, "__dict__"):
+    elif type(obj).__module__.startswith(("deepspeed", "torch.optim", "gptscale.optim")) and hasattr(obj, "__dict__"):
         children = list(vars(obj).values())
     else:
         return

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from gptscale.config.schema import Config, Precision
 from gptscale.config.validate import Layout
+from gptscale.optim import OPTIMIZERS
 from gptscale.parallel.deepspeed import engine_config
 from gptscale.plan.activations import stage_activation_bytes
 from gptscale.plan.counts import RankParameters, rank_parameters
@@ -16,11 +17,13 @@ def states_of(params: RankParameters, cfg: Config, layout: Layout, dp_rank: int 
     """Model-state bytes of ``params`` at data-parallel rank ``dp_rank`` (DeepSpeed partitions over the
     expert-data-parallel group, which is the data-parallel group without expert parallelism)."""
     engine = engine_config(layout, cfg.parallel.zero, cfg.optim, cfg.train)
-    key = (params, layout.expert_dp, cfg.parallel.zero, cfg.train.precision, dp_rank, repr(engine["zero_optimization"]))
+    moment_bytes = OPTIMIZERS[cfg.optim.name].state_bytes_per_parameter
+    key = (params, layout.expert_dp, cfg.parallel.zero, cfg.train.precision, dp_rank, repr(engine["zero_optimization"]),
+           moment_bytes)
     if key not in _states:
         _states[key] = state_bytes([list(group) for group in params.groups], layout.expert_dp, cfg.parallel.zero,
                                    cfg.train.precision == Precision.bf16, dp_rank, zero_settings(engine),
-                                   list(params.numels))
+                                   list(params.numels), moment_bytes=moment_bytes)
     return _states[key]
 
 

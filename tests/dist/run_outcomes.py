@@ -1,8 +1,9 @@
 """Runs several jobs one after another in one torchrun launch, recording how each ended.
 
 Usage: torchrun --nproc_per_node=N tests/dist/run_outcomes.py JOBS.json RESULTS.json
-JOBS.json maps names to override lists; rank 0 writes, per name, ``{"loss": [...]}`` for a job that trained
-to the end, or ``{"error": "..."}`` for one refused by a checkpoint check or stopped by the loss guard.
+JOBS.json maps names to override lists; rank 0 writes, per name, what ``Trainer.fit`` returns (every step's
+loss and gradient norm) for a job that trained to the end, or ``{"error": "..."}`` for one refused by a
+checkpoint check or stopped by the loss guard.
 """
 
 import json
@@ -23,7 +24,7 @@ def main(jobs_path: str, results_path: str) -> None:
         trainer = None
         try:
             trainer = Trainer(load_config(overrides))
-            results[name] = {"loss": trainer.fit()["loss"]}
+            results[name] = trainer.fit()
         except (CheckpointError, TooManyBadSteps) as error:
             results[name] = {"error": f"{type(error).__name__}: {error}"}
         finally:

@@ -32,12 +32,15 @@ TWO_RANKS = {
     "dp2-zero2-bf16": ["parallel.zero=2", "train.precision=bf16"],
     "dp2-zero3-bf16": ["parallel.zero=3", "train.precision=bf16"],
     "tp2-sp-selective": ["parallel.tp=2", "parallel.sp=true", "train.activation_checkpointing=selective"],
+    "dp2-zero1-lion": ["parallel.zero=1", "optim=lion"],  # one moment per parameter instead of Adam's two
+    "dp2-zero3-bf16-lion": ["parallel.zero=3", "train.precision=bf16", "optim=lion"],
 }
 ONE_RANK = {
     "one": [],
     "one-selective": ["train.activation_checkpointing=selective"],
     "one-full-mb2": ["train.activation_checkpointing=full", "parallel.micro_batch=2"],
     "one-zero3-bf16": ["parallel.zero=3", "train.precision=bf16"],
+    "one-lion": ["optim=lion"],
 }
 MOE_TWO_RANKS = {"ep2": ["parallel.ep=2"], "pp2": ["parallel.pp=2"], "pp2-vpp2": ["parallel.pp=2", "parallel.vpp=2"],
                  "tp2-sp": ["parallel.tp=2", "parallel.sp=true"], "dp2-zero0": ["parallel.zero=0"],

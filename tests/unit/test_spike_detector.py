@@ -75,7 +75,8 @@ def gate_decision(loss, norm, loss_limit, norm_limit, require_both):
 
     from gptscale.parallel.deepspeed import UpdateGate
 
-    optimizer = types.SimpleNamespace(step=lambda *args, **kwargs: None, _global_grad_norm=torch.tensor(norm))
+    optimizer = types.SimpleNamespace(step=lambda *args, **kwargs: None, _global_grad_norm=torch.tensor(norm),
+                                      _step_supports_amp_scaling=True)
     engine = types.SimpleNamespace(device=torch.device("cpu"), optimizer=optimizer, _global_grad_norm=None)
     gate = UpdateGate(engine, optimizer)
     gate.loss, gate.loss_limit, gate.norm_limit, gate.require_both = torch.tensor(loss), loss_limit, norm_limit, \
