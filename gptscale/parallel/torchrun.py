@@ -5,8 +5,9 @@ torchrun reports an unreachable rendezvous or a node that never joined as a bare
 traceback. On a stop signal (SIGTERM, SIGUSR1, Ctrl-C's SIGINT) it would signal the ranks and then end with the
 signal's exit status even when they saved and stopped cleanly; here the signal is passed to the ranks and
 torchrun goes on watching them, so a clean stop exits 0 (and a rank that has not stopped after
-TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds is killed). When ranks fail, the one that failed first is named with its host and the last line of
-its error (the ranks record their errors for torchrun: gptscale/train/__main__.py). Everything else is torchrun.
+TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds is killed). When ranks fail, the one that failed first is named with
+its host and the last line of its error (the ranks record their errors for torchrun:
+gptscale/train/__main__.py). Everything else is torchrun.
 """
 
 from __future__ import annotations
@@ -79,7 +80,10 @@ class StopForwarder:
 
 def first_failure(error: ChildFailedError) -> str:
     """One line: the rank that failed first, its host, and the last line of its error."""
-    rank, failure = error.get_first_failure()
+    # torchrun ends the other ranks with SIGTERM once one fails: those are never the cause, whatever their
+    # timestamps (whole seconds, so a tie or a second boundary could name one of them).
+    causes = {rank: f for rank, f in error.failures.items() if f.exitcode != -signal.SIGTERM} or error.failures
+    rank, failure = min(causes.items(), key=lambda item: (item[1].timestamp, item[0]))
     where = f"gptscale: rank {rank} on {socket.gethostname()} failed first"
     if failure.exitcode < 0:
         return f"{where} (killed by {failure.signal_name()})"
