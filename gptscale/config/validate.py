@@ -116,6 +116,7 @@ RANGES: dict[str, Rule] = {
     "data.seed": NON_NEGATIVE,
     "data.sources.weight": POSITIVE,
     "data.workers": NON_NEGATIVE,
+    "data.max_skipped_fraction": FRACTION,
     "data.embedded_max_bytes": POSITIVE,
     "data.embedded_vocab_size": Rule(lambda v: v >= 258, "must be at least 258 (256 bytes + end of document)"),
     "checkpoint.interval": NON_NEGATIVE,  # 0: no periodic saves

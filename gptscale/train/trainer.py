@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Optional
@@ -67,6 +68,8 @@ class Trainer:
         # Data: this data-parallel rank's share of every global batch, and the multiple-choice tasks scored
         # at train.eval_interval.
         self.data = self.make_data()
+        # The model reads the data's vocabulary: the saved config says so (not the preset's vocab_size).
+        self.cfg = cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=self.data.vocab_size))
         tasks = read_tasks(cfg.eval.tasks, cfg.eval.max_examples)
         self.tasks = TaskScorer(tasks, self.data.tokenizer_file, self.data.eod, self.data.vocab_size,
                                 cfg.train.seq_len, self.ctx) if tasks else None
@@ -223,8 +226,9 @@ class Trainer:
         self.spike_record.add_rewind({"from_step": from_step, "to_step": target, "checkpoint": str(path),
                                       "resumed_step": self.step, "reason": reason, "excluded": len(new)})
         if self.ctx.rank == 0:
-            log.warning("rewound from step %d to the checkpoint of step %d (%s; %s): %d more documents excluded",
-                        from_step, self.step, path, reason, len(new))
+            what = "at start" if reason == AT_START else f"from step {from_step}"
+            log.warning("rewound %s to the checkpoint of step %d (%s; %s): %d more documents excluded", what,
+                        self.step, path, reason, len(new))
         self.tracker.log(self.step, {"rewind/from_step": from_step, "rewind/excluded": len(new)})
 
     def rewind_at_start(self) -> bool:
