@@ -7,6 +7,7 @@ The step is ``Trainer.train_one_step`` unchanged, so the figures are those of th
 from __future__ import annotations
 
 import contextlib
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -45,7 +46,8 @@ class BenchResult:
     tokens_per_s: float
     tflops_per_device: float
     mfu: Optional[float]
-    step_time_s: float
+    step_time_s: float  # the median of the timed windows
+    window_step_times_s: list[float]  # each window's (bench.repeats of bench.steps steps)
     peak_memory_gib: float
     memory_kind: str
     losses: list[float] = field(default_factory=list)  # every step's loss, warm-up included
@@ -100,10 +102,11 @@ def _profile(trainer: Trainer, steps: int) -> str:
 
 
 def measure(cfg: Config, label: str) -> BenchResult:
-    """Warm up, time ``bench.steps`` optimizer steps, read throughput and peak memory, then profile if asked.
+    """Warm up, time ``bench.repeats`` windows of ``bench.steps`` optimizer steps, read throughput and peak
+    memory, then profile if asked.
 
-    The step time is the slowest rank's; tokens/s, TFLOP/s and MFU follow from it with the trainer's
-    accounting (``gptscale.train.metrics``).
+    A window's step time is the slowest rank's, the result the median window's; tokens/s, TFLOP/s and MFU
+    follow from it with the trainer's accounting (``gptscale.train.metrics``).
     """
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints its set-up notes; stdout carries the table
         trainer = BenchTrainer(cfg)
@@ -112,11 +115,14 @@ def measure(cfg: Config, label: str) -> BenchResult:
         losses = [trainer.train_one_step()[1].loss for _ in range(bench.warmup)]
         memory = PeakMemory(trainer.device)
         memory.reset()
-        _wait_for_device(trainer.device)
-        start = time.perf_counter()
-        losses += [trainer.train_one_step()[1].loss for _ in range(bench.steps)]
-        _wait_for_device(trainer.device)
-        step_time = _max_over_ranks((time.perf_counter() - start) / bench.steps, trainer.device)
+        windows = []  # each timed window's step time, the slowest rank's
+        for _ in range(bench.repeats):
+            _wait_for_device(trainer.device)
+            start = time.perf_counter()
+            losses += [trainer.train_one_step()[1].loss for _ in range(bench.steps)]
+            _wait_for_device(trainer.device)
+            windows.append(_max_over_ranks((time.perf_counter() - start) / bench.steps, trainer.device))
+        step_time = statistics.median(windows)
         peak = _max_over_ranks(memory.read_gib(), trainer.device)
         meter = trainer.meter
         tokens_per_s = meter.tokens_per_step / step_time
@@ -137,6 +143,7 @@ def measure(cfg: Config, label: str) -> BenchResult:
             tflops_per_device=tflops,
             mfu=tflops / meter.peak_tflops if meter.peak_tflops else None,
             step_time_s=step_time,
+            window_step_times_s=windows,
             peak_memory_gib=peak,
             memory_kind=memory.kind,
             losses=[loss.item() for loss in losses],

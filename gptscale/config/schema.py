@@ -297,6 +297,7 @@ class BenchConfig:
 
     steps: int = 10  # timed optimizer steps
     warmup: int = 3  # untimed steps first (allocator, kernels, DeepSpeed's first-step work)
+    repeats: int = 3  # timed windows of `steps` steps: the median is reported, the spread beside it
     profile_steps: int = 0  # extra steps under torch.profiler after the timed ones; 0: no profile
     host_syncs: bool = False  # one extra step that lists where the host waits for the device
     output: Optional[str] = None  # append one JSON line per config to this file

@@ -125,6 +125,7 @@ RANGES: dict[str, Rule] = {
     "checkpoint.keep_every": NON_NEGATIVE,  # 0: none
     "checkpoint.rewind": NON_NEGATIVE,
     "bench.steps": POSITIVE,
+    "bench.repeats": POSITIVE,
     "bench.warmup": NON_NEGATIVE,
     "bench.profile_steps": NON_NEGATIVE,
     "eval.max_examples": POSITIVE,
