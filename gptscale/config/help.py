@@ -66,6 +66,7 @@ def help_page(cfg: Config) -> str:
              "",
              "  -m KEY=A,B ...        a sweep, each run in its own directory (hydra/launcher=slurm submits it)",
              "  --cfg job --resolve   print the configuration a command line gives, without training",
+             "  -h, --help            this page",
              "",
              "Choices:"]
     for group, names in choices().items():
