@@ -74,7 +74,8 @@ def test_every_documented_flag_exists():
             used.setdefault(tool, set()).update(w.split("=")[0] for w in words if w.startswith("--"))
     for tool, flags in used.items():
         installed = Path(sys.executable).parent / tool  # the scripts beside this Python, else on PATH
-        text = subprocess.run([str(installed) if installed.exists() else tool, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120).stdout
+        text = subprocess.run([str(installed) if installed.exists() else tool, "--help"], cwd=REPO,
+                              capture_output=True, text=True, timeout=120).stdout
         missing = sorted(flag for flag in flags if flag not in text)
         assert not missing, f"{tool} does not offer {missing} (docs use them)"
 
