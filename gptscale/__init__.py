@@ -7,6 +7,10 @@ import warnings
 # kernels (gptscale.model.spec), so these notices say nothing to its users.
 warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex|apex).* (is|are) not installed")
 warnings.filterwarnings("ignore", message=r".*full scope is deprecated")
+# torch's deprecations inside megatron-core's checkpoint loading (ShardedTensor, DCP's load_state_dict), shown
+# on every resume and evaluation by every rank: about megatron-core's code, not the user's run.
+warnings.filterwarnings("ignore", message=r".*Please use DTensor instead and we are deprecating ShardedTensor")
+warnings.filterwarnings("ignore", message=r"`load_state_dict` is deprecated")
 
 
 def _name_the_cpu_accelerator() -> None:
