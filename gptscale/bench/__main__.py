@@ -99,9 +99,11 @@ def main(argv: list[str] | None = None) -> None:
             print(f"# torch.profiler, {cfg.bench.profile_steps} steps of {result.label}:\n{result.profile}",
                   flush=True)
         if cfg.bench.host_syncs:
-            print(f"# host syncs in one step of {result.label}: {sum(result.host_syncs.values())}", flush=True)
-            for site, count in sorted(result.host_syncs.items(), key=lambda item: -item[1]):
-                print(f"#   {count:>4}  {site}")
+            for what, found in (("one step", result.host_syncs),
+                                ("one iteration of the training loop that does not log", result.loop_host_syncs)):
+                print(f"# host syncs in {what} of {result.label}: {sum(found.values())}", flush=True)
+                for site, count in sorted(found.items(), key=lambda item: -item[1]):
+                    print(f"#   {count:>4}  {site}")
         if cfg.bench.output:
             record = {"date": str(datetime.date.today()), "device": device, "versions": versions(),
                       "overrides": overrides, **result.to_json()}
