@@ -37,3 +37,21 @@ def run_jobs(nprocs: int, jobs: list[list[str]], tmp_path: Path, timeout: float 
     jobs_file.write_text(json.dumps(jobs))
     torchrun(nprocs, ["tests/dist/run_jobs.py", str(jobs_file), str(results_file)], timeout=timeout)
     return json.loads(results_file.read_text())
+
+
+class Curves:
+    """``Trainer.fit(on_step=...)``: every step's loss, gradient norm and router aux loss as plain floats, in
+    step order; a step trained again after a rewind replaces the abandoned ones from there on."""
+
+    def __init__(self):
+        self.by_step: dict[int, tuple[float, float, float]] = {}
+
+    def __call__(self, step, result) -> None:
+        for later in [s for s in self.by_step if s >= step]:
+            del self.by_step[later]
+        self.by_step[step] = (result.loss.item(), float("nan") if result.grad_norm is None else result.grad_norm.item(),
+                              0.0 if result.aux is None else result.aux.item())
+
+    def lists(self) -> dict[str, list[float]]:
+        rows = [self.by_step[step] for step in sorted(self.by_step)]
+        return {"loss": [r[0] for r in rows], "grad_norm": [r[1] for r in rows], "aux_loss": [r[2] for r in rows]}

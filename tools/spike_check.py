@@ -28,7 +28,13 @@ def main(overrides: list[str]) -> None:
         start = time.perf_counter()
         trainer = Trainer(cfg)
         try:
-            history = trainer.fit()
+            history = {"loss": [], "grad_norm": []}
+
+            def record(step, result):
+                history["loss"].append(result.loss.item())
+                history["grad_norm"].append(result.grad_norm.item())
+
+            trainer.fit(on_step=record)
             skipped = trainer.spikes.skipped
         finally:
             trainer.close()

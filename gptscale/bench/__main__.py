@@ -26,8 +26,8 @@ from gptscale.config.schema import Config
 BENCH_DEFAULTS = ["run_dir=runs/bench/${model.name}", "checkpoint.resume=none", "checkpoint.save_final=false",
                   "train.eval_interval=0", "logging.wandb.mode=disabled"]
 
-HEADER = (f"{'config':<40} {'ranks':>5} {'layout':<26} {'tokens/s':>11} {'TFLOP/s/dev':>11} {'MFU':>6} "
-          f"{'step ms':>9} {'peak mem GiB':>19} {'loss':>7} {'vs first':>8}")
+HEADER = (f"{'config':<40} {'ranks':>5} {'layout':<26} {'tokens/s':>11} {'spread':>13} {'TFLOP/s/dev':>11} "
+          f"{'MFU':>6} {'step ms':>9} {'peak mem GiB':>19} {'loss':>7} {'vs first':>8}")
 
 
 def parse_args(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -55,8 +55,11 @@ def load_configs(common: list[str], variants: list[str], world_size: int) -> lis
 def format_row(result, first) -> str:
     mfu = "n/a" if result.mfu is None else f"{result.mfu:.1%}"
     memory = f"{result.peak_memory_gib:.2f} ({'alloc' if result.memory_kind == 'max allocated' else 'RSS'})"
+    fastest, slowest = (result.tokens_per_step / t for t in (min(result.window_step_times_s),
+                                                             max(result.window_step_times_s)))
+    spread = f"{slowest:,.0f}-{fastest:,.0f}" if len(result.window_step_times_s) > 1 else "-"
     return (f"{result.label[:40]:<40} {result.world_size:>5} {result.layout:<26} {result.tokens_per_s:>11,.0f} "
-            f"{result.tflops_per_device:>11.4f} {mfu:>6} {result.step_time_s * 1e3:>9.1f} {memory:>19} "
+            f"{spread:>13} {result.tflops_per_device:>11.4f} {mfu:>6} {result.step_time_s * 1e3:>9.1f} {memory:>19} "
             f"{result.losses[-1]:>7.3f} {result.tokens_per_s / first.tokens_per_s:>7.2f}x")
 
 
@@ -96,9 +99,11 @@ def main(argv: list[str] | None = None) -> None:
             print(f"# torch.profiler, {cfg.bench.profile_steps} steps of {result.label}:\n{result.profile}",
                   flush=True)
         if cfg.bench.host_syncs:
-            print(f"# host syncs in one step of {result.label}: {sum(result.host_syncs.values())}", flush=True)
-            for site, count in sorted(result.host_syncs.items(), key=lambda item: -item[1]):
-                print(f"#   {count:>4}  {site}")
+            for what, found in (("one step", result.host_syncs),
+                                ("one iteration of the training loop that does not log", result.loop_host_syncs)):
+                print(f"# host syncs in {what} of {result.label}: {sum(found.values())}", flush=True)
+                for site, count in sorted(found.items(), key=lambda item: -item[1]):
+                    print(f"#   {count:>4}  {site}")
         if cfg.bench.output:
             record = {"date": str(datetime.date.today()), "device": device, "versions": versions(),
                       "overrides": overrides, **result.to_json()}

@@ -7,6 +7,9 @@ The step is ``Trainer.train_one_step`` unchanged, so the figures are those of th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import itertools
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -45,12 +48,14 @@ class BenchResult:
     tokens_per_s: float
     tflops_per_device: float
     mfu: Optional[float]
-    step_time_s: float
+    step_time_s: float  # the median of the timed windows
+    window_step_times_s: list[float]  # each window's (bench.repeats of bench.steps steps)
     peak_memory_gib: float
     memory_kind: str
     losses: list[float] = field(default_factory=list)  # every step's loss, warm-up included
     profile: Optional[str] = None  # torch.profiler's top ops (rank 0)
     host_syncs: dict[str, int] = field(default_factory=dict)  # call site -> count in one step (rank 0)
+    loop_host_syncs: dict[str, int] = field(default_factory=dict)  # the same in one non-log iteration of fit
 
     def to_json(self) -> dict:
         return {key: value for key, value in asdict(self).items() if key != "profile"}
@@ -100,23 +105,48 @@ def _profile(trainer: Trainer, steps: int) -> str:
 
 
 def measure(cfg: Config, label: str) -> BenchResult:
-    """Warm up, time ``bench.steps`` optimizer steps, read throughput and peak memory, then profile if asked.
+    """Run the loop users run (``Trainer.fit``) for ``bench.warmup`` untimed steps, then ``bench.repeats``
+    timed windows of ``bench.steps`` steps; read throughput and peak memory, then profile if asked.
 
-    The step time is the slowest rank's; tokens/s, TFLOP/s and MFU follow from it with the trainer's
-    accounting (``gptscale.train.metrics``).
+    A window's step time is the slowest rank's, the result the median window's; tokens/s, TFLOP/s and MFU
+    follow from it with the trainer's accounting (``gptscale.train.metrics``). With ``bench.host_syncs`` the
+    host waits of the step function and of one whole loop iteration that logs nothing are listed.
     """
+    bench = cfg.bench
+    timed_end = bench.warmup + bench.steps * bench.repeats
+    # The loop iteration whose host waits are counted: after the timed steps, one that logs nothing.
+    probe = next(step for step in itertools.count(max(timed_end, 1)) if step % cfg.train.log_interval)
+    steps = probe + 1 if bench.host_syncs else timed_end
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints its set-up notes; stdout carries the table
         trainer = BenchTrainer(cfg)
     try:
-        bench, layout = cfg.bench, trainer.layout
-        losses = [trainer.train_one_step()[1].loss for _ in range(bench.warmup)]
+        layout = trainer.layout
         memory = PeakMemory(trainer.device)
-        memory.reset()
-        _wait_for_device(trainer.device)
-        start = time.perf_counter()
-        losses += [trainer.train_one_step()[1].loss for _ in range(bench.steps)]
-        _wait_for_device(trainer.device)
-        step_time = _max_over_ranks((time.perf_counter() - start) / bench.steps, trainer.device)
+        losses, marks, counting = [], {}, contextlib.ExitStack()
+        window_ends = {bench.warmup + k * bench.steps for k in range(bench.repeats + 1)}
+
+        def mark(step: int) -> None:
+            _wait_for_device(trainer.device)
+            marks[step] = time.perf_counter()
+            if step == bench.warmup:
+                memory.reset()
+
+        def on_step(step, result) -> None:
+            losses.append(result.loss)
+            if step in window_ends:
+                mark(step)
+            if bench.host_syncs and step == probe:
+                marks["syncs"] = counting.enter_context(host_syncs())  # the rest of this iteration and the next step
+            elif bench.host_syncs and step == probe + 1:
+                counting.close()
+
+        if bench.warmup == 0:
+            mark(0)
+        trainer.fit(on_step=on_step)
+        windows = [_max_over_ranks((marks[bench.warmup + (k + 1) * bench.steps] - marks[bench.warmup + k * bench.steps])
+                                   / bench.steps, trainer.device) for k in range(bench.repeats)]
+        step_time = statistics.median(windows)
         peak = _max_over_ranks(memory.read_gib(), trainer.device)
         meter = trainer.meter
         tokens_per_s = meter.tokens_per_step / step_time
@@ -137,11 +167,13 @@ def measure(cfg: Config, label: str) -> BenchResult:
             tflops_per_device=tflops,
             mfu=tflops / meter.peak_tflops if meter.peak_tflops else None,
             step_time_s=step_time,
+            window_step_times_s=windows,
             peak_memory_gib=peak,
             memory_kind=memory.kind,
-            losses=[loss.item() for loss in losses],
+            losses=[loss.item() for loss in losses[:timed_end]],
             profile=profile,
             host_syncs=syncs,
+            loop_host_syncs=dict(marks.get("syncs", {})),
         )
     finally:
         trainer.close()

@@ -115,8 +115,10 @@ class Checkpointer:
         candidates = [path for path in found[0] if path is not None]
         if not candidates:
             if self.ctx.rank == 0:
-                log.info("no checkpoint to resume from (checkpoint.resume=%s): training from scratch",
-                         self.settings.resume)
+                start = (f"starting from the weights of task.init={self.cfg.task.init}" if self.cfg.task.init
+                         else "training from scratch")
+                log.info("no checkpoint of this run to resume from (checkpoint.resume=%s): %s", self.settings.resume,
+                         start)
             return None
         *newer, oldest = candidates
         for path in newer:  # auto only: a named checkpoint is the one candidate

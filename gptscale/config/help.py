@@ -66,6 +66,7 @@ def help_page(cfg: Config) -> str:
              "",
              "  -m KEY=A,B ...        a sweep, each run in its own directory (hydra/launcher=slurm submits it)",
              "  --cfg job --resolve   print the configuration a command line gives, without training",
+             "  -h, --help            this page",
              "",
              "Choices:"]
     for group, names in choices().items():
@@ -77,5 +78,5 @@ def help_page(cfg: Config) -> str:
         lines += ["", f"{top.name}:" if dataclasses.is_dataclass(value) else "run:"]
         width = max(len(f"{key}={default}") for key, default, _ in rows)
         lines += [f"  {key}={default}".ljust(width + 4) + meaning for key, default, meaning in rows]
-    lines += ["", "Every key is checked: a misspelt or unknown one fails with its name. README.md and docs/ explain more."]
+    lines += ["", "Every key is checked: a misspelt or unknown one fails with its name. README.md and docs/ say more."]
     return "\n".join(lines)

@@ -252,6 +252,7 @@ class DataConfig:
     sources: List[DataSourceConfig] = field(default_factory=list)  # several datasets blended by weight
     seed: int = 1234  # shard and document order
     on_error: str = "raise"  # raise | skip: what a corrupt or missing shard does
+    max_skipped_fraction: float = 0.01  # on_error=skip: stop when skipped shards hold more of the tokens read
     workers: int = 0  # loader processes per rank; 0 reads in the training process
     reset_attention_at_eod: bool = False  # documents attend only to themselves; positions restart
     embedded_max_bytes: int = 4_000_000  # size of the embedded corpus
@@ -297,6 +298,7 @@ class BenchConfig:
 
     steps: int = 10  # timed optimizer steps
     warmup: int = 3  # untimed steps first (allocator, kernels, DeepSpeed's first-step work)
+    repeats: int = 3  # timed windows of `steps` steps: the median is reported, the spread beside it
     profile_steps: int = 0  # extra steps under torch.profiler after the timed ones; 0: no profile
     host_syncs: bool = False  # one extra step that lists where the host waits for the device
     output: Optional[str] = None  # append one JSON line per config to this file

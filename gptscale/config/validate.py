@@ -118,6 +118,7 @@ RANGES: dict[str, Rule] = {
     "data.seed": NON_NEGATIVE,
     "data.sources.weight": POSITIVE,
     "data.workers": NON_NEGATIVE,
+    "data.max_skipped_fraction": FRACTION,
     "data.embedded_max_bytes": POSITIVE,
     "data.embedded_vocab_size": Rule(lambda v: v >= 258, "must be at least 258 (256 bytes + end of document)"),
     "checkpoint.interval": NON_NEGATIVE,  # 0: no periodic saves
@@ -126,6 +127,7 @@ RANGES: dict[str, Rule] = {
     "checkpoint.keep_every": NON_NEGATIVE,  # 0: none
     "checkpoint.rewind": NON_NEGATIVE,
     "bench.steps": POSITIVE,
+    "bench.repeats": POSITIVE,
     "bench.warmup": NON_NEGATIVE,
     "bench.profile_steps": NON_NEGATIVE,
     "eval.max_examples": POSITIVE,

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from gptscale.convert import ConversionError
+from gptscale.convert import GGUF_DTYPES, K_QUANTS, ConversionError
 
 
 def read_checkpoint(path: Path):
@@ -41,8 +41,9 @@ def _convert_parser() -> argparse.ArgumentParser:
     source.add_argument("--from-hf", type=Path, metavar="DIR", help="Hugging Face model directory to import")
     parser.add_argument("--to", choices=("hf", "gguf"), help="output format (with --checkpoint)")
     parser.add_argument("--out", type=Path, required=True, help="output directory (hf, import) or file (gguf)")
-    parser.add_argument("--dtype", default="f32", choices=("f32", "f16", "bf16", "q8_0"),
-                        help="weight type of the output (q8_0: GGUF only)")
+    parser.add_argument("--dtype", default="f32", choices=GGUF_DTYPES,
+                        help="weight type of the output (q8_0 and the K-quants q4_k_m, q5_k_m, q6_k: GGUF only; "
+                             "K-quants need llama-cpp-python)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a previous output of the same kind (an HF export, a GGUF file, an imported "
                              "checkpoint); never a run, a checkpoint or the source")
@@ -95,6 +96,10 @@ def convert(argv: Optional[list[str]] = None) -> list[str]:
     read = resolve(str(args.checkpoint), args.checkpoint)  # a run or checkpoints directory: its newest checkpoint
     check_output(args.out, HF_EXPORT if args.to == "hf" else GGUF_FILE,
                  [args.checkpoint] + ([read] if read is not None else []), args.overwrite)
+    if args.to == "gguf" and args.dtype in K_QUANTS:
+        from gptscale.convert.gguf import llama_quantizer
+
+        llama_quantizer(args.dtype)  # before the conversion: says at once when llama.cpp is missing
     cfg, state, tokenizer_file = read_checkpoint(args.checkpoint)
     if args.to == "hf":
         from gptscale.convert.hf import export_hf

@@ -16,6 +16,7 @@ GGUF key changes that, so GPT-2 style models differ from ours by a few 1e-4 in t
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -24,14 +25,13 @@ import torch
 from tqdm import tqdm
 
 from gptscale.config.schema import Config
-from gptscale.convert import ConversionError
+from gptscale.convert import GGUF_DTYPES as DTYPES
+from gptscale.convert import K_QUANTS, ConversionError
 from gptscale.convert.hf import output_vocab_size
 from gptscale.convert.mapping import architecture, expert_ffn_size, export_tensors
 from gptscale.convert.output import GGUF_FILE, Summary, staged
 from gptscale.convert.state import check_state
 from gptscale.convert.tokenizer import gguf_vocab
-
-DTYPES = ("f32", "f16", "bf16", "q8_0")
 
 
 def interleave_rope_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
@@ -60,6 +60,7 @@ def export_gguf(cfg: Config, state: Mapping[str, torch.Tensor], tokenizer_file: 
 
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype} is not a GGUF type this converter writes; choose one of {DTYPES}")
+    quantizer = llama_quantizer(dtype) if dtype in K_QUANTS else None
     if tokenizer_file is None:
         raise ConversionError("the checkpoint has no tokenizer.json: GGUF needs the tokenizer for llama.cpp to "
                               "tokenize text (train with a tokenized dataset)")
@@ -75,14 +76,16 @@ def export_gguf(cfg: Config, state: Mapping[str, torch.Tensor], tokenizer_file: 
     vocab_size = output_vocab_size(state, tokenizer_file)
     heads = model.num_attention_heads
     groups = model.query_groups
+    written = "f32" if quantizer else dtype
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+                 "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[written]
 
     with staged(out_file, GGUF_FILE, overwrite, make_dir=False) as stage:
-        writer = gguf.GGUFWriter(str(stage), gguf_arch)
+        target = stage.with_name(f"{stage.name}.f32") if quantizer else stage
+        writer = gguf.GGUFWriter(str(target), gguf_arch)
         writer.add_name(model.name)
         writer.add_file_type(file_type)
-        if dtype == "q8_0":
+        if written == "q8_0":
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.add_block_count(model.num_layers)
         writer.add_embedding_length(model.hidden_size)
@@ -117,14 +120,36 @@ def export_gguf(cfg: Config, state: Mapping[str, torch.Tensor], tokenizer_file: 
 
         parameters = 0
         tensors = list(export_tensors(model, state, vocab_size, hf=False))
-        for name, tensor in tqdm(tensors, desc=f"converting to GGUF {arch} {dtype}", unit="tensor"):
+        for name, tensor in tqdm(tensors, desc=f"converting to GGUF {arch} {written}", unit="tensor"):
             if gguf_arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
                 tensor = interleave_rope_rows(tensor, heads if "attn_q" in name else groups)
-            data, raw_dtype = _encode(tensor, dtype)
+            data, raw_dtype = _encode(tensor, written)
             writer.add_tensor(name, data, raw_dtype=raw_dtype)
             parameters += tensor.numel()
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=True)
         writer.close()
+        if quantizer:
+            quantizer(target, stage)
+            target.unlink()
     return Summary("GGUF", gguf_arch, parameters, dtype, Path(out_file), [Path(out_file)])
+
+
+def llama_quantizer(dtype: str):
+    """llama.cpp's quantizer for ``dtype`` (checked before anything is converted): ``quantize(f32_file, out)``."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise ConversionError(f"--dtype {dtype} is made by llama.cpp's own quantizer: pip install llama-cpp-python "
+                              "(or export --dtype f16 and run llama.cpp's llama-quantize)") from None
+    import ctypes
+
+    def quantize(source: Path, out: Path) -> None:
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, K_QUANTS[dtype])
+        params.nthread = os.cpu_count() or 1
+        if llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params)) != 0:
+            raise ConversionError(f"llama.cpp could not quantize {source} to {dtype}")
+
+    return quantize

@@ -104,6 +104,16 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def _with_umask(path: Path) -> None:
+    """The modes a plain mkdir or open would have given (tempfile makes 0700 directories and 0600 files, which
+    other users of a shared cluster could not read)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if not item.is_symlink():
+            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~umask)
+
+
 @contextlib.contextmanager
 def staged(out: Path, kind: OutputKind, overwrite: bool, make_dir: bool) -> Iterator[Path]:
     """A temporary path beside ``out``, moved to ``out`` when the block succeeds: an empty directory to
@@ -117,6 +127,7 @@ def staged(out: Path, kind: OutputKind, overwrite: bool, make_dir: bool) -> Iter
     target = stage if make_dir else stage / out.name
     try:
         yield target
+        _with_umask(target)
         if out.exists() or out.is_symlink():
             _remove(out)
         os.replace(target, out)

@@ -57,6 +57,7 @@ def build_data(cfg: DataConfig, layout: Layout, dp_rank: int, seq_len: int, serv
     exclude = _exclusions(cfg.exclude, train_sources + val_sources)
     options = dict(layout=layout, dp_rank=dp_rank, seq_len=seq_len, seed=cfg.seed, workers=cfg.workers,
                    reset_attention_at_eod=cfg.reset_attention_at_eod, on_error=cfg.on_error,
+                   max_skipped_fraction=cfg.max_skipped_fraction,
                    serves_tokens=serves_tokens or cfg.reset_attention_at_eod, exclude=exclude)
     train = StreamingLoader(train_sources, **options)
     valid = None

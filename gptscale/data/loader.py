@@ -14,6 +14,7 @@ import hashlib
 import itertools
 from collections import Counter
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from gptscale.data.order import GlobalOrder, SourceOrder
 from gptscale.data.reader import SequenceReader, ShardSource
 
 SPLIT_SEEDS = {"train": 0, "val": 1}
+SKIP_COUNTS = ("shards", "documents", "opened_tokens", "skipped_tokens")  # what a reader counts per step
 STATE_FORMAT = 1
 
 
@@ -77,7 +79,7 @@ class _StepStream(IterableDataset):
                     reader.read(int(slot), order.pick(int(slot), step), windows[row], valid[row])
                 skipped = reader.take_skipped()
                 yield {"windows": torch.from_numpy(windows), "valid": torch.from_numpy(valid),
-                       "skipped": torch.tensor([skipped["shards"], skipped["documents"]])}
+                       "skipped": torch.tensor([skipped[name] for name in SKIP_COUNTS])}
         finally:
             reader.close()
 
@@ -91,6 +93,7 @@ class StreamingLoader:
 
     def __init__(self, sources: list[Source], layout: Layout, dp_rank: int, seq_len: int, *, seed: int,
                  workers: int = 0, reset_attention_at_eod: bool = False, on_error: str = "raise",
+                 max_skipped_fraction: Optional[float] = None,
                  serves_tokens: bool = True, exclude: tuple = ()):
         self.sources, self.layout, self.seq_len = sources, layout, seq_len
         self.workers, self.reset_attention, self.on_error = workers, reset_attention_at_eod, on_error
@@ -101,6 +104,8 @@ class StreamingLoader:
         self.step = 0  # global batches fully handed out
         self.micro_step = 0
         self.skipped: Counter = Counter()  # shards and documents skipped under on_error=skip, for the logs
+        self.tokens: Counter = Counter()  # tokens of the shards opened and of those skipped
+        self.max_skipped_fraction = max_skipped_fraction
         self._stream = None
         self._fields = None
         self._set_seed(seed)
@@ -146,10 +151,23 @@ class StreamingLoader:
             self._stream = self._open(self.step)
         items = [next(self._stream) for _ in range(max(self.workers, 1))]
         skipped = torch.stack([item.pop("skipped") for item in items]).sum(dim=0)
-        self.skipped.update(shards=int(skipped[0]), documents=int(skipped[1]))
+        counts = dict(zip(SKIP_COUNTS, map(int, skipped)))
+        self.skipped.update(shards=counts["shards"], documents=counts["documents"])
+        self.tokens.update(opened=counts["opened_tokens"], skipped=counts["skipped_tokens"])
+        self._check_skipped()
         if len(items) == 1:
             return items[0]
         return {name: torch.cat([item[name] for item in items]) for name in items[0]}
+
+    def _check_skipped(self) -> None:
+        """Stop when skipped shards hold more than ``data.max_skipped_fraction`` of the tokens read: a run whose
+        every shard is bad would otherwise train on masked padding (loss 0) without a word."""
+        skipped, opened = self.tokens["skipped"], self.tokens["opened"]
+        if self.max_skipped_fraction is not None and skipped and skipped > self.max_skipped_fraction * opened:
+            raise DataError(f"data.on_error=skip has skipped {self.skipped['shards']} shards, {skipped:,} of the "
+                            f"{opened:,} tokens this rank opened ({skipped / opened:.1%}), more than "
+                            f"data.max_skipped_fraction={self.max_skipped_fraction}: the warnings above name the "
+                            "shards; repair or re-prepare them (or raise the bound)")
 
     def _open(self, start: int):
         stream = _StepStream(self.sources, self.orders, self.slots, start, self.seq_len, self.eod, self.on_error,

@@ -50,7 +50,8 @@ class SequenceReader:
         self.excluded = excluded  # (source, shard, document) read as empty documents (``data/exclude.py``)
         self.orders = orders
         self.on_error = on_error
-        self.skipped: Counter = Counter()  # shards and documents skipped, since the last ``take_skipped``
+        # Shards and documents skipped, and the tokens of the shards opened and skipped, since ``take_skipped``.
+        self.skipped: Counter = Counter()
         self.total_skipped: Counter = Counter()
         self._shards: dict[tuple[int, int], _Shard | Future] = {}
         self._refs: Counter = Counter()
@@ -179,11 +180,14 @@ class SequenceReader:
         return load_shard(info.urls[shard], info.infos[shard], info.dtype)
 
     def _settle(self, key: tuple[int, int], future: Future) -> _Shard:
+        tokens = self.sources[key[0]].infos[key[1]].tokens
+        self.skipped["opened_tokens"] += tokens
         try:
             return _Shard(future.result())
         except DataError as error:
             if self.on_error != "skip":
                 raise
+            self.skipped["skipped_tokens"] += tokens
             self._count_skip("shards", f"skipping shard (data.on_error=skip; its tokens are masked): {error}")
             return _Shard(None)
 

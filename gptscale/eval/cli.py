@@ -24,11 +24,10 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gptscale.checkpoint.files import CONFIG
-from gptscale.checkpoint.manifest import CheckpointError
 from gptscale.checkpoint.publish import resolve
 from gptscale.config.schema import Config, ParallelConfig, WandbMode
 from gptscale.config.validate import ConfigError, check
-from gptscale.data.manifest import DataError
+from gptscale.errors import GptscaleError, report
 from gptscale.files import replace_text
 from gptscale.parallel.groups import world_size_from_env
 from gptscale.tracking.console import setup_logging
@@ -61,7 +60,13 @@ def evaluate(cfg: Config, log_likelihoods: bool = False) -> list[dict]:
     """Every task's result line (a collective call: every rank runs it and gets the same lines)."""
     from gptscale.train.trainer import Trainer
 
-    trainer = Trainer(cfg)
+    level = log.level
+    log.setLevel(logging.WARNING)  # the trainer's setup speaks of training (resuming, optimizer memory)
+    try:
+        trainer = Trainer(cfg)
+    finally:
+        log.setLevel(level)
+    log.info("evaluating %s (%s) at %d rank(s)", cfg.task.init, cfg.model.name, trainer.layout.world_size)
     try:
         loss, results = trainer.evaluate()
         lines = []
@@ -92,9 +97,8 @@ def main(argv: list[str] | None = None) -> None:
             setup_logging(cfg.logging.level)
             check(cfg, world_size_from_env())
             lines = evaluate(cfg, args.log_likelihoods)
-        except (ConfigError, DataError, CheckpointError) as error:
-            log.error("%s", error)
-            sys.exit(2)
+        except GptscaleError as error:
+            sys.exit(report(error, log))
     if rank == 0:
         text = "".join(json.dumps(line) + "\n" for line in lines)
         sys.stdout.write(text)

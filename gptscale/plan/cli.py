@@ -18,7 +18,7 @@ import re
 import sys
 from dataclasses import asdict
 
-from gptscale.config import load_config
+from gptscale.config import Config, load_config
 from gptscale.plan.cluster import Cluster, cluster_of
 from gptscale.plan.memory import ALLOCATOR_MARGIN
 from gptscale.plan.search import Planned, plan, search
@@ -54,8 +54,17 @@ def assumptions(cluster: Cluster) -> str:
             f"{ALLOCATOR_MARGIN:.0%} (docs/planning.md)")
 
 
-def format_plan(planned: Planned, cluster: Cluster) -> str:
-    lines = [f"layout: {_layout_text(planned.settings)} on {cluster.nodes} x {cluster.gpus_per_node} "
+def job_text(cfg: Config) -> str:
+    """What a step trains: the plan's figures depend on it as much as on the layout."""
+    train = cfg.train
+    batch = cfg.parallel.global_batch
+    return (f"{cfg.model.name}: seq_len {train.seq_len}, global batch {batch} sequences "
+            f"({batch * train.seq_len:,} tokens), {train.precision.value}, activation checkpointing "
+            f"{train.activation_checkpointing.value}")
+
+
+def format_plan(planned: Planned, cluster: Cluster, cfg: Config) -> str:
+    lines = [job_text(cfg), f"layout: {_layout_text(planned.settings)} on {cluster.nodes} x {cluster.gpus_per_node} "
              f"{cluster.gpu.name} ({cluster.world_size} ranks)"]
     if planned.layout is None:
         return "\n".join([*lines, f"refused: {planned.refused}"])
@@ -78,9 +87,9 @@ def format_plan(planned: Planned, cluster: Cluster) -> str:
     return "\n".join(lines)
 
 
-def format_search(results: list[Planned], cluster: Cluster, top: int) -> str:
+def format_search(results: list[Planned], cluster: Cluster, top: int, cfg: Config) -> str:
     fitting = [r for r in results if r.refused is None]
-    lines = [f"{len(results)} layouts on {cluster.nodes} x {cluster.gpus_per_node} {cluster.gpu.name}: "
+    lines = [job_text(cfg), f"{len(results)} layouts on {cluster.nodes} x {cluster.gpus_per_node} {cluster.gpu.name}: "
              f"{len(fitting)} fit, best {min(top, len(fitting))} by predicted tokens/s",
              f"{'#':>3} {'layout':<46} {'dp':>4} {'peak GiB':>8} {'step s':>8} {'tokens/s':>12}"]
     for i, r in enumerate(fitting[:top], 1):
@@ -133,11 +142,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             print(json.dumps({"cluster": asdict(cluster), "layouts": [to_json(r) for r in results]}, indent=1))
         else:
-            print(format_search(results, cluster, args.top))
+            print(format_search(results, cluster, args.top, cfg))
         return 0 if any(r.refused is None for r in results) else 1
     planned = plan(cfg, cluster, vocab)
     print(json.dumps({"cluster": asdict(cluster), **to_json(planned)}, indent=1) if args.json
-          else format_plan(planned, cluster))
+          else format_plan(planned, cluster, cfg))
     return 0 if planned.refused is None else 1
 
 

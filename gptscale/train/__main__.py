@@ -32,11 +32,16 @@ def _export_submitit_ranks() -> None:
 def _run(dict_cfg: DictConfig) -> None:
     _export_submitit_ranks()
     setup_logging(dict_cfg.logging.level)
-    log = logging.getLogger("gptscale")
     from torch.distributed.elastic.multiprocessing.errors import record
 
+    record(_train_reporting)(dict_cfg)  # an unexpected error is also written where torchrun reads it, naming
+    # the rank that failed first; gptscale's own errors are reported here, once
+
+
+def _train_reporting(dict_cfg: DictConfig) -> None:
+    log = logging.getLogger("gptscale")
     try:
-        record(train)(dict_cfg)  # also writes the error where torchrun reads it, naming the rank that failed first
+        train(dict_cfg)
     except GptscaleError as error:  # configuration, data, checkpoint: one clear line, no traceback
         sys.exit(report(error, log))
     except KeyboardInterrupt:  # a second Ctrl-C (the first saves and stops)

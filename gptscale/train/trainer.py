@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -42,7 +43,7 @@ from gptscale.train.progress import Progress
 from gptscale.train.rewind import AT_START, SpikeRecord
 from gptscale.train.rng import RngState, seed_everything
 from gptscale.train.router_metrics import router_metrics
-from gptscale.train.step import eval_step, train_step
+from gptscale.train.step import StepResult, eval_step, train_step
 
 log = logging.getLogger("gptscale")
 
@@ -67,6 +68,8 @@ class Trainer:
         # Data: this data-parallel rank's share of every global batch, and the multiple-choice tasks scored
         # at train.eval_interval.
         self.data = self.make_data()
+        # The model reads the data's vocabulary: the saved config says so (not the preset's vocab_size).
+        self.cfg = cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=self.data.vocab_size))
         tasks = read_tasks(cfg.eval.tasks, cfg.eval.max_examples)
         self.tasks = TaskScorer(tasks, self.data.tokenizer_file, self.data.eod, self.data.vocab_size,
                                 cfg.train.seq_len, self.ctx) if tasks else None
@@ -166,10 +169,11 @@ class Trainer:
     def check_step(self, result) -> None:
         """Count a step skipped for a non-finite loss or gradient norm (DeepSpeed applied no update), or for a
         spike (the update gate skipped it); a step that updated joins the spike detector's window."""
-        loss = result.loss.item()
-        grad_norm = None if result.grad_norm is None else result.grad_norm.item()
         gate = self.engine.update_gate
-        skipped = gate.skipped is None or bool(gate.skipped.item())  # None: DeepSpeed skipped before the gate
+        flags = [t for t in (result.grad_norm, gate.skipped) if t is not None]
+        loss, *rest = torch.stack([t.detach().float().reshape(()) for t in (result.loss, *flags)]).tolist()  # one wait
+        grad_norm = rest.pop(0) if result.grad_norm is not None else None
+        skipped = gate.skipped is None or bool(rest[0])  # None: DeepSpeed skipped before the gate
         zscores = self.spikes.zscores(loss, grad_norm)
         if self.guard.record(self.step, loss, grad_norm):
             log.warning("step %d skipped: loss %s, gradient norm %s (%d skipped in the last %d steps, %d in all)",
@@ -223,8 +227,9 @@ class Trainer:
         self.spike_record.add_rewind({"from_step": from_step, "to_step": target, "checkpoint": str(path),
                                       "resumed_step": self.step, "reason": reason, "excluded": len(new)})
         if self.ctx.rank == 0:
-            log.warning("rewound from step %d to the checkpoint of step %d (%s; %s): %d more documents excluded",
-                        from_step, self.step, path, reason, len(new))
+            what = "at start" if reason == AT_START else f"from step {from_step}"
+            log.warning("rewound %s to the checkpoint of step %d (%s; %s): %d more documents excluded", what,
+                        self.step, path, reason, len(new))
         self.tracker.log(self.step, {"rewind/from_step": from_step, "rewind/excluded": len(new)})
 
     def rewind_at_start(self) -> bool:
@@ -284,19 +289,23 @@ class Trainer:
                 f"({type(error).__name__}: {error}); the run resumes from "
                 f"{self.checkpointer.last_complete or 'the start (no complete checkpoint)'}") from error
 
-    def fit(self) -> dict[str, list[float]]:
-        """Train until ``train.steps`` or a stop signal; returns every step's loss and gradient norm (for tests
-        and benchmarks). Too many non-finite steps stop the run; spikes in a row rewind it or, where it cannot
-        rewind, restart the spike detector (``end_spike_streak``)."""
+    def fit(self, on_step: Optional[Callable[[int, StepResult], None]] = None) -> None:
+        """Train until ``train.steps`` or a stop signal. Too many non-finite steps stop the run; spikes in a row
+        rewind it or, where it cannot rewind, restart the spike detector (``end_spike_streak``).
+
+        Nothing is kept per step. ``on_step(step, result)`` sees each step's result as it is made (a rewound
+        step is seen again when it is trained again). The host waits for the device where a decision needs
+        it: the loss and gradient norm each step for the loss guard and spike detector, the stop and timed-save
+        flags' all-reduce; the log line's figures on log steps."""
         train = self.cfg.train
-        history = []
         first_step = self.step
         self.meter.reset()
         stop = False
         while self.step < train.steps and not stop:
             lr, result = self.train_one_step()
             self.memory_check.after_step()
-            history.append(result)
+            if on_step is not None:
+                on_step(self.step, result)
             self.check_step(result)
             if self.step % train.log_interval == 0 or self.step == train.steps:
                 loss = result.loss.item()
@@ -329,8 +338,7 @@ class Trainer:
             if self.guard.exceeded():
                 raise self.too_many_bad_steps()
             if self.too_many_spikes() and self.end_spike_streak():
-                del history[max(self.step - first_step, 0):]  # the steps after the checkpoint are trained again
-                continue
+                continue  # the steps after the checkpoint are trained again
             stop, save_due = self.stop_request.agreed(self.checkpointer.due_by_time())
             if stop:
                 log.warning("stop requested by signal: saving at step %d and exiting", self.step)
@@ -342,11 +350,6 @@ class Trainer:
             self.memory_check.after_step(last=True)
         self.checkpointer.finish(self.step, self.progress.consumed_tokens)
         self.report_checkpoint()
-        return {
-            "loss": [result.loss.item() for result in history],
-            "grad_norm": [float("nan") if result.grad_norm is None else result.grad_norm.item() for result in history],
-            "aux_loss": [0.0 if result.aux is None else result.aux.item() for result in history],
-        }
 
     def close(self) -> None:
         """Release the checkpointer, trackers, signal handlers, megatron-core's groups and, last, the run

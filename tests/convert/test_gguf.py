@@ -8,7 +8,7 @@ from tokenizers import Tokenizer
 from gptscale.convert.generate import Decoder, generate
 from gptscale.convert.gguf import export_gguf, interleave_rope_rows
 from tests.convert.llama_cpp_run import greedy, load, load_vocab, logits, perplexity
-from tests.convert.models import EOD, HELD_OUT_FILES, stdlib_text
+from tests.convert.models import EOD, HELD_OUT_FILES, stdlib_text, tiny_config, train_state
 
 SAMPLES = ["def f(x):\n    return x + 1", "Hello  world!  123 4567 éà ✓", "  \n\n\tclass Foo(Bar):  # ok",
            "it's   we'll\r\n<|endoftext|>next document"]
@@ -69,3 +69,30 @@ def test_half_precision_loads(exported, tokenizer_file, tmp_path, dtype):
 def test_rope_rows_interleave_per_head():
     rows = torch.arange(8.0)[:, None]  # two heads of four: [a0 a1 b0 b1] -> [a0 b0 a1 b1]
     assert interleave_rope_rows(rows, heads=2).flatten().tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+
+
+@pytest.fixture(scope="module")
+def k_quant_model(tokenizer_file):
+    """A Llama-style model whose matrices' rows are multiples of 256 values, so llama.cpp's K-quant blocks
+    apply (a narrower model would fall back to other types)."""
+    cfg = tiny_config("llama-tiny", "model.hidden_size=256", "model.ffn_hidden_size=512", "model.num_layers=2")
+    return cfg, train_state(cfg, tokenizer_file, steps=300)
+
+
+BOUNDS = {"q6_k": 0.01, "q5_k_m": 0.02, "q4_k_m": 0.05}  # perplexity ratio to f16's, docs/converting.md
+
+
+def test_k_quants_load_and_stay_near_f16_perplexity(k_quant_model, tokenizer_file, tmp_path):
+    cfg, state = k_quant_model
+    ids = Tokenizer.from_file(str(tokenizer_file)).encode(stdlib_text(HELD_OUT_FILES)).ids[:512]
+    paths = {}
+    for dtype in ("f16", *BOUNDS):
+        paths[dtype] = tmp_path / f"model-{dtype}.gguf"
+        summary = export_gguf(cfg, state, tokenizer_file, paths[dtype], dtype=dtype)
+        assert summary.dtype == dtype and list(tmp_path.glob("*.f32")) == []
+    sizes = {dtype: path.stat().st_size for dtype, path in paths.items()}
+    assert sizes["q4_k_m"] < sizes["q5_k_m"] < sizes["q6_k"] < 0.5 * sizes["f16"], sizes  # K-quant blocks used
+    f16 = perplexity(load(paths["f16"]), ids)
+    for dtype, bound in BOUNDS.items():
+        quantized = perplexity(load(paths[dtype]), ids)
+        assert abs(quantized / f16 - 1) <= bound, (dtype, f16, quantized)

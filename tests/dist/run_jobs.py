@@ -11,15 +11,17 @@ import torch.distributed as dist
 
 from gptscale.config import load_config
 from gptscale.train.trainer import Trainer
+from tests.helpers import Curves
 
 
 def main(jobs_path: str, results_path: str) -> None:
     jobs = json.load(open(jobs_path))
     results = []
     for overrides in jobs:
-        trainer = Trainer(load_config(overrides))
+        trainer, curves = Trainer(load_config(overrides)), Curves()
         try:
-            results.append(trainer.fit())
+            trainer.fit(on_step=curves)
+            results.append(curves.lists())
         finally:
             trainer.close()
     if dist.get_rank() == 0:

@@ -16,6 +16,7 @@ from gptscale.config import load_config
 from gptscale.parallel.groups import destroy_model_parallel
 from gptscale.train.guard import TooManyBadSteps
 from gptscale.train.trainer import Trainer
+from tests.helpers import Curves
 
 
 def main(jobs_path: str, results_path: str) -> None:
@@ -23,8 +24,9 @@ def main(jobs_path: str, results_path: str) -> None:
     for name, overrides in json.load(open(jobs_path)).items():
         trainer = None
         try:
-            trainer = Trainer(load_config(overrides))
-            results[name] = trainer.fit()
+            trainer, curves = Trainer(load_config(overrides)), Curves()
+            trainer.fit(on_step=curves)
+            results[name] = curves.lists()
         except (CheckpointError, TooManyBadSteps) as error:
             results[name] = {"error": f"{type(error).__name__}: {error}"}
         finally:

@@ -12,7 +12,7 @@ import pytest
 
 from tests.helpers import REPO, torchrun
 
-SMALL = ["bench.warmup=0", "bench.steps=3", "bench.host_syncs=true", "train.seq_len=64",
+SMALL = ["bench.warmup=0", "bench.steps=3", "bench.repeats=1", "bench.host_syncs=true", "train.seq_len=64",
          "parallel.micro_batch=4", "parallel.global_batch=8"]
 # megatron-core compares the CPU RNG state (a host tensor on every device) after each forked RNG region.
 HOST_TENSOR_READS = ("megatron/core/tensor_parallel/random.py",)
@@ -117,3 +117,15 @@ def test_compiled_layers_train_identically(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     runs = [json.loads(line) for line in output.read_text().splitlines()]
     assert runs[0]["losses"] == pytest.approx(runs[1]["losses"], rel=1e-5)
+
+
+def test_repeated_windows_show_the_median_and_the_spread():
+    """--compare figures are the median of bench.repeats timed windows, with the slowest and fastest beside."""
+    from gptscale.bench.__main__ import format_row
+    from gptscale.bench.measure import BenchResult
+
+    result = BenchResult(label="x", world_size=1, layout="tp1", tokens_per_step=1000, tokens_per_s=1000 / 0.2,
+                         tflops_per_device=0.0, mfu=None, step_time_s=0.2, window_step_times_s=[0.25, 0.2, 0.1],
+                         peak_memory_gib=1.0, memory_kind="max allocated", losses=[1.0])
+    row = format_row(result, result)
+    assert "5,000" in row and "4,000-10,000" in row and row.rstrip().endswith("1.00x")

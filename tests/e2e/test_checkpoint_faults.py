@@ -420,8 +420,9 @@ def test_a_stop_save_that_cannot_be_written_names_the_checkpoint_to_resume_from(
     stopped_at = logged(run_dir)[-1][0]
     previous = step_dir(run_dir, stopped_at - stopped_at % 3)
     assert status == 1, output[-5000:]
-    assert (f"stop requested by signal, but the checkpoint of step {stopped_at} could not be saved (OSError: "
-            f"[Errno 28] No space left on device); the run resumes from {previous}") in output, output[-5000:]
+    assert (f"stop requested by signal, but the checkpoint of step {stopped_at} could not be saved (CheckpointError: "
+            f"no space left on device for the checkpoint of step {stopped_at}: ") in output, output[-5000:]
+    assert f"is intact); the run resumes from {previous}" in output, output[-5000:]
     assert "Traceback" not in output
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == previous.name
     assert inspect(previous).returncode == 0

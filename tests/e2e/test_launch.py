@@ -202,7 +202,8 @@ def test_stop_signal_to_the_launcher_saves_the_stop_step_and_it_resumes_exactly(
     assert not list(checkpoints.glob("*.tmp-*"))
 
     steps = stopped_at + 2
-    resumed, fresh = run_jobs(2, [[f"run_dir={run_dir}", "parallel.tp=2", f"train.steps={steps}", *job],
+    resumed, fresh = run_jobs(2, [[f"run_dir={run_dir}", "parallel.tp=2", f"train.steps={steps}", *job,
+                                   "optim.on_new_steps=stretch"],  # the schedule of the fresh run's length
                                   [f"run_dir={tmp_path / 'fresh'}", "parallel.tp=2", f"train.steps={steps}", *job]],
                               tmp_path)
     assert resumed["loss"] == fresh["loss"][stopped_at:]

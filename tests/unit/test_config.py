@@ -160,3 +160,15 @@ def test_help_page_names_every_key_with_its_default_and_meaning():
         assert len(line.split(None, 1)) == 2, f"{key} has no meaning in schema.py"
     assert "  train.steps=600" in "\n".join(page)
     assert any(row.startswith("  model=") and "llama-7b" in row for row in page)
+
+
+def test_named_models_train_with_their_papers_recipe_and_tiny_ones_stay_fast():
+    llama = load_config(["model=llama-7b"])
+    assert (llama.train.seq_len, llama.parallel.global_batch, llama.optim.lr, llama.train.precision.value) == \
+        (4096, 1024, 3e-4, "bf16")
+    gpt3 = load_config(["model=gpt3-175b"])
+    assert gpt3.parallel.global_batch * gpt3.train.seq_len == 1536 * 2048 and gpt3.optim.lr == 6e-5
+    assert load_config(["model=llama-7b", "recipe=none"]).train.seq_len == 128
+    assert load_config(["model=llama-7b", "train.seq_len=512"]).train.seq_len == 512  # the command line wins
+    tiny = load_config(["model=gpt2-tiny"])
+    assert (tiny.train.seq_len, tiny.parallel.global_batch, tiny.train.precision.value) == (128, 16, "fp32")

@@ -87,3 +87,22 @@ def test_overwrite_replaces_only_a_previous_output_of_the_same_kind(run, tmp_pat
     assert convert_main(["--from-hf", str(hf), "--out", str(run / "checkpoints" / "step_000005"), "--overwrite"]) == 2
     assert f"lies inside {run}, a run's or a checkpoint's directory (it holds metrics.jsonl)" in capsys.readouterr().err
     assert files(run) == before
+
+
+def test_exports_take_the_users_umask_not_tempfiles_private_modes(tmp_path):
+    """An HF export was a 0700 directory of 0600 files: other users of a shared cluster could not read it."""
+    import os
+    import stat
+
+    from gptscale.convert.output import HF_EXPORT, staged
+
+    previous = os.umask(0o022)
+    try:
+        with staged(tmp_path / "hf", HF_EXPORT, overwrite=False, make_dir=True) as stage:
+            (stage / "config.json").write_text("{}")
+            (stage / "sub").mkdir()
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "hf").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "hf" / "config.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "hf" / "sub").stat().st_mode) == 0o755

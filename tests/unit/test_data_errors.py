@@ -122,3 +122,27 @@ def test_missing_or_broken_manifest_names_it(tmp_path):
     (tmp_path / "broken" / "manifest.json").write_text("{not json")
     with pytest.raises(DataError, match="broken/manifest.json: cannot read"):
         read_manifest(str(tmp_path / "broken"))
+
+
+def test_skipping_more_than_the_bound_stops_naming_the_share(dataset):
+    """With every shard bad, data.on_error=skip used to train on masked padding (loss 0) without a word."""
+    for path in dataset.glob("train-*.tar"):
+        data = bytearray(path.read_bytes())
+        data[600] ^= 0xFF
+        path.write_bytes(bytes(data))
+    manifest = read_manifest(str(dataset))
+    loader = StreamingLoader([Source(manifest, "train", 1.0)], layout(1, 4, 4), 0, SEQ_LEN, seed=0, on_error="skip",
+                             max_skipped_fraction=0.01)
+    with pytest.raises(DataError, match=r"data.on_error=skip has skipped \d+ shards, .* \(100.0%\), more than "
+                                        r"data.max_skipped_fraction=0.01"):
+        next(loader)
+
+
+def test_skipping_within_the_bound_goes_on(dataset):
+    flip_a_byte(dataset)
+    manifest = read_manifest(str(dataset))
+    loader = StreamingLoader([Source(manifest, "train", 1.0)], layout(1, 4, 4), 0, SEQ_LEN, seed=0, on_error="skip",
+                             max_skipped_fraction=1.0)
+    for _ in range(loader.orders[0].rows):
+        next(loader)
+    assert loader.skipped["shards"] == 1

@@ -31,7 +31,8 @@ from gptscale.config import load_config
 from gptscale.train.trainer import Trainer
 trainer = Trainer(load_config([f"run_dir={sys.argv[1]}", "parallel.zero=3", "train.steps=2", "train.seq_len=64",
                                "checkpoint.save_final=false", "checkpoint.resume=none"]))
-losses = trainer.fit()["loss"]
+losses = []
+trainer.fit(on_step=lambda step, result: losses.append(result.loss.item()))
 trainer.close()
 print(len(losses), "LOCAL_RANK" in os.environ)
 """

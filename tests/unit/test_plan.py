@@ -64,3 +64,12 @@ def test_unknown_gpu_is_named():
     cfg = load_config(["cluster.gpu=h900"])
     with pytest.raises(ValueError, match="cluster.gpu='h900'"):
         cluster_of(cfg.cluster)
+
+
+def test_plan_header_names_what_a_step_trains():
+    """A named model plans with its paper's recipe (sequence length, batch), and the header says so."""
+    proc = _run(["-m", "gptscale.plan", "model=llama-70b", "cluster.nodes=8", "parallel.tp=8", "parallel.pp=4"])
+    assert proc.returncode in (0, 1), proc.stderr[-3000:]  # 1: the layout does not fit
+    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in proc.stderr
+    assert proc.stdout.splitlines()[0] == ("llama-70b: seq_len 4096, global batch 1024 sequences (4,194,304 tokens), "
+                                           "bf16, activation checkpointing none")
