@@ -1,6 +1,6 @@
 """The GPU wheelhouse (tools/gpu_wheels.sh) must not rot: the device reaches no registry, so a pin without a
 CPython 3.12 wheel, or a requirement neither the wheelhouse nor the image meets, is found only there, at the
-cost of a device call. Built once into a cache folder (about 25 s cold, 17 MB; then a no-op)."""
+cost of a device call. Built once into a cache folder (about 40 s cold, 17 MB; then a no-op)."""
 
 from __future__ import annotations
 
