@@ -53,7 +53,7 @@ losses() {  # first and last logged loss of a run; fails unless the loss fell
   "$PYTHON" - "$1" <<'EOF'
 import json, sys
 losses = [r["loss"] for r in map(json.loads, open(f"{sys.argv[1]}/metrics.jsonl")) if "loss" in r]
-print(f"loss {losses[0]:.3f} at the first log, {losses[-1]:.3f} at step {len(losses)} of the logs")
+print(f"loss {losses[0]:.3f} at the first of {len(losses)} logs, {losses[-1]:.3f} at the last")
 sys.exit(0 if len(losses) > 1 and losses[-1] < losses[0] else "the loss did not fall")
 EOF
 }
