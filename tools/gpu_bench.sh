@@ -18,27 +18,27 @@
 #   megatron-core GPTModel, local spec, eager, bf16 autocast: 106k / 43.8k / 23.4k (11.6 / 12.1 / 13.2 % MFU)
 #   same with SDPA core attention: 118.5k at 350m (32.7 %, 14.5 GiB), 65.0k at 774m (36.7 %, 26 GiB)
 #   + DeepSpeed ZeRO-1 bf16 clipping: 59.1k at 350m, 42.5k at 774m (torch AdamW)
-# The GPU machine reaches no package registry: if `env` shows torchao absent, carry its wheel in the working tree
-# (pip download torchao==0.18.0 --no-deps -d wheels/, a 3.4 MB file) and pip install --no-deps wheels/*.whl there;
-# torchao 0.18 was tested here with torch 2.13 (CPU) only.
+# The GPU machine reaches no package registry: build the wheelhouse here (bash tools/gpu_wheels.sh build), carry
+# wheels/gpu, and start the command with `bash tools/gpu_wheels.sh setup &&`. tools/gpu_proof.sh does all of it.
 # Goals: gpt2-350m >= 190k tokens/s, gpt2-774m >= 95k, llama-1b >= 50 % MFU; FP8 >= 1.5x those for gpt2-774m and
 # llama-1b with a 300-step loss curve within 1 % of bf16.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-runs/gpu_bench}"
+PYTHON="${PYTHON:-python3}"  # the device image has python3 only
 mkdir -p "$OUT"
 STAGE="${1:?stage: env | bf16 | llama | fp8 MODEL | memory | curve | profile | plan}"
 
 # bf16 weights, ZeRO-1 (DeepSpeed's BF16 optimizer: fp32 master weights and gradient sums), T=1024, no accumulation.
 COMMON=(train.precision=bf16 parallel.zero=1 train.seq_len=1024 bench.warmup=5 bench.steps=20 "bench.output=$OUT/bench.jsonl")
 
-bench() { python -m gptscale.bench "${COMMON[@]}" "$@"; }
+bench() { "$PYTHON" -m gptscale.bench "${COMMON[@]}" "$@"; }
 
 case "$STAGE" in
 env)
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-  python - <<'EOF'
+  "$PYTHON" - <<'EOF'
 import importlib.metadata as md, os, torch
 for p in ("torch", "megatron-core", "deepspeed", "hydra-core", "torchao", "transformer-engine", "transformer_engine_torch", "apex", "flash-attn"):
     try: print(p, md.version(p))
@@ -48,7 +48,7 @@ print("cuda", torch.version.cuda, "capability", torch.cuda.get_device_capability
 print("flash SDPA", torch.backends.cuda.flash_sdp_enabled())
 EOF
   # torchao's float8 needs FP8 tensor cores: an 8192^3 _scaled_mm next to a bf16 matmul shows what they give.
-  python - <<'EOF'
+  "$PYTHON" - <<'EOF'
 import time, torch
 a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
 for name, fn in {"bf16": lambda: a @ a,
@@ -74,7 +74,7 @@ llama)
 fp8)
   model="${2:?fp8 needs a model: gpt2-774m or llama-1b}"
   variants=("" "train.compile=true" "train.fp8=hybrid model.backend=local" "train.fp8=hybrid model.backend=local train.compile=true")
-  python -c "import transformer_engine" 2>/dev/null && variants+=("train.fp8=hybrid model.backend=te")
+  "$PYTHON" -c "import transformer_engine" 2>/dev/null && variants+=("train.fp8=hybrid model.backend=te")
   bench model="$model" parallel.micro_batch=8 parallel.global_batch=8 --compare "${variants[@]}"
   ;;
 memory)
@@ -89,11 +89,11 @@ curve)
   # 300 steps of gpt2-124m on the embedded corpus (byte tokens), bf16 and FP8; compare metrics.jsonl losses.
   for variant in bf16 fp8; do
     extra=(); [ "$variant" = fp8 ] && extra=(train.fp8=hybrid)
-    python -m gptscale.train model=gpt2-124m train.precision=bf16 parallel.zero=1 train.seq_len=1024 \
+    "$PYTHON" -m gptscale.train model=gpt2-124m train.precision=bf16 parallel.zero=1 train.seq_len=1024 \
       parallel.micro_batch=16 parallel.global_batch=32 train.steps=300 train.log_interval=10 train.eval_interval=100 \
       optim.warmup_steps=30 checkpoint.save_final=false "run_dir=$OUT/curve-$variant" "${extra[@]}"
   done
-  python - "$OUT" <<'EOF'
+  "$PYTHON" - "$OUT" <<'EOF'
 import json, sys
 def losses(v): return [r["loss"] for r in map(json.loads, open(f"{sys.argv[1]}/curve-{v}/metrics.jsonl")) if "loss" in r]
 bf16, fp8 = losses("bf16"), losses("fp8")
@@ -115,7 +115,7 @@ plan)
   for model in ${PLAN_MODELS:-gpt2-774m llama-1b}; do
     for layout in "${layouts[@]}"; do
       # shellcheck disable=SC2086  # a layout is several overrides
-      python -m gptscale.train model="$model" train.precision=bf16 train.seq_len="${PLAN_SEQ:-1024}" \
+      "$PYTHON" -m gptscale.train model="$model" train.precision=bf16 train.seq_len="${PLAN_SEQ:-1024}" \
         train.steps="${PLAN_STEPS:-10}" train.log_interval=5 checkpoint.save_final=false "run_dir=$OUT/plan" \
         $layout 2>&1 | sed -n "s|^.*\(plan: rank 0 .*\)|$model $layout: \1|p" | tee -a "$OUT/plan.txt"
       rm -rf "$OUT/plan"
