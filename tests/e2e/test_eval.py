@@ -97,3 +97,11 @@ def test_lm_eval_harness_on_the_hf_export_agrees(runs, tmp_path, monkeypatch):
     theirs = {sample["doc_id"]: [ll for ll, _ in sample["filtered_resps"]] for sample in result["samples"]["sums"]}
     differences = [abs(a - b) for doc, lls in theirs.items() for a, b in zip(lls, ours["log_likelihoods"][doc])]
     assert len(differences) == 80 and max(differences) < 1e-5, max(differences)
+
+
+def test_eval_speaks_of_evaluating_not_of_training(runs):
+    """It printed 'no checkpoint to resume from ...: training from scratch' and the optimizer-memory plan."""
+    tmp, task, _ = runs
+    proc = run("gptscale.eval", ["--checkpoint", str(tmp / "tuned"), f"eval.tasks=[{task}]"])
+    assert f"evaluating {tmp / 'tuned'}" in proc.stderr
+    assert "training from scratch" not in proc.stderr and "plan: rank" not in proc.stderr

@@ -82,3 +82,34 @@ def test_checkpoints_by_wall_time(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = sorted(int(p.name.split("_")[1]) for p in (tmp_path / "checkpoints").glob("step_*"))
     assert len(saved) >= 2 and saved[0] < 12, saved
+
+
+def test_a_data_error_is_one_line_without_a_traceback(tmp_path):
+    proc = train([f"run_dir={tmp_path}", "data.path=/nonexistent/corpus"], timeout=300)
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "/nonexistent/corpus/manifest.json: no manifest" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cfg_job_resolve_prints_the_resolved_run_dir():
+    proc = train(["--cfg", "job", "--resolve"], timeout=120)
+    assert proc.returncode == 0 and "run_dir: runs/gpt2-tiny" in proc.stdout
+
+
+def test_a_cpu_run_prints_no_dependency_noise_and_saves_the_datas_vocabulary(tmp_path):
+    """DeepSpeed's accelerator notice, megatron-core's CUDA advice and torch's deprecations (on resume) said
+    nothing about the user's run; config.yaml said vocab_size 50257 for a model built with the data's 4096."""
+    short = [f"run_dir={tmp_path}", "train.steps=2", "train.seq_len=32", "parallel.global_batch=4",
+             "train.eval_interval=0", "data.embedded_max_bytes=100000"]
+    first = train(short)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = train([*short, "train.steps=3", "optim.on_new_steps=keep"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    for proc in (first, again):
+        for noise in ("Setting accelerator to CPU", "CUDA_DEVICE_MAX_CONNECTIONS", "FutureWarning"):
+            assert noise not in proc.stderr, noise
+    import yaml
+
+    saved = yaml.safe_load((tmp_path / "checkpoints" / "step_000003" / "config.yaml").read_text())
+    assert saved["model"]["vocab_size"] == 4096

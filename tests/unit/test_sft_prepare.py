@@ -137,3 +137,16 @@ def test_resumes_mid_epoch_with_another_data_parallel_split(varied):
     second = build_data(cfg, layout(2, 2, 4), 1, 64).train
     second.load_state_dict(state)
     assert batches and (next(second)["tokens"] == expected[1]["tokens"]).all()
+
+
+def test_a_blend_with_fine_tuning_data_names_the_fine_tuning_dataset(varied, tmp_path):
+    """The error named the first source, the plain-text one, as the fine-tuning data."""
+    from gptscale.config.schema import DataSourceConfig
+
+    text = tmp_path / "text.txt"
+    text.write_text("plain text for pretraining\n" * 200)
+    prepare_main(["--input", str(text), "--output", str(tmp_path / "plain"), "--tokenizer",
+                  str(varied / "tokenizer.json"), "--val-fraction", "0", "--quiet"])
+    sources = [DataSourceConfig(str(tmp_path / "plain"), 0.5), DataSourceConfig(str(varied), 0.5)]
+    with pytest.raises(DataError, match=rf"fine-tuning data \({varied}\) is read from one dataset, not blended"):
+        build_data(DataConfig(sources=sources), layout(1, 4, 4), 0, 64)
