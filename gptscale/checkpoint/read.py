@@ -47,8 +47,15 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from gptscale.checkpoint.files import OPTIMIZER, SHARDS, copy_tokenizer, read_config, tokenizer_path, write_config
-from gptscale.checkpoint.manifest import CheckpointError, data_files, describe_file, find_damage, fsync_dir, \
-    read_manifest, write_manifest
+from gptscale.checkpoint.manifest import (
+    CheckpointError,
+    data_files,
+    describe_file,
+    find_damage,
+    fsync_dir,
+    read_manifest,
+    write_manifest,
+)
 from gptscale.checkpoint.publish import new_nonce, resolve
 from gptscale.config.schema import Config
 

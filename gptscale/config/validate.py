@@ -8,8 +8,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from gptscale.config.schema import (Config, DataConfig, ModelConfig, OptimConfig, ParallelConfig, PositionEmbedding,
-                                    Precision)
+from gptscale.config.schema import (
+    Config,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    PositionEmbedding,
+    Precision,
+)
 from gptscale.errors import GptscaleError
 from gptscale.optim import OPTIMIZERS, REFUSED
 

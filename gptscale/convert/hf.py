@@ -42,6 +42,7 @@ def output_vocab_size(state: Mapping[str, torch.Tensor], tokenizer_file: Optiona
 def hf_config(cfg: Config, state: Mapping[str, torch.Tensor], vocab: int, eod_id: Optional[int], dtype: str):
     """transformers' config of the same model (exact GELU: megatron-core uses erf GELU, not GPT-2's tanh)."""
     from transformers import GPT2Config, LlamaConfig, MixtralConfig, Qwen2MoeConfig
+
     from gptscale.config.schema import is_moe_layer
     from gptscale.convert.mapping import expert_ffn_size
 

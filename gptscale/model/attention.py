@@ -11,7 +11,6 @@ import contextlib
 import math
 from typing import Optional
 
-import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.transformer import TransformerConfig

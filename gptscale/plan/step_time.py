@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 from gptscale.config.schema import Config, Precision, Recompute, is_moe_layer
 from gptscale.config.validate import Layout, padded_vocab_size
-from gptscale.plan.cluster import Cluster
 from gptscale.model.flops import flops_per_token
+from gptscale.plan.cluster import Cluster
 
 COMPUTE_EFFICIENCY = 0.5  # share of peak dense matmul throughput a well-tuned layer reaches
 BANDWIDTH_EFFICIENCY = 0.7  # share of a link's bandwidth NCCL's ring collectives reach

@@ -29,8 +29,8 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from gptscale.config.validate import Layout
 from gptscale.data.batch import document_attention_mask
 from gptscale.model.build import ModelChunks
-from gptscale.parallel.deepspeed import reduce_gradients_outside_engine
 from gptscale.model.moe import set_aux_loss_scale
+from gptscale.parallel.deepspeed import reduce_gradients_outside_engine
 from gptscale.parallel.grads import all_reduce_tied_embedding_grads
 from gptscale.train.router_metrics import aux_losses, clear_tracker, weighted_aux_loss
 

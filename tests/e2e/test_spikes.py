@@ -3,8 +3,8 @@ goes on saying why, so a run that recovers without the guard recovers with it.""
 
 import json
 import math
-import statistics
 import os
+import statistics
 import subprocess
 import sys
 

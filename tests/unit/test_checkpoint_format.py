@@ -10,10 +10,26 @@ import torch
 
 from gptscale.checkpoint.cli import inspect
 from gptscale.checkpoint.files import read_rank_state
-from gptscale.checkpoint.manifest import CheckpointError, data_files, describe_file, find_damage, read_manifest, \
-    write_manifest
-from gptscale.checkpoint.publish import LATEST, complete_checkpoints, latest, prune, publish, remove_unfinished, \
-    resolve, resume_candidates, staging_dir, step_name
+from gptscale.checkpoint.manifest import (
+    CheckpointError,
+    data_files,
+    describe_file,
+    find_damage,
+    read_manifest,
+    write_manifest,
+)
+from gptscale.checkpoint.publish import (
+    LATEST,
+    complete_checkpoints,
+    latest,
+    prune,
+    publish,
+    remove_unfinished,
+    resolve,
+    resume_candidates,
+    staging_dir,
+    step_name,
+)
 from gptscale.checkpoint.read import load_model_state, save_model_state
 from gptscale.config import load_config
 from gptscale.train.rng import RngState, seed_everything

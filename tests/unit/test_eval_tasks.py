@@ -4,13 +4,12 @@ gptscale-eval refuses what it cannot evaluate before any work."""
 import json
 
 import pytest
-from tokenizers import Tokenizer
 
 from gptscale.config.validate import ConfigError
 from gptscale.data.manifest import DataError
-from gptscale.eval.cli import eval_config
 from gptscale.data.tasks import encode_choice, read_task, read_tasks, scoring_sequence
 from gptscale.data.tokenizer import train_bpe
+from gptscale.eval.cli import eval_config
 
 GOOD = {"context": "What is 1 + 1? Answer:", "choices": ["2", "3"], "answer": 0}
 

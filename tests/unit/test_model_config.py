@@ -5,8 +5,8 @@ import pytest
 from gptscale.config import load_config
 from gptscale.config.schema import Backend
 from gptscale.config.validate import padded_vocab_size
-from gptscale.model.spec import resolve_backend, transformer_engine_available
 from gptscale.model.flops import flops_per_token
+from gptscale.model.spec import resolve_backend, transformer_engine_available
 
 
 def test_flops_per_token_matches_the_issue_reference():
