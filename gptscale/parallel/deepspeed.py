@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import types
+from dataclasses import dataclass
 
 import deepspeed
 import torch
@@ -145,6 +146,15 @@ def _hide_megatron_expert_marks(model: torch.nn.Module) -> None:
             del param.allreduce
 
 
+@dataclass(frozen=True)
+class UpdateLimits:
+    """Above which loss and gradient norm a step is a spike and skipped (``SpikeDetector.update_limits``)."""
+
+    loss: float = float("inf")
+    norm: float = float("inf")
+    require_both: bool = False  # a spike needs both above their limits; false: either
+
+
 class UpdateGate:
     """The one place that decides whether a step updates anything: not when the loss or gradient norm is not
     finite, nor when it is a loss spike (``train/guard.py``): a value above its limit (both values with
@@ -159,11 +169,11 @@ class UpdateGate:
 
     def __init__(self, engine, optimizer: torch.optim.Optimizer):
         self.engine = engine
-        self.loss: torch.Tensor | None = None  # the step's global loss, set before the update
-        self.loss_limit = float("inf")
-        self.norm_limit = float("inf")
-        self.require_both = False  # a spike needs both above their limits (``SpikeDetector``); false: either
-        self.skipped: torch.Tensor | None = None  # the last decision, 1.0 when the update was skipped
+        # Set by ``train.step.train_step`` alone, for the step it runs: its global loss (before the update) and
+        # limits; the decision it reads back (1.0 when the update was skipped; None: DeepSpeed skipped first).
+        self.loss: torch.Tensor | None = None
+        self.limits = UpdateLimits()
+        self.skipped: torch.Tensor | None = None
         if not getattr(optimizer, "_step_supports_amp_scaling", False):
             raise TypeError(f"{type(optimizer).__name__} does not read found_inf (_step_supports_amp_scaling): "
                             "a skipped step would still update the weights")
@@ -186,14 +196,14 @@ class UpdateGate:
         if self.loss is not None:
             loss = self.loss.to(skip.device)
             skip = skip | ~torch.isfinite(loss)
-            high.append(loss > self.loss_limit)
+            high.append(loss > self.limits.loss)
         norm = self.grad_norm()
         if norm is not None:
             norm = torch.as_tensor(norm, dtype=torch.float32, device=skip.device)
             skip = skip | ~torch.isfinite(norm)
-            high.append(norm > self.norm_limit)
+            high.append(norm > self.limits.norm)
         if high:
-            spike = torch.stack(high).all() if self.require_both else torch.stack(high).any()
+            spike = torch.stack(high).all() if self.limits.require_both else torch.stack(high).any()
             skip = skip | spike
         self.skipped = skip.float()
         return self.skipped

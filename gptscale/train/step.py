@@ -30,7 +30,7 @@ from gptscale.config.validate import Layout
 from gptscale.data.batch import document_attention_mask
 from gptscale.model.build import ModelChunks
 from gptscale.model.moe import set_aux_loss_scale
-from gptscale.parallel.deepspeed import reduce_gradients_outside_engine
+from gptscale.parallel.deepspeed import UpdateLimits, reduce_gradients_outside_engine
 from gptscale.parallel.grads import all_reduce_tied_embedding_grads
 from gptscale.train.router_metrics import aux_losses, clear_tracker, weighted_aux_loss
 
@@ -41,6 +41,7 @@ class StepResult:
     grad_norm: Optional[torch.Tensor]  # before clipping
     aux: Optional[torch.Tensor] = None  # router losses as weighted in the objective (MoE models), every rank
     router_losses: Optional[dict] = None  # per-layer unweighted load-balancing loss and z-loss (MoE models)
+    skipped: Optional[torch.Tensor] = None  # 1.0 when the update gate skipped the update; None: DeepSpeed did
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -145,9 +146,12 @@ def _aux_loss_scale(layout: Layout) -> float:
 
 
 def train_step(engine, model: ModelChunks, batches: Iterator[dict], layout: Layout, seq_len: int,
-               device: torch.device, is_last_stage: bool, moe_model=None) -> StepResult:
-    """Forward and backward over one global batch, then one optimizer update.
+               device: torch.device, is_last_stage: bool, limits: UpdateLimits, moe_model=None) -> StepResult:
+    """Forward and backward over one global batch, then one optimizer update unless the loss or gradient norm
+    is not finite or is above ``limits`` (``result.skipped`` says which happened).
 
+    The update gate (``parallel/deepspeed.py``) decides inside the engine's step, where the gradient norm is
+    known; this function alone hands it the step's global loss and limits and reads its decision back.
     ``moe_model``: the ModelConfig of a mixture-of-experts model (its router losses are weighted and read).
     """
     microbatches = _load(batches, layout, device)
@@ -156,6 +160,7 @@ def train_step(engine, model: ModelChunks, batches: Iterator[dict], layout: Layo
         clear_tracker()  # evaluation forwards may have recorded losses
         set_aux_loss_scale(_aux_loss_scale(layout), device)
     gate = engine.update_gate  # decides at the update whether it happens: it needs the loss first
+    gate.limits, gate.skipped = limits, None
     if layout.pp == 1:
         share = torch.zeros((), device=device)
         for index, batch in enumerate(microbatches):
@@ -180,6 +185,7 @@ def train_step(engine, model: ModelChunks, batches: Iterator[dict], layout: Layo
         grad_norm=None if grad_norm is None else torch.as_tensor(grad_norm, dtype=torch.float32),
         aux=None if moe_model is None else weighted_aux_loss(moe_model, router_losses),
         router_losses=router_losses,
+        skipped=gate.skipped,
     )
 
 

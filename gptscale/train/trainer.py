@@ -24,7 +24,7 @@ from gptscale.model.fp8 import check_fp8
 from gptscale.model.init import initialize
 from gptscale.model.moe import expert_parameters, prepare_routers, update_expert_bias
 from gptscale.model.spec import resolve_backend
-from gptscale.parallel.deepspeed import build_engine, release_local_rank
+from gptscale.parallel.deepspeed import UpdateLimits, build_engine, release_local_rank
 from gptscale.parallel.devices import device_peak_tflops
 from gptscale.parallel.grads import (
     mark_pipeline_replicas,
@@ -138,15 +138,12 @@ class Trainer:
 
     def train_one_step(self):
         lr = self.schedule.apply(self.engine.optimizer)
-        gate = self.engine.update_gate
-        gate.loss_limit, gate.norm_limit = self.spikes.limits()
-        gate.require_both = self.spikes.require_both
-        gate.skipped = None
+        limits = UpdateLimits(*self.spikes.limits(), require_both=self.spikes.require_both)
         batches = self.data.train
         if self.progress.step + 1 in self.cfg.train.inject_nan_steps:
             batches = with_nan_loss(batches)
         result = train_step(self.engine, self.model, batches, self.layout, self.cfg.train.seq_len,
-                            self.device, self.ctx.is_last_stage, self.moe_model)
+                            self.device, self.ctx.is_last_stage, limits, self.moe_model)
         update_expert_bias(self.model)
         self.schedule.advance()
         self.progress.advance(self.tokens_per_step)
@@ -169,11 +166,10 @@ class Trainer:
     def check_step(self, result) -> None:
         """Count a step skipped for a non-finite loss or gradient norm (DeepSpeed applied no update), or for a
         spike (the update gate skipped it); a step that updated joins the spike detector's window."""
-        gate = self.engine.update_gate
-        flags = [t for t in (result.grad_norm, gate.skipped) if t is not None]
+        flags = [t for t in (result.grad_norm, result.skipped) if t is not None]
         loss, *rest = torch.stack([t.detach().float().reshape(()) for t in (result.loss, *flags)]).tolist()  # one wait
         grad_norm = rest.pop(0) if result.grad_norm is not None else None
-        skipped = gate.skipped is None or bool(rest[0])  # None: DeepSpeed skipped before the gate
+        skipped = result.skipped is None or bool(rest[0])  # None: DeepSpeed skipped before the gate
         zscores = self.spikes.zscores(loss, grad_norm)
         if self.guard.record(self.step, loss, grad_norm):
             log.warning("step %d skipped: loss %s, gradient norm %s (%d skipped in the last %d steps, %d in all)",

@@ -73,14 +73,13 @@ def gate_decision(loss, norm, loss_limit, norm_limit, require_both):
 
     import torch
 
-    from gptscale.parallel.deepspeed import UpdateGate
+    from gptscale.parallel.deepspeed import UpdateGate, UpdateLimits
 
     optimizer = types.SimpleNamespace(step=lambda *args, **kwargs: None, _global_grad_norm=torch.tensor(norm),
                                       _step_supports_amp_scaling=True)
     engine = types.SimpleNamespace(device=torch.device("cpu"), optimizer=optimizer, _global_grad_norm=None)
     gate = UpdateGate(engine, optimizer)
-    gate.loss, gate.loss_limit, gate.norm_limit, gate.require_both = torch.tensor(loss), loss_limit, norm_limit, \
-        require_both
+    gate.loss, gate.limits = torch.tensor(loss), UpdateLimits(loss_limit, norm_limit, require_both)
     optimizer.step()
     return bool(optimizer.found_inf.item())
 
