@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 
 from gptscale.checkpoint.adopt import adopt_model
 from gptscale.checkpoint.checkpointer import Checkpointer
@@ -40,9 +39,10 @@ from gptscale.train.lr_schedule import LearningRateSchedule
 from gptscale.train.metrics import ThroughputMeter
 from gptscale.train.preemption import StopRequest
 from gptscale.train.progress import Progress
-from gptscale.train.rewind import AT_START, SpikeRecord
+from gptscale.train.rewind import SpikeRecord
 from gptscale.train.rng import RngState, seed_everything
 from gptscale.train.router_metrics import router_metrics
+from gptscale.train.spikes import SpikeHandling
 from gptscale.train.step import StepResult, eval_step, train_step
 
 log = logging.getLogger("gptscale")
@@ -121,8 +121,12 @@ class Trainer:
             "spikes": self.spikes,
             "train_data": self.data.train, "valid_data": self.data.valid, "tracker": self.tracker,
         }, tokenizer_file=self.data.tokenizer_file)
-        self.spike_record = SpikeRecord(self.run_dir, self.ctx.rank == 0)  # skipped documents, rewinds
-        if not self.rewind_at_start() and self.checkpointer.resume() is None and cfg.task.init:
+        # Spikes: skipped batches' documents excluded and recorded, streaks rewound (or accepted), rewind at start.
+        self.spike_handling = SpikeHandling(spike, self.spikes, SpikeRecord(self.run_dir, self.ctx.rank == 0),
+                                            self.data.train, self.checkpointer, self.tracker, lambda: self.step,
+                                            self.ctx.rank, self.layout.world_size)
+        if not self.spike_handling.rewind_at_start(cfg.checkpoint.rewind) and self.checkpointer.resume() is None \
+                and cfg.task.init:
             self.checkpointer.initialize_from(cfg.task.init)  # fine-tuning: weights only
         self.reported_checkpoint = self.checkpointer.saved_step
         self.stop_request = StopRequest(self.device)  # SIGTERM / SIGUSR1 / first Ctrl-C: checkpoint and exit 0
@@ -175,14 +179,7 @@ class Trainer:
             log.warning("step %d skipped: loss %s, gradient norm %s (%d skipped in the last %d steps, %d in all)",
                         self.step, loss, grad_norm, len(self.guard.recent), self.guard.window, self.guard.skipped)
         elif skipped:
-            self.spikes.count_skip(self.step)
-            documents = self.record_spike_documents()
-            log.warning("step %d skipped as a spike: loss %.4f (z-score %s), gradient norm %s (z-score %s); "
-                        "%d spikes skipped in all", self.step, loss, _score(zscores[0]), grad_norm,
-                        _score(zscores[1]), self.spikes.skipped)
-            self.tracker.log(self.step, {"spike/skipped_step": 1, "spike/loss": loss,
-                                         "spike/zscore_loss": zscores[0], "spike/zscore_grad_norm": zscores[1],
-                                         "spike/skipped": self.spikes.skipped, "spike/documents": len(documents)})
+            self.spike_handling.skipped(loss, grad_norm, zscores)
         else:
             self.spikes.add(loss, grad_norm)
         self.last_zscores = zscores
@@ -193,79 +190,6 @@ class Trainer:
             f"stopping at step {self.step}: {len(self.guard.recent)} steps in the last {self.guard.window} had a "
             f"non-finite loss or gradient norm (train.max_bad_steps={self.guard.max_bad_steps}); last good "
             f"checkpoint: {self.checkpointer.last_complete or 'none'}")
-
-    def too_many_spikes(self) -> bool:
-        bound = self.cfg.train.spike.max_consecutive
-        return bound > 0 and self.spikes.consecutive >= bound
-
-    def record_spike_documents(self) -> list:
-        """The documents of the skipped step's whole global batch (rank 0 names them from the order; every
-        rank gets the list): recorded in RUN_DIR and excluded from the loader from the next step on."""
-        loader = self.data.train
-        if not hasattr(loader, "documents_at"):  # synthetic or fine-tuning data
-            return []
-        found = [loader.documents_at(loader.step - 1) if self.ctx.rank == 0 else None]
-        if self.layout.world_size > 1:
-            dist.broadcast_object_list(found, src=0)
-        self.spike_record.add(found[0], f"step {self.step}")
-        loader.exclude(found[0])
-        if self.ctx.rank == 0:
-            log.warning("step %d: its %d documents are excluded from now on and listed in %s", self.step,
-                        len(found[0]), self.spike_record.documents_file)
-        return found[0]
-
-    def rewind(self, target: int, reason: str) -> None:
-        """Reload the newest checkpoint at or before step ``target`` and go on with every recorded document
-        excluded (collective)."""
-        from_step = self.step
-        path = self.checkpointer.rewind(target)
-        new = self.data.train.exclude(self.spike_record.documents) if hasattr(self.data.train, "exclude") else []
-        self.spike_record.add_rewind({"from_step": from_step, "to_step": target, "checkpoint": str(path),
-                                      "resumed_step": self.step, "reason": reason, "excluded": len(new)})
-        if self.ctx.rank == 0:
-            what = "at start" if reason == AT_START else f"from step {from_step}"
-            log.warning("rewound %s to the checkpoint of step %d (%s; %s): %d more documents excluded", what,
-                        self.step, path, reason, len(new))
-        self.tracker.log(self.step, {"rewind/from_step": from_step, "rewind/excluded": len(new)})
-
-    def rewind_at_start(self) -> bool:
-        """``checkpoint.rewind=N``: start from the newest checkpoint at or before N, once per run directory (a
-        relaunch with the same command line then resumes as usual)."""
-        target = self.cfg.checkpoint.rewind
-        if target is None:
-            return False
-        if self.spike_record.rewound_at_start_to(target):
-            if self.ctx.rank == 0:
-                log.info("checkpoint.rewind=%d was done before (%s): resuming as usual", target,
-                         self.spike_record.rewinds_file)
-            return False
-        self.rewind(target, AT_START)
-        return True
-
-    def end_spike_streak(self) -> bool:
-        """``train.spike.max_consecutive`` spikes in a row: rewind to before the first of them and return True.
-        Where the run cannot (no checkpoint early enough, or ``train.spike.max_rewinds`` used), the spikes are
-        the model's own level, not a batch's: the detector restarts from it and training goes on, as it would
-        with no spike handling at all."""
-        spike = self.cfg.train.spike
-        what = (f"{self.spikes.consecutive} steps in a row since step {self.spikes.streak_start} were skipped as "
-                f"loss spikes (train.spike.max_consecutive={spike.max_consecutive})")
-        if self.spike_record.automatic_rewinds() >= spike.max_rewinds:
-            why_not = (f"the run has rewound train.spike.max_rewinds={spike.max_rewinds} times already "
-                       f"({self.spike_record.rewinds_file})")
-        else:
-            try:
-                self.rewind(self.spikes.streak_start - 1, what)
-                return True
-            except CheckpointError as error:
-                why_not = f"the run cannot rewind: {error}"
-        if self.ctx.rank == 0:
-            log.warning("step %d: %s, and %s; training goes on from this loss level, which the spike detector "
-                        "takes as the new normal once %d updated steps fill its window again", self.step, what,
-                        why_not, spike.window)
-        self.spikes.restart()
-        self.tracker.log(self.step, {"spike/restarted": 1})
-        return False
 
     def report_checkpoint(self) -> None:
         """Log the step of a checkpoint once, when it is saved (trackers show where a run can resume)."""
@@ -287,7 +211,7 @@ class Trainer:
 
     def fit(self, on_step: Optional[Callable[[int, StepResult], None]] = None) -> None:
         """Train until ``train.steps`` or a stop signal. Too many non-finite steps stop the run; spikes in a row
-        rewind it or, where it cannot rewind, restart the spike detector (``end_spike_streak``).
+        rewind it or, where it cannot rewind, restart the spike detector (``SpikeHandling.end_streak``).
 
         Nothing is kept per step. ``on_step(step, result)`` sees each step's result as it is made (a rewound
         step is seen again when it is trained again). The host waits for the device where a decision needs
@@ -333,7 +257,7 @@ class Trainer:
                     self.tracker.log(self.step, metrics)
             if self.guard.exceeded():
                 raise self.too_many_bad_steps()
-            if self.too_many_spikes() and self.end_spike_streak():
+            if self.spike_handling.streak_too_long() and self.spike_handling.end_streak():
                 continue  # the steps after the checkpoint are trained again
             stop, save_due = self.stop_request.agreed(self.checkpointer.due_by_time())
             if stop:
@@ -356,7 +280,3 @@ class Trainer:
         destroy_model_parallel()
         release_local_rank()
         self.run_lock.release()
-
-
-def _score(value) -> str:
-    return "n/a" if value is None else f"{value:.1f}"
