@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import multiprocessing
 import os
@@ -24,8 +25,9 @@ from typing import Callable, Iterable, Iterator, Optional
 import numpy as np
 from tqdm import tqdm
 
-from gptscale.data.chat import FORMATS, Piece, load_template, read_records
-from gptscale.data.inputs import expand_inputs, read_documents
+from gptscale.data import array
+from gptscale.data.chat import FORMATS, Piece
+from gptscale.data.inputs import expand_inputs
 from gptscale.data.manifest import (
     FORMAT,
     MANIFEST,
@@ -37,8 +39,10 @@ from gptscale.data.manifest import (
     check_vocab_fits,
     dtype_for_vocab,
 )
+from gptscale.data.parts import plan_parts
 from gptscale.data.shards import ShardWriter, compressor
 from gptscale.data.tokenizer import TokenizerInfo, load_tokenizer, train_bpe
+from gptscale.files import replace_text
 
 log = logging.getLogger("gptscale")
 
@@ -193,8 +197,9 @@ def prepare_dataset(
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
     try:
-        splits = _tokenize_and_write(texts(), info, token_dtype, temporary, shard_size, val_fraction, workers,
-                                     progress)
+        splits = _write_splits(texts(), info, token_dtype, temporary, shard_size, val_fraction, workers, progress)
+        check_splits(splits, val_fraction)
+        splits = {name: shards for name, shards in splits.items() if shards}
         masked = any(shard.lengths is not None for shards in splits.values() for shard in shards)
         manifest = Manifest(str(output), info.vocab_size, info.eod, token_dtype, _tokenizer_entry(info), splits,
                             SFT_FORMAT if masked else FORMAT)
@@ -229,9 +234,9 @@ def _tokenizer_entry(info: TokenizerInfo) -> dict:
             "eod_token": info.eod_token, "source": info.source}
 
 
-def _tokenize_and_write(texts: Iterator[tuple[int, Document]], info: TokenizerInfo, dtype: str, directory: Path,
-                        shard_size: int, val_fraction: float, workers: int,
-                        progress: bool) -> dict[str, list[ShardInfo]]:
+def _write_splits(texts: Iterator[tuple[int, Document]], info: TokenizerInfo, dtype: str, directory: Path,
+                  shard_size: int, val_fraction: float, workers: int, progress: bool) -> dict[str, list[ShardInfo]]:
+    """The shards of both splits (either may be empty), written into ``directory``."""
     writers = {"train": _SplitWriter(directory, "train", shard_size), "val": _SplitWriter(directory, "val", shard_size)}
     bar = tqdm(unit="tok", unit_scale=True, desc="tokenize", disable=not progress, smoothing=0.1)
     init = (info.json, info.eod, dtype)
@@ -243,12 +248,14 @@ def _tokenize_and_write(texts: Iterator[tuple[int, Document]], info: TokenizerIn
         _init_worker(*init)
         _write_results(map(_encode_chunk, _chunks(texts)), writers, val_fraction, bar)
     bar.close()
-    splits = {name: writer.close() for name, writer in writers.items()}
+    return {name: writer.close() for name, writer in writers.items()}
+
+
+def check_splits(splits: dict[str, list[ShardInfo]], val_fraction: float) -> None:
     if not splits["train"] and not splits["val"]:
         raise DataError("the inputs hold no documents (every file is empty)")
     if not splits["train"]:
         raise DataError(f"every document went to the validation split; lower --val-fraction {val_fraction}")
-    return {name: shards for name, shards in splits.items() if shards}
 
 
 def _write_results(results: Iterable[list[tuple[int, bytes, int, Optional[bytes]]]], writers: dict,
@@ -259,14 +266,73 @@ def _write_results(results: Iterable[list[tuple[int, bytes, int, Optional[bytes]
         bar.update(sum(item[2] for item in chunk))
 
 
-def _reader(args: argparse.Namespace) -> Callable[[Path], Iterable[Document]]:
-    """The documents of one input file, as ``--format`` reads them."""
-    if args.data_format == "text":
-        return lambda path: read_documents(path, args.text_field)
-    template = None
-    if args.data_format == "chat" or args.chat_template:
-        template = load_template(args.chat_template, args.tokenizer)
-    return lambda path: read_records(path, args.data_format, template)
+def prepare_files(args: argparse.Namespace) -> Manifest:
+    """The command line's job: plan the parts, train the tokenizer (one task) if asked, tokenize the parts
+    that are not done yet on the executor, merge. Re-running the same command resumes where it stopped."""
+    output: Path = args.output
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
+        raise DataError(f"--output {output} exists and is not empty; remove it or pass --overwrite")
+    if not 0.0 <= args.val_fraction < 1.0:
+        raise DataError(f"--val-fraction {args.val_fraction} must be in [0, 1)")
+    started = time.perf_counter()
+    files = expand_inputs(args.input)
+    job = {"format": args.data_format, "text_field": args.text_field, "chat_template": args.chat_template,
+           "tokenizer": args.tokenizer, "vocab_size": args.vocab_size, "eod_token": args.eod_token,
+           "tokenizer_train_chars": args.tokenizer_train_chars, "shard_size": args.shard_size,
+           "val_fraction": args.val_fraction, "dtype": args.dtype, "part_size": args.part_size,
+           "on_error": args.on_error}
+    parts = [part.to_dict() for part in plan_parts(files, args.part_size, args.data_format)]
+    work = array.work_dir(output)
+    if (work / array.PLAN).is_file():
+        plan = array.load_plan(work)
+        differs = [key for key in job if plan["job"].get(key) != job[key]]
+        if plan["parts"] != parts:
+            differs.append("inputs (files, sizes or Parquet row groups)")
+        if differs and not args.overwrite:
+            raise DataError(f"{work} holds an unfinished job with another {', '.join(differs)}; re-run it with "
+                            "the same options to resume, or pass --overwrite to start afresh")
+        if differs:
+            shutil.rmtree(work)
+        else:
+            log.info("gptscale-prepare: resuming the job in %s", work)
+    if not (work / array.PLAN).is_file():
+        shutil.rmtree(work, ignore_errors=True)
+        (work / "parts").mkdir(parents=True)
+        replace_text(work / array.PLAN, json.dumps({"job": job, "parts": parts}) + "\n")
+    slurm = {"partition": args.slurm_partition, "time": args.slurm_time, "cpus": args.slurm_cpus,
+             "parallelism": args.slurm_parallelism}
+    if not (work / TOKENIZER).is_file():
+        if args.tokenizer is not None:
+            replace_text(work / TOKENIZER, load_tokenizer(args.tokenizer, args.eod_token).json)
+        else:
+            array.train_tokenizer_on(args.executor, work, slurm)
+    info = load_tokenizer(work / TOKENIZER, args.eod_token)
+    token_dtype = dtype_for_vocab(info.vocab_size) if args.dtype == "auto" else args.dtype
+    check_vocab_fits(info.vocab_size, token_dtype, f"tokenizer {args.tokenizer or work / TOKENIZER}")
+    plan = array.load_plan(work)
+    if "dtype" not in plan:
+        plan.update(dtype=token_dtype, vocab_size=info.vocab_size, eod=info.eod, eod_token=info.eod_token,
+                    tokenizer_sha256=hashlib.sha256(info.json.encode("utf-8")).hexdigest(),
+                    tokenizer_source=_tokenizer_entry(info)["source"] if args.tokenizer else
+                    f"byte-level BPE of {args.vocab_size} trained on a sample of the input")
+        replace_text(work / array.PLAN, json.dumps(plan) + "\n")
+    count = max(1, min(args.tasks or args.workers, len(parts)))
+    runs = array.assign(parts, count)
+    todo = [task for task, run in enumerate(runs)
+            if not all((array.part_dir(work, index) / array.PART).is_file() for index in run)]
+    progress = array.Progress(work, runs, args.quiet)
+    if todo and args.executor == "slurm":
+        array.run_slurm(work, todo, count, slurm, progress)
+    elif todo:
+        array.run_local(work, todo, count, max(1, args.workers), progress)
+    progress.report(force=True)
+    manifest = array.merge(work, output, args.input)
+    tokens = sum(s.tokens for shards in manifest.splits.values() for s in shards)
+    seconds = time.perf_counter() - started
+    log.info("prepared %s: %d train + %d validation documents, %d tokens in %d shards, %.1fs (%.2fM tokens/s)",
+             output, sum(s.samples for s in manifest.shards("train")), sum(s.samples for s in manifest.shards("val")),
+             tokens, sum(len(v) for v in manifest.splits.values()), seconds, tokens / seconds / 1e6)
+    return manifest
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -296,20 +362,28 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="token storage (default: uint16 when the vocabulary fits)")
     parser.add_argument("--tokenizer-train-chars", type=parse_size, default="1G", metavar="SIZE",
                         help="characters of text the BPE learns from, from the start of the corpus (default 1G)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    parser.add_argument("--part-size", type=parse_size, default="256MB", metavar="SIZE",
+                        help="input per part, the unit of work and of restart: large JSON lines files are cut at "
+                             "line boundaries, Parquet files at row groups (default 256MB)")
+    parser.add_argument("--executor", choices=["local", "slurm"], default="local",
+                        help="local: a pool of --workers processes (default); slurm: one SLURM job array")
+    parser.add_argument("--tasks", type=int, metavar="N",
+                        help="tasks the parts are spread over (default: --workers); the output does not depend on it")
+    parser.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                        help="a bad line, row group or vanished file fails its part (raise, default) or is skipped "
+                             "and counted (skip)")
+    parser.add_argument("--slurm-partition", metavar="NAME", help="SLURM partition of the job array")
+    parser.add_argument("--slurm-time", type=int, default=240, metavar="MINUTES", help="time limit per task")
+    parser.add_argument("--slurm-cpus", type=int, default=1, metavar="N", help="CPUs per task (tokenizer threads)")
+    parser.add_argument("--slurm-parallelism", type=int, default=256, metavar="N",
+                        help="array tasks running at once")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --output, or an unfinished job's work with other options")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        files = expand_inputs(args.input)
-        read = _reader(args)
-        prepare_dataset(
-            lambda: (document for path in files for document in read(path)),
-            args.output, tokenizer=args.tokenizer, vocab_size=args.vocab_size, eod_token=args.eod_token,
-            shard_size=args.shard_size, val_fraction=args.val_fraction, workers=max(1, args.workers),
-            dtype=args.dtype, tokenizer_train_chars=args.tokenizer_train_chars, inputs=args.input,
-            overwrite=args.overwrite, progress=not args.quiet,
-        )
+        prepare_files(args)
     except DataError as error:
         sys.exit(f"gptscale-prepare: {error}")
 
