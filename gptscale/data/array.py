@@ -180,11 +180,13 @@ def merge(work: Path, output: Path, inputs: list[str]) -> Manifest:
             problems.append(f"{name} is not done")
             continue
         body = json.loads((directory / PART).read_text(encoding="utf-8"))
-        differs = [key for key, value in (("part", part), ("job", plan["job"]), ("tokenizer_sha256", sha256),
-                                          ("dtype", plan["dtype"])) if body.get(key) != value]
+        theirs = {"part": body.get("part"), "tokenizer sha256": body.get("tokenizer_sha256"), "dtype": body.get("dtype"),
+                  **body.get("job", {})}
+        ours = {"part": part, "tokenizer sha256": sha256, "dtype": plan["dtype"], **plan["job"]}
+        differs = [f"{key} {theirs.get(key)!r} (the job's: {value!r})" for key, value in ours.items()
+                   if theirs.get(key) != value]
         if differs:
-            problems.append(f"{name} was made with another {' / '.join(differs)} than the job's "
-                            f"({directory / PART})")
+            problems.append(f"{name} was made with another {', '.join(differs)} ({directory / PART})")
             continue
         for shards in body["splits"].values():
             for shard in shards:
