@@ -1,10 +1,13 @@
 """``gptscale-prepare``: raw text to a sharded token dataset (webdataset tar shards of zstd token arrays).
 
-Documents are read in a fixed order (sorted files, file order within them), tokenized by a pool of worker
-processes that return results in order, and written shard after shard: the output is byte-identical for
-the same input and options whatever the number of workers. Validation documents are picked by index with
-a low-discrepancy sequence, so the split is spread evenly over the corpus. Everything is written under a
-temporary name and renamed into place at the end: a crash never leaves a dataset that looks complete.
+The input files are cut into parts (``data/parts.py``); tasks, on a local process pool or a SLURM job array,
+tokenize the parts into shards and publish each under a marker; a merge links them into one dataset
+(``data/array.py``). Within a part, documents are read in file order and written shard after shard, so
+the dataset is byte-identical for the same input and options whatever the number of tasks, the executor
+or restarts. Validation documents are picked by index with a low-discrepancy sequence, so the split is
+spread evenly over the corpus. Everything is written under a temporary name and renamed into place: a
+crash never leaves a part or a dataset that looks complete. ``prepare_dataset`` does the same for
+documents held in memory, in one part.
 """
 
 from __future__ import annotations
@@ -320,6 +323,9 @@ def prepare_files(args: argparse.Namespace) -> Manifest:
     runs = array.assign(parts, count)
     todo = [task for task, run in enumerate(runs)
             if not all((array.part_dir(work, index) / array.PART).is_file() for index in run)]
+    for task in todo:  # failures of an earlier run are retried, and no longer counted as failed
+        for index in runs[task]:
+            array.failed_marker(work, index).unlink(missing_ok=True)
     progress = array.Progress(work, runs, args.quiet)
     if todo and args.executor == "slurm":
         array.run_slurm(work, todo, count, slurm, progress)
