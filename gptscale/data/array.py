@@ -278,8 +278,10 @@ def run_local(work: Path, tasks: list[int], count: int, workers: int, progress: 
     saved = {name: os.environ.get(name) for name in ("RAYON_NUM_THREADS", "TOKENIZERS_PARALLELISM")}
     os.environ.update(RAYON_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     try:
+        # Forked, not spawned: a child starts with this process's imports (webdataset pulls in torch, seconds).
+        # The tokenizer runs serially there, as the variables above ask and tokenizers does in forked children.
         with concurrent.futures.ProcessPoolExecutor(min(workers, len(tasks)),
-                                                    mp_context=multiprocessing.get_context("spawn")) as pool:
+                                                    mp_context=multiprocessing.get_context("fork")) as pool:
             futures = [pool.submit(run_task, str(work), task, count) for task in tasks]
             while concurrent.futures.wait(futures, timeout=0.5).not_done:
                 progress.report()

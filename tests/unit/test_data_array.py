@@ -162,3 +162,10 @@ def test_rerun_with_other_options_is_refused(corpus, tmp_path):
         prepare(root, tmp_path / "out", "--workers", "1")
     with pytest.raises(SystemExit, match=r"unfinished job with another shard_size"):
         prepare(root, tmp_path / "out", "--workers", "1", "--shard-size", "5kB")
+
+
+def test_parquet_file_without_a_footer_is_refused_when_planning(tmp_path):
+    (tmp_path / "e.parquet").write_bytes(b"PAR1 not really parquet")
+    with pytest.raises(SystemExit, match=r"e.parquet: not a readable Parquet file"):
+        prepare(tmp_path / "e.parquet", tmp_path / "out", "--workers", "1")
+    assert not (tmp_path / "out").exists() and not array.work_dir(tmp_path / "out").exists()
