@@ -115,9 +115,8 @@ def run_task(work: str, task: int, tasks: int) -> None:
     """Tokenize the parts of task ``task`` of ``tasks`` that are not done yet; a part that fails is marked
     failed (with the reason) and the others still run; the task then fails naming them."""
     work_path = Path(work)
-    os.environ.setdefault("RAYON_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", ""))
-    if not os.environ["RAYON_NUM_THREADS"]:
-        del os.environ["RAYON_NUM_THREADS"]
+    if "SLURM_CPUS_PER_TASK" in os.environ:  # as many tokenizer threads as CPUs SLURM gave the task
+        os.environ.setdefault("RAYON_NUM_THREADS", os.environ["SLURM_CPUS_PER_TASK"])
     plan = load_plan(work_path)
     failed = []
     for index in assign(plan["parts"], tasks)[task]:
@@ -177,7 +176,8 @@ def merge(work: Path, output: Path, inputs: list[str]) -> Manifest:
             problems.append(f"{name} failed: {failed_marker(work, part['index']).read_text().strip()}")
             continue
         if not (directory / PART).is_file():
-            problems.append(f"{name} is not done")
+            problems.append(f"{name} is not done (its task was killed or has not run; re-run the same command "
+                            "to resume)")
             continue
         body = json.loads((directory / PART).read_text(encoding="utf-8"))
         theirs = {"part": body.get("part"), "tokenizer sha256": body.get("tokenizer_sha256"), "dtype": body.get("dtype"),
@@ -201,6 +201,7 @@ def merge(work: Path, output: Path, inputs: list[str]) -> Manifest:
     from gptscale.data.prepare import check_splits
 
     temporary = output.parent / f".{output.name}.tmp-{os.getpid()}"
+    replaced = output.parent / f".{output.name}.old-{os.getpid()}"
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
     try:
@@ -223,9 +224,12 @@ def merge(work: Path, output: Path, inputs: list[str]) -> Manifest:
                              "source": plan["tokenizer_source"]}, splits, SFT_FORMAT if masked else FORMAT)
         (temporary / TOKENIZER).write_bytes(tokenizer)
         (temporary / MANIFEST).write_text(manifest.to_json(inputs), encoding="utf-8")
+        if output.exists():  # --overwrite
+            os.replace(output, replaced)
         os.replace(temporary, output)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
+        shutil.rmtree(replaced, ignore_errors=True)
     skipped = sum(body["skipped"] for body in bodies)
     if skipped:
         examples = [example for body in bodies for example in body["skipped_examples"]][:5]
@@ -285,10 +289,10 @@ def run_local(work: Path, tasks: list[int], count: int, workers: int, progress: 
             futures = [pool.submit(run_task, str(work), task, count) for task in tasks]
             while concurrent.futures.wait(futures, timeout=0.5).not_done:
                 progress.report()
-            for future in futures:
-                if isinstance(future.exception(), concurrent.futures.process.BrokenProcessPool):
-                    raise DataError(f"a task process died ({future.exception()}); re-run the same command to "
-                                    "resume")
+            for task, future in zip(tasks, futures):
+                if future.exception() is not None and not isinstance(future.exception(), DataError):
+                    raise DataError(f"task {task} of {count} ended with {future.exception()!r}; re-run the same "
+                                    "command to resume")
     finally:
         for name, value in saved.items():
             if value is None:

@@ -46,6 +46,8 @@ def prepare(corpus, output, *extra):
 def test_one_task_and_three_tasks_give_byte_identical_datasets(corpus, tmp_path):
     prepare(corpus, tmp_path / "one", "--workers", "1", "--tasks", "1")
     prepare(corpus, tmp_path / "three", "--workers", "2", "--tasks", "3")
+    (tmp_path / "three" / "stale").write_text("replaced by --overwrite")
+    prepare(corpus, tmp_path / "three", "--workers", "2", "--tasks", "3", "--overwrite")
     one = files_of(tmp_path / "one")
     assert one == files_of(tmp_path / "three")
     assert not array.work_dir(tmp_path / "one").exists() and not list(tmp_path.glob(".*tmp*"))
