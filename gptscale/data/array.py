@@ -331,5 +331,6 @@ def train_tokenizer_on(executor: str, work: Path, options: dict) -> None:
     log.info("gptscale-prepare: training the tokenizer in SLURM job %s", job.job_id)
     try:
         job.result()
-    except Exception as error:  # submitit's FailedJobError carries the task's own traceback
-        raise DataError(f"the tokenizer job {job.job_id} failed:\n{error}") from None
+    except Exception as error:  # submitit's FailedJobError: the job's traceback, whose last line is the error
+        lines = str(error).strip().splitlines() or ["no message"]
+        raise DataError(f"the tokenizer job {job.job_id} failed: {lines[-1]} (log: {work / 'slurm'})") from None
