@@ -279,11 +279,13 @@ def prepare_files(args: argparse.Namespace) -> Manifest:
         raise DataError(f"--val-fraction {args.val_fraction} must be in [0, 1)")
     started = time.perf_counter()
     files = expand_inputs(args.input)
+    given = load_tokenizer(args.tokenizer, args.eod_token) if args.tokenizer is not None else None
     job = {"format": args.data_format, "text_field": args.text_field, "chat_template": args.chat_template,
            "tokenizer": args.tokenizer, "vocab_size": args.vocab_size, "eod_token": args.eod_token,
            "tokenizer_train_chars": args.tokenizer_train_chars, "shard_size": args.shard_size,
            "val_fraction": args.val_fraction, "dtype": args.dtype, "part_size": args.part_size,
-           "on_error": args.on_error}
+           "on_error": args.on_error,
+           "tokenizer_sha256": given and hashlib.sha256(given.json.encode("utf-8")).hexdigest()}
     parts = [part.to_dict() for part in plan_parts(files, args.part_size, args.data_format)]
     work = array.work_dir(output)
     if (work / array.PLAN).is_file():
@@ -305,8 +307,8 @@ def prepare_files(args: argparse.Namespace) -> Manifest:
     slurm = {"partition": args.slurm_partition, "time": args.slurm_time, "cpus": args.slurm_cpus,
              "parallelism": args.slurm_parallelism}
     if not (work / TOKENIZER).is_file():
-        if args.tokenizer is not None:
-            replace_text(work / TOKENIZER, load_tokenizer(args.tokenizer, args.eod_token).json)
+        if given is not None:
+            replace_text(work / TOKENIZER, given.json)
         else:
             array.train_tokenizer_on(args.executor, work, slurm)
     info = load_tokenizer(work / TOKENIZER, args.eod_token)
@@ -316,7 +318,7 @@ def prepare_files(args: argparse.Namespace) -> Manifest:
     if "dtype" not in plan:
         plan.update(dtype=token_dtype, vocab_size=info.vocab_size, eod=info.eod, eod_token=info.eod_token,
                     tokenizer_sha256=hashlib.sha256(info.json.encode("utf-8")).hexdigest(),
-                    tokenizer_source=_tokenizer_entry(info)["source"] if args.tokenizer else
+                    tokenizer_source=given.source if given else
                     f"byte-level BPE of {args.vocab_size} trained on a sample of the input")
         replace_text(work / array.PLAN, json.dumps(plan) + "\n")
     count = max(1, min(args.tasks or args.workers, len(parts)))

@@ -17,6 +17,7 @@ from tokenizers import Tokenizer
 from gptscale.data import array
 from gptscale.data.manifest import DataError
 from gptscale.data.prepare import main
+from tests.datasets import number_tokenizer
 from tests.helpers import REPO
 from tests.unit.test_data_prepare import TEXTS, documents_of
 
@@ -171,3 +172,13 @@ def test_parquet_file_without_a_footer_is_refused_when_planning(tmp_path):
     with pytest.raises(SystemExit, match=r"e.parquet: not a readable Parquet file"):
         prepare(tmp_path / "e.parquet", tmp_path / "out", "--workers", "1")
     assert not (tmp_path / "out").exists() and not array.work_dir(tmp_path / "out").exists()
+
+
+def test_rerun_with_a_changed_tokenizer_file_is_refused(tmp_path):
+    root = bad_corpus(tmp_path, "{not json")
+    tokenizer = number_tokenizer(tmp_path / "tokenizer.json", 300)
+    with pytest.raises(SystemExit, match="failed"):
+        main(["--input", str(root), "--output", str(tmp_path / "out"), "--tokenizer", str(tokenizer), "--quiet"])
+    number_tokenizer(tokenizer, 400)  # the same path, another tokenizer
+    with pytest.raises(SystemExit, match=r"unfinished job with another tokenizer_sha256"):
+        main(["--input", str(root), "--output", str(tmp_path / "out"), "--tokenizer", str(tokenizer), "--quiet"])
