@@ -230,6 +230,10 @@ def merge(work: Path, output: Path, inputs: list[str]) -> Manifest:
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
         shutil.rmtree(replaced, ignore_errors=True)
+    seconds = sum(body["seconds"] for body in bodies)
+    tokens = sum(shard.tokens for shards in splits.values() for shard in shards)
+    log.info("gptscale-prepare: merged %d parts; a task tokenized %.2fM tokens/s (tokens over the parts' own "
+             "seconds)", len(bodies), tokens / max(seconds, 1e-9) / 1e6)
     skipped = sum(body["skipped"] for body in bodies)
     if skipped:
         examples = [example for body in bodies for example in body["skipped_examples"]][:5]
