@@ -26,8 +26,18 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from gptscale.data.chat import load_template, read_records
-from gptscale.data.manifest import FORMAT, MANIFEST, SFT_FORMAT, TOKENIZER, DataError, Manifest, ShardInfo
+from gptscale.data.manifest import (
+    FORMAT,
+    MANIFEST,
+    SFT_FORMAT,
+    TOKENIZER,
+    DataError,
+    Manifest,
+    ShardInfo,
+)
 from gptscale.data.parts import Part, Skips, read_part
+from gptscale.data.tokenize import check_splits, is_validation, text_of, write_splits
+from gptscale.data.tokenizer import load_tokenizer, train_bpe
 from gptscale.files import replace_text
 
 log = logging.getLogger("gptscale")
@@ -75,11 +85,9 @@ def _records(job: dict) -> Optional[Callable[[Path], Iterator]]:
 
 def _indexed(documents: Iterator, part: int) -> Iterator[tuple[int, object]]:
     """Non-empty documents numbered in the validation sequence: part ``part`` starts at its own offset."""
-    from gptscale.data.prepare import _text
-
     index = part * PART_STRIDE
     for document in documents:
-        if _text(document).strip():
+        if text_of(document).strip():
             yield index, document
             index += 1
 
@@ -87,8 +95,6 @@ def _indexed(documents: Iterator, part: int) -> Iterator[tuple[int, object]]:
 def train_tokenizer(work: str) -> None:
     """The tokenizer task: a BPE learnt from the first training documents of every part, an equal share of
     ``tokenizer_train_chars`` each, so the sample is spread over the corpus and does not depend on tasks."""
-    from gptscale.data.prepare import _text, is_validation
-    from gptscale.data.tokenizer import train_bpe
 
     work_path = Path(work)
     plan = load_plan(work_path)
@@ -103,7 +109,7 @@ def train_tokenizer(work: str) -> None:
                 if used >= share:
                     break
                 if not is_validation(index, job["val_fraction"]):
-                    text = _text(document)
+                    text = text_of(document)
                     used += len(text)
                     yield text
 
@@ -132,9 +138,6 @@ def run_task(work: str, task: int, tasks: int) -> None:
 
 
 def _write_part(work: Path, plan: dict, part: Part) -> None:
-    from gptscale.data.prepare import _write_splits
-    from gptscale.data.tokenizer import load_tokenizer
-
     job = plan["job"]
     started = time.perf_counter()
     info = load_tokenizer(work / TOKENIZER, job["eod_token"] or plan["eod_token"])
@@ -145,7 +148,7 @@ def _write_part(work: Path, plan: dict, part: Part) -> None:
     temporary.mkdir(parents=True)
     try:
         documents = read_part(part, job["text_field"], _records(job), skips)
-        splits = _write_splits(_indexed(documents, part.index), info, plan["dtype"], temporary, job["shard_size"],
+        splits = write_splits(_indexed(documents, part.index), info, plan["dtype"], temporary, job["shard_size"],
                                job["val_fraction"], workers=1, progress=False)
         body = {"part": part.to_dict(), "job": job, "tokenizer_sha256": plan["tokenizer_sha256"],
                 "dtype": plan["dtype"], "skipped": skips.count, "skipped_examples": skips.examples,
@@ -198,8 +201,6 @@ def merge(work: Path, output: Path, inputs: list[str]) -> Manifest:
         bodies.append(body)
     if problems:
         raise DataError("the merge refuses to publish a dataset:\n  " + "\n  ".join(problems))
-    from gptscale.data.prepare import check_splits
-
     temporary = output.parent / f".{output.name}.tmp-{os.getpid()}"
     replaced = output.parent / f".{output.name}.old-{os.getpid()}"
     shutil.rmtree(temporary, ignore_errors=True)

@@ -16,7 +16,6 @@ import argparse
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import re
 import shutil
@@ -25,11 +24,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
-import numpy as np
-from tqdm import tqdm
-
 from gptscale.data import array
-from gptscale.data.chat import FORMATS, Piece
+from gptscale.data.chat import FORMATS
 from gptscale.data.inputs import expand_inputs
 from gptscale.data.manifest import (
     FORMAT,
@@ -38,24 +34,23 @@ from gptscale.data.manifest import (
     TOKENIZER,
     DataError,
     Manifest,
-    ShardInfo,
     check_vocab_fits,
     dtype_for_vocab,
 )
 from gptscale.data.parts import plan_parts
-from gptscale.data.shards import ShardWriter, compressor
+from gptscale.data.tokenize import (
+    Document,
+    check_splits,
+    is_validation,
+    text_of,
+    write_splits,
+)
 from gptscale.data.tokenizer import TokenizerInfo, load_tokenizer, train_bpe
 from gptscale.files import replace_text
 
 log = logging.getLogger("gptscale")
 
-GOLDEN = 0.6180339887498949
-CHUNK_CHARS = 1 << 20  # text per task handed to a worker
-
-
-def is_validation(index: int, fraction: float) -> bool:
-    """Document ``index`` goes to the validation split: an evenly spread, deterministic ``fraction``."""
-    return ((index + 1) * GOLDEN) % 1.0 < fraction
+__all__ = ["is_validation", "main", "parse_size", "prepare_dataset"]
 
 
 def parse_size(text: str) -> int:
@@ -69,87 +64,6 @@ def parse_size(text: str) -> int:
 
 
 # Worker side: each pool process holds the tokenizer and turns chunks of texts into compressed arrays.
-_worker: dict = {}
-
-
-def _init_worker(tokenizer_json: str, eod: int, dtype: str) -> None:
-    from tokenizers import Tokenizer
-
-    _worker.update(tokenizer=Tokenizer.from_str(tokenizer_json), eod=eod, dtype=np.dtype(dtype), zstd=compressor())
-
-
-Document = str | list[Piece]  # text, or a fine-tuning record's masked and trained pieces
-
-
-def _text(document: Document) -> str:
-    return document if isinstance(document, str) else "".join(piece.text for piece in document)
-
-
-def _encode_pieces(pieces: list[Piece]) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids plus the end-of-document id, and which are trained: each piece tokenized on its own. The
-    end of document is trained when the record ends in a trained piece (the model learns to stop)."""
-    encodings = _worker["tokenizer"].encode_batch_fast([piece.text for piece in pieces], add_special_tokens=False)
-    ids = [token for encoding in encodings for token in encoding.ids] + [_worker["eod"]]
-    mask = [piece.trained for piece, encoding in zip(pieces, encodings) for _ in encoding.ids] + [pieces[-1].trained]
-    return np.array(ids, dtype=_worker["dtype"]), np.array(mask, dtype=np.uint8)
-
-
-def _encode_chunk(chunk: list[tuple[int, Document]]) -> list[tuple[int, bytes, int, Optional[bytes]]]:
-    """Per document: its index, its token ids plus the end-of-document id compressed, its token count, and
-    its compressed loss mask (fine-tuning records; None for text)."""
-    texts = [(index, document) for index, document in chunk if isinstance(document, str)]
-    encodings = dict(zip([index for index, _ in texts], _worker["tokenizer"].encode_batch_fast(
-        [text for _, text in texts], add_special_tokens=False)))
-    results = []
-    for index, document in chunk:
-        mask = None
-        if isinstance(document, str):
-            tokens = np.array(encodings[index].ids + [_worker["eod"]], dtype=_worker["dtype"])
-        else:
-            tokens, mask = _encode_pieces(document)
-            mask = _worker["zstd"].compress(mask.tobytes())
-        results.append((index, _worker["zstd"].compress(tokens.tobytes()), len(tokens), mask))
-    return results
-
-
-def _chunks(texts: Iterable[tuple[int, Document]]) -> Iterator[list[tuple[int, Document]]]:
-    chunk, chars = [], 0
-    for item in texts:
-        chunk.append(item)
-        chars += len(_text(item[1]))
-        if chars >= CHUNK_CHARS:
-            yield chunk
-            chunk, chars = [], 0
-    if chunk:
-        yield chunk
-
-
-class _SplitWriter:
-    """Shards of one split, rolled over at the target size."""
-
-    def __init__(self, directory: Path, split: str, shard_size: int):
-        self.directory, self.split, self.shard_size = directory, split, shard_size
-        self.shards: list[ShardInfo] = []
-        self.samples = 0
-        self._writer: Optional[ShardWriter] = None
-
-    def add(self, compressed: bytes, num_tokens: int, mask: Optional[bytes] = None) -> None:
-        if self._writer is not None and self._writer.samples and \
-                self._writer.size + len(compressed) + 1024 > self.shard_size:
-            self.shards.append(self._writer.close())
-            self._writer = None
-        if self._writer is None:
-            self._writer = ShardWriter(self.directory / f"{self.split}-{len(self.shards):06d}.tar")
-        self._writer.add(f"{self.samples:09d}", compressed, num_tokens, mask)
-        self.samples += 1
-
-    def close(self) -> list[ShardInfo]:
-        if self._writer is not None:
-            self.shards.append(self._writer.close())
-            self._writer = None
-        return self.shards
-
-
 def prepare_dataset(
     documents: Callable[[], Iterable[Document]],
     output: Path,
@@ -181,14 +95,14 @@ def prepare_dataset(
         """Non-empty documents with their index, the index that decides their split."""
         index = 0
         for text in documents():
-            if _text(text).strip():
+            if text_of(text).strip():
                 yield index, text
                 index += 1
 
     if tokenizer is not None:
         info = load_tokenizer(tokenizer, eod_token)
     elif vocab_size is not None:
-        info = train_bpe(_budget((_text(t) for i, t in texts() if not is_validation(i, val_fraction)),
+        info = train_bpe(_budget((text_of(t) for i, t in texts() if not is_validation(i, val_fraction)),
                                  tokenizer_train_chars), vocab_size, eod_token)
     else:
         raise DataError("give --tokenizer FILE_OR_DIR or --vocab-size N")
@@ -200,7 +114,7 @@ def prepare_dataset(
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
     try:
-        splits = _write_splits(texts(), info, token_dtype, temporary, shard_size, val_fraction, workers, progress)
+        splits = write_splits(texts(), info, token_dtype, temporary, shard_size, val_fraction, workers, progress)
         check_splits(splits, val_fraction)
         splits = {name: shards for name, shards in splits.items() if shards}
         masked = any(shard.lengths is not None for shards in splits.values() for shard in shards)
@@ -235,38 +149,6 @@ def _budget(texts: Iterable[str], max_chars: int) -> Iterator[str]:
 def _tokenizer_entry(info: TokenizerInfo) -> dict:
     return {"file": TOKENIZER, "sha256": hashlib.sha256(info.json.encode("utf-8")).hexdigest(),
             "eod_token": info.eod_token, "source": info.source}
-
-
-def _write_splits(texts: Iterator[tuple[int, Document]], info: TokenizerInfo, dtype: str, directory: Path,
-                  shard_size: int, val_fraction: float, workers: int, progress: bool) -> dict[str, list[ShardInfo]]:
-    """The shards of both splits (either may be empty), written into ``directory``."""
-    writers = {"train": _SplitWriter(directory, "train", shard_size), "val": _SplitWriter(directory, "val", shard_size)}
-    bar = tqdm(unit="tok", unit_scale=True, desc="tokenize", disable=not progress, smoothing=0.1)
-    init = (info.json, info.eod, dtype)
-    if workers > 1:
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process, and no fork warning
-        with multiprocessing.Pool(workers, initializer=_init_worker, initargs=init) as pool:
-            _write_results(pool.imap(_encode_chunk, _chunks(texts)), writers, val_fraction, bar)
-    else:
-        _init_worker(*init)
-        _write_results(map(_encode_chunk, _chunks(texts)), writers, val_fraction, bar)
-    bar.close()
-    return {name: writer.close() for name, writer in writers.items()}
-
-
-def check_splits(splits: dict[str, list[ShardInfo]], val_fraction: float) -> None:
-    if not splits["train"] and not splits["val"]:
-        raise DataError("the inputs hold no documents (every file is empty)")
-    if not splits["train"]:
-        raise DataError(f"every document went to the validation split; lower --val-fraction {val_fraction}")
-
-
-def _write_results(results: Iterable[list[tuple[int, bytes, int, Optional[bytes]]]], writers: dict,
-                   val_fraction: float, bar: tqdm) -> None:
-    for chunk in results:
-        for index, compressed, num_tokens, mask in chunk:
-            writers["val" if is_validation(index, val_fraction) else "train"].add(compressed, num_tokens, mask)
-        bar.update(sum(item[2] for item in chunk))
 
 
 def prepare_files(args: argparse.Namespace) -> Manifest:
