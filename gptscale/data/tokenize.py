@@ -30,6 +30,8 @@ def is_validation(index: int, fraction: float) -> bool:
     """Document ``index`` goes to the validation split: an evenly spread, deterministic ``fraction``."""
     return ((index + 1) * GOLDEN) % 1.0 < fraction
 
+
+# Worker side: each pool process holds the tokenizer and turns chunks of texts into compressed arrays.
 _worker: dict = {}
 
 
