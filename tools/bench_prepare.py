@@ -38,33 +38,35 @@ import json, sys, time
 from tokenizers import Tokenizer
 tokenizer = Tokenizer.from_file(sys.argv[1])
 texts = [json.loads(line)["text"] for line in open(sys.argv[2])][int(sys.argv[3])::int(sys.argv[4])]
-start, tokens, chunk, chars = time.time(), 0, [], 0
+start, cpu, tokens, chunk, chars = time.time(), time.process_time(), 0, [], 0
 for text in texts:
     chunk.append(text); chars += len(text)
     if chars >= 1 << 20:
         tokens += sum(len(e.ids) + 1 for e in tokenizer.encode_batch_fast(chunk, add_special_tokens=False))
         chunk, chars = [], 0
 tokens += sum(len(e.ids) + 1 for e in tokenizer.encode_batch_fast(chunk, add_special_tokens=False))
-print(tokens, start, time.time())
+print(tokens, start, time.time(), time.process_time() - cpu)
 """
 
 
-def bare(tokenizer: Path, corpus: Path, processes: int) -> float:
-    """Tokens/s of ``processes`` plain encode_batch_fast loops, each over every n-th document."""
+def bare(tokenizer: Path, corpus: Path, processes: int) -> tuple[float, float]:
+    """Tokens/s of ``processes`` plain encode_batch_fast loops, each over every n-th document, and tokens per
+    CPU-second."""
     procs = [subprocess.Popen([sys.executable, "-c", BARE, str(tokenizer), str(corpus), str(i), str(processes)],
                               env=ONE_THREAD, stdout=subprocess.PIPE, text=True) for i in range(processes)]
     results = [[float(x) for x in proc.communicate()[0].split()] for proc in procs]
-    return sum(r[0] for r in results) / (max(r[2] for r in results) - min(r[1] for r in results))
+    tokens = sum(r[0] for r in results)
+    return tokens / (max(r[2] for r in results) - min(r[1] for r in results)), tokens / sum(r[3] for r in results)
 
 
 def gptscale(tokenizer: Path, corpus: Path, output: Path, tasks: int, part_size: str) -> tuple[float, float]:
-    """Tokens/s of the whole command (plan, tasks, merge) and of one task over its parts' own seconds."""
+    """Tokens/s of the whole command (plan, tasks, merge), and tokens per CPU-second of the tasks' parts."""
     proc = subprocess.run([sys.executable, "-m", "gptscale.data.prepare", "--input", str(corpus), "--output",
                            str(output), "--tokenizer", str(tokenizer), "--tasks", str(tasks), "--workers", str(tasks),
                            "--part-size", part_size, "--quiet"], env=ONE_THREAD, capture_output=True, text=True,
                           check=True)
     whole = float(re.search(r"\(([\d.]+)M tokens/s\)", proc.stderr).group(1)) * 1e6
-    return whole, float(re.search(r"a task tokenized ([\d.]+)M tokens/s", proc.stderr).group(1)) * 1e6
+    return whole, float(re.search(r"([\d.]+)M per CPU-second", proc.stderr).group(1)) * 1e6
 
 
 def merge_of_synthetic_parts(root: Path, parts: int = 1000) -> float:
@@ -89,7 +91,8 @@ def merge_of_synthetic_parts(root: Path, parts: int = 1000) -> float:
                               "sha256": "0" * 64}]
         (directory / array.PART).write_text(json.dumps({
             "part": part, "job": job, "tokenizer_sha256": plan["tokenizer_sha256"], "dtype": "uint16",
-            "skipped": 0, "skipped_examples": [], "seconds": 0.0, "splits": splits}))
+            "skipped": 0, "skipped_examples": [], "seconds": 0.0, "cpu_seconds": 0.0,
+            "splits": splits}))
     start = time.perf_counter()
     array.merge(work, root / "merged", ["/corpus"])
     return time.perf_counter() - start
@@ -111,13 +114,14 @@ def main() -> None:
               f"{os.getloadavg()[0]:.2f} load", flush=True)
         rates = {}
         for processes in (1, 2):
-            rates["bare", processes] = bare(root / "bpe.json", root / "corpus.jsonl", processes)
-            rates["gptscale", processes], per_task = gptscale(root / "bpe.json", root / "corpus.jsonl",
-                                                              root / f"out-{processes}", processes, "2MB")
-            print(f"{processes} process(es): bare encode_batch {rates['bare', processes] / 1e6:.2f}M tokens/s, "
+            rates["bare", processes], bare_cpu = bare(root / "bpe.json", root / "corpus.jsonl", processes)
+            rates["gptscale", processes], cpu = gptscale(root / "bpe.json", root / "corpus.jsonl",
+                                                         root / f"out-{processes}", processes, "2MB")
+            print(f"{processes} process(es): wall: bare encode_batch {rates['bare', processes] / 1e6:.2f}M tokens/s, "
                   f"gptscale-prepare {rates['gptscale', processes] / 1e6:.2f}M tokens/s "
-                  f"({rates['gptscale', processes] / rates['bare', processes]:.0%} of bare; limit 85 %), "
-                  f"a task over its parts' own time {per_task / 1e6:.2f}M tokens/s", flush=True)
+                  f"({rates['gptscale', processes] / rates['bare', processes]:.0%} of bare; limit 85 %); per "
+                  f"CPU-second: bare {bare_cpu / 1e6:.2f}M, gptscale-prepare's tasks {cpu / 1e6:.2f}M "
+                  f"({cpu / bare_cpu:.0%})", flush=True)
         print(f"2 tasks / 1 task: {rates['gptscale', 2] / rates['gptscale', 1]:.2f}x (asked: >= 1.7x)")
         print(f"merge of 1,000 synthetic parts: {merge_of_synthetic_parts(root):.2f} s")
 

@@ -139,7 +139,7 @@ def run_task(work: str, task: int, tasks: int) -> None:
 
 def _write_part(work: Path, plan: dict, part: Part) -> None:
     job = plan["job"]
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     info = load_tokenizer(work / TOKENIZER, job["eod_token"] or plan["eod_token"])
     skips = Skips(job["on_error"])
     target = part_dir(work, part.index)
@@ -152,7 +152,7 @@ def _write_part(work: Path, plan: dict, part: Part) -> None:
                                job["val_fraction"], workers=1, progress=False)
         body = {"part": part.to_dict(), "job": job, "tokenizer_sha256": plan["tokenizer_sha256"],
                 "dtype": plan["dtype"], "skipped": skips.count, "skipped_examples": skips.examples,
-                "seconds": round(time.perf_counter() - started, 3),
+                "seconds": round(time.perf_counter() - started, 3), "cpu_seconds": round(time.process_time() - cpu, 3),
                 "splits": {name: [asdict(shard) for shard in shards] for name, shards in splits.items()}}
         (temporary / PART).write_text(json.dumps(body) + "\n", encoding="utf-8")
         try:
@@ -231,10 +231,10 @@ def merge(work: Path, output: Path, inputs: list[str]) -> Manifest:
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
         shutil.rmtree(replaced, ignore_errors=True)
-    seconds = sum(body["seconds"] for body in bodies)
     tokens = sum(shard.tokens for shards in splits.values() for shard in shards)
-    log.info("gptscale-prepare: merged %d parts; a task tokenized %.2fM tokens/s (tokens over the parts' own "
-             "seconds)", len(bodies), tokens / max(seconds, 1e-9) / 1e6)
+    seconds, cpu = (sum(body[key] for body in bodies) for key in ("seconds", "cpu_seconds"))
+    log.info("gptscale-prepare: merged %d parts; a task tokenized %.2fM tokens/s (%.2fM per CPU-second; the "
+             "parts' own time)", len(bodies), tokens / max(seconds, 1e-9) / 1e6, tokens / max(cpu, 1e-9) / 1e6)
     skipped = sum(body["skipped"] for body in bodies)
     if skipped:
         examples = [example for body in bodies for example in body["skipped_examples"]][:5]
