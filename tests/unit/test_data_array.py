@@ -86,9 +86,9 @@ def run_until_a_part_is_being_written(command, work, timeout=60):
 
 
 def test_killed_job_leaves_no_complete_looking_part_and_a_rerun_finishes_it(tmp_path):
-    texts = [f"line {i} " + "lorem ipsum dolor sit amet " * (20 + i % 30) for i in range(3000)]
+    texts = [f"line {i} " + "lorem ipsum dolor sit amet " * (20 + i % 30) for i in range(1500)]
     (tmp_path / "big.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    options = ["--vocab-size", "300", "--tokenizer-train-chars", "50k", "--shard-size", "100kB", "--part-size", "500kB",
+    options = ["--vocab-size", "300", "--tokenizer-train-chars", "50k", "--shard-size", "100kB", "--part-size", "250kB",
                "--quiet"]
     command = [sys.executable, "-m", "gptscale.data.prepare", "--input", str(tmp_path / "big.jsonl"),
                "--output", str(tmp_path / "out"), "--workers", "1", *options]
