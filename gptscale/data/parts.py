@@ -62,12 +62,13 @@ def plan_parts(files: list[Path], part_size: int, data_format: str) -> list[Part
 
 
 def _parquet_parts(path: Path, part_size: int, first: int) -> list[Part]:
+    """Runs of row groups; a file whose footer does not read is one part, whose task names the fault."""
     import pyarrow.parquet as pq
 
     try:
         metadata = pq.ParquetFile(path).metadata
-    except Exception as error:  # pyarrow raises ArrowInvalid / OSError for files that are not Parquet
-        raise DataError(f"{path}: not a readable Parquet file ({error})") from None
+    except Exception:  # pyarrow raises ArrowInvalid / OSError for files that are not Parquet
+        return [Part(first, str(path), "file", bytes=path.stat().st_size)]
     parts, start, size = [], 0, 0
     for group in range(metadata.num_row_groups):
         size += metadata.row_group(group).total_byte_size
@@ -103,8 +104,9 @@ def read_part(part: Part, text_field: str, records: Optional[Callable[[Path], It
         yield from records(path)
     elif part.kind == "lines":
         yield from _read_lines(path, part.start, part.stop, text_field, skips)
-    elif part.kind == "row_groups":
-        yield from _read_row_groups(path, part.start, part.stop, text_field, skips)
+    elif _kind(path) == "parquet":
+        yield from _read_row_groups(path, part.start, part.stop if part.kind == "row_groups" else None, text_field,
+                                    skips)
     elif _kind(path) == "jsonl":
         yield from _read_lines(path, 0, None, text_field, skips)
     else:
@@ -156,7 +158,7 @@ def _byte_lines(stream: io.BufferedReader, start: int, stop: int) -> Iterator[tu
         number = number + 1 if number else 0
 
 
-def _read_row_groups(path: Path, start: int, stop: int, text_field: str, skips: Skips) -> Iterator[str]:
+def _read_row_groups(path: Path, start: int, stop: Optional[int], text_field: str, skips: Skips) -> Iterator[str]:
     import pyarrow.parquet as pq
 
     try:
@@ -168,7 +170,7 @@ def _read_row_groups(path: Path, start: int, stop: int, text_field: str, skips: 
         skips.bad(f"{path}: no column {text_field!r} (columns: {parquet.schema_arrow.names}); choose one with "
                   "--text-field")
         return
-    for group in range(start, stop):
+    for group in range(start, parquet.num_row_groups if stop is None else stop):
         try:
             texts = parquet.read_row_group(group, columns=[text_field]).column(0).to_pylist()
         except Exception as error:  # pyarrow's errors for corrupt pages are plain ArrowInvalid / OSError

@@ -167,11 +167,16 @@ def test_rerun_with_other_options_is_refused(corpus, tmp_path):
         prepare(root, tmp_path / "out", "--workers", "1", "--shard-size", "5kB")
 
 
-def test_parquet_file_without_a_footer_is_refused_when_planning(tmp_path):
-    (tmp_path / "e.parquet").write_bytes(b"PAR1 not really parquet")
-    with pytest.raises(SystemExit, match=r"e.parquet: not a readable Parquet file"):
-        prepare(tmp_path / "e.parquet", tmp_path / "out", "--workers", "1")
-    assert not (tmp_path / "out").exists() and not array.work_dir(tmp_path / "out").exists()
+def test_parquet_file_without_a_footer_fails_its_part_or_is_skipped(tmp_path):
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "e.parquet").write_bytes(b"PAR1 not really parquet")
+    (root / "f.txt").write_text("a fine document")
+    with pytest.raises(SystemExit, match=r"part 0 \(.*e.parquet\) failed: .*e.parquet: not a readable Parquet file"):
+        prepare(root, tmp_path / "out", "--workers", "1")
+    assert not (tmp_path / "out").exists()
+    prepare(root, tmp_path / "skipped", "--workers", "1", "--on-error", "skip", "--val-fraction", "0")
+    assert len(documents_of(tmp_path / "skipped")[1]) == 1
 
 
 def test_rerun_with_a_changed_tokenizer_file_is_refused(tmp_path):
