@@ -1,18 +1,21 @@
 """``gptscale-prepare``: raw text to a sharded token dataset (webdataset tar shards of zstd token arrays).
 
-Documents are read in a fixed order (sorted files, file order within them), tokenized by a pool of worker
-processes that return results in order, and written shard after shard: the output is byte-identical for
-the same input and options whatever the number of workers. Validation documents are picked by index with
-a low-discrepancy sequence, so the split is spread evenly over the corpus. Everything is written under a
-temporary name and renamed into place at the end: a crash never leaves a dataset that looks complete.
+The input files are cut into parts (``data/parts.py``); tasks, on a local process pool or a SLURM job array,
+tokenize the parts into shards and publish each under a marker; a merge links them into one dataset
+(``data/array.py``). Within a part, documents are read in file order and written shard after shard, so
+the dataset is byte-identical for the same input and options whatever the number of tasks, the executor
+or restarts. Validation documents are picked by index with a low-discrepancy sequence, so the split is
+spread evenly over the corpus. Everything is written under a temporary name and renamed into place: a
+crash never leaves a part or a dataset that looks complete. ``prepare_dataset`` does the same for
+documents held in memory, in one part.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
-import multiprocessing
 import os
 import re
 import shutil
@@ -21,11 +24,9 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
-import numpy as np
-from tqdm import tqdm
-
-from gptscale.data.chat import FORMATS, Piece, load_template, read_records
-from gptscale.data.inputs import expand_inputs, read_documents
+from gptscale.data import array
+from gptscale.data.chat import FORMATS
+from gptscale.data.inputs import expand_inputs
 from gptscale.data.manifest import (
     FORMAT,
     MANIFEST,
@@ -33,22 +34,23 @@ from gptscale.data.manifest import (
     TOKENIZER,
     DataError,
     Manifest,
-    ShardInfo,
     check_vocab_fits,
     dtype_for_vocab,
 )
-from gptscale.data.shards import ShardWriter, compressor
+from gptscale.data.parts import plan_parts
+from gptscale.data.tokenize import (
+    Document,
+    check_splits,
+    is_validation,
+    text_of,
+    write_splits,
+)
 from gptscale.data.tokenizer import TokenizerInfo, load_tokenizer, train_bpe
+from gptscale.files import replace_text
 
 log = logging.getLogger("gptscale")
 
-GOLDEN = 0.6180339887498949
-CHUNK_CHARS = 1 << 20  # text per task handed to a worker
-
-
-def is_validation(index: int, fraction: float) -> bool:
-    """Document ``index`` goes to the validation split: an evenly spread, deterministic ``fraction``."""
-    return ((index + 1) * GOLDEN) % 1.0 < fraction
+__all__ = ["is_validation", "main", "parse_size", "prepare_dataset"]
 
 
 def parse_size(text: str) -> int:
@@ -62,87 +64,6 @@ def parse_size(text: str) -> int:
 
 
 # Worker side: each pool process holds the tokenizer and turns chunks of texts into compressed arrays.
-_worker: dict = {}
-
-
-def _init_worker(tokenizer_json: str, eod: int, dtype: str) -> None:
-    from tokenizers import Tokenizer
-
-    _worker.update(tokenizer=Tokenizer.from_str(tokenizer_json), eod=eod, dtype=np.dtype(dtype), zstd=compressor())
-
-
-Document = str | list[Piece]  # text, or a fine-tuning record's masked and trained pieces
-
-
-def _text(document: Document) -> str:
-    return document if isinstance(document, str) else "".join(piece.text for piece in document)
-
-
-def _encode_pieces(pieces: list[Piece]) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids plus the end-of-document id, and which are trained: each piece tokenized on its own. The
-    end of document is trained when the record ends in a trained piece (the model learns to stop)."""
-    encodings = _worker["tokenizer"].encode_batch_fast([piece.text for piece in pieces], add_special_tokens=False)
-    ids = [token for encoding in encodings for token in encoding.ids] + [_worker["eod"]]
-    mask = [piece.trained for piece, encoding in zip(pieces, encodings) for _ in encoding.ids] + [pieces[-1].trained]
-    return np.array(ids, dtype=_worker["dtype"]), np.array(mask, dtype=np.uint8)
-
-
-def _encode_chunk(chunk: list[tuple[int, Document]]) -> list[tuple[int, bytes, int, Optional[bytes]]]:
-    """Per document: its index, its token ids plus the end-of-document id compressed, its token count, and
-    its compressed loss mask (fine-tuning records; None for text)."""
-    texts = [(index, document) for index, document in chunk if isinstance(document, str)]
-    encodings = dict(zip([index for index, _ in texts], _worker["tokenizer"].encode_batch_fast(
-        [text for _, text in texts], add_special_tokens=False)))
-    results = []
-    for index, document in chunk:
-        mask = None
-        if isinstance(document, str):
-            tokens = np.array(encodings[index].ids + [_worker["eod"]], dtype=_worker["dtype"])
-        else:
-            tokens, mask = _encode_pieces(document)
-            mask = _worker["zstd"].compress(mask.tobytes())
-        results.append((index, _worker["zstd"].compress(tokens.tobytes()), len(tokens), mask))
-    return results
-
-
-def _chunks(texts: Iterable[tuple[int, Document]]) -> Iterator[list[tuple[int, Document]]]:
-    chunk, chars = [], 0
-    for item in texts:
-        chunk.append(item)
-        chars += len(_text(item[1]))
-        if chars >= CHUNK_CHARS:
-            yield chunk
-            chunk, chars = [], 0
-    if chunk:
-        yield chunk
-
-
-class _SplitWriter:
-    """Shards of one split, rolled over at the target size."""
-
-    def __init__(self, directory: Path, split: str, shard_size: int):
-        self.directory, self.split, self.shard_size = directory, split, shard_size
-        self.shards: list[ShardInfo] = []
-        self.samples = 0
-        self._writer: Optional[ShardWriter] = None
-
-    def add(self, compressed: bytes, num_tokens: int, mask: Optional[bytes] = None) -> None:
-        if self._writer is not None and self._writer.samples and \
-                self._writer.size + len(compressed) + 1024 > self.shard_size:
-            self.shards.append(self._writer.close())
-            self._writer = None
-        if self._writer is None:
-            self._writer = ShardWriter(self.directory / f"{self.split}-{len(self.shards):06d}.tar")
-        self._writer.add(f"{self.samples:09d}", compressed, num_tokens, mask)
-        self.samples += 1
-
-    def close(self) -> list[ShardInfo]:
-        if self._writer is not None:
-            self.shards.append(self._writer.close())
-            self._writer = None
-        return self.shards
-
-
 def prepare_dataset(
     documents: Callable[[], Iterable[Document]],
     output: Path,
@@ -174,14 +95,14 @@ def prepare_dataset(
         """Non-empty documents with their index, the index that decides their split."""
         index = 0
         for text in documents():
-            if _text(text).strip():
+            if text_of(text).strip():
                 yield index, text
                 index += 1
 
     if tokenizer is not None:
         info = load_tokenizer(tokenizer, eod_token)
     elif vocab_size is not None:
-        info = train_bpe(_budget((_text(t) for i, t in texts() if not is_validation(i, val_fraction)),
+        info = train_bpe(_budget((text_of(t) for i, t in texts() if not is_validation(i, val_fraction)),
                                  tokenizer_train_chars), vocab_size, eod_token)
     else:
         raise DataError("give --tokenizer FILE_OR_DIR or --vocab-size N")
@@ -193,8 +114,9 @@ def prepare_dataset(
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
     try:
-        splits = _tokenize_and_write(texts(), info, token_dtype, temporary, shard_size, val_fraction, workers,
-                                     progress)
+        splits = write_splits(texts(), info, token_dtype, temporary, shard_size, val_fraction, workers, progress)
+        check_splits(splits, val_fraction)
+        splits = {name: shards for name, shards in splits.items() if shards}
         masked = any(shard.lengths is not None for shards in splits.values() for shard in shards)
         manifest = Manifest(str(output), info.vocab_size, info.eod, token_dtype, _tokenizer_entry(info), splits,
                             SFT_FORMAT if masked else FORMAT)
@@ -229,44 +151,78 @@ def _tokenizer_entry(info: TokenizerInfo) -> dict:
             "eod_token": info.eod_token, "source": info.source}
 
 
-def _tokenize_and_write(texts: Iterator[tuple[int, Document]], info: TokenizerInfo, dtype: str, directory: Path,
-                        shard_size: int, val_fraction: float, workers: int,
-                        progress: bool) -> dict[str, list[ShardInfo]]:
-    writers = {"train": _SplitWriter(directory, "train", shard_size), "val": _SplitWriter(directory, "val", shard_size)}
-    bar = tqdm(unit="tok", unit_scale=True, desc="tokenize", disable=not progress, smoothing=0.1)
-    init = (info.json, info.eod, dtype)
-    if workers > 1:
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process, and no fork warning
-        with multiprocessing.Pool(workers, initializer=_init_worker, initargs=init) as pool:
-            _write_results(pool.imap(_encode_chunk, _chunks(texts)), writers, val_fraction, bar)
-    else:
-        _init_worker(*init)
-        _write_results(map(_encode_chunk, _chunks(texts)), writers, val_fraction, bar)
-    bar.close()
-    splits = {name: writer.close() for name, writer in writers.items()}
-    if not splits["train"] and not splits["val"]:
-        raise DataError("the inputs hold no documents (every file is empty)")
-    if not splits["train"]:
-        raise DataError(f"every document went to the validation split; lower --val-fraction {val_fraction}")
-    return {name: shards for name, shards in splits.items() if shards}
-
-
-def _write_results(results: Iterable[list[tuple[int, bytes, int, Optional[bytes]]]], writers: dict,
-                   val_fraction: float, bar: tqdm) -> None:
-    for chunk in results:
-        for index, compressed, num_tokens, mask in chunk:
-            writers["val" if is_validation(index, val_fraction) else "train"].add(compressed, num_tokens, mask)
-        bar.update(sum(item[2] for item in chunk))
-
-
-def _reader(args: argparse.Namespace) -> Callable[[Path], Iterable[Document]]:
-    """The documents of one input file, as ``--format`` reads them."""
-    if args.data_format == "text":
-        return lambda path: read_documents(path, args.text_field)
-    template = None
-    if args.data_format == "chat" or args.chat_template:
-        template = load_template(args.chat_template, args.tokenizer)
-    return lambda path: read_records(path, args.data_format, template)
+def prepare_files(args: argparse.Namespace) -> Manifest:
+    """The command line's job: plan the parts, train the tokenizer (one task) if asked, tokenize the parts
+    that are not done yet on the executor, merge. Re-running the same command resumes where it stopped."""
+    output: Path = args.output
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
+        raise DataError(f"--output {output} exists and is not empty; remove it or pass --overwrite")
+    if not 0.0 <= args.val_fraction < 1.0:
+        raise DataError(f"--val-fraction {args.val_fraction} must be in [0, 1)")
+    started = time.perf_counter()
+    files = expand_inputs(args.input)
+    given = load_tokenizer(args.tokenizer, args.eod_token) if args.tokenizer is not None else None
+    job = {"format": args.data_format, "text_field": args.text_field, "chat_template": args.chat_template,
+           "tokenizer": args.tokenizer, "vocab_size": args.vocab_size, "eod_token": args.eod_token,
+           "tokenizer_train_chars": args.tokenizer_train_chars, "shard_size": args.shard_size,
+           "val_fraction": args.val_fraction, "dtype": args.dtype, "part_size": args.part_size,
+           "on_error": args.on_error,
+           "tokenizer_sha256": given and hashlib.sha256(given.json.encode("utf-8")).hexdigest()}
+    parts = [part.to_dict() for part in plan_parts(files, args.part_size, args.data_format)]
+    work = array.work_dir(output)
+    if (work / array.PLAN).is_file():
+        plan = array.load_plan(work)
+        differs = [key for key in job if plan["job"].get(key) != job[key]]
+        if plan["parts"] != parts:
+            differs.append("inputs (files, sizes or Parquet row groups)")
+        if differs and not args.overwrite:
+            raise DataError(f"{work} holds an unfinished job with another {', '.join(differs)}; re-run it with "
+                            "the same options to resume, or pass --overwrite to start afresh")
+        if differs:
+            shutil.rmtree(work)
+        else:
+            log.info("gptscale-prepare: resuming the job in %s", work)
+    if not (work / array.PLAN).is_file():
+        shutil.rmtree(work, ignore_errors=True)
+        (work / "parts").mkdir(parents=True)
+        replace_text(work / array.PLAN, json.dumps({"job": job, "parts": parts}) + "\n")
+    slurm = {"partition": args.slurm_partition, "time": args.slurm_time, "cpus": args.slurm_cpus,
+             "parallelism": args.slurm_parallelism}
+    if not (work / TOKENIZER).is_file():
+        if given is not None:
+            replace_text(work / TOKENIZER, given.json)
+        else:
+            array.train_tokenizer_on(args.executor, work, slurm)
+    info = load_tokenizer(work / TOKENIZER, args.eod_token)
+    token_dtype = dtype_for_vocab(info.vocab_size) if args.dtype == "auto" else args.dtype
+    check_vocab_fits(info.vocab_size, token_dtype, f"tokenizer {args.tokenizer or work / TOKENIZER}")
+    plan = array.load_plan(work)
+    if "dtype" not in plan:
+        plan.update(dtype=token_dtype, vocab_size=info.vocab_size, eod=info.eod, eod_token=info.eod_token,
+                    tokenizer_sha256=hashlib.sha256(info.json.encode("utf-8")).hexdigest(),
+                    tokenizer_source=given.source if given else
+                    f"byte-level BPE of {args.vocab_size} trained on a sample of the input")
+        replace_text(work / array.PLAN, json.dumps(plan) + "\n")
+    count = max(1, min(args.tasks or args.workers, len(parts)))
+    runs = array.assign(parts, count)
+    todo = [task for task, run in enumerate(runs)
+            if not all((array.part_dir(work, index) / array.PART).is_file() for index in run)]
+    for task in todo:  # failures of an earlier run are retried, and no longer counted as failed
+        for index in runs[task]:
+            array.failed_marker(work, index).unlink(missing_ok=True)
+    progress = array.Progress(work, runs, args.quiet)
+    if todo and args.executor == "slurm":
+        array.run_slurm(work, todo, count, slurm, progress)
+    elif todo:
+        array.run_local(work, todo, count, max(1, args.workers), progress)
+    progress.report(force=True)
+    manifest = array.merge(work, output, args.input)
+    tokens = sum(s.tokens for shards in manifest.splits.values() for s in shards)
+    seconds = time.perf_counter() - started
+    log.info("prepared %s: %d train + %d validation documents, %d tokens in %d shards, %.1fs (%.2fM tokens/s)",
+             output, sum(s.samples for s in manifest.shards("train")), sum(s.samples for s in manifest.shards("val")),
+             tokens, sum(len(v) for v in manifest.splits.values()), seconds, tokens / seconds / 1e6)
+    return manifest
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -296,20 +252,28 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="token storage (default: uint16 when the vocabulary fits)")
     parser.add_argument("--tokenizer-train-chars", type=parse_size, default="1G", metavar="SIZE",
                         help="characters of text the BPE learns from, from the start of the corpus (default 1G)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    parser.add_argument("--part-size", type=parse_size, default="256MB", metavar="SIZE",
+                        help="input per part, the unit of work and of restart: large JSON lines files are cut at "
+                             "line boundaries, Parquet files at row groups (default 256MB)")
+    parser.add_argument("--executor", choices=["local", "slurm"], default="local",
+                        help="local: a pool of --workers processes (default); slurm: one SLURM job array")
+    parser.add_argument("--tasks", type=int, metavar="N",
+                        help="tasks the parts are spread over (default: --workers); the output does not depend on it")
+    parser.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                        help="a bad line, row group or vanished file fails its part (raise, default) or is skipped "
+                             "and counted (skip)")
+    parser.add_argument("--slurm-partition", metavar="NAME", help="SLURM partition of the job array")
+    parser.add_argument("--slurm-time", type=int, default=240, metavar="MINUTES", help="time limit per task")
+    parser.add_argument("--slurm-cpus", type=int, default=1, metavar="N", help="CPUs per task (tokenizer threads)")
+    parser.add_argument("--slurm-parallelism", type=int, default=256, metavar="N",
+                        help="array tasks running at once")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --output, or an unfinished job's work with other options")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        files = expand_inputs(args.input)
-        read = _reader(args)
-        prepare_dataset(
-            lambda: (document for path in files for document in read(path)),
-            args.output, tokenizer=args.tokenizer, vocab_size=args.vocab_size, eod_token=args.eod_token,
-            shard_size=args.shard_size, val_fraction=args.val_fraction, workers=max(1, args.workers),
-            dtype=args.dtype, tokenizer_train_chars=args.tokenizer_train_chars, inputs=args.input,
-            overwrite=args.overwrite, progress=not args.quiet,
-        )
+        prepare_files(args)
     except DataError as error:
         sys.exit(f"gptscale-prepare: {error}")
 
