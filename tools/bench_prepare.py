@@ -6,8 +6,9 @@ tasks against 1; the merge of 1,000 synthetic parts.
 
 The corpus is the Python standard library's sources (the embedded default corpus) ``--copies`` times, as
 one JSON-lines file, tokenized with a BPE of 8192 trained on it. Every process runs with
-RAYON_NUM_THREADS=1. The runs are interleaved and repeated, the best of each kept. Rates count the tokens of the dataset (end-of-document ids included) over the time
-from the command's start of work (after interpreter start-up) to its published dataset.
+RAYON_NUM_THREADS=1. The runs are interleaved and repeated, the best of each kept. Rates count the tokens of
+the dataset (end-of-document ids included) over the time from the command's start of work (after
+interpreter start-up) to its published dataset.
 """
 
 from __future__ import annotations

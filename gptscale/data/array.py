@@ -36,7 +36,7 @@ from gptscale.data.manifest import (
     ShardInfo,
 )
 from gptscale.data.parts import Part, Skips, read_part
-from gptscale.data.tokenize import check_splits, is_validation, text_of, write_splits
+from gptscale.data.tokenize import Document, check_splits, is_validation, text_of, write_splits
 from gptscale.data.tokenizer import load_tokenizer, train_bpe
 from gptscale.files import replace_text
 
@@ -83,7 +83,7 @@ def _records(job: dict) -> Optional[Callable[[Path], Iterator]]:
     return lambda path: read_records(path, job["format"], template)
 
 
-def _indexed(documents: Iterator, part: int) -> Iterator[tuple[int, object]]:
+def _indexed(documents: Iterator[Document], part: int) -> Iterator[tuple[int, Document]]:
     """Non-empty documents numbered in the validation sequence: part ``part`` starts at its own offset."""
     index = part * PART_STRIDE
     for document in documents:

@@ -10,11 +10,10 @@ group.
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import IO, Any, Callable, Iterator, Optional
 
 from gptscale.data.inputs import _kind, read_documents
 from gptscale.data.manifest import DataError
@@ -69,7 +68,8 @@ def _parquet_parts(path: Path, part_size: int, first: int) -> list[Part]:
         metadata = pq.ParquetFile(path).metadata
     except Exception:  # pyarrow raises ArrowInvalid / OSError for files that are not Parquet
         return [Part(first, str(path), "file", bytes=path.stat().st_size)]
-    parts, start, size = [], 0, 0
+    parts: list[Part] = []
+    start, size = 0, 0
     for group in range(metadata.num_row_groups):
         size += metadata.row_group(group).total_byte_size
         if size >= part_size or group == metadata.num_row_groups - 1:
@@ -117,6 +117,8 @@ def _read_lines(path: Path, start: int, stop: Optional[int], text_field: str, sk
     """JSON lines that begin in bytes [start, stop): a line straddling ``start`` belongs to the part before."""
     from gptscale.data.inputs import _open_text
 
+    stream: IO[Any]
+    lines: Iterator[tuple[int, Optional[int], str]]
     if stop is None:
         stream = _open_text(path)
         lines = ((number, None, line) for number, line in enumerate(stream, start=1))
@@ -141,7 +143,7 @@ def _read_lines(path: Path, start: int, stop: Optional[int], text_field: str, sk
             yield text
 
 
-def _byte_lines(stream: io.BufferedReader, start: int, stop: int) -> Iterator[tuple[int, int, str]]:
+def _byte_lines(stream: IO[bytes], start: int, stop: int) -> Iterator[tuple[int, Optional[int], str]]:
     """(line number or 0 when unknown, byte offset, text) of the lines beginning in [start, stop)."""
     number = 1 if start == 0 else 0
     if start > 0:

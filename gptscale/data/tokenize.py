@@ -65,12 +65,12 @@ def _encode_chunk(chunk: list[tuple[int, Document]]) -> list[tuple[int, bytes, i
         [text for _, text in texts], add_special_tokens=False)))
     results = []
     for index, document in chunk:
-        mask = None
+        mask: Optional[bytes] = None
         if isinstance(document, str):
             tokens = np.array(encodings[index].ids + [_worker["eod"]], dtype=_worker["dtype"])
         else:
-            tokens, mask = _encode_pieces(document)
-            mask = _worker["zstd"].compress(mask.tobytes())
+            tokens, trained = _encode_pieces(document)
+            mask = _worker["zstd"].compress(trained.tobytes())
         results.append((index, _worker["zstd"].compress(tokens.tobytes()), len(tokens), mask))
     return results
 
