@@ -18,9 +18,11 @@ import zstandard
 from gptscale.data.manifest import DataError
 
 JSON_LINES = {".jsonl", ".ndjson", ".json"}
-TEXT = {".txt", ".text", ".md"}
+TEXT = {".txt", ".text", ".md", ".rst"}
+CODE = {".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".rs", ".go", ".java", ".js", ".ts", ".sh"}  # read as text
 PARQUET = {".parquet"}
 COMPRESSED = {".gz", ".zst", ".zstd"}
+KNOWN = JSON_LINES | TEXT | CODE | PARQUET  # what a directory given as --input contributes
 
 
 def _format_suffix(path: Path) -> str:
@@ -39,7 +41,7 @@ def _kind(path: Path) -> str:
 
 
 def _known(path: Path) -> bool:
-    return _format_suffix(path) in JSON_LINES | TEXT | PARQUET
+    return _format_suffix(path) in KNOWN
 
 
 def expand_inputs(patterns: list[str]) -> list[Path]:
@@ -54,7 +56,9 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
         else:
             matched = [Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file()]
         if not matched:
-            raise DataError(f"--input {pattern}: no input files there")
+            looked_for = " ".join(sorted(KNOWN)) if path.is_dir() else "files matching it"
+            raise DataError(f"--input {pattern}: no input files there (looked for {looked_for}; each may also end "
+                            f"in {' or '.join(sorted(COMPRESSED))})")
         files.update(p.resolve() for p in matched)
     return sorted(files)
 

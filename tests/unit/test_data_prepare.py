@@ -131,3 +131,16 @@ def test_command_line_tool_wrapper(inputs, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "tok/s" in proc.stderr and "prepared" in proc.stderr
     assert np.dtype(read_manifest(str(tmp_path / "out")).numpy_dtype) == np.uint16
+
+
+def test_a_directory_contributes_source_code_and_an_empty_one_names_what_was_looked_for(tmp_path):
+    """A directory of .py files contributed nothing, and the error did not say which suffixes count."""
+    from gptscale.data.inputs import expand_inputs
+
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "module.py").write_text("def f():\n    return 1\n")
+    (tmp_path / "code" / "image.png").write_bytes(b"\x89PNG")
+    assert expand_inputs([str(tmp_path / "code")]) == [(tmp_path / "code" / "module.py").resolve()]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"no input files there \(looked for .* \.jsonl .* \.py .*\.zst"):
+        expand_inputs([str(tmp_path / "empty")])
