@@ -151,7 +151,7 @@ class StreamingLoader:
             self._stream = self._open(self.step)
         items = [next(self._stream) for _ in range(max(self.workers, 1))]
         skipped = torch.stack([item.pop("skipped") for item in items]).sum(dim=0)
-        counts = dict(zip(SKIP_COUNTS, map(int, skipped)))
+        counts = dict(zip(SKIP_COUNTS, skipped.tolist()))  # a host tensor: one read, no device wait
         self.skipped.update(shards=counts["shards"], documents=counts["documents"])
         self.tokens.update(opened=counts["opened_tokens"], skipped=counts["skipped_tokens"])
         self._check_skipped()
