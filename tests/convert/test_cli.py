@@ -112,7 +112,7 @@ def test_architecture_without_an_inference_format_is_refused(trained, tokenizer_
 def test_q8_0_is_gguf_only(trained, tokenizer_file, tmp_path, capsys):
     cfg, state = trained("gpt2-tiny")
     ckpt = save_model_state(tmp_path / "ckpt", cfg, state, tokenizer_file)
-    assert convert_main(["--checkpoint", str(ckpt), "--to", "hf", "--dtype", "q8_0", "--out", str(tmp_path)]) == 2
+    assert convert_main(["--checkpoint", str(ckpt), "--to", "hf", "--dtype", "q8_0", "--out", str(tmp_path / "hf")]) == 2
     assert "not a Hugging Face weight type" in capsys.readouterr().err
 
 
