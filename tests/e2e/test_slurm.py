@@ -8,21 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.slurm_cluster import TERMINAL_STATES, SlurmCluster
+from tests.e2e.slurm_cluster import TERMINAL_STATES
 from tests.helpers import REPO, run_jobs
 from tests.wandb_file import read_run
 
 JOB = ["train.log_interval=2", "train.eval_interval=0", "parallel.micro_batch=2", "parallel.global_batch=8"]
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"), cpus=2)
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture

@@ -6,22 +6,10 @@ import re
 import subprocess
 import sys
 
-import pytest
 from tokenizers import Tokenizer, models
 
-from tests.e2e.slurm_cluster import SlurmCluster
 from tests.helpers import REPO
 from tests.unit.test_data_prepare import TEXTS
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"), cpus=2)
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 def test_two_task_array_equals_one_local_task(cluster, tmp_path):
