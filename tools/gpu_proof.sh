@@ -24,7 +24,7 @@ mkdir -p "$OUT" "$WORK"
 if [ "$DRY" = 1 ]; then
   TRAIN_MODEL=gpt2-tiny SPEED_MODELS="gpt2-tiny llama-tiny" FP8_MODEL=gpt2-tiny
   SHAPE=(train.seq_len=64 parallel.micro_batch=2 parallel.global_batch=2)
-  TRAIN=(data.embedded_max_bytes=200000) BENCH=(bench.warmup=1 bench.steps=2)
+  TRAIN=(data.embedded_max_bytes=200000) BENCH=(bench.warmup=1 bench.steps=2 bench.repeats=1)
   BASELINE=(--seq-len 64 --micro-batch 2 --warmup 1 --steps 2 --no-compile)
   FP8=(train.fp8_emulate=true) COMPILE=false
   PLAN=(PLAN_MODELS=gpt2-tiny PLAN_SEQ=64 PLAN_STEPS=2)
@@ -37,7 +37,7 @@ if [ "$DRY" = 1 ]; then
 else
   TRAIN_MODEL=gpt2-124m SPEED_MODELS="gpt2-350m gpt2-774m llama-1b" FP8_MODEL=gpt2-774m
   SHAPE=(train.seq_len=1024 parallel.micro_batch=8 parallel.global_batch=8)
-  TRAIN=() BENCH=(bench.warmup=3 bench.steps=10)
+  TRAIN=() BENCH=(bench.warmup=3 bench.steps=5 bench.repeats=2)  # 10 timed steps, a spread of two windows
   BASELINE=(--seq-len 1024 --micro-batch 8 --warmup 3 --steps 10)
   FP8=() COMPILE=true
   PLAN=(PLAN_MODELS=gpt2-774m)

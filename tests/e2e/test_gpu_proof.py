@@ -8,14 +8,15 @@ import sys
 import time
 
 from tests.helpers import REPO
+from tests.unit.test_gpu_wheels import wheelhouse  # noqa: F401  (the fixture: the dry run lists its wheels)
 
 STAGES = ["setup", "versions", "train", "ckpt", "speed-gpt2-tiny", "speed-llama-tiny", "fp8", "plan"]
 
 
-def test_dry_run_writes_every_stage(tmp_path):
+def test_dry_run_writes_every_stage(tmp_path, wheelhouse):  # noqa: F811
     out = tmp_path / "out"
     env = {**os.environ, "GPU_PROOF_DRY": "1", "PYTHON": sys.executable, "OUT": str(out),
-           "GPU_PROOF_WORK": str(tmp_path / "work"), "OMP_NUM_THREADS": "2"}
+           "GPU_WHEELS": str(wheelhouse), "GPU_PROOF_WORK": str(tmp_path / "work"), "OMP_NUM_THREADS": "2"}
     proc = subprocess.run(["bash", "tools/gpu_proof.sh"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -39,12 +40,12 @@ def test_dry_run_writes_every_stage(tmp_path):
     assert "baseline llama-tiny" in summary and "x" in summary.split("baseline llama-tiny")[0]
 
 
-def test_a_stage_over_its_budget_is_cut_and_the_rest_still_run(tmp_path):
+def test_a_stage_over_its_budget_is_cut_and_the_rest_still_run(tmp_path, wheelhouse):  # noqa: F811
     """GPU_PROOF_TOTAL=20: the stage running at 20 s is killed and recorded as a timeout, the later ones are
     skipped, and the script still ends (with its summary) within the total and the kill's grace."""
     out = tmp_path / "out"
     env = {**os.environ, "GPU_PROOF_DRY": "1", "PYTHON": sys.executable, "OUT": str(out),
-           "GPU_PROOF_WORK": str(tmp_path / "work"), "GPU_PROOF_TOTAL": "20"}
+           "GPU_WHEELS": str(wheelhouse), "GPU_PROOF_WORK": str(tmp_path / "work"), "GPU_PROOF_TOTAL": "20"}
     start = time.monotonic()
     proc = subprocess.run(["bash", "tools/gpu_proof.sh"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
