@@ -23,12 +23,14 @@ class GptscaleError(Exception):
 
 
 def _first_on_this_node(message: str) -> bool:
-    """Whether this process is the first of its job on this node to report ``message`` (a marker file per
-    torchrun job and message; a process outside torchrun always reports)."""
+    """Whether this process is the first of its launch on this node to report ``message`` (a marker file per
+    torchrun launch and message; a process outside torchrun always reports)."""
     job = os.environ.get("TORCHELASTIC_RUN_ID")
     if not job:
         return True
-    digest = hashlib.sha256(f"{job}\0{message}".encode()).hexdigest()[:16]
+    # The run id is "none" for every plain launch: the agent's pid and restart count tell this launch apart.
+    launch = f"{job}-{os.getppid()}-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    digest = hashlib.sha256(f"{launch}\0{message}".encode()).hexdigest()[:16]
     try:
         os.close(os.open(os.path.join(tempfile.gettempdir(), f"gptscale-error-{digest}"),
                          os.O_CREAT | os.O_EXCL | os.O_WRONLY))

@@ -418,7 +418,7 @@ def test_a_stop_save_that_cannot_be_written_names_the_checkpoint_to_resume_from(
     run_dir = tmp_path / "run"
     status, output = stop_one_process(["tests/e2e/failing_stop_save.py"], run_dir, tmp_path)
     stopped_at = logged(run_dir)[-1][0]
-    previous = step_dir(run_dir, stopped_at - stopped_at % 3)
+    previous = step_dir(run_dir, (stopped_at - 1) // 3 * 3)  # the newest periodic save before the stop step
     assert status == 1, output[-5000:]
     assert (f"stop requested by signal, but the checkpoint of step {stopped_at} could not be saved (CheckpointError: "
             f"no space left on device for the checkpoint of step {stopped_at}: ") in output, output[-5000:]
