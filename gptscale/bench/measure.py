@@ -124,6 +124,7 @@ def measure(cfg: Config, label: str) -> BenchResult:
         layout = trainer.layout
         memory = PeakMemory(trainer.device)
         losses, marks, counting = [], {}, contextlib.ExitStack()
+        probed: list = []  # the host-sync counts of the probed loop iteration, once counting starts
         window_ends = {bench.warmup + k * bench.steps for k in range(bench.repeats + 1)}
 
         def mark(step: int) -> None:
@@ -137,7 +138,7 @@ def measure(cfg: Config, label: str) -> BenchResult:
             if step in window_ends:
                 mark(step)
             if bench.host_syncs and step == probe:
-                marks["syncs"] = counting.enter_context(host_syncs())  # the rest of this iteration and the next step
+                probed.append(counting.enter_context(host_syncs()))  # the rest of this iteration and the next step
             elif bench.host_syncs and step == probe + 1:
                 counting.close()
 
@@ -173,7 +174,7 @@ def measure(cfg: Config, label: str) -> BenchResult:
             losses=[loss.item() for loss in losses[:timed_end]],
             profile=profile,
             host_syncs=syncs,
-            loop_host_syncs=dict(marks.get("syncs", {})),
+            loop_host_syncs=dict(probed[0]) if probed else {},
         )
     finally:
         trainer.close()

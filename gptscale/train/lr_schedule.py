@@ -7,6 +7,7 @@ with another ``train.steps`` changes the shape only as ``optim.on_new_steps`` sa
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -106,8 +107,7 @@ class LearningRateSchedule:
                 f"set optim.on_new_steps to keep (follow the old schedule), stretch (the new length's schedule; "
                 f"the lr jumps), restart (a new warm-up and decay from step {self.step}) or extend (hold today's lr, "
                 f"then decay to optim.min_lr)")
-        saved = LearningRateSchedule.__new__(LearningRateSchedule)
-        saved.__dict__.update(self.__dict__)
+        saved = copy.copy(self)  # the saved shape, to read the lr the run had at this step
         saved._take_shape(state)
         current_lr = saved.lr_at(self.step)
         self.reshaped = choice != ScheduleOnResume.stretch

@@ -63,6 +63,8 @@ def test_rows_and_records(attention_runs):
     assert record["tokens_per_step"] == 8 * 64 and record["mfu"] is None  # CPU: no peak known
     assert record["memory_kind"].startswith("peak RSS") and record["world_size"] == 1
     assert record["tokens_per_s"] == pytest.approx(record["tokens_per_step"] / record["step_time_s"])
+    loop = record["loop_host_syncs"]  # one non-log iteration of fit: the guard's read, the stop flag's all-reduce
+    assert sum(loop.values()) == 2 and any("train/trainer.py" in site for site in loop), loop
 
 
 def test_fp32_step_has_no_host_syncs(attention_runs):
