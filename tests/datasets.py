@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from gptscale.config.validate import Layout
+from gptscale.config.layout import Layout
 from gptscale.data.manifest import MANIFEST, read_manifest
 from gptscale.data.prepare import is_validation, prepare_dataset
 

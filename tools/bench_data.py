@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 import webdataset as wds  # noqa: E402
 import zstandard  # noqa: E402
 
-from gptscale.config.validate import Layout  # noqa: E402
+from gptscale.config.layout import Layout  # noqa: E402
 from gptscale.data.batch import document_attention_mask  # noqa: E402
 from gptscale.data.embedded import embedded_documents  # noqa: E402
 from gptscale.data.loader import Source, StreamingLoader  # noqa: E402

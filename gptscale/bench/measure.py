@@ -161,8 +161,7 @@ def measure(cfg: Config, label: str) -> BenchResult:
         return BenchResult(
             label=label,
             world_size=layout.world_size,
-            layout=f"tp{layout.tp} pp{layout.pp} dp{layout.dp} zero{cfg.parallel.zero} "
-                   f"mb{layout.micro_batch}x{layout.num_microbatches}",
+            layout=layout.describe(),
             tokens_per_step=meter.tokens_per_step,
             tokens_per_s=tokens_per_s,
             tflops_per_device=tflops,

@@ -58,6 +58,7 @@ from gptscale.checkpoint.shards import (
     snapshot,
 )
 from gptscale.checkpoint.space import bytes_needed, no_space, out_of_space, shortfall
+from gptscale.config.layout import describe_saved
 from gptscale.config.schema import Config
 from gptscale.model.build import ModelChunks
 from gptscale.optim import OPTIMIZERS
@@ -96,9 +97,7 @@ class Checkpointer:
 
     @property
     def layout(self) -> dict:
-        layout = self.ctx.layout
-        return {"world_size": layout.world_size, "tp": layout.tp, "pp": layout.pp, "vpp": layout.vpp,
-                "dp": layout.dp, "zero": self.cfg.parallel.zero, "precision": self.cfg.train.precision.value}
+        return {**self.ctx.layout.saved(), "precision": self.cfg.train.precision.value}
 
     def resume(self) -> Optional[Path]:
         """Restore model, optimizer and components from ``checkpoint.resume``; returns the checkpoint used.
@@ -287,5 +286,4 @@ class Checkpointer:
 def _layout_text(layout: Optional[dict]) -> str:
     if not layout:
         return "no particular layout"
-    return (f"tp {layout['tp']}, pp {layout['pp']}, vpp {layout['vpp']}, dp {layout['dp']}, zero {layout['zero']}, "
-            f"{layout['precision']}")
+    return f"{describe_saved(layout)}, {layout['precision']}"

@@ -14,6 +14,7 @@ from pathlib import Path
 from gptscale.checkpoint.files import CONFIG, RANKS, describe_model, read_config, read_rank_state
 from gptscale.checkpoint.manifest import CheckpointError, find_damage, read_manifest
 from gptscale.checkpoint.publish import resolve
+from gptscale.config.layout import describe_saved
 
 
 def _size(count: float) -> str:
@@ -27,8 +28,8 @@ def _size(count: float) -> str:
 def _layout(layout: dict | None) -> str:
     if not layout:
         return "none (weights only: loads at any layout)"
-    return (f"tp {layout['tp']}, pp {layout['pp']}, vpp {layout['vpp']}, dp {layout['dp']}, zero {layout['zero']}, "
-            f"{layout['precision']} ({layout['world_size']} ranks); loads at any layout")
+    return (f"{describe_saved(layout)}, {layout['precision']} ({layout['world_size']} ranks); "
+            "loads at any layout")
 
 
 def inspect(path: Path, checksums: bool = True) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from gptscale.config.layout import Layout
 from gptscale.config.schema import (
     Config,
     DataConfig,
@@ -25,30 +26,6 @@ class ConfigError(GptscaleError, ValueError):
     """A configuration that cannot run; the message lists every problem found."""
 
     exit_code = 2
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Rank counts and batch arithmetic derived from a config and a world size."""
-
-    world_size: int
-    tp: int
-    pp: int
-    vpp: int  # model chunks per pipeline rank (1 without interleaving)
-    dp: int
-    micro_batch: int
-    global_batch: int
-    ep: int = 1  # expert parallel: carved out of the data-parallel ranks
-
-    @property
-    def num_microbatches(self) -> int:
-        """Micro-batches each data-parallel rank runs per optimizer step (gradient accumulation)."""
-        return self.global_batch // (self.micro_batch * self.dp)
-
-    @property
-    def expert_dp(self) -> int:
-        """Copies of each expert: the data-parallel ranks that hold the same experts."""
-        return self.dp // self.ep
 
 
 def padded_vocab_size(vocab_size: int, multiple: int) -> int:
@@ -249,7 +226,7 @@ def check(cfg: Config, world_size: int) -> Layout:
     _check_optimizer(cfg.optim, par.zero, need)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
-    return Layout(world_size, tp, pp, vpp, dp, par.micro_batch, par.global_batch, par.ep)
+    return Layout(world_size, tp, pp, vpp, dp, par.micro_batch, par.global_batch, par.ep, par.sp, par.zero)
 
 
 def _check_optimizer(optim: OptimConfig, zero: int, need: Callable[[bool, str], None]) -> None:

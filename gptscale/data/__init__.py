@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
+from gptscale.config.layout import Layout
 from gptscale.config.schema import DataConfig
-from gptscale.config.validate import Layout
 from gptscale.data.embedded import default_cache_dir, embedded_dataset
 from gptscale.data.manifest import DataError, local_tokenizer_file, read_manifest
 

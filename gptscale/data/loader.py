@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from gptscale.config.validate import Layout
+from gptscale.config.layout import Layout
 from gptscale.data.batch import micro_batch
 from gptscale.data.exclude import DocumentId
 from gptscale.data.manifest import DataError, Manifest

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import zstandard
 
-from gptscale.config.validate import Layout
+from gptscale.config.layout import Layout
 from gptscale.data.batch import masked_micro_batch
 from gptscale.data.loader import Source
 from gptscale.data.manifest import DataError, Manifest

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from gptscale.config.validate import Layout
+from gptscale.config.layout import Layout
 
 
 class SyntheticTokens:

@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from gptscale.config.layout import Layout
 from gptscale.config.schema import OptimConfig, Precision, TrainConfig
-from gptscale.config.validate import Layout
 from gptscale.optim import build as build_optimizer
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from gptscale.config.validate import Layout
+from gptscale.config.layout import Layout
 from gptscale.parallel import cpu
 
 

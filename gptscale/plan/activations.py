@@ -23,8 +23,8 @@ from dataclasses import dataclass, replace
 import torch
 from megatron.core import parallel_state
 
+from gptscale.config.layout import Layout
 from gptscale.config.schema import Backend, Config, Precision, Recompute
-from gptscale.config.validate import Layout
 from gptscale.model.build import build_model
 from gptscale.plan.counts import fake_groups, shape_key
 from gptscale.plan.meta import on_meta

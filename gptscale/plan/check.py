@@ -18,8 +18,8 @@ import os
 import torch
 from megatron.core import parallel_state
 
+from gptscale.config.layout import Layout
 from gptscale.config.schema import Config
-from gptscale.config.validate import Layout
 from gptscale.plan.counts import from_module
 from gptscale.plan.held import gradient_storages, held_bytes
 from gptscale.plan.memory import ALLOCATOR_MARGIN, states_of

@@ -19,6 +19,7 @@ import sys
 from dataclasses import asdict
 
 from gptscale.config import Config, load_config
+from gptscale.config.layout import describe
 from gptscale.plan.cluster import Cluster, cluster_of
 from gptscale.plan.memory import ALLOCATOR_MARGIN
 from gptscale.plan.search import Planned, plan, search
@@ -39,11 +40,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def _layout_text(settings: dict) -> str:
     s = settings
-    vpp = f" vpp{s['vpp']}" if s["vpp"] else ""
-    sp = "+sp" if s["sp"] else ""
-    ep = f" ep{s['ep']}" if s["ep"] > 1 else ""
-    return (f"tp{s['tp']}{sp} pp{s['pp']}{vpp}{ep} zero{s['zero']} mb{s['micro_batch']} "
-            f"recompute={getattr(s['activation_checkpointing'], 'value', s['activation_checkpointing'])}")
+    recompute = getattr(s["activation_checkpointing"], "value", s["activation_checkpointing"])
+    return (f"{describe(s['tp'], s['pp'], s['vpp'], s['zero'], sp=s['sp'], ep=s['ep'], micro_batch=s['micro_batch'])} "
+            f"recompute={recompute}")
 
 
 def assumptions(cluster: Cluster) -> str:

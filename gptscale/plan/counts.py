@@ -16,8 +16,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 
+from gptscale.config.layout import Layout
 from gptscale.config.schema import Backend, Config, Recompute
-from gptscale.config.validate import Layout
 from gptscale.model.build import build_model
 from gptscale.parallel import cpu
 from gptscale.parallel.deepspeed import parameter_groups

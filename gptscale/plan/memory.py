@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gptscale.config.layout import Layout
 from gptscale.config.schema import Config, Precision
-from gptscale.config.validate import Layout
 from gptscale.optim import OPTIMIZERS
 from gptscale.parallel.deepspeed import engine_config
 from gptscale.plan.activations import stage_activation_bytes

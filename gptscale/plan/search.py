@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Optional
 
+from gptscale.config.layout import Layout
 from gptscale.config.schema import Config, Recompute
-from gptscale.config.validate import ConfigError, Layout, check
+from gptscale.config.validate import ConfigError, check
 from gptscale.plan.cluster import Cluster
 from gptscale.plan.counts import rank_parameters
 from gptscale.plan.memory import RankMemory, layout_memory

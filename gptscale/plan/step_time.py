@@ -19,8 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from gptscale.config.layout import Layout
 from gptscale.config.schema import Config, Precision, Recompute, is_moe_layer
-from gptscale.config.validate import Layout, padded_vocab_size
+from gptscale.config.validate import padded_vocab_size
 from gptscale.model.flops import flops_per_token
 from gptscale.plan.cluster import Cluster
 

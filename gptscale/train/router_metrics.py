@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 from megatron.core.transformer.moe import moe_utils
 
+from gptscale.config.layout import Layout
 from gptscale.config.schema import ModelConfig, is_moe_layer
-from gptscale.config.validate import Layout
 from gptscale.model.moe import read_routed_tokens
 
 LOSSES = ("load_balancing_loss", "z_loss")

@@ -26,7 +26,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-from gptscale.config.validate import Layout
+from gptscale.config.layout import Layout
 from gptscale.data.batch import document_attention_mask
 from gptscale.model.build import ModelChunks
 from gptscale.model.moe import set_aux_loss_scale

@@ -109,11 +109,8 @@ class Trainer:
         )
         if self.ctx.rank == 0:
             params = sum(p.numel() for p in self.model.parameters())
-            log.info("%s: %s ranks (tp %d, pp %d, vpp %d, dp %d), %d micro-batches of %d per step, zero %d, "
-                     "%s backend, %.2fM parameters on rank 0, device %s", cfg.model.name, self.layout.world_size,
-                     self.layout.tp, self.layout.pp, self.layout.vpp, self.layout.dp,
-                     self.layout.num_microbatches, self.layout.micro_batch, cfg.parallel.zero, backend.value,
-                     params / 1e6, self.device)
+            log.info("%s: %d ranks (%s), %s backend, %.2fM parameters on rank 0, device %s", cfg.model.name,
+                     self.layout.world_size, self.layout.describe(), backend.value, params / 1e6, self.device)
 
         # Checkpoint: model and optimizer under layout-independent keys, plus the components above; resume.
         self.checkpointer = Checkpointer(cfg, self.run_dir, self.ctx, self.model, self.engine, components={

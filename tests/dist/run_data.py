@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from gptscale.config.schema import DataConfig
-from gptscale.config.validate import Layout
+from gptscale.config.layout import Layout
 from gptscale.data import build_data
 
 

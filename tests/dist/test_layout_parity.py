@@ -10,7 +10,7 @@ short sequence and four empty ones: the loss must stay the mean over real tokens
 import pytest
 
 from gptscale.config.schema import DataConfig
-from gptscale.config.validate import Layout
+from gptscale.config.layout import Layout
 from gptscale.data import build_data
 from gptscale.data.embedded import embedded_documents
 from gptscale.data.prepare import prepare_dataset

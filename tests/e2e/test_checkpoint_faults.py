@@ -306,7 +306,7 @@ def test_inspect_command(outcomes):
     _, good, cases, _, _, _ = outcomes
     report = inspect(good)
     assert report.returncode == 0 and f"{good}: complete" in report.stdout
-    assert "tp 1, pp 1, vpp 1, dp 2" in report.stdout
+    assert "tp1 pp1 dp2 zero0 mb" in report.stdout
     report = inspect(cases["truncated"][0])
     assert report.returncode == 1 and "DAMAGED" in report.stdout and str(cases["truncated"][1]) in report.stdout
 

@@ -76,7 +76,7 @@ def test_two_nodes_match_one_node_of_the_same_world_size(one_node_run, tmp_path)
                 os.killpg(node.pid, signal.SIGKILL)
                 node.wait()
     assert [node.returncode for node in nodes] == [0, 0], "\n".join(output[-4000:] for output in outputs)
-    assert "2 ranks (tp 1, pp 1, vpp 1, dp 2)" in "".join(outputs)
+    assert "2 ranks (tp1 pp1 dp2 zero0" in "".join(outputs)
     one, two = metrics(one_node_run), metrics(run_dir)
     for key in ("loss", "grad_norm", "eval_loss"):
         expected = [(r["step"], r[key]) for r in one if key in r]

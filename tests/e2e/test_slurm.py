@@ -49,7 +49,7 @@ def test_sbatch_template_trains_two_ranks(cluster, job_env, tmp_path):
     log = (tmp_path / "slurm.out").read_text()
     assert (job["JobState"], job["ExitCode"], job["JobName"]) == ("COMPLETED", "0:0", "gptscale"), log[-5000:]
     assert f"gptscale: job {job_id}, restart 0, 1 node(s), 2 rank(s) per node" in log
-    assert "2 ranks (tp 1, pp 1, vpp 1, dp 2)" in log and "step 6/6 | loss" in log
+    assert "2 ranks (tp1 pp1 dp2 zero0" in log and "step 6/6 | loss" in log
     assert [r["step"] for r in log_lines(run_dir)] == [2, 4, 6]
     assert (run_dir / "checkpoints" / "step_000006" / "checkpoint.json").is_file()  # checkpoint.save_final
 
@@ -67,7 +67,7 @@ def test_hydra_sweep_through_the_slurm_launcher_runs_every_job(cluster, job_env,
         job = cluster.wait_for(job_dir.name, timeout=120)
         assert (job["JobState"], job["ExitCode"], job["JobName"]) == ("COMPLETED", "0:0", "gptscale-gpt2-tiny")
         rank0_log = next(job_dir.glob("*_0_log.err")).read_text()
-        assert "2 ranks (tp 1, pp 1, vpp 1, dp 2)" in rank0_log  # one SLURM task per rank, ranks from submitit
+        assert "2 ranks (tp1 pp1 dp2 zero0" in rank0_log  # one SLURM task per rank, ranks from submitit
     first, second = (log_lines(run_dir / "multirun" / str(number)) for number in (0, 1))
     assert [r["step"] for r in first] == [2, 4] == [r["step"] for r in second]
     assert first[0]["loss"] != second[0]["loss"]  # two seeds, two runs
