@@ -11,7 +11,9 @@ composes with ZeRO, and why ZeRO-2/3 (which reduce inside backward) are refused 
 The loss is the mean over every unmasked token of the global batch, whatever the layout: each micro-batch
 contributes its summed token losses divided by the global token count. A mean of per-micro-batch means
 would instead give the tokens of a short or empty sequence (a document's end, an epoch's last step) more
-weight, and make the result depend on how the batch is split into micro-batches and ranks.
+weight, and make the result depend on how the batch is split into micro-batches and ranks. Under context
+parallelism each rank holds part of every sequence (``gptscale.parallel.context``): its tokens are counted
+and its losses summed like a data-parallel rank's, so the figure is the same.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from gptscale.config.layout import Layout
 from gptscale.data.batch import document_attention_mask
 from gptscale.model.build import ModelChunks
 from gptscale.model.moe import set_aux_loss_scale
+from gptscale.parallel.context import split_batch, this_rank_positions
 from gptscale.parallel.deepspeed import UpdateLimits, reduce_gradients_outside_engine
 from gptscale.parallel.grads import all_reduce_tied_embedding_grads
 from gptscale.train.router_metrics import aux_losses, clear_tracker, weighted_aux_loss
@@ -48,25 +51,37 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
 
 
+def _on_this_rank(batch: dict, device: torch.device) -> dict:
+    """The micro-batch on the device, cut to this rank's share of each sequence under context parallelism."""
+    return split_batch(_to_device(batch, device))
+
+
 def _load(batches: Iterator[dict], layout: Layout, device: torch.device) -> list[dict]:
-    return [_to_device(next(batches), device) for _ in range(layout.num_microbatches)]
+    return [_on_this_rank(next(batches), device) for _ in range(layout.num_microbatches)]
 
 
 def _global_tokens(microbatches: list[dict], layout: Layout, is_last_stage: bool) -> torch.Tensor:
-    """Unmasked tokens in the global batch: this rank's micro-batches summed over data-parallel ranks.
+    """Unmasked tokens in the global batch: this rank's micro-batches summed over data-parallel and
+    context-parallel ranks.
 
     Only the last stage computes a loss; the others skip the all-reduce (a data-parallel group never
     spans pipeline stages, so every member of it decides alike).
     """
     tokens = torch.stack([batch["loss_mask"].sum() for batch in microbatches]).sum().float()
-    if layout.dp > 1 and is_last_stage:
-        dist.all_reduce(tokens, group=parallel_state.get_data_parallel_group())
+    if layout.dp * layout.cp > 1 and is_last_stage:
+        dist.all_reduce(tokens, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     return tokens.clamp(min=1)
 
 
 def attention_mask(batch: dict) -> Optional[torch.Tensor]:
-    """The document mask when documents are kept apart, built where the micro-batch runs and only then."""
-    return document_attention_mask(batch["document_ids"]) if "document_ids" in batch else None
+    """The document mask when documents are kept apart, built where the micro-batch runs and only then: the
+    rows of this rank's tokens (all of them without context parallelism)."""
+    if "document_ids" not in batch:
+        return None
+    document_ids = batch["document_ids"]
+    queries = this_rank_positions(document_ids.shape[1], document_ids.device) \
+        if parallel_state.get_context_parallel_world_size() > 1 else None
+    return document_attention_mask(document_ids, queries)
 
 
 def _forward(model: torch.nn.Module, batch: dict) -> torch.Tensor:
@@ -211,7 +226,10 @@ def _log_likelihoods(logits: torch.Tensor, batch: dict, vocab_size: int) -> torc
     padding = torch.arange(start, start + shard, device=logits.device) >= vocab_size
     logits = logits.float().masked_fill(padding, float("-inf"))
     per_token_loss = vocab_parallel_cross_entropy(logits, batch["labels"])
-    return (per_token_loss * batch["loss_mask"]).sum(dim=1).neg()
+    sums = (per_token_loss * batch["loss_mask"]).sum(dim=1).neg()
+    if parallel_state.get_context_parallel_world_size() > 1:  # each rank scored its part of every sequence
+        dist.all_reduce(sums, group=parallel_state.get_context_parallel_group())
+    return sums
 
 
 @torch.no_grad()
@@ -219,7 +237,7 @@ def sequence_log_likelihoods(engine, model: ModelChunks, microbatches: list[dict
                              vocab_size: int, device: torch.device, is_last_stage: bool) -> Optional[torch.Tensor]:
     """Each sequence's summed log-probability of its unmasked labels (multiple-choice scoring), ``[n]`` on the
     last pipeline stage and None elsewhere. Every micro-batch holds ``layout.micro_batch`` sequences."""
-    microbatches = [_to_device(batch, device) for batch in microbatches]
+    microbatches = [_on_this_rank(batch, device) for batch in microbatches]
     if layout.pp == 1:
         return torch.cat([_log_likelihoods(_logits(engine, batch), batch, vocab_size) for batch in microbatches])
     sums = []
