@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 from gptscale.config.layout import Layout
 from gptscale.config.schema import (
+    Attention,
     Config,
     DataConfig,
     ModelConfig,
@@ -201,6 +202,10 @@ def check(cfg: Config, world_size: int) -> Layout:
         f"train.seq_len={train.seq_len} is not divisible by 2 * parallel.cp{' * parallel.tp' if par.sp else ''} = "
         f"{chunks} (context parallelism splits each sequence into 2 * cp chunks"
         f"{', each split over tensor-parallel ranks by parallel.sp=true' if par.sp else ''})",
+    )
+    need(
+        cp == 1 or model.attention == Attention.sdpa,
+        f"parallel.cp={cp} needs model.attention=sdpa (megatron-core's unfused attention has no context parallelism)",
     )
     need(
         par.zero <= 1 or pp == 1,

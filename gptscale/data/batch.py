@@ -16,6 +16,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from gptscale.parallel.context import future_mask
+
 
 def micro_batch(windows: torch.Tensor, valid: torch.Tensor, eod: int, reset_attention: bool) -> dict:
     """The model's inputs from ``windows`` ([b, seq_len + 1] token ids) and ``valid`` (real, not padding)."""
@@ -46,11 +48,9 @@ def document_attention_mask(document_ids: torch.Tensor, queries: Optional[torch.
     ``queries``: the positions of the rows (context parallelism: the tokens this rank holds); all by default.
     """
     length = document_ids.shape[1]
-    keys = torch.arange(length, device=document_ids.device)
-    queries = keys if queries is None else queries
-    future = keys > queries.unsqueeze(1)
+    queries = torch.arange(length, device=document_ids.device) if queries is None else queries
     other_document = torch.ne(document_ids[:, queries].unsqueeze(2), document_ids.unsqueeze(1))
-    return other_document.logical_or_(future).unsqueeze(1)
+    return other_document.logical_or_(future_mask(queries, length)).unsqueeze(1)
 
 
 def masked_micro_batch(windows: torch.Tensor, valid: torch.Tensor, trained: torch.Tensor, eod: int,

@@ -8,8 +8,8 @@ Under context parallelism (``parallel.cp`` > 1; megatron-core's own local attent
 context-parallel SDPA covers only the CUDA kernels) each rank holds the queries, keys and values of its two
 chunks of every sequence (``gptscale.parallel.context``). Keys and values are all-gathered over the
 context-parallel group and put back in sequence order, and one SDPA call runs this rank's queries against the
-whole sequence, with a mask that keeps the causal (and document) structure by position: query at position i
-sees key j where j <= i (and both lie in one document). Every query row then sees all its keys at once, so its
+whole sequence, with the mask rows of its queries (``gptscale.train.step.attention_mask`` builds them once per
+micro-batch): query at position i sees key j where j <= i (and both lie in one document). Every query row then sees all its keys at once, so its
 softmax is exact and nothing needs merging (a ring would merge partial results by their log-sum-exp instead).
 Backward: key j's gradient is the sum over every rank's queries, dK_j = sum_r sum_{i in r} dS_ij q_i; each rank
 computes its share for all keys and a reduce-scatter sums the shares and hands each rank those of its own
@@ -56,7 +56,9 @@ class SDPAttention(MegatronModule):
         seq, batch, heads, head_dim = query.shape
         mask = None if attention_mask is None else ~attention_mask  # megatron: True = masked out
         if self.config.context_parallel_size > 1:
-            key, value, mask = _whole_sequence(key, value, mask)
+            if mask is None:
+                raise ValueError("context parallelism needs the attention mask rows of this rank's tokens")
+            key, value = _whole_sequence(key, value)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
         dropout = self.dropout if self.training else 0.0
         rng = tensor_parallel.get_cuda_rng_tracker().fork() if dropout and not self.config.sequence_parallel \
@@ -70,17 +72,13 @@ class SDPAttention(MegatronModule):
 
 
 
-def _whole_sequence(key: torch.Tensor, value: torch.Tensor, allowed: Optional[torch.Tensor]):
-    """Keys and values of the whole sequence in sequence order, and which of them this rank's queries see
-    (``allowed``: the document mask's rows for this rank's queries, True = attend; None: causal)."""
+def _whole_sequence(key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of the whole sequence, gathered from the context-parallel ranks, in sequence order."""
     group = parallel_state.get_context_parallel_group()
-    cp, local = group.size(), key.shape[0]
-    length = cp * local
+    cp = group.size()
+    length = cp * key.shape[0]
     gathered = torch.cat([held_positions(length, cp, rank, key.device) for rank in range(cp)])
     order = torch.argsort(gathered)
     key, value = (tensor_parallel.gather_from_sequence_parallel_region(t, group=group).index_select(0, order)
                   for t in (key, value))
-    if allowed is None:
-        queries = held_positions(length, cp, group.rank(), key.device)
-        allowed = torch.arange(length, device=key.device) <= queries.unsqueeze(1)
-    return key, value, allowed
+    return key, value

@@ -33,3 +33,9 @@ def split_batch(batch: dict) -> dict:
     positions = this_rank_positions(batch["tokens"].shape[1], batch["tokens"].device)
     return {name: tensor if name == "document_ids" else tensor.index_select(1, positions)
             for name, tensor in batch.items()}
+
+
+def future_mask(queries: torch.Tensor, length: int) -> torch.Tensor:
+    """``[q, length]`` bool, True where the key lies after the query: the causal mask's rows for the tokens at
+    positions ``queries``."""
+    return torch.arange(length, device=queries.device) > queries.unsqueeze(1)

@@ -65,6 +65,12 @@ BAD_LAYOUTS = [
     (["parallel.sp=true"], 1, ["parallel.sp", "parallel.tp"]),
     (["parallel.zero=4"], 1, ["parallel.zero=4"]),
     (["train.seq_len=2048"], 1, ["train.seq_len=2048", "model.max_position_embeddings"]),
+    (["parallel.cp=2"], 3, ["world size 3", "parallel.cp"]),
+    (["parallel.cp=2", "train.seq_len=30"], 2, ["train.seq_len=30", "2 * parallel.cp = 4"]),
+    (["parallel.cp=2", "parallel.tp=2", "parallel.sp=true", "train.seq_len=36"], 4,
+     ["train.seq_len=36", "2 * parallel.cp * parallel.tp = 8"]),
+    (["parallel.cp=2", "model.attention=unfused"], 2, ["parallel.cp=2", "model.attention=sdpa"]),
+    (["model=moe-tiny", "parallel.cp=2", "parallel.ep=2"], 2, ["parallel.ep=2", "data-parallel size 1"]),
 ]
 
 
@@ -87,6 +93,8 @@ def test_layout_arithmetic():
     cfg = load_config(["parallel.tp=2", "parallel.pp=2", "parallel.micro_batch=2", "parallel.global_batch=16"])
     layout = check(cfg, world_size=8)
     assert (layout.tp, layout.pp, layout.dp, layout.num_microbatches) == (2, 2, 2, 4)
+    layout = check(load_config(["parallel.cp=2", "parallel.tp=2", "parallel.global_batch=16"]), world_size=8)
+    assert (layout.cp, layout.dp, layout.expert_dp, layout.describe()) == (2, 2, 4, "tp2 cp2 pp1 dp2 zero0 mb4x2")
 
 
 def test_every_out_of_range_number_is_refused_at_once_with_its_field_and_value():
