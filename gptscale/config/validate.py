@@ -208,6 +208,11 @@ def check(cfg: Config, world_size: int) -> Layout:
         f"parallel.cp={cp} needs model.attention=sdpa (megatron-core's unfused attention has no context parallelism)",
     )
     need(
+        cp == 1 or model.attention_dropout == 0,
+        f"parallel.cp={cp} with model.attention_dropout={model.attention_dropout}: context-parallel attention "
+        "reruns its forward in backward, which would draw other dropout masks; set model.attention_dropout=0",
+    )
+    need(
         par.zero <= 1 or pp == 1,
         f"parallel.zero={par.zero} with parallel.pp={pp}: ZeRO stages 2 and 3 partition gradients during "
         "backward and cannot run under pipeline parallelism; use parallel.zero=0 or 1",

@@ -32,7 +32,7 @@ from gptscale.config.layout import Layout
 from gptscale.data.batch import document_attention_mask
 from gptscale.model.build import ModelChunks
 from gptscale.model.moe import set_aux_loss_scale
-from gptscale.parallel.context import future_mask, split_batch, this_rank_positions
+from gptscale.parallel.context import split_batch, this_rank_positions
 from gptscale.parallel.deepspeed import UpdateLimits, reduce_gradients_outside_engine
 from gptscale.parallel.grads import all_reduce_tied_embedding_grads
 from gptscale.train.router_metrics import aux_losses, clear_tracker, weighted_aux_loss
@@ -74,19 +74,14 @@ def _global_tokens(microbatches: list[dict], layout: Layout, is_last_stage: bool
 
 
 def attention_mask(batch: dict) -> Optional[torch.Tensor]:
-    """The document mask when documents are kept apart, built where the micro-batch runs and only then.
-
-    Under context parallelism the rows of this rank's tokens, of the causal mask without documents: built
-    once per micro-batch, every layer's attention shares it.
-    """
-    cp = parallel_state.get_context_parallel_world_size()
-    if cp == 1:
-        return document_attention_mask(batch["document_ids"]) if "document_ids" in batch else None
-    length = batch["tokens"].shape[1] * cp
-    queries = this_rank_positions(length, batch["tokens"].device)
-    if "document_ids" in batch:
-        return document_attention_mask(batch["document_ids"], queries)
-    return future_mask(queries, length)[None, None]
+    """The document mask when documents are kept apart, built where the micro-batch runs and only then: the
+    rows of this rank's tokens (all of them without context parallelism)."""
+    if "document_ids" not in batch:
+        return None
+    document_ids = batch["document_ids"]
+    queries = this_rank_positions(document_ids.shape[1], document_ids.device) \
+        if parallel_state.get_context_parallel_world_size() > 1 else None
+    return document_attention_mask(document_ids, queries)
 
 
 def _forward(model: torch.nn.Module, batch: dict) -> torch.Tensor:

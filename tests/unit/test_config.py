@@ -70,6 +70,7 @@ BAD_LAYOUTS = [
     (["parallel.cp=2", "parallel.tp=2", "parallel.sp=true", "train.seq_len=36"], 4,
      ["train.seq_len=36", "2 * parallel.cp * parallel.tp = 8"]),
     (["parallel.cp=2", "model.attention=unfused"], 2, ["parallel.cp=2", "model.attention=sdpa"]),
+    (["parallel.cp=2", "model.attention_dropout=0.1"], 2, ["parallel.cp=2", "model.attention_dropout=0.1"]),
     (["model=moe-tiny", "parallel.cp=2", "parallel.ep=2"], 2, ["parallel.ep=2", "data-parallel size 1"]),
 ]
 
