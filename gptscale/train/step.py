@@ -228,17 +228,15 @@ def _log_likelihoods(logits: torch.Tensor, batch: dict, vocab_size: int) -> torc
     padding = torch.arange(start, start + shard, device=logits.device) >= vocab_size
     logits = logits.float().masked_fill(padding, float("-inf"))
     per_token_loss = vocab_parallel_cross_entropy(logits, batch["labels"])
-    sums = (per_token_loss * batch["loss_mask"]).sum(dim=1).neg()
-    if parallel_state.get_context_parallel_world_size() > 1:  # each rank scored its part of every sequence
-        dist.all_reduce(sums, group=parallel_state.get_context_parallel_group())
-    return sums
+    return (per_token_loss * batch["loss_mask"]).sum(dim=1).neg()
 
 
 @torch.no_grad()
 def sequence_log_likelihoods(engine, model: ModelChunks, microbatches: list[dict], layout: Layout, seq_len: int,
                              vocab_size: int, device: torch.device, is_last_stage: bool) -> Optional[torch.Tensor]:
     """Each sequence's summed log-probability of its unmasked labels (multiple-choice scoring), ``[n]`` on the
-    last pipeline stage and None elsewhere. Every micro-batch holds ``layout.micro_batch`` sequences."""
+    last pipeline stage and None elsewhere; under context parallelism the sum over this rank's tokens (the
+    caller adds the ranks' parts). Every micro-batch holds ``layout.micro_batch`` sequences."""
     microbatches = [_on_this_rank(batch, device) for batch in microbatches]
     if layout.pp == 1:
         return torch.cat([_log_likelihoods(_logits(engine, batch), batch, vocab_size) for batch in microbatches])
