@@ -13,6 +13,7 @@ no token is read again.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import hashlib
 import json
 import logging
@@ -37,7 +38,7 @@ from gptscale.data.manifest import (
 )
 from gptscale.data.parts import Part, Skips, read_part
 from gptscale.data.tokenize import Document, check_splits, is_validation, text_of, write_splits
-from gptscale.data.tokenizer import load_tokenizer, train_bpe
+from gptscale.data.tokenizer import TokenizerInfo, load_tokenizer, train_bpe
 from gptscale.files import replace_text
 
 log = logging.getLogger("gptscale")
@@ -74,13 +75,13 @@ def assign(parts: list[dict], tasks: int) -> list[list[int]]:
     return runs
 
 
-def _records(job: dict) -> Optional[Callable[[Path], Iterator]]:
+def _records(job: dict, skips: Skips) -> Optional[Callable[[Path], Iterator]]:
     if job["format"] == "text":
         return None
     template = None
     if job["format"] == "chat" or job["chat_template"]:
         template = load_template(job["chat_template"], job["tokenizer"])
-    return lambda path: read_records(path, job["format"], template)
+    return lambda path: read_records(path, job["format"], template, skips.bad)
 
 
 def _indexed(documents: Iterator[Document], part: int) -> Iterator[tuple[int, Document]]:
@@ -100,12 +101,13 @@ def train_tokenizer(work: str) -> None:
     plan = load_plan(work_path)
     job, parts = plan["job"], [Part(**part) for part in plan["parts"]]
     share = max(1, job["tokenizer_train_chars"] // len(parts))
-    records = _records(job)
+    skips = Skips("skip")  # the sample passes over bad records; the tokenization reports them
+    records = _records(job, skips)
 
     def sample() -> Iterator[str]:
         for part in parts:
             used = 0
-            for index, document in _indexed(read_part(part, job["text_field"], records, Skips("skip")), part.index):
+            for index, document in _indexed(read_part(part, job["text_field"], records, skips), part.index):
                 if used >= share:
                     break
                 if not is_validation(index, job["val_fraction"]):
@@ -140,14 +142,14 @@ def run_task(work: str, task: int, tasks: int) -> None:
 def _write_part(work: Path, plan: dict, part: Part) -> None:
     job = plan["job"]
     started, cpu = time.perf_counter(), time.process_time()
-    info = load_tokenizer(work / TOKENIZER, job["eod_token"] or plan["eod_token"])
+    info = job_tokenizer(str(work / TOKENIZER), job["eod_token"] or plan["eod_token"], plan["tokenizer_sha256"])
     skips = Skips(job["on_error"])
     target = part_dir(work, part.index)
     temporary = target.with_name(f".{target.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
     try:
-        documents = read_part(part, job["text_field"], _records(job), skips)
+        documents = read_part(part, job["text_field"], _records(job, skips), skips)
         splits = write_splits(_indexed(documents, part.index), info, plan["dtype"], temporary, job["shard_size"],
                                job["val_fraction"], workers=1, progress=False)
         body = {"part": part.to_dict(), "job": job, "tokenizer_sha256": plan["tokenizer_sha256"],
@@ -163,6 +165,13 @@ def _write_part(work: Path, plan: dict, part: Part) -> None:
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     failed_marker(work, part.index).unlink(missing_ok=True)
+
+
+@functools.lru_cache(maxsize=1)
+def job_tokenizer(path: str, eod_token: str, sha256: str) -> TokenizerInfo:
+    """The job's tokenizer, loaded once per process (``sha256`` keys it to the file's contents): the parts of a
+    task share it, so loading is no per-part cost and its word cache stays warm from part to part."""
+    return load_tokenizer(path, eod_token)
 
 
 def merge(work: Path, output: Path, inputs: list[str]) -> Manifest:
