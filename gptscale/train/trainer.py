@@ -23,8 +23,8 @@ from gptscale.model.fp8 import check_fp8
 from gptscale.model.init import initialize
 from gptscale.model.moe import expert_parameters, prepare_routers, update_expert_bias
 from gptscale.model.spec import resolve_backend
-from gptscale.parallel.deepspeed import UpdateLimits, build_engine, release_local_rank
 from gptscale.parallel.devices import device_peak_tflops
+from gptscale.parallel.engine import Engine, UpdateLimits
 from gptscale.parallel.grads import (
     mark_pipeline_replicas,
     register_expert_parallel_hooks,
@@ -85,7 +85,7 @@ class Trainer:
         mark_pipeline_replicas(self.model)
         self.memory_check = MemoryCheck(cfg, self.layout, self.ctx.pp_rank, self.model, self.data.vocab_size,
                                         self.device, self.ctx.rank)  # the plan's prediction, checked after step 1
-        self.engine = build_engine(self.model, self.layout, cfg.parallel.zero, cfg.optim, cfg.train)
+        self.engine = Engine(self.model, self.layout, cfg.optim, cfg.train)
         self.memory_check.watch(self.engine)
 
         # Optimizer schedule and everything else a restart must restore.
@@ -113,7 +113,7 @@ class Trainer:
                      self.layout.world_size, self.layout.describe(), backend.value, params / 1e6, self.device)
 
         # Checkpoint: model and optimizer under layout-independent keys, plus the components above; resume.
-        self.checkpointer = Checkpointer(cfg, self.run_dir, self.ctx, self.model, self.engine, components={
+        self.checkpointer = Checkpointer(cfg, self.run_dir, self.ctx, self.model, self.engine.state, components={
             "progress": self.progress, "schedule": self.schedule, "rng": self.rng, "guard": self.guard,
             "spikes": self.spikes,
             "train_data": self.data.train, "valid_data": self.data.valid, "tracker": self.tracker,
@@ -275,5 +275,5 @@ class Trainer:
         self.stop_request.close()
         self.tracker.close()
         destroy_model_parallel()
-        release_local_rank()
+        self.engine.close()
         self.run_lock.release()
