@@ -67,40 +67,35 @@ def estimate(cfg: Config, layout: Layout, cluster: Cluster, vocab_size: int, ran
     w = 2 if train.precision == Precision.bf16 else 4
     activation = train.seq_len * layout.micro_batch * model.hidden_size * w
     layers = model.num_layers // layout.pp
-    intra = cluster.gpu.intra_node_gbps * 1e9 * BANDWIDTH_EFFICIENCY
-    inter = cluster.gpu.inter_node_gbps * 1e9 * BANDWIDTH_EFFICIENCY
-    one_node = cluster.nodes == 1
-
-    def over(span: int) -> tuple[str, float]:
-        """The link between ranks ``span`` apart in megatron-core's order (tensor, data, pipeline)."""
-        return ("intra-node", intra) if one_node or span < cluster.gpus_per_node else ("inter-node", inter)
-
+    bandwidth = {"intra-node": cluster.gpu.intra_node_gbps * 1e9 * BANDWIDTH_EFFICIENCY,
+                 "inter-node": cluster.gpu.inter_node_gbps * 1e9 * BANDWIDTH_EFFICIENCY}
     collectives = []
 
-    def add(kind: str, span: int, volume: float) -> None:
+    def add(kind: str, stride: int, size: int, volume: float) -> None:
+        """A collective of groups of ``size`` ranks ``stride`` apart (megatron-core's rank order)."""
         if volume > 0:
-            link, bandwidth = over(span)
-            collectives.append(Collective(kind, link, volume, volume / bandwidth))
+            link = cluster.link(stride, size)
+            collectives.append(Collective(kind, link, volume, volume / bandwidth[link]))
 
     tp = layout.tp
     passes = 6 if train.activation_checkpointing == Recompute.full else 4
-    add("TP all-gather/reduce-scatter" if cfg.parallel.sp else "TP all-reduce", tp,
+    add("TP all-gather/reduce-scatter" if cfg.parallel.sp else "TP all-reduce", 1, tp,
         micro * layers * passes * 2 * (tp - 1) / tp * activation)
     sent = activation / tp if cfg.parallel.sp else activation
-    add("PP send/recv", tp * layout.dp, (layout.pp > 1) * micro * layout.vpp * 2 * sent)
+    add("PP send/recv", tp * layout.dp, layout.pp, (layout.pp > 1) * micro * layout.vpp * 2 * sent)
     dp = layout.expert_dp
     share = (dp - 1) / dp * rank_numel * w
     zero = cfg.parallel.zero
     if zero == 0:
-        add("DP all-reduce (gradients)", tp * dp, 2 * share)
+        add("DP all-reduce (gradients)", tp, layout.dp, 2 * share)
     elif zero in (1, 2):
-        add("DP reduce-scatter (gradients)", tp * dp, share)
-        add("DP all-gather (weights)", tp * dp, share)
+        add("DP reduce-scatter (gradients)", tp, layout.dp, share)
+        add("DP all-gather (weights)", tp, layout.dp, share)
     else:
-        add("DP all-gather (weights, forward and backward)", tp * dp, 2 * share)
-        add("DP reduce-scatter (gradients)", tp * dp, share)
+        add("DP all-gather (weights, forward and backward)", tp, layout.dp, 2 * share)
+        add("DP reduce-scatter (gradients)", tp, layout.dp, share)
     ep = layout.ep
     moe_layers = sum(is_moe_layer(model, i) for i in range(model.num_layers)) // layout.pp
     routed = activation * model.moe.top_k / (tp if cfg.parallel.sp else 1)
-    add("EP all-to-all", tp * ep, micro * moe_layers * 4 * (ep - 1) / ep * routed)
+    add("EP all-to-all", tp, ep, micro * moe_layers * 4 * (ep - 1) / ep * routed)
     return StepTime(compute, bubble, collectives)
