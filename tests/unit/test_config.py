@@ -65,6 +65,13 @@ BAD_LAYOUTS = [
     (["parallel.sp=true"], 1, ["parallel.sp", "parallel.tp"]),
     (["parallel.zero=4"], 1, ["parallel.zero=4"]),
     (["train.seq_len=2048"], 1, ["train.seq_len=2048", "model.max_position_embeddings"]),
+    (["model.rope_scaling.type=yarn"], 1, ["model.rope_scaling.type=yarn", "model.position_embedding=rope",
+                                           "original_max_position_embeddings=8192", "max_position_embeddings=1024"]),
+    (["model=llama-tiny", "model.rope_scaling.type=llama3", "model.rope_scaling.original_max_position_embeddings=512",
+      "model.rope_scaling.low_freq_factor=4"], 1, ["model.rope_scaling.low_freq_factor=4.0", "high_freq_factor=4.0"]),
+    (["model=llama-tiny", "model.rope_scaling.type=yarn", "model.rope_scaling.original_max_position_embeddings=512",
+      "model.rope_scaling.beta_slow=64"], 1, ["model.rope_scaling.beta_slow=64.0", "beta_fast=32.0"]),
+    (["model.rope_scaling.factor=0.5"], 1, ["model.rope_scaling.factor=0.5 must be at least 1"]),
 ]
 
 
