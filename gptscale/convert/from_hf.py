@@ -109,28 +109,30 @@ def _llama_overrides(config: dict) -> list[str]:
 def _rope_scaling_overrides(config: dict, rope: dict) -> list[str]:
     """``model.rope_scaling.*`` of transformers' llama3 or yarn RoPE parameters, with transformers' defaults.
 
-    transformers derives YaRN's temperature from mscale and mscale_all_dim only when both are set, else from
-    the factor alone, as megatron-core does at mscale=1, mscale_all_dim=0; an explicit ``attention_factor``
-    must be the one these give."""
-    rope_type = rope.get("rope_type", rope.get("type"))
+    Without ``attention_factor``, transformers derives YaRN's temperature from mscale and mscale_all_dim only
+    when both are set, else from the factor alone, as megatron-core does at mscale=1, mscale_all_dim=0. An
+    explicit ``attention_factor`` (gptscale's export writes one) must be what the mscale values given beside it
+    give in megatron-core."""
+    kind, default = RopeScaling(rope.get("rope_type", rope.get("type"))), RopeScalingConfig()
     original = rope.get("original_max_position_embeddings") or config["max_position_embeddings"]
-    scaling = RopeScalingConfig(RopeScaling(rope_type), rope.get("factor") or config["max_position_embeddings"] / original,
-                                original)
-    if rope_type == "llama3":
-        scaling = dataclasses.replace(scaling, low_freq_factor=rope["low_freq_factor"],
-                                      high_freq_factor=rope["high_freq_factor"])
+    factor = rope.get("factor") or config["max_position_embeddings"] / original
+    if kind == RopeScaling.llama3:
+        scaling = RopeScalingConfig(kind, factor, original, low_freq_factor=rope["low_freq_factor"],
+                                    high_freq_factor=rope["high_freq_factor"])
     else:
         if not rope.get("truncate", True):
             raise ConversionError("YaRN with truncate=false: megatron-core rounds the correction range to integers")
-        scaling = dataclasses.replace(scaling, beta_fast=rope.get("beta_fast") or 32.0,
-                                      beta_slow=rope.get("beta_slow") or 1.0)
-        if rope.get("mscale") and rope.get("mscale_all_dim"):
-            scaling = dataclasses.replace(scaling, mscale=rope["mscale"], mscale_all_dim=rope["mscale_all_dim"])
         given = rope.get("attention_factor")
+        temperature = given is not None or bool(rope.get("mscale") and rope.get("mscale_all_dim"))
+        scaling = RopeScalingConfig(kind, factor, original, beta_fast=rope.get("beta_fast") or default.beta_fast,
+                                    beta_slow=rope.get("beta_slow") or default.beta_slow,
+                                    mscale=rope.get("mscale", default.mscale) if temperature else default.mscale,
+                                    mscale_all_dim=rope.get("mscale_all_dim", default.mscale_all_dim) if temperature
+                                    else default.mscale_all_dim)
         if given is not None and not math.isclose(given, attention_factor(scaling), rel_tol=1e-6):
             raise ConversionError(f"YaRN attention_factor={given}: megatron-core derives it from factor, mscale and "
                                   f"mscale_all_dim, which give {attention_factor(scaling)}")
-    return _changed(scaling, RopeScalingConfig(), "model.rope_scaling.")
+    return _changed(scaling, default, "model.rope_scaling.")
 
 
 def _moe_layer_freq(config: dict, sparse: list[int]) -> int:

@@ -42,15 +42,16 @@ def output_vocab_size(state: Mapping[str, torch.Tensor], tokenizer_file: Optiona
 
 def rope_parameters(model: ModelConfig) -> dict:
     """transformers' ``rope_parameters`` of the model's RoPE, scaling included. YaRN's temperature is written as
-    ``attention_factor``, megatron-core's value: transformers derives another from mscale when mscale_all_dim is 0."""
+    ``attention_factor``, megatron-core's value (transformers would derive another from mscale when
+    mscale_all_dim is 0); mscale and mscale_all_dim beside it bring the settings back on import."""
     scaling = model.rope_scaling
     parameters = {"rope_type": scaling.type.value, "rope_theta": float(model.rotary_base), "factor": scaling.factor,
                   "original_max_position_embeddings": scaling.original_max_position_embeddings}
     if scaling.type == RopeScaling.llama3:
         return {**parameters, "low_freq_factor": scaling.low_freq_factor, "high_freq_factor": scaling.high_freq_factor}
     if scaling.type == RopeScaling.yarn:
-        return {**parameters, "beta_fast": scaling.beta_fast, "beta_slow": scaling.beta_slow,
-                "attention_factor": attention_factor(scaling), "truncate": True}
+        return {**parameters, "beta_fast": scaling.beta_fast, "beta_slow": scaling.beta_slow, "mscale": scaling.mscale,
+                "mscale_all_dim": scaling.mscale_all_dim, "attention_factor": attention_factor(scaling), "truncate": True}
     return {"rope_type": "default", "rope_theta": float(model.rotary_base)}
 
 

@@ -76,8 +76,8 @@ def test_rope_scaling_is_imported_and_exported_back(scaling, tmp_path):
 
     export_hf(cfg, state, None, tmp_path / "back")
     back = json.loads((tmp_path / "back" / "config.json").read_text())["rope_parameters"]
-    assert {key: back[key] for key in SCALED_ROPE[scaling] if key not in ("mscale", "mscale_all_dim")} == {
-        key: value for key, value in SCALED_ROPE[scaling].items() if key not in ("mscale", "mscale_all_dim")}
+    assert {key: back[key] for key in SCALED_ROPE[scaling]} == SCALED_ROPE[scaling]
+    assert import_hf(tmp_path / "back")[0].model.rope_scaling == cfg.model.rope_scaling
 
 
 def test_unsupported_architecture_is_refused(tmp_path):
