@@ -22,7 +22,7 @@ def recipe() -> list[list[str]]:
 
 
 def train(args: list[str], run_dir, steps: int) -> list[dict]:
-    """Run ``args`` with the run directory and length replaced; the metrics it logged."""
+    """Run ``args`` with its run directory, step count and batch replaced; the metrics it logged."""
     args = [word for word in args if not word.startswith(("run_dir=", "train.steps=", "parallel.global_batch="))]
     proc = subprocess.run([sys.executable, "-m", "gptscale.train", *args, f"run_dir={run_dir}",
                            f"train.steps={steps}", "train.log_interval=1", "parallel.global_batch=4"],
