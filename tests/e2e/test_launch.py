@@ -62,6 +62,13 @@ def test_one_node_run_logs_every_step(one_node_run):
     assert [r["step"] for r in records if "eval_loss" in r] == [4, 8]
 
 
+def test_a_healthy_run_names_no_straggler(one_node_run):
+    """Default train.straggler settings: both ranks' times are compared at every log step, none is named."""
+    train = [r for r in metrics(one_node_run) if "loss" in r]
+    assert all(r["straggler/count"] == 0 and "straggler/ranks" not in r for r in train)
+    assert all(r["straggler/slowest_ratio"] > 0 and r["straggler/compute_s"] > 0 for r in train)
+
+
 def test_two_nodes_match_one_node_of_the_same_world_size(one_node_run, tmp_path):
     """Two torchrun agents (nnodes=2, one rank each) meeting by c10d on 127.0.0.1 train what one node does."""
     run_dir, port, env = tmp_path / "run", free_port(), launcher_env(tmp_path)
