@@ -5,8 +5,8 @@ process start, set-up (checkpoint loading included), each step, each evaluation,
 record holds when its phase ended, so the records of an attempt tile its time from the process start to its
 last record. Replaying them (``Goodput``) splits the wall time, first start to last record, into ``PARTS``:
 
-- a step trained again (after a restart, or a spike rewind, resumed from an older checkpoint) moves its
-  earlier time from productive to lost; which steps those are, only the next attempt's resume step says, so
+- a step trained again (a restart or a spike rewind went back to an older checkpoint) moves its earlier
+  time from productive to lost; which steps those are, only the next attempt's resume step says, so
   the records, not any checkpoint, are the source;
 - the time between one attempt's last record and the next start is either a hang before its detection (the
   span ``last_progress_at`` to ``detected_at`` of RUN_DIR/faults/hang-*.json reports) or down time.
@@ -35,6 +35,7 @@ log = logging.getLogger("gptscale")
 
 GOODPUT = "goodput.jsonl"
 HANG_REPORTS = "faults/hang-*.json"
+PHASES = ("step", "eval", "checkpoint")  # what ``GoodputLog.mark`` records, besides the start and set-up
 PARTS = {
     "productive": "productive training",
     "lost": "lost: steps trained again",
@@ -47,7 +48,7 @@ PARTS = {
 
 
 def read_records(path: Path) -> list[dict]:
-    """The records of ``path`` in order; a line that is not a whole JSON object (a killed writer's) is skipped."""
+    """The records of ``path`` in order; a line that is not a whole record (a killed writer's) is skipped."""
     if not path.is_file():
         return []
     records = []
@@ -56,9 +57,16 @@ def read_records(path: Path) -> list[dict]:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(record, dict) and "phase" in record:
+        if _whole(record):
             records.append(record)
     return records
+
+
+def _whole(record) -> bool:
+    if not isinstance(record, dict) or record.get("phase") not in ("start", "startup", *PHASES):
+        return False
+    when = record.get("at" if record["phase"] == "start" else "end")
+    return isinstance(when, (int, float)) and (record["phase"] != "step" or isinstance(record.get("step"), int))
 
 
 def hang_spans(run_dir: Path) -> list[tuple[float, float]]:

@@ -33,6 +33,8 @@ KILLED_ONCE = [
 
 def test_parts_of_a_run_killed_once_add_up_to_its_wall_time(tmp_path):
     write_run(tmp_path, KILLED_ONCE[:9], tail='{"phase": "step", "st')  # attempt 1's last line cut short
+    with open(tmp_path / GOODPUT, "a") as file:  # whole JSON, but no record: skipped too
+        file.write('\n{"phase": "step", "step": 7}\n["end", 117.5]')
     (tmp_path / "faults").mkdir()
     (tmp_path / "faults" / "hang-1.json").write_text(json.dumps(
         {"detected_at": 130.0, "last_progress_at": 116.5, "ranks": [1], "hosts": ["node1"], "phase": "step",
