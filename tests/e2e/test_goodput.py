@@ -66,16 +66,20 @@ def goodput(run_dir, *options):
 
 def test_the_slowed_rank_is_named_as_the_straggler(killed_once):
     run_dir, first_output, second_output, resumed, _, _ = killed_once
-    named = f"straggler: rank 1 on {socket.gethostname()} is "
-    assert named in first_output and named in second_output
+    host = socket.gethostname()
+    assert f"straggler: rank 1 on {host} is " in first_output and f"straggler: rank 1 on {host} is " in second_output
     assert "straggler: rank 0" not in first_output + second_output
     logged = [record for record in metrics(run_dir) if "loss" in record]
-    assert all(record["straggler/slowest_rank"] == 1 and record["straggler/slowest_ratio"] > 1.5 for record in logged)
-    # Named once slow for train.straggler.patience=2 log intervals: from each launch's second logged step on.
-    assert [record["step"] for record in logged if "straggler/ranks" not in record] == [1, resumed + 1]
-    for record in logged:
-        if record["step"] not in (1, resumed + 1):
-            assert (record["straggler/ranks"], record["straggler/hosts"]) == ([1], [socket.gethostname()])
+    second_launch = next(index for index in range(1, len(logged)) if logged[index]["step"] <= logged[index - 1]["step"])
+    assert logged[second_launch]["step"] == resumed + 1
+    for launch in (logged[:second_launch], logged[second_launch:]):
+        # The first log step holds each rank's one-time warm-up, which can hide the slowed rank; from the
+        # second on, rank 1 is the slowest, and named once slow for train.straggler.patience=2 intervals.
+        assert all(r["straggler/slowest_rank"] == 1 and r["straggler/slowest_ratio"] > 1.5 for r in launch[1:])
+        named = [index for index, record in enumerate(launch) if "straggler/ranks" in record]
+        assert named == list(range(named[0], len(launch))) and named[0] in (1, 2)  # by the third log step
+        assert all((launch[index]["straggler/ranks"], launch[index]["straggler/hosts"]) == ([1], [host])
+                   for index in named)
 
 
 def test_goodput_of_the_killed_and_restarted_run_adds_up(killed_once):
@@ -87,7 +91,7 @@ def test_goodput_of_the_killed_and_restarted_run_adds_up(killed_once):
     assert (second["first_step"], second["last_step"]) == (resumed + 1, 8)
     parts, wall = report["parts_s"], report["wall_s"]
     assert sum(parts.values()) == pytest.approx(wall, rel=0.01)
-    assert elapsed - 30 < wall < elapsed  # from rank 0's start to its last record, inside the test's clock
+    assert elapsed - 45 < wall < elapsed  # from rank 0's start to its last record, inside the test's clock
     assert report["lost_steps"] == first["last_step"] - resumed >= 1
     assert report["kept_steps"] == 8
     assert min(parts["startup"], parts["checkpoint"], parts["down"]) > 0 and parts["eval"] == 0
