@@ -4,6 +4,7 @@ killed-and-restarted run is in tests/e2e/test_goodput.py."""
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -82,6 +83,15 @@ def test_a_new_attempt_ends_a_cut_line_before_appending(tmp_path):
     assert [a.resumed_from for a in goodput.attempts] == [None, 2]
     assert log.goodput.parts() == goodput.parts()
     assert goodput.parts()["productive"] > 2.0  # steps 1, 2 and this process's step 3
+
+
+def test_a_later_run_in_the_same_process_starts_when_it_is_set_up(tmp_path):
+    """A local sweep runs its jobs one after the other in one process: only the first counts the imports."""
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+        created = time.time()
+        GoodputLog(tmp_path / name, writes=True).close()
+    assert replay(tmp_path / "second").started_at >= created > replay(tmp_path / "first").started_at
 
 
 def test_summary_command(tmp_path):
