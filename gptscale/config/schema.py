@@ -241,6 +241,15 @@ class SpikeConfig:
 
 
 @dataclass
+class StragglerConfig:
+    """Stragglers: at each log step every rank's forward compute and data wait per step are compared with the
+    other ranks of its pipeline stage (docs/goodput.md)."""
+
+    factor: float = 1.5  # a rank this many times slower than the median of the others is slow; 0: off (no all-gather)
+    patience: int = 3  # log intervals in a row a rank must be slow to be named a straggler
+
+
+@dataclass
 class TrainConfig:
     steps: int = 600  # optimizer steps of the run
     seq_len: int = 128  # tokens per sequence
@@ -260,6 +269,7 @@ class TrainConfig:
     fp8_emulate: bool = False  # torchao only: FP8 numerics without FP8 hardware (CPU tests; no speed-up)
     compile: bool = False  # torch.compile each transformer layer (not the whole model); measure before using
     spike: SpikeConfig = field(default_factory=SpikeConfig)
+    straggler: StragglerConfig = field(default_factory=StragglerConfig)
 
 
 @dataclass

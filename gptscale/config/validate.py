@@ -108,6 +108,8 @@ RANGES: dict[str, Rule] = {
     "train.spike.min_relative_std": POSITIVE,
     "train.spike.max_consecutive": NON_NEGATIVE,  # 0: no bound
     "train.spike.max_rewinds": NON_NEGATIVE,
+    "train.straggler.factor": Rule(lambda v: v == 0 or v > 1, "must be 0 (off) or above 1"),
+    "train.straggler.patience": POSITIVE,
     "data.seed": NON_NEGATIVE,
     "data.sources.weight": POSITIVE,
     "data.workers": NON_NEGATIVE,

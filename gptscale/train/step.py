@@ -33,6 +33,9 @@ from gptscale.model.moe import set_aux_loss_scale
 from gptscale.parallel.engine import Engine, UpdateLimits
 from gptscale.parallel.grads import all_reduce_tied_embedding_grads
 from gptscale.train.router_metrics import aux_losses, clear_tracker, weighted_aux_loss
+from gptscale.train.stragglers import RankTimes
+
+UNTIMED = RankTimes(None)
 
 
 @dataclass
@@ -48,8 +51,12 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
 
 
-def _load(batches: Iterator[dict], layout: Layout, device: torch.device) -> list[dict]:
-    return [_to_device(next(batches), device) for _ in range(layout.num_microbatches)]
+def _load(batches: Iterator[dict], layout: Layout, device: torch.device, times: RankTimes = UNTIMED) -> list[dict]:
+    microbatches = []
+    for _ in range(layout.num_microbatches):
+        with times.data():
+            microbatches.append(_to_device(next(batches), device))
+    return microbatches
 
 
 def _global_tokens(microbatches: list[dict], layout: Layout, is_last_stage: bool) -> torch.Tensor:
@@ -101,7 +108,7 @@ def _schedule(model: ModelChunks, microbatches: list[dict], forward_step, layout
 
 
 def _run_pipeline(model: ModelChunks, microbatches: list[dict], global_tokens: torch.Tensor, layout: Layout,
-                  seq_len: int, forward_only: bool) -> torch.Tensor:
+                  seq_len: int, forward_only: bool, times: RankTimes = UNTIMED) -> torch.Tensor:
     """Forward (and backward) of all micro-batches through the pipeline; this rank's loss share on the last stage.
 
     The data-parallel gradient reduction averages over ranks (the expert-data-parallel ranks under expert
@@ -121,7 +128,9 @@ def _run_pipeline(model: ModelChunks, microbatches: list[dict], global_tokens: t
 
     def forward_step(data_iterator, chunk):
         batch = next(data_iterator)
-        return _forward(chunk, batch), functools.partial(loss_func, batch["loss_mask"])
+        with times.compute():
+            output = _forward(chunk, batch)
+        return output, functools.partial(loss_func, batch["loss_mask"])
 
     shares = _schedule(model, microbatches, forward_step, layout, seq_len, forward_only)
     if not shares:  # not the last stage
@@ -146,15 +155,17 @@ def _aux_loss_scale(layout: Layout) -> float:
 
 
 def train_step(engine: Engine, model: ModelChunks, batches: Iterator[dict], layout: Layout, seq_len: int,
-               device: torch.device, is_last_stage: bool, limits: UpdateLimits, moe_model=None) -> StepResult:
+               device: torch.device, is_last_stage: bool, limits: UpdateLimits, moe_model=None,
+               times: RankTimes = UNTIMED) -> StepResult:
     """Forward and backward over one global batch, then one optimizer update unless the loss or gradient norm
     is not finite or is above ``limits`` (``result.skipped`` says which happened).
 
     The host waits for nothing here: the global loss goes to the update as a device tensor, and the engine
     decides on the device, where the gradient norm is known. ``moe_model``: the ModelConfig of a
-    mixture-of-experts model (its router losses are weighted and read).
+    mixture-of-experts model (its router losses are weighted and read). ``times``: where this rank's data
+    wait and forward compute are added up (stragglers).
     """
-    microbatches = _load(batches, layout, device)
+    microbatches = _load(batches, layout, device, times)
     global_tokens = _global_tokens(microbatches, layout, is_last_stage)
     if moe_model is not None:
         clear_tracker()  # evaluation forwards may have recorded losses
@@ -162,13 +173,15 @@ def train_step(engine: Engine, model: ModelChunks, batches: Iterator[dict], layo
     if layout.pp == 1:
         share = torch.zeros((), device=device)
         for batch in microbatches:
-            micro_share = _loss_share(_forward(engine, batch), batch["loss_mask"], global_tokens)
+            with times.compute():
+                per_token_loss = _forward(engine, batch)
+            micro_share = _loss_share(per_token_loss, batch["loss_mask"], global_tokens)
             # The engine divides by the accumulation steps and averages over (expert-)data-parallel ranks;
             # undo both.
             engine.backward(micro_share * (layout.num_microbatches * layout.expert_dp))
             share += micro_share.detach()
     else:
-        share = _run_pipeline(model, microbatches, global_tokens, layout, seq_len, forward_only=False)
+        share = _run_pipeline(model, microbatches, global_tokens, layout, seq_len, forward_only=False, times=times)
         all_reduce_tied_embedding_grads(model)
     loss = _global_loss(share, layout, is_last_stage)
     update = engine.update(loss, limits)
