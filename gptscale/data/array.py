@@ -39,7 +39,7 @@ from gptscale.data.manifest import (
 from gptscale.data.parts import Part, Skips, read_part
 from gptscale.data.tokenize import Document, check_splits, is_validation, text_of, write_splits
 from gptscale.data.tokenizer import TokenizerInfo, load_tokenizer, train_bpe
-from gptscale.files import replace_text
+from gptscale.files import FileLock, replace_text
 
 log = logging.getLogger("gptscale")
 
@@ -50,6 +50,16 @@ PART_STRIDE = 1_000_003  # document index of part p's first document in the vali
 
 def work_dir(output: Path) -> Path:
     return output.parent / f".{output.name}.parts"
+
+
+def hold_output(output: Path) -> FileLock:
+    """The job's lock, ``.<name>.lock`` beside the output, held by the driver command for the job's life (the
+    merge included): a second command for the same output is refused naming the holder, and a dead driver's lock
+    is taken over. It lies outside the work directory, which the merge removes while the lock is held."""
+    path = output.parent / f".{output.name}.lock"
+    return FileLock.acquire(path, lambda holder: DataError(
+        f"--output {output} is being prepared by another gptscale-prepare: {holder} (holds {path}); wait for it "
+        "to end, or stop it first"), f"gptscale-prepare: taking over {path} from a job that ended without releasing it")
 
 
 def part_dir(work: Path, index: int) -> Path:

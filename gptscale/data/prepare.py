@@ -273,7 +273,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        prepare_files(args)
+        with array.hold_output(args.output):
+            prepare_files(args)
     except DataError as error:
         sys.exit(f"gptscale-prepare: {error}")
 
