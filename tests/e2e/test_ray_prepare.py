@@ -1,6 +1,6 @@
 """gptscale-prepare --executor ray on a local Ray cluster the command starts: the tokenizer trained in a Ray task,
-then 2 Ray tasks, one of whose parts fails naming file and line; once the line is fixed a re-run resumes, and
-the dataset equals one local task's."""
+then 2 Ray tasks, one of whose parts fails naming file and line; once the line is fixed a re-run (local: resuming
+is the same for every executor) keeps the Ray tasks' parts, and the dataset equals one local task's."""
 
 import json
 import logging
@@ -24,7 +24,7 @@ def test_two_ray_tasks_name_a_failure_resume_and_equal_one_local_task(tmp_path, 
     (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[105:]) + BAD + "\n")
     options = ["--input", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--vocab-size", "300",
                "--tokenizer-train-chars", "6k", "--shard-size", "2kB", "--part-size", "4kB"]  # b's bad line: no sample
-    ray_tmp = tempfile.mkdtemp(prefix="ray-")  # Ray's sockets live here: a path under tmp_path is too long for them
+    ray_tmp = tempfile.mkdtemp(prefix="ray-")  # Ray's sockets: under tmp_path their path passes 107 bytes
     try:
         proc = subprocess.run([sys.executable, "-m", "gptscale.data.prepare", *options, "--output",
                                str(tmp_path / "ray"), "--executor", "ray", "--tasks", "2"],
