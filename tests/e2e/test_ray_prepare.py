@@ -34,7 +34,7 @@ def test_two_ray_tasks_name_a_failure_resume_and_equal_one_local_task(tmp_path, 
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 1, proc.stderr
-    assert "training the tokenizer in a Ray task" in proc.stderr and "2 Ray tasks" in proc.stderr
+    assert "training the tokenizer in a Ray task" in proc.stderr and "2 Ray tasks" in proc.stderr, proc.stderr
     assert "tasks 1 done, 0 running, 1 failed of 2" in proc.stderr, proc.stderr
     assert re.search(r"gptscale-prepare: the merge refuses .*\n  part \d+ \(.*b.jsonl.*\) failed: .*b.jsonl:16: "
                      "not JSON", proc.stderr) and "Traceback" not in proc.stderr, proc.stderr
