@@ -5,14 +5,15 @@ parts), ``tokenizer.json``, and per finished part a directory ``parts/part-NNNNN
 ``part.json``. A part is written under a temporary name and renamed into place, so the directory is the
 completion marker: a killed task leaves only a temporary directory, which nothing takes for a part, and
 a task that finds a part's directory skips it. Tasks are contiguous runs of parts balanced by bytes; the
-parts, and so the shards, do not depend on the number of tasks, the executor or restarts. The merge
-checks every part against the plan and hard-links the shards into the dataset under their final names:
-no token is read again.
+parts, and so the shards, do not depend on the number of tasks, the executor (a local process pool, a SLURM
+job array, Ray tasks) or restarts. The merge checks every part against the plan and hard-links the shards
+into the dataset under their final names: no token is read again.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import hashlib
 import json
@@ -39,7 +40,7 @@ from gptscale.data.manifest import (
 from gptscale.data.parts import Part, Skips, read_part
 from gptscale.data.tokenize import Document, check_splits, is_validation, text_of, write_splits
 from gptscale.data.tokenizer import TokenizerInfo, load_tokenizer, train_bpe
-from gptscale.files import replace_text
+from gptscale.files import FileLock, replace_text
 
 log = logging.getLogger("gptscale")
 
@@ -50,6 +51,16 @@ PART_STRIDE = 1_000_003  # document index of part p's first document in the vali
 
 def work_dir(output: Path) -> Path:
     return output.parent / f".{output.name}.parts"
+
+
+def hold_output(output: Path) -> FileLock:
+    """The job's lock, ``.<name>.lock`` beside the output, held by the driver command for the job's life (the
+    merge included): a second command for the same output is refused naming the holder, and a dead driver's lock
+    is taken over. It lies outside the work directory, which the merge removes while the lock is held."""
+    path = output.parent / f".{output.name}.lock"
+    return FileLock.acquire(path, lambda holder: DataError(
+        f"--output {output} is being prepared by another gptscale-prepare: {holder} (holds {path}); wait for it "
+        "to end, or stop it first"), f"gptscale-prepare: taking over {path} from a job that ended without releasing it")
 
 
 def part_dir(work: Path, index: int) -> Path:
@@ -336,10 +347,66 @@ def run_slurm(work: Path, tasks: list[int], count: int, options: dict, progress:
         time.sleep(1)
 
 
+@contextlib.contextmanager
+def ray_connected() -> Iterator[None]:
+    """Ray for the command's life: the cluster ``ray.init`` finds (``RAY_ADDRESS``, or one ``ray start`` began on
+    this machine), else a local one started here and stopped at the end. The work directory must be on a file
+    system every node shares, as for SLURM."""
+    try:
+        import ray
+    except ImportError:
+        raise DataError("--executor ray needs Ray: pip install 'gptscale[ray]'") from None
+    ray.init()
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _ray_cause(error: Exception) -> BaseException:
+    """The exception a Ray task raised, rather than Ray's wrapper (which carries its traceback)."""
+    import ray
+
+    return error.cause if isinstance(error, ray.exceptions.RayTaskError) else error
+
+
+def run_ray(work: Path, tasks: list[int], count: int, progress: Progress) -> None:
+    """One Ray task per task, each given one CPU and running one tokenizer thread; waits, reporting progress.
+    Ray runs a task again when its worker or node dies; a finished part is not redone."""
+    import ray
+
+    remote = ray.remote(num_cpus=1, runtime_env={"env_vars": {"RAYON_NUM_THREADS": "1"}})(run_task)
+    refs = [remote.options(name=f"gptscale-prepare task {task}").remote(str(work.resolve()), task, count)
+            for task in tasks]
+    log.info("gptscale-prepare: %d Ray tasks on a cluster of %d CPUs", len(refs),
+             ray.cluster_resources().get("CPU", 0))
+    pending = refs
+    while pending:
+        pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)[1]
+        progress.report()
+    for task, ref in zip(tasks, refs):
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayError as error:
+            if not isinstance(_ray_cause(error), DataError):  # its failed parts are marked; the merge names them
+                raise DataError(f"task {task} of {count} ended with {_ray_cause(error)!r}; re-run the same "
+                                "command to resume") from None
+
+
 def train_tokenizer_on(executor: str, work: Path, options: dict) -> None:
-    """The tokenizer task, run once before the tokenization: here, or as one SLURM job."""
+    """The tokenizer task, run once before the tokenization: here, as one SLURM job or as one Ray task."""
     if executor == "local":
         train_tokenizer(str(work))
+        return
+    if executor == "ray":
+        import ray
+
+        log.info("gptscale-prepare: training the tokenizer in a Ray task")
+        try:
+            ray.get(ray.remote(num_cpus=1)(train_tokenizer).options(name="gptscale-prepare tokenizer")
+                    .remote(str(work.resolve())))
+        except ray.exceptions.RayError as error:
+            raise DataError(f"the tokenizer task failed: {_ray_cause(error)}") from None
         return
     job = slurm_executor(work, options).submit(train_tokenizer, str(work))
     log.info("gptscale-prepare: training the tokenizer in SLURM job %s", job.job_id)
