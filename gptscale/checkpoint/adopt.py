@@ -3,8 +3,9 @@
 Every checkpoint records the run's resolved configuration (config.yaml), model included. The model is
 adopted with ``model=from_checkpoint``, or when the run starts from a checkpoint path (``task.init``, else
 ``checkpoint.resume=PATH``) and the command line chooses no ``model=`` preset. ``model.*`` overrides may
-change what the weights do not depend on (backend, attention kernel, dropout); one that contradicts the
-checkpoint is a ConfigError naming the field, before any process does work.
+change what the weights do not depend on (backend, attention kernel, dropout, RoPE scaling and, under RoPE,
+the context length); one that contradicts the checkpoint is a ConfigError naming the field, before any
+process does work.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from typing import Optional
 
 from gptscale.checkpoint.files import CONFIG, read_config
 from gptscale.checkpoint.publish import resolve
-from gptscale.config.schema import Config, ModelConfig
+from gptscale.config.schema import Config, ModelConfig, PositionEmbedding
 from gptscale.config.validate import ConfigError
 
 FROM_CHECKPOINT = "from_checkpoint"
-RUNTIME_FIELDS = ("name", "backend", "attention", "hidden_dropout", "attention_dropout")
+RUNTIME_FIELDS = ("name", "backend", "attention", "hidden_dropout", "attention_dropout", "rope_scaling")
+# Under RoPE no weight depends on the context length either: a run continues a checkpoint at a longer one.
+ROPE_FIELDS = ("max_position_embeddings",)
 
 
 def source_checkpoint(cfg: Config) -> Optional[str]:
@@ -32,7 +35,7 @@ def source_checkpoint(cfg: Config) -> Optional[str]:
 def _override_fields(overrides: list[str]) -> list[str]:
     """Model fields a command line sets (``model.norm_eps=1e-6`` -> ``norm_eps``)."""
     keys = [override.lstrip("+~").split("=", 1)[0] for override in overrides]
-    return [key.split(".", 1)[1] for key in keys if key.startswith("model.")]
+    return [key.split(".")[1] for key in keys if key.startswith("model.")]
 
 
 def adopt_model(cfg: Config, overrides: Optional[list[str]] = None) -> Config:
@@ -58,14 +61,15 @@ def adopt_model(cfg: Config, overrides: Optional[list[str]] = None) -> Config:
     else:
         default = ModelConfig()
         given = [f.name for f in dataclasses.fields(ModelConfig) if getattr(cfg.model, f.name) != getattr(default, f.name)]
+    free = RUNTIME_FIELDS + (ROPE_FIELDS if saved.position_embedding == PositionEmbedding.rope else ())
     conflicts = [f"model.{name}={_text(getattr(cfg.model, name))} contradicts the checkpoint's "
                  f"{_text(getattr(saved, name))} ({root / CONFIG})"
-                 for name in given if name not in RUNTIME_FIELDS and getattr(cfg.model, name) != getattr(saved, name)]
+                 for name in given if name not in free and getattr(cfg.model, name) != getattr(saved, name)]
     if conflicts:
         raise ConfigError("the model is the checkpoint's (model=from_checkpoint); only "
-                          f"{', '.join('model.' + n for n in RUNTIME_FIELDS[1:])} may differ:\n  - "
+                          f"{', '.join('model.' + n for n in free[1:])} may differ:\n  - "
                           + "\n  - ".join(conflicts))
-    runtime = {name: getattr(cfg.model, name) for name in given if name in RUNTIME_FIELDS and name != "name"}
+    runtime = {name: getattr(cfg.model, name) for name in given if name in free and name != "name"}
     return dataclasses.replace(cfg, model=dataclasses.replace(saved, **runtime))
 
 

@@ -1,9 +1,10 @@
 """The trainer's checkpointer: when to save, what a save holds, and where a run resumes from.
 
-The model and optimizer come through the DeepSpeed engine (``shards.py``); everything else that must
-survive a restart is a component the trainer registers by name (lr schedule, data loaders, RNG, progress,
-trackers, ...): anything with ``state_dict()`` / ``load_state_dict()``. Components are saved per rank and
-need no special case here. Every method is collective: all ranks call it at the same step.
+The model's master weights and optimizer state come through the engine adapter's ``OptimizerState``
+(``shards.py``); everything else that must survive a restart is a component the trainer registers by name
+(lr schedule, data loaders, RNG, progress, trackers, ...): anything with ``state_dict()`` /
+``load_state_dict()``. Components are saved per rank and need no special case here. Every method is
+collective: all ranks call it at the same step.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from gptscale.checkpoint.load import (
     verify,
 )
 from gptscale.checkpoint.manifest import CheckpointError
-from gptscale.checkpoint.optimizer_state import OptimizerState
 from gptscale.checkpoint.publish import (
     complete_checkpoints,
     remove_unfinished,
@@ -61,7 +61,7 @@ from gptscale.checkpoint.space import bytes_needed, no_space, out_of_space, shor
 from gptscale.config.layout import describe_saved
 from gptscale.config.schema import Config
 from gptscale.model.build import ModelChunks
-from gptscale.optim import OPTIMIZERS
+from gptscale.parallel.engine import OptimizerState
 from gptscale.parallel.groups import ParallelContext
 
 log = logging.getLogger("gptscale")
@@ -74,7 +74,7 @@ class Stateful(Protocol):
 
 
 class Checkpointer:
-    def __init__(self, cfg: Config, run_dir: Path, ctx: ParallelContext, model: ModelChunks, engine,
+    def __init__(self, cfg: Config, run_dir: Path, ctx: ParallelContext, model: ModelChunks, optimizer: OptimizerState,
                  components: dict[str, Optional[Stateful]], tokenizer_file: Optional[Path] = None):
         self.cfg = cfg
         self.settings = cfg.checkpoint
@@ -83,7 +83,7 @@ class Checkpointer:
         self.components = {name: c for name, c in components.items() if c is not None}
         self.tokenizer_file = tokenizer_file
         self.shards = parameter_shards(model)
-        self.optimizer = OptimizerState(engine, OPTIMIZERS[cfg.optim.name].state)
+        self.optimizer = optimizer
         self.host = HostCopies()
         self.writer = Writer(asynchronous=self.settings.async_save)
         self.strategy = sharded_strategy(ctx.layout.dp * ctx.layout.cp)

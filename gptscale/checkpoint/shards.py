@@ -24,8 +24,8 @@ from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
 from gptscale.checkpoint.files import OPTIMIZER, moment_key
-from gptscale.checkpoint.optimizer_state import OptimizerState
 from gptscale.model.build import ModelChunks
+from gptscale.parallel.engine import OptimizerState
 
 Description = Union[ShardedTensor, ShardedTensorFactory]
 MODEL = "model"

@@ -17,6 +17,14 @@ class PositionEmbedding(str, Enum):
     rope = "rope"
 
 
+class RopeScaling(str, Enum):
+    """How RoPE's frequencies are stretched to run a model past the context it was trained at."""
+
+    none = "none"
+    llama3 = "llama3"  # Llama 3.1: long wavelengths divided by the factor, short ones kept, a ramp between
+    yarn = "yarn"  # YaRN: a ramp by rotations over the original context, and a softmax temperature
+
+
 class Normalization(str, Enum):
     LayerNorm = "LayerNorm"
     RMSNorm = "RMSNorm"
@@ -122,6 +130,21 @@ class MoeConfig:
 
 
 @dataclass
+class RopeScalingConfig:
+    """RoPE scaling for context extension (megatron-core's Llama 3 and YaRN frequencies); needs rope positions."""
+
+    type: RopeScaling = RopeScaling.none  # none | llama3 | yarn
+    factor: float = 8.0  # the scaled RoPE covers this many times the original context
+    original_max_position_embeddings: int = 8192  # the context the model was trained at before scaling
+    low_freq_factor: float = 1.0  # llama3: wavelengths above original / low_freq_factor are divided by factor
+    high_freq_factor: float = 4.0  # llama3: wavelengths below original / high_freq_factor are kept
+    beta_fast: float = 32.0  # yarn: dimensions turning more than beta_fast times over the original context are kept
+    beta_slow: float = 1.0  # yarn: dimensions turning fewer than beta_slow times are divided by factor
+    mscale: float = 1.0  # yarn: attention temperature (0.1 mscale ln(factor) + 1) ...
+    mscale_all_dim: float = 0.0  # yarn: ... / (0.1 mscale_all_dim ln(factor) + 1)
+
+
+@dataclass
 class ModelConfig:
     """Shape and architecture of a GPT; presets live in conf/model/."""
 
@@ -136,6 +159,7 @@ class ModelConfig:
     max_position_embeddings: int = 1024  # longest sequence the position embedding covers
     position_embedding: PositionEmbedding = PositionEmbedding.learned  # learned (GPT-2) | rope (Llama)
     rotary_base: float = 10000.0  # RoPE base frequency
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)  # context extension (rope only)
     normalization: Normalization = Normalization.LayerNorm  # LayerNorm | RMSNorm
     norm_eps: float = 1e-5  # epsilon of the norms
     activation: Activation = Activation.gelu  # gelu | swiglu
@@ -218,6 +242,15 @@ class SpikeConfig:
 
 
 @dataclass
+class StragglerConfig:
+    """Stragglers: at each log step every rank's forward compute and data wait per step are compared with the
+    other ranks of its pipeline stage (docs/goodput.md)."""
+
+    factor: float = 1.5  # a rank this many times slower than the median of the others is slow; 0: off (no all-gather)
+    patience: int = 3  # log intervals in a row a rank must be slow to be named a straggler
+
+
+@dataclass
 class TrainConfig:
     steps: int = 600  # optimizer steps of the run
     seq_len: int = 128  # tokens per sequence
@@ -237,6 +270,7 @@ class TrainConfig:
     fp8_emulate: bool = False  # torchao only: FP8 numerics without FP8 hardware (CPU tests; no speed-up)
     compile: bool = False  # torch.compile each transformer layer (not the whole model); measure before using
     spike: SpikeConfig = field(default_factory=SpikeConfig)
+    straggler: StragglerConfig = field(default_factory=StragglerConfig)
 
 
 @dataclass

@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 from importlib import resources
 from pathlib import Path
+from typing import cast
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -57,7 +58,7 @@ def to_config(cfg: DictConfig) -> Config:
     problems = unknown_keys(cfg)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
-    return OmegaConf.to_object(cfg)
+    return cast(Config, OmegaConf.to_object(cfg))
 
 
 def load_config(overrides: list[str] | None = None) -> Config:

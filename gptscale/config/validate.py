@@ -18,6 +18,7 @@ from gptscale.config.schema import (
     ParallelConfig,
     PositionEmbedding,
     Precision,
+    RopeScaling,
 )
 from gptscale.errors import GptscaleError
 from gptscale.optim import OPTIMIZERS, REFUSED
@@ -59,6 +60,14 @@ RANGES: dict[str, Rule] = {
     "model.vocab_multiple": POSITIVE,
     "model.max_position_embeddings": POSITIVE,
     "model.rotary_base": POSITIVE,
+    "model.rope_scaling.factor": Rule(lambda v: v >= 1, "must be at least 1 (scaling stretches the context)"),
+    "model.rope_scaling.original_max_position_embeddings": POSITIVE,
+    "model.rope_scaling.low_freq_factor": POSITIVE,
+    "model.rope_scaling.high_freq_factor": POSITIVE,
+    "model.rope_scaling.beta_fast": POSITIVE,
+    "model.rope_scaling.beta_slow": POSITIVE,
+    "model.rope_scaling.mscale": NON_NEGATIVE,
+    "model.rope_scaling.mscale_all_dim": NON_NEGATIVE,
     "model.norm_eps": POSITIVE,
     "model.init_std": POSITIVE,
     "model.hidden_dropout": PROBABILITY,
@@ -101,6 +110,8 @@ RANGES: dict[str, Rule] = {
     "train.spike.min_relative_std": POSITIVE,
     "train.spike.max_consecutive": NON_NEGATIVE,  # 0: no bound
     "train.spike.max_rewinds": NON_NEGATIVE,
+    "train.straggler.factor": Rule(lambda v: v == 0 or v > 1, "must be 0 (off) or above 1"),
+    "train.straggler.patience": POSITIVE,
     "data.seed": NON_NEGATIVE,
     "data.sources.weight": POSITIVE,
     "data.workers": NON_NEGATIVE,
@@ -231,6 +242,7 @@ def check(cfg: Config, world_size: int) -> Layout:
         )
     _check_data(cfg.data, need)
     _check_moe(model, par, dp, cfg.train.fp8 is not None, need)
+    _check_rope_scaling(model, need)
     need(
         model.position_embedding != PositionEmbedding.learned or train.seq_len <= model.max_position_embeddings,
         f"train.seq_len={train.seq_len} exceeds model.max_position_embeddings={model.max_position_embeddings} "
@@ -262,6 +274,27 @@ def _check_optimizer(optim: OptimConfig, zero: int, need: Callable[[bool, str], 
 def _check_data(data: DataConfig, need: Callable[[bool, str], None]) -> None:
     need(data.on_error in ("raise", "skip"), f"data.on_error={data.on_error!r} must be 'raise' or 'skip'")
     need(not (data.path and data.sources), "data.path and data.sources are exclusive: give one dataset or a list")
+
+
+def _check_rope_scaling(model: ModelConfig, need: Callable[[bool, str], None]) -> None:
+    """What megatron-core's scaled RoPE frequencies need to be defined."""
+    scaling = model.rope_scaling
+    if scaling.type == RopeScaling.none:
+        return
+    prefix = f"model.rope_scaling.type={scaling.type.value}"
+    need(model.position_embedding == PositionEmbedding.rope,
+         f"{prefix} needs model.position_embedding=rope (not {model.position_embedding.value})")
+    need(scaling.original_max_position_embeddings <= model.max_position_embeddings,
+         f"model.rope_scaling.original_max_position_embeddings={scaling.original_max_position_embeddings} exceeds "
+         f"model.max_position_embeddings={model.max_position_embeddings} (the extended context)")
+    if scaling.type == RopeScaling.llama3:
+        need(scaling.low_freq_factor < scaling.high_freq_factor,
+             f"{prefix}: model.rope_scaling.low_freq_factor={scaling.low_freq_factor} must be below "
+             f"model.rope_scaling.high_freq_factor={scaling.high_freq_factor}")
+    else:
+        need(scaling.beta_slow < scaling.beta_fast,
+             f"{prefix}: model.rope_scaling.beta_slow={scaling.beta_slow} must be below "
+             f"model.rope_scaling.beta_fast={scaling.beta_fast}")
 
 
 def _check_moe(model: ModelConfig, par: ParallelConfig, dp: int, fp8: bool, need: Callable[[bool, str], None]) -> None:

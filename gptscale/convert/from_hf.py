@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import tempfile
 from enum import Enum
 from pathlib import Path
@@ -24,8 +25,10 @@ import torch
 from safetensors import safe_open
 
 from gptscale.config import Config, ConfigError, check, load_config
+from gptscale.config.schema import RopeScaling, RopeScalingConfig
 from gptscale.convert import ConversionError
 from gptscale.convert.mapping import import_tensors
+from gptscale.model.rope import attention_factor
 
 log = logging.getLogger("gptscale")
 
@@ -84,7 +87,7 @@ def _llama_overrides(config: dict) -> list[str]:
         problems.append(f"hidden_act={config['hidden_act']}")
     if config.get("head_dim", hidden // heads) != hidden // heads:
         problems.append(f"head_dim={config['head_dim']} (gptscale uses hidden_size / num_attention_heads)")
-    if rope_type != "default":
+    if rope_type not in ("default", "llama3", "yarn"):
         problems.append(f"RoPE scaling {rope_type!r}")
     if problems:
         raise ConversionError(f"Llama options gptscale's model does not compute: {', '.join(problems)}")
@@ -100,7 +103,36 @@ def _llama_overrides(config: dict) -> list[str]:
         f"model.max_position_embeddings={config['max_position_embeddings']}",
         f"model.norm_eps={config.get('rms_norm_eps', 1e-6)}", f"model.rotary_base={float(theta)}",
         f"model.tie_embeddings={str(config.get('tie_word_embeddings', False)).lower()}",
-    ]
+    ] + ([] if rope_type == "default" else _rope_scaling_overrides(config, rope))
+
+
+def _rope_scaling_overrides(config: dict, rope: dict) -> list[str]:
+    """``model.rope_scaling.*`` of transformers' llama3 or yarn RoPE parameters, with transformers' defaults.
+
+    Without ``attention_factor``, transformers derives YaRN's temperature from mscale and mscale_all_dim only
+    when both are set, else from the factor alone, as megatron-core does at mscale=1, mscale_all_dim=0. An
+    explicit ``attention_factor`` (gptscale's export writes one) must be what the mscale values given beside it
+    give in megatron-core."""
+    kind, default = RopeScaling(rope.get("rope_type", rope.get("type"))), RopeScalingConfig()
+    original = rope.get("original_max_position_embeddings") or config["max_position_embeddings"]
+    factor = rope.get("factor") or config["max_position_embeddings"] / original
+    if kind == RopeScaling.llama3:
+        scaling = RopeScalingConfig(kind, factor, original, low_freq_factor=rope["low_freq_factor"],
+                                    high_freq_factor=rope["high_freq_factor"])
+    else:
+        if not rope.get("truncate", True):
+            raise ConversionError("YaRN with truncate=false: megatron-core rounds the correction range to integers")
+        given = rope.get("attention_factor")
+        temperature = given is not None or bool(rope.get("mscale") and rope.get("mscale_all_dim"))
+        scaling = RopeScalingConfig(kind, factor, original, beta_fast=rope.get("beta_fast") or default.beta_fast,
+                                    beta_slow=rope.get("beta_slow") or default.beta_slow,
+                                    mscale=rope.get("mscale", default.mscale) if temperature else default.mscale,
+                                    mscale_all_dim=rope.get("mscale_all_dim", default.mscale_all_dim) if temperature
+                                    else default.mscale_all_dim)
+        if given is not None and not math.isclose(given, attention_factor(scaling), rel_tol=1e-6):
+            raise ConversionError(f"YaRN attention_factor={given}: megatron-core derives it from factor, mscale and "
+                                  f"mscale_all_dim, which give {attention_factor(scaling)}")
+    return _changed(scaling, default, "model.rope_scaling.")
 
 
 def _moe_layer_freq(config: dict, sparse: list[int]) -> int:
@@ -207,9 +239,18 @@ def resume_overrides(cfg: Config, overrides: Optional[list[str]] = None) -> list
     """The ``gptscale-train`` overrides that build the imported model (every ``model.*`` key that differs
     from conf/'s defaults) followed by the user's other overrides (the layout): a training run given them
     and ``checkpoint.resume=<the checkpoint>`` continues from the imported weights at that layout."""
-    default = load_config().model
-    model = [f"model.{field.name}={_override_value(getattr(cfg.model, field.name))}"
-             for field in dataclasses.fields(cfg.model)
-             if getattr(cfg.model, field.name) != getattr(default, field.name)]
-    return model + [override for override in overrides or []
+    return _changed(cfg.model, load_config().model, "model.") + [override for override in overrides or []
                     if override.lstrip("+~").split("=")[0].split(".")[0] != "model"]
+
+
+def _changed(node, default, prefix: str) -> list[str]:
+    """``prefix.key=value`` for every leaf of ``node`` (nested groups such as model.moe too) that differs
+    from ``default``."""
+    changed = []
+    for field in dataclasses.fields(node):
+        value, base = getattr(node, field.name), getattr(default, field.name)
+        if dataclasses.is_dataclass(value):
+            changed += _changed(value, base, f"{prefix}{field.name}.")
+        elif value != base:
+            changed.append(f"{prefix}{field.name}={_override_value(value)}")
+    return changed

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from gptscale.config.schema import Activation, ModelConfig, Normalization, PositionEmbedding
+from gptscale.model.rope import attention_factor, frequencies
 
 LAYER = "decoder.layers."
 
@@ -63,8 +64,8 @@ class Decoder:
         self.head_dim = model.hidden_size // self.heads
         self.output = self.w["embedding.word_embeddings.weight" if model.tie_embeddings else "output_layer.weight"]
         if model.position_embedding == PositionEmbedding.rope:
-            exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
-            self.inv_freq = 1.0 / (int(model.rotary_base) ** exponents)
+            self.inv_freq = frequencies(model).to(device)
+            self.rope_factor = attention_factor(model.rope_scaling)
 
     def layer(self, name: str, index: int) -> Optional[torch.Tensor]:
         """Layer ``index``'s tensor, stacked (dense models) or keyed by layer (MoE models)."""
@@ -77,10 +78,11 @@ class Decoder:
         return F.layer_norm(x, (x.shape[-1],), weight, bias, self.model.norm_eps)
 
     def rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotate halves of each head ([b, heads, t, d]) by position, megatron-core's non-interleaved RoPE."""
+        """Rotate halves of each head ([b, heads, t, d]) by position, megatron-core's non-interleaved RoPE
+        (frequencies and YaRN's temperature as ``model.rope_scaling`` sets them)."""
         angles = torch.outer(positions.float(), self.inv_freq)
         angles = torch.cat([angles, angles], dim=-1)
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        cos, sin = (angles.cos() * self.rope_factor).to(x.dtype), (angles.sin() * self.rope_factor).to(x.dtype)
         first, second = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-second, first], dim=-1) * sin
 

@@ -10,12 +10,16 @@ against the second; so the rows of every Q and K head are permuted from [first h
 interleaved pairs, which makes llama.cpp's rotation equal ours. And GGUF keeps nn.Linear's [out, in]
 layout for every matrix, GPT-2's included. Norms and biases stay f32; Q8_0 quantizes matrices whose rows
 are a multiple of its 32-value blocks and stores the others in f16, as llama.cpp's own converter does.
-llama.cpp's ``gpt2`` graph computes GELU with the tanh approximation where gptscale computes it exactly; no
-GGUF key changes that, so GPT-2 style models differ from ours by a few 1e-4 in the logits.
+RoPE scaling travels as llama.cpp reads it: YaRN as the ``rope.scaling`` keys, Llama 3's as the
+``rope_freqs`` tensor. llama.cpp's ``gpt2`` graph computes GELU with the tanh approximation where gptscale
+computes it exactly; no GGUF key changes that, so GPT-2 style models differ from ours by a few 1e-4 in the
+logits.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from pathlib import Path
 from typing import Mapping, Optional
@@ -24,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from gptscale.config.schema import Config
+from gptscale.config.schema import Config, ModelConfig, RopeScaling, RopeScalingConfig
 from gptscale.convert import GGUF_DTYPES as DTYPES
 from gptscale.convert import K_QUANTS, ConversionError
 from gptscale.convert.hf import output_vocab_size
@@ -32,12 +36,38 @@ from gptscale.convert.mapping import architecture, expert_ffn_size, export_tenso
 from gptscale.convert.output import GGUF_FILE, Summary, staged
 from gptscale.convert.state import check_state
 from gptscale.convert.tokenizer import gguf_vocab
+from gptscale.model.rope import attention_factor, frequencies
 
 
 def interleave_rope_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
     """Per head, rows [first half; second half] to pairs (first[j], second[j]): llama.cpp's RoPE layout."""
     return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(
         weight.shape)
+
+
+def rope_freq_factors(model: ModelConfig) -> torch.Tensor:
+    """llama.cpp's ``rope_freqs``: what each rotation frequency is divided by (how llama.cpp carries Llama 3's
+    scaling, as its own converter writes it)."""
+    return frequencies(dataclasses.replace(model, rope_scaling=RopeScalingConfig())) / frequencies(model)
+
+
+def write_rope_scaling(writer, model: ModelConfig) -> None:
+    """YaRN's keys (llama3 scaling travels as the ``rope_freqs`` tensor). llama.cpp computes YaRN's attention
+    temperature from the factor alone (0.1 ln(factor) + 1), so another mscale is refused."""
+    import gguf
+
+    scaling = model.rope_scaling
+    if scaling.type != RopeScaling.yarn:
+        return
+    if not math.isclose(attention_factor(scaling), 0.1 * math.log(scaling.factor) + 1):
+        raise ConversionError(f"model.rope_scaling.mscale={scaling.mscale} with mscale_all_dim={scaling.mscale_all_dim}: "
+                              "llama.cpp derives YaRN's attention temperature from the factor alone "
+                              "(mscale=1, mscale_all_dim=0); export --to hf")
+    writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    writer.add_rope_scaling_factor(scaling.factor)
+    writer.add_rope_scaling_orig_ctx_len(scaling.original_max_position_embeddings)
+    writer.add_rope_scaling_yarn_beta_fast(scaling.beta_fast)
+    writer.add_rope_scaling_yarn_beta_slow(scaling.beta_slow)
 
 
 def _encode(tensor: torch.Tensor, dtype: str):
@@ -106,6 +136,7 @@ def export_gguf(cfg: Config, state: Mapping[str, torch.Tensor], tokenizer_file: 
             writer.add_layer_norm_rms_eps(model.norm_eps)
             writer.add_rope_freq_base(float(int(model.rotary_base)))
             writer.add_rope_dimension_count(model.hidden_size // heads)
+            write_rope_scaling(writer, model)
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre("gpt-2")
         writer.add_token_list(vocab.tokens)
@@ -120,6 +151,8 @@ def export_gguf(cfg: Config, state: Mapping[str, torch.Tensor], tokenizer_file: 
 
         parameters = 0
         tensors = list(export_tensors(model, state, vocab_size, hf=False))
+        if model.rope_scaling.type == RopeScaling.llama3:
+            tensors.append(("rope_freqs.weight", rope_freq_factors(model)))
         for name, tensor in tqdm(tensors, desc=f"converting to GGUF {arch} {written}", unit="tensor"):
             if gguf_arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
                 tensor = interleave_rope_rows(tensor, heads if "attn_q" in name else groups)

@@ -16,12 +16,13 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from gptscale.config.schema import Config
+from gptscale.config.schema import Config, ModelConfig, RopeScaling
 from gptscale.convert import ConversionError
 from gptscale.convert.mapping import architecture, export_tensors
 from gptscale.convert.output import HF_EXPORT, Summary, staged
 from gptscale.convert.state import check_state
 from gptscale.convert.tokenizer import eod_token, load_tokenizer, vocab_size, write_hf_tokenizer
+from gptscale.model.rope import attention_factor
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM",
@@ -37,6 +38,21 @@ def output_vocab_size(state: Mapping[str, torch.Tensor], tokenizer_file: Optiona
     if size > rows:
         raise ConversionError(f"the tokenizer has {size} tokens but the model only {rows} embedding rows")
     return size
+
+
+def rope_parameters(model: ModelConfig) -> dict:
+    """transformers' ``rope_parameters`` of the model's RoPE, scaling included. YaRN's temperature is written as
+    ``attention_factor``, megatron-core's value (transformers would derive another from mscale when
+    mscale_all_dim is 0); mscale and mscale_all_dim beside it bring the settings back on import."""
+    scaling = model.rope_scaling
+    parameters = {"rope_type": scaling.type.value, "rope_theta": float(model.rotary_base), "factor": scaling.factor,
+                  "original_max_position_embeddings": scaling.original_max_position_embeddings}
+    if scaling.type == RopeScaling.llama3:
+        return {**parameters, "low_freq_factor": scaling.low_freq_factor, "high_freq_factor": scaling.high_freq_factor}
+    if scaling.type == RopeScaling.yarn:
+        return {**parameters, "beta_fast": scaling.beta_fast, "beta_slow": scaling.beta_slow, "mscale": scaling.mscale,
+                "mscale_all_dim": scaling.mscale_all_dim, "attention_factor": attention_factor(scaling), "truncate": True}
+    return {"rope_type": "default", "rope_theta": float(model.rotary_base)}
 
 
 def hf_config(cfg: Config, state: Mapping[str, torch.Tensor], vocab: int, eod_id: Optional[int], dtype: str):
@@ -65,7 +81,7 @@ def hf_config(cfg: Config, state: Mapping[str, torch.Tensor], vocab: int, eod_id
             num_attention_heads=model.num_attention_heads,
             num_key_value_heads=model.query_groups, hidden_act="silu",
             max_position_embeddings=model.max_position_embeddings, rms_norm_eps=model.norm_eps,
-            rope_parameters={"rope_type": "default", "rope_theta": float(model.rotary_base)},
+            rope_parameters=rope_parameters(model),
             num_experts_per_tok=moe.top_k, router_aux_loss_coef=moe.aux_loss_coeff,
             initializer_range=model.init_std, **common)
         if arch == "mixtral":
@@ -86,7 +102,7 @@ def hf_config(cfg: Config, state: Mapping[str, torch.Tensor], vocab: int, eod_id
             num_key_value_heads=model.query_groups,
             head_dim=model.hidden_size // model.num_attention_heads, hidden_act="silu",
             max_position_embeddings=model.max_position_embeddings, rms_norm_eps=model.norm_eps,
-            rope_parameters={"rope_type": "default", "rope_theta": float(model.rotary_base)},
+            rope_parameters=rope_parameters(model),
             attention_bias=False, mlp_bias=False, initializer_range=model.init_std, **common)
     config.architectures = [ARCHITECTURES[arch]]
     return config

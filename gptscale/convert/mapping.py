@@ -281,7 +281,8 @@ def to_megatron(row: Row, parts: list[torch.Tensor], model: ModelConfig) -> torc
             heads, groups = _heads(model)
             head_dim = model.hidden_size // heads
             parts = list(parts[0].split([heads * head_dim, groups * head_dim, groups * head_dim], dim=0))
-        return merge_qkv(*parts, model).contiguous()
+        q, k, v = parts
+        return merge_qkv(q, k, v, model).contiguous()
     return torch.cat(parts, dim=0).contiguous() if len(parts) > 1 else parts[0].contiguous()
 
 

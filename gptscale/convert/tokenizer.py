@@ -38,7 +38,8 @@ def eod_token(tokenizer: Tokenizer) -> Optional[tuple[str, int]]:
     special = [token.content for token in tokenizer.get_added_tokens_decoder().values() if token.special]
     named = [name for name in EOD_NAMES if name in special]
     content = special[0] if len(special) == 1 else (named[0] if named else None)
-    return None if content is None else (content, tokenizer.token_to_id(content))
+    token_id = None if content is None else tokenizer.token_to_id(content)
+    return None if content is None or token_id is None else (content, token_id)
 
 
 def write_hf_tokenizer(tokenizer_file: Path, out_dir: Path, model_max_length: int) -> None:

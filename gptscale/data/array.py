@@ -5,14 +5,16 @@ parts), ``tokenizer.json``, and per finished part a directory ``parts/part-NNNNN
 ``part.json``. A part is written under a temporary name and renamed into place, so the directory is the
 completion marker: a killed task leaves only a temporary directory, which nothing takes for a part, and
 a task that finds a part's directory skips it. Tasks are contiguous runs of parts balanced by bytes; the
-parts, and so the shards, do not depend on the number of tasks, the executor or restarts. The merge
-checks every part against the plan and hard-links the shards into the dataset under their final names:
-no token is read again.
+parts, and so the shards, do not depend on the number of tasks, the executor (a local process pool, a SLURM
+job array, Ray tasks) or restarts. The merge checks every part against the plan and hard-links the shards
+into the dataset under their final names: no token is read again.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -37,8 +39,8 @@ from gptscale.data.manifest import (
 )
 from gptscale.data.parts import Part, Skips, read_part
 from gptscale.data.tokenize import Document, check_splits, is_validation, text_of, write_splits
-from gptscale.data.tokenizer import load_tokenizer, train_bpe
-from gptscale.files import replace_text
+from gptscale.data.tokenizer import TokenizerInfo, load_tokenizer, train_bpe
+from gptscale.files import FileLock, replace_text
 
 log = logging.getLogger("gptscale")
 
@@ -49,6 +51,16 @@ PART_STRIDE = 1_000_003  # document index of part p's first document in the vali
 
 def work_dir(output: Path) -> Path:
     return output.parent / f".{output.name}.parts"
+
+
+def hold_output(output: Path) -> FileLock:
+    """The job's lock, ``.<name>.lock`` beside the output, held by the driver command for the job's life (the
+    merge included): a second command for the same output is refused naming the holder, and a dead driver's lock
+    is taken over. It lies outside the work directory, which the merge removes while the lock is held."""
+    path = output.parent / f".{output.name}.lock"
+    return FileLock.acquire(path, lambda holder: DataError(
+        f"--output {output} is being prepared by another gptscale-prepare: {holder} (holds {path}); wait for it "
+        "to end, or stop it first"), f"gptscale-prepare: taking over {path} from a job that ended without releasing it")
 
 
 def part_dir(work: Path, index: int) -> Path:
@@ -74,13 +86,13 @@ def assign(parts: list[dict], tasks: int) -> list[list[int]]:
     return runs
 
 
-def _records(job: dict) -> Optional[Callable[[Path], Iterator]]:
+def _records(job: dict, skips: Skips) -> Optional[Callable[[Path], Iterator]]:
     if job["format"] == "text":
         return None
     template = None
     if job["format"] == "chat" or job["chat_template"]:
         template = load_template(job["chat_template"], job["tokenizer"])
-    return lambda path: read_records(path, job["format"], template)
+    return lambda path: read_records(path, job["format"], template, skips.bad)
 
 
 def _indexed(documents: Iterator[Document], part: int) -> Iterator[tuple[int, Document]]:
@@ -100,12 +112,13 @@ def train_tokenizer(work: str) -> None:
     plan = load_plan(work_path)
     job, parts = plan["job"], [Part(**part) for part in plan["parts"]]
     share = max(1, job["tokenizer_train_chars"] // len(parts))
-    records = _records(job)
+    skips = Skips("skip")  # the sample passes over bad records; the tokenization reports them
+    records = _records(job, skips)
 
     def sample() -> Iterator[str]:
         for part in parts:
             used = 0
-            for index, document in _indexed(read_part(part, job["text_field"], records, Skips("skip")), part.index):
+            for index, document in _indexed(read_part(part, job["text_field"], records, skips), part.index):
                 if used >= share:
                     break
                 if not is_validation(index, job["val_fraction"]):
@@ -140,14 +153,14 @@ def run_task(work: str, task: int, tasks: int) -> None:
 def _write_part(work: Path, plan: dict, part: Part) -> None:
     job = plan["job"]
     started, cpu = time.perf_counter(), time.process_time()
-    info = load_tokenizer(work / TOKENIZER, job["eod_token"] or plan["eod_token"])
+    info = job_tokenizer(str(work / TOKENIZER), job["eod_token"] or plan["eod_token"], plan["tokenizer_sha256"])
     skips = Skips(job["on_error"])
     target = part_dir(work, part.index)
     temporary = target.with_name(f".{target.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
     try:
-        documents = read_part(part, job["text_field"], _records(job), skips)
+        documents = read_part(part, job["text_field"], _records(job, skips), skips)
         splits = write_splits(_indexed(documents, part.index), info, plan["dtype"], temporary, job["shard_size"],
                                job["val_fraction"], workers=1, progress=False)
         body = {"part": part.to_dict(), "job": job, "tokenizer_sha256": plan["tokenizer_sha256"],
@@ -163,6 +176,13 @@ def _write_part(work: Path, plan: dict, part: Part) -> None:
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     failed_marker(work, part.index).unlink(missing_ok=True)
+
+
+@functools.lru_cache(maxsize=1)
+def job_tokenizer(path: str, eod_token: str, sha256: str) -> TokenizerInfo:
+    """The job's tokenizer, loaded once per process (``sha256`` keys it to the file's contents): the parts of a
+    task share it, so loading is no per-part cost and its word cache stays warm from part to part."""
+    return load_tokenizer(path, eod_token)
 
 
 def merge(work: Path, output: Path, inputs: list[str]) -> Manifest:
@@ -327,10 +347,66 @@ def run_slurm(work: Path, tasks: list[int], count: int, options: dict, progress:
         time.sleep(1)
 
 
+@contextlib.contextmanager
+def ray_connected() -> Iterator[None]:
+    """Ray for the command's life: the cluster ``ray.init`` finds (``RAY_ADDRESS``, or one ``ray start`` began on
+    this machine), else a local one started here and stopped at the end. The work directory must be on a file
+    system every node shares, as for SLURM."""
+    try:
+        import ray
+    except ImportError:
+        raise DataError("--executor ray needs Ray: pip install 'gptscale[ray]'") from None
+    ray.init()
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _ray_cause(error: Exception) -> BaseException:
+    """The exception a Ray task raised, rather than Ray's wrapper (which carries its traceback)."""
+    import ray
+
+    return error.cause if isinstance(error, ray.exceptions.RayTaskError) else error
+
+
+def run_ray(work: Path, tasks: list[int], count: int, progress: Progress) -> None:
+    """One Ray task per task, each given one CPU and running one tokenizer thread; waits, reporting progress.
+    Ray runs a task again when its worker or node dies; a finished part is not redone."""
+    import ray
+
+    remote = ray.remote(num_cpus=1, runtime_env={"env_vars": {"RAYON_NUM_THREADS": "1"}})(run_task)
+    refs = [remote.options(name=f"gptscale-prepare task {task}").remote(str(work.resolve()), task, count)
+            for task in tasks]
+    log.info("gptscale-prepare: %d Ray tasks on a cluster of %d CPUs", len(refs),
+             ray.cluster_resources().get("CPU", 0))
+    pending = refs
+    while pending:
+        pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)[1]
+        progress.report()
+    for task, ref in zip(tasks, refs):
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayError as error:
+            if not isinstance(_ray_cause(error), DataError):  # its failed parts are marked; the merge names them
+                raise DataError(f"task {task} of {count} ended with {_ray_cause(error)!r}; re-run the same "
+                                "command to resume") from None
+
+
 def train_tokenizer_on(executor: str, work: Path, options: dict) -> None:
-    """The tokenizer task, run once before the tokenization: here, or as one SLURM job."""
+    """The tokenizer task, run once before the tokenization: here, as one SLURM job or as one Ray task."""
     if executor == "local":
         train_tokenizer(str(work))
+        return
+    if executor == "ray":
+        import ray
+
+        log.info("gptscale-prepare: training the tokenizer in a Ray task")
+        try:
+            ray.get(ray.remote(num_cpus=1)(train_tokenizer).options(name="gptscale-prepare tokenizer")
+                    .remote(str(work.resolve())))
+        except ray.exceptions.RayError as error:
+            raise DataError(f"the tokenizer task failed: {_ray_cause(error)}") from None
         return
     job = slurm_executor(work, options).submit(train_tokenizer, str(work))
     log.info("gptscale-prepare: training the tokenizer in SLURM job %s", job.job_id)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -159,23 +159,35 @@ def check_pair(record, where: str) -> tuple[str, str]:
     return record["prompt"], record["completion"]
 
 
-def read_records(path: Path, data_format: str, template: Optional[ChatTemplate]) -> Iterator[list[Piece]]:
-    """The records of one JSON-lines file as pieces, in file order; every error names file and line."""
+def _raise(message: str) -> None:
+    raise DataError(message)
+
+
+def read_records(path: Path, data_format: str, template: Optional[ChatTemplate],
+                 bad: Callable[[str], None] = _raise) -> Iterator[list[Piece]]:
+    """The records of one JSON-lines file as pieces, in file order. A bad record's message names file and line
+    and goes to ``bad``, which raises it (the default) or counts it and lets the file go on (``--on-error skip``)."""
     with _open_text(path) as stream:
         for number, line in enumerate(stream, start=1):
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
-                record = json.loads(line)
-            except ValueError as error:
-                raise DataError(f"{where}: not JSON ({error})") from None
-            if data_format == "chat":
-                yield template.pieces(check_messages(record, where), where)
+                pieces = _record_pieces(line, f"{path}:{number}", data_format, template)
+            except DataError as error:
+                bad(str(error))
                 continue
-            prompt, completion = check_pair(record, where)
-            if template is None:
-                yield [piece for piece in (Piece(prompt, False), Piece(completion, True)) if piece.text]
-            else:
-                yield template.pieces([{"role": "user", "content": prompt},
-                                       {"role": "assistant", "content": completion}], where)
+            yield pieces
+
+
+def _record_pieces(line: str, where: str, data_format: str, template: Optional[ChatTemplate]) -> list[Piece]:
+    try:
+        record = json.loads(line)
+    except ValueError as error:
+        raise DataError(f"{where}: not JSON ({error})") from None
+    if data_format == "chat":
+        assert template is not None, "the chat format always has a template"
+        return template.pieces(check_messages(record, where), where)
+    prompt, completion = check_pair(record, where)
+    if template is None:
+        return [piece for piece in (Piece(prompt, False), Piece(completion, True)) if piece.text]
+    return template.pieces([{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}], where)

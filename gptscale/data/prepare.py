@@ -1,6 +1,6 @@
 """``gptscale-prepare``: raw text to a sharded token dataset (webdataset tar shards of zstd token arrays).
 
-The input files are cut into parts (``data/parts.py``); tasks, on a local process pool or a SLURM job array,
+The input files are cut into parts (``data/parts.py``); tasks, on a local process pool, a SLURM job array or Ray,
 tokenize the parts into shards and publish each under a marker; a merge links them into one dataset
 (``data/array.py``). Within a part, documents are read in file order and written shard after shard, so
 the dataset is byte-identical for the same input and options whatever the number of tasks, the executor
@@ -13,6 +13,7 @@ documents held in memory, in one part.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -188,6 +189,21 @@ def prepare_files(args: argparse.Namespace) -> Manifest:
         replace_text(work / array.PLAN, json.dumps({"job": job, "parts": parts}) + "\n")
     slurm = {"partition": args.slurm_partition, "time": args.slurm_time, "cpus": args.slurm_cpus,
              "parallelism": args.slurm_parallelism}
+    with array.ray_connected() if args.executor == "ray" else contextlib.nullcontext():
+        tokenize_parts(args, work, given, parts, slurm)
+    manifest = array.merge(work, output, args.input)
+    tokens = sum(s.tokens for shards in manifest.splits.values() for s in shards)
+    seconds = time.perf_counter() - started
+    log.info("prepared %s: %d train + %d validation documents, %d tokens in %d shards, %.1fs (%.2fM tokens/s)",
+             output, sum(s.samples for s in manifest.shards("train")), sum(s.samples for s in manifest.shards("val")),
+             tokens, sum(len(v) for v in manifest.splits.values()), seconds, tokens / seconds / 1e6)
+    return manifest
+
+
+def tokenize_parts(args: argparse.Namespace, work: Path, given: Optional[TokenizerInfo], parts: list[dict],
+                   slurm: dict) -> None:
+    """Train the tokenizer (one task) unless given or done, then tokenize the parts not done yet on the
+    executor, reporting the progress of the whole job."""
     if not (work / TOKENIZER).is_file():
         if given is not None:
             replace_text(work / TOKENIZER, given.json)
@@ -213,16 +229,11 @@ def prepare_files(args: argparse.Namespace) -> Manifest:
     progress = array.Progress(work, runs, args.quiet)
     if todo and args.executor == "slurm":
         array.run_slurm(work, todo, count, slurm, progress)
+    elif todo and args.executor == "ray":
+        array.run_ray(work, todo, count, progress)
     elif todo:
         array.run_local(work, todo, count, max(1, args.workers), progress)
     progress.report(force=True)
-    manifest = array.merge(work, output, args.input)
-    tokens = sum(s.tokens for shards in manifest.splits.values() for s in shards)
-    seconds = time.perf_counter() - started
-    log.info("prepared %s: %d train + %d validation documents, %d tokens in %d shards, %.1fs (%.2fM tokens/s)",
-             output, sum(s.samples for s in manifest.shards("train")), sum(s.samples for s in manifest.shards("val")),
-             tokens, sum(len(v) for v in manifest.splits.values()), seconds, tokens / seconds / 1e6)
-    return manifest
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -255,8 +266,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--part-size", type=parse_size, default="256MB", metavar="SIZE",
                         help="input per part, the unit of work and of restart: large JSON lines files are cut at "
                              "line boundaries, Parquet files at row groups (default 256MB)")
-    parser.add_argument("--executor", choices=["local", "slurm"], default="local",
-                        help="local: a pool of --workers processes (default); slurm: one SLURM job array")
+    parser.add_argument("--executor", choices=["local", "slurm", "ray"], default="local",
+                        help="local: a pool of --workers processes (default); slurm: one SLURM job array; ray: one "
+                             "Ray task per task, on the cluster ray.init finds (RAY_ADDRESS) or a local one")
     parser.add_argument("--tasks", type=int, metavar="N",
                         help="tasks the parts are spread over (default: --workers); the output does not depend on it")
     parser.add_argument("--on-error", choices=["raise", "skip"], default="raise",
@@ -273,7 +285,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        prepare_files(args)
+        with array.hold_output(args.output):
+            prepare_files(args)
     except DataError as error:
         sys.exit(f"gptscale-prepare: {error}")
 

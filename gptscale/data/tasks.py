@@ -60,7 +60,7 @@ def read_task(path: str | Path, max_examples: Optional[int] = None) -> Task:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"eval.tasks: {path} does not exist")
-    examples = []
+    examples: list[Example] = []
     with _open_text(path) as stream:
         for number, line in enumerate(stream, start=1):
             if max_examples is not None and len(examples) >= max_examples:

@@ -38,7 +38,11 @@ _worker: dict = {}
 def _init_worker(tokenizer_json: str, eod: int, dtype: str) -> None:
     from tokenizers import Tokenizer
 
-    _worker.update(tokenizer=Tokenizer.from_str(tokenizer_json), eod=eod, dtype=np.dtype(dtype), zstd=compressor())
+    _use(Tokenizer.from_str(tokenizer_json), eod, dtype)
+
+
+def _use(tokenizer, eod: int, dtype: str) -> None:
+    _worker.update(tokenizer=tokenizer, eod=eod, dtype=np.dtype(dtype), zstd=compressor())
 
 
 Document = str | list[Piece]  # text, or a fine-tuning record's masked and trained pieces
@@ -118,13 +122,12 @@ def write_splits(texts: Iterator[tuple[int, Document]], info: TokenizerInfo, dty
     """The shards of both splits (either may be empty), written into ``directory``."""
     writers = {"train": _SplitWriter(directory, "train", shard_size), "val": _SplitWriter(directory, "val", shard_size)}
     bar = tqdm(unit="tok", unit_scale=True, desc="tokenize", disable=not progress, smoothing=0.1)
-    init = (info.json, info.eod, dtype)
     if workers > 1:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process, and no fork warning
-        with multiprocessing.Pool(workers, initializer=_init_worker, initargs=init) as pool:
+        with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(info.json, info.eod, dtype)) as pool:
             _write_results(pool.imap(_encode_chunk, _chunks(texts)), writers, val_fraction, bar)
     else:
-        _init_worker(*init)
+        _use(info.tokenizer, info.eod, dtype)  # this process's tokenizer: its word cache stays warm across parts
         _write_results(map(_encode_chunk, _chunks(texts)), writers, val_fraction, bar)
     bar.close()
     return {name: writer.close() for name, writer in writers.items()}

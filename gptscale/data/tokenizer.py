@@ -61,5 +61,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, eod_token: Optional[str] = 
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[eod_token], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(texts, trainer=trainer)
-    return TokenizerInfo(tokenizer, tokenizer.to_str(), eod_token, tokenizer.token_to_id(eod_token),
+    eod = tokenizer.token_to_id(eod_token)
+    assert eod is not None, "the trainer was given the end-of-document token as a special token"
+    return TokenizerInfo(tokenizer, tokenizer.to_str(), eod_token, eod,
                          f"byte-level BPE of {vocab_size} trained on the input")

@@ -19,6 +19,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import cast
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -45,7 +46,7 @@ def eval_config(checkpoint: str, overrides: list[str], run_dir: str) -> Config:
     for name in LAYOUT_FIELDS:
         saved.parallel[name] = getattr(ParallelConfig(), name)
     try:
-        cfg = OmegaConf.to_object(OmegaConf.merge(saved, OmegaConf.from_dotlist(overrides)))
+        cfg = cast(Config, OmegaConf.to_object(OmegaConf.merge(saved, OmegaConf.from_dotlist(overrides))))
     except OmegaConfBaseException as error:
         raise ConfigError(f"gptscale-eval: bad override ({error})") from None
     cfg.run_dir = run_dir

@@ -18,7 +18,6 @@ from gptscale.config.schema import (
     Backend,
     ModelConfig,
     ParallelConfig,
-    PositionEmbedding,
     Precision,
     Recompute,
     TrainConfig,
@@ -27,6 +26,7 @@ from gptscale.config.schema import (
 from gptscale.config.validate import padded_vocab_size
 from gptscale.model.fp8 import torchao_float8_config, transformer_engine_fp8
 from gptscale.model.moe import provide_missing_te_gemm
+from gptscale.model.rope import position_embedding_type, scale_llama3, set_yarn_fields
 from gptscale.model.spec import decoder_block_spec
 
 
@@ -43,7 +43,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, train: Trai
         Recompute.full: {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
     }[train.activation_checkpointing]
     swiglu = model.activation == Activation.swiglu
-    return TransformerConfig(
+    config = TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,
@@ -93,6 +93,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, train: Trai
         **recompute,
         **(transformer_engine_fp8(train) if backend == Backend.te else {}),
     )
+    set_yarn_fields(config, model)
+    return config
 
 
 def moe_fields(model: ModelConfig) -> dict:
@@ -161,11 +163,11 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
             share_embeddings_and_output_weights=model.tie_embeddings,
-            position_embedding_type="rope" if model.position_embedding == PositionEmbedding.rope
-            else "learned_absolute",
+            position_embedding_type=position_embedding_type(model),
             rotary_base=int(model.rotary_base),
             vp_stage=vp_stage,
         )
+        scale_llama3(chunk, model)
         if train.compile:
             compile_layers(chunk)
         chunks.append(chunk.to(device))

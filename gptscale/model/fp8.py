@@ -74,7 +74,7 @@ def transformer_engine_fp8(train: TrainConfig) -> dict:
     """megatron-core TransformerConfig fields that turn on Transformer Engine's FP8 (empty without fp8)."""
     if train.fp8 is None:
         return {}
-    fields = {"fp8": train.fp8.value, "fp8_recipe": train.fp8_recipe.value}
+    fields: dict[str, object] = {"fp8": train.fp8.value, "fp8_recipe": train.fp8_recipe.value}
     if train.fp8_recipe == Fp8Recipe.delayed:
         fields.update(_DELAYED_SCALING)
     return fields

@@ -23,7 +23,7 @@ class Norm(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
         self.bias = None if self.rms else torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype))
         for param in self.parameters():
-            param.sequence_parallel = config.sequence_parallel
+            setattr(param, "sequence_parallel", config.sequence_parallel)  # megatron-core reads this mark
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = (x.shape[-1],)

@@ -8,12 +8,12 @@ in ``OPTIMIZERS``, plus its ``conf/optim/<name>.yaml``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 
 from gptscale.optim import adamw, lion
-from gptscale.optim.kind import OptimizerKind
+from gptscale.optim.kind import GatedStep, OptimizerKind
 
 OPTIMIZERS: dict[str, OptimizerKind] = {kind.name: kind for kind in (adamw.KIND, lion.KIND)}
 
@@ -30,9 +30,10 @@ REFUSED = {
 }
 
 
-def build(optim: Any, param_groups: list[dict]) -> torch.optim.Optimizer:
-    """The optimizer ``optim.name`` names (``optim``: the run's OptimConfig) over ``param_groups``."""
-    return OPTIMIZERS[optim.name].build(optim, param_groups)
+def build(optim: Any, param_groups: list[dict], decide: Callable[[], Optional[torch.Tensor]]) -> GatedStep:
+    """The optimizer ``optim.name`` names (``optim``: the run's OptimConfig) over ``param_groups``, skipping
+    each update ``decide()`` says to skip."""
+    return OPTIMIZERS[optim.name].build(optim, param_groups, decide=decide)
 
 
-__all__ = ["OPTIMIZERS", "REFUSED", "OptimizerKind", "build"]
+__all__ = ["OPTIMIZERS", "REFUSED", "GatedStep", "OptimizerKind", "build"]

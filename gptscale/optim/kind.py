@@ -3,9 +3,26 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable, Optional
 
 import torch
+
+
+class GatedStep:
+    """What every optimizer offered derives from: before each update it asks ``decide`` (the engine's update
+    gate, given at build) whether to skip, and hands the answer, a device tensor, to the update as torch's
+    ``found_inf`` (the amp protocol, ``_step_supports_amp_scaling``). Without ``decide`` it steps as its base."""
+
+    _step_supports_amp_scaling = True
+
+    def __init__(self, *args, decide: Optional[Callable[[], Optional[torch.Tensor]]] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.decide = decide
+
+    def step(self, closure=None):
+        if self.decide is not None:
+            self.found_inf = self.decide()
+        return super().step(closure)  # type: ignore[misc]
 
 
 @dataclass(frozen=True)
@@ -19,7 +36,7 @@ class OptimizerKind:
     """
 
     name: str
-    build: Callable[[Any, list[dict]], torch.optim.Optimizer]  # (OptimConfig, parameter groups)
+    build: Callable[..., GatedStep]  # (OptimConfig, parameter groups, decide=the engine's update gate)
     state: tuple[str, ...]  # per-parameter state tensors, besides the step count
     zero_stages: tuple[int, ...]  # DeepSpeed ZeRO stages at which it computes what one rank computes
 

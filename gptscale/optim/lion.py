@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from gptscale.optim.kind import OptimizerKind
+from gptscale.optim.kind import GatedStep, OptimizerKind
 
 
-class Lion(torch.optim.Optimizer):
-    _step_supports_amp_scaling = True  # step() reads ``found_inf`` (set by the update gate)
+class LionUpdate(torch.optim.Optimizer):
+    _step_supports_amp_scaling = True  # step() reads ``found_inf``
 
     def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0):
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay})
@@ -58,8 +58,12 @@ class Lion(torch.optim.Optimizer):
         return loss
 
 
-def build(optim, param_groups: list[dict]) -> torch.optim.Optimizer:
-    return Lion(param_groups, lr=optim.lr, betas=tuple(optim.betas))
+class Lion(GatedStep, LionUpdate):
+    pass
+
+
+def build(optim, param_groups: list[dict], decide=None) -> Lion:
+    return Lion(param_groups, lr=optim.lr, betas=tuple(optim.betas), decide=decide)
 
 
 KIND = OptimizerKind("lion", build, state=("exp_avg",), zero_stages=(0, 1, 2, 3))

@@ -68,15 +68,7 @@ class MemoryCheck:
     def watch(self, engine) -> None:
         """Record the gradient buffers just before the first update (they are freed after it)."""
         self.engine = engine
-        optimizer = engine.optimizer
-        update = optimizer.step
-
-        def first_step(*args, **kwargs):
-            self._gradients = gradient_storages(self.model, optimizer)
-            optimizer.step = update
-            return update(*args, **kwargs)
-
-        optimizer.step = first_step
+        engine.before_next_update(lambda: self._gradients.update(gradient_storages(self.model, engine.optimizer)))
 
     def after_step(self, last: bool = False) -> None:
         """Once, after the first step whose prediction is ready (on GPU the helper may need a few steps; the

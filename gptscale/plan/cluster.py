@@ -49,6 +49,16 @@ class Cluster:
     def world_size(self) -> int:
         return self.nodes * self.gpus_per_node
 
+    def link(self, stride: int, size: int) -> str:
+        """The link the collectives of a group of ``size`` ranks ``stride`` apart cross.
+
+        Megatron-core numbers ranks tensor-parallel innermost, then data (and expert), then pipeline
+        outermost, so such a group lies in the block of ``stride * size`` consecutive ranks: every group stays
+        within a node when that block divides a node (tp=8 on 8-GPU nodes), and some cross nodes otherwise.
+        """
+        block = stride * size
+        return "intra-node" if size == 1 or self.nodes == 1 or self.gpus_per_node % block == 0 else "inter-node"
+
 
 def cluster_of(config: ClusterConfig) -> Cluster:
     """The cluster ``cluster.*`` describes, or a ValueError naming the field."""

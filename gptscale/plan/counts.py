@@ -3,7 +3,7 @@
 Nothing here restates the model's shapes: megatron-core builds the rank's chunks (tensor-parallel shards,
 the pipeline stage's layers, the embedding on the first stage, the output layer or the tied embedding's
 copy on the last, the rank's experts) inside a fake process group of the layout's size, and
-``gptscale.parallel.deepspeed.parameter_groups`` splits them as the optimizer does. When the model
+``gptscale.parallel.engine.parameter_groups`` splits them as the optimizer does. When the model
 changes, the plan follows.
 """
 
@@ -20,7 +20,7 @@ from gptscale.config.layout import Layout
 from gptscale.config.schema import Backend, Config, Recompute
 from gptscale.model.build import build_model
 from gptscale.parallel import cpu
-from gptscale.parallel.deepspeed import parameter_groups
+from gptscale.parallel.engine import parameter_groups
 from gptscale.parallel.groups import destroy_model_parallel, init_model_parallel
 from gptscale.plan.meta import on_meta
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from gptscale.config.layout import Layout
 from gptscale.config.schema import Config, Precision
 from gptscale.optim import OPTIMIZERS
-from gptscale.parallel.deepspeed import engine_config
+from gptscale.parallel.engine import engine_config
 from gptscale.plan.activations import stage_activation_bytes
 from gptscale.plan.counts import RankParameters, rank_parameters
 from gptscale.plan.states import StateBytes, state_bytes, zero_settings
@@ -16,7 +16,7 @@ from gptscale.plan.states import StateBytes, state_bytes, zero_settings
 def states_of(params: RankParameters, cfg: Config, layout: Layout, dp_rank: int = 0) -> StateBytes:
     """Model-state bytes of ``params`` at data-parallel rank ``dp_rank`` (DeepSpeed partitions over the
     expert-data-parallel group, which is the data-parallel group without expert parallelism)."""
-    engine = engine_config(layout, cfg.parallel.zero, cfg.optim, cfg.train)
+    engine = engine_config(layout, cfg.optim, cfg.train)
     moment_bytes = OPTIMIZERS[cfg.optim.name].state_bytes_per_parameter
     key = (params, layout.expert_dp, cfg.parallel.zero, cfg.train.precision, dp_rank, repr(engine["zero_optimization"]),
            moment_bytes)

@@ -74,44 +74,39 @@ def estimate(cfg: Config, layout: Layout, cluster: Cluster, vocab_size: int, ran
     cp = layout.cp
     activation = train.seq_len // cp * layout.micro_batch * model.hidden_size * w
     layers = model.num_layers // layout.pp
-    intra = cluster.gpu.intra_node_gbps * 1e9 * BANDWIDTH_EFFICIENCY
-    inter = cluster.gpu.inter_node_gbps * 1e9 * BANDWIDTH_EFFICIENCY
-    one_node = cluster.nodes == 1
-
-    def over(span: int) -> tuple[str, float]:
-        """The link between ranks ``span`` apart in megatron-core's order (tensor, context, data, pipeline)."""
-        return ("intra-node", intra) if one_node or span < cluster.gpus_per_node else ("inter-node", inter)
-
+    bandwidth = {"intra-node": cluster.gpu.intra_node_gbps * 1e9 * BANDWIDTH_EFFICIENCY,
+                 "inter-node": cluster.gpu.inter_node_gbps * 1e9 * BANDWIDTH_EFFICIENCY}
     collectives = []
 
-    def add(kind: str, span: int, volume: float) -> None:
+    def add(kind: str, stride: int, size: int, volume: float) -> None:
+        """A collective of groups of ``size`` ranks ``stride`` apart (megatron-core's rank order)."""
         if volume > 0:
-            link, bandwidth = over(span)
-            collectives.append(Collective(kind, link, volume, volume / bandwidth))
+            link = cluster.link(stride, size)
+            collectives.append(Collective(kind, link, volume, volume / bandwidth[link]))
 
     tp = layout.tp
     passes = 6 if train.activation_checkpointing == Recompute.full else 4
-    add("TP all-gather/reduce-scatter" if cfg.parallel.sp else "TP all-reduce", tp,
+    add("TP all-gather/reduce-scatter" if cfg.parallel.sp else "TP all-reduce", 1, tp,
         micro * layers * passes * 2 * (tp - 1) / tp * activation)
     head_dim = model.hidden_size // model.num_attention_heads
     keys_values = 2 * train.seq_len * layout.micro_batch * model.query_groups // tp * head_dim * w
     gathers = 4 if train.activation_checkpointing != Recompute.none else 3
-    add("CP all-gather/reduce-scatter (keys, values)", tp * cp, micro * layers * gathers * (cp - 1) / cp * keys_values)
+    add("CP all-gather/reduce-scatter (keys, values)", tp, cp, micro * layers * gathers * (cp - 1) / cp * keys_values)
     sent = activation / tp if cfg.parallel.sp else activation
-    add("PP send/recv", tp * cp * layout.dp, (layout.pp > 1) * micro * layout.vpp * 2 * sent)
+    add("PP send/recv", tp * cp * layout.dp, layout.pp, (layout.pp > 1) * micro * layout.vpp * 2 * sent)
     dp = layout.expert_dp
     share = (dp - 1) / dp * rank_numel * w
     zero = cfg.parallel.zero
     if zero == 0:
-        add("DP all-reduce (gradients)", tp * dp, 2 * share)
+        add("DP all-reduce (gradients)", tp, layout.dp * cp, 2 * share)
     elif zero in (1, 2):
-        add("DP reduce-scatter (gradients)", tp * dp, share)
-        add("DP all-gather (weights)", tp * dp, share)
+        add("DP reduce-scatter (gradients)", tp, layout.dp * cp, share)
+        add("DP all-gather (weights)", tp, layout.dp * cp, share)
     else:
-        add("DP all-gather (weights, forward and backward)", tp * dp, 2 * share)
-        add("DP reduce-scatter (gradients)", tp * dp, share)
+        add("DP all-gather (weights, forward and backward)", tp, layout.dp * cp, 2 * share)
+        add("DP reduce-scatter (gradients)", tp, layout.dp * cp, share)
     ep = layout.ep
     moe_layers = sum(is_moe_layer(model, i) for i in range(model.num_layers)) // layout.pp
     routed = activation * model.moe.top_k / (tp if cfg.parallel.sp else 1)
-    add("EP all-to-all", tp * cp * ep, micro * moe_layers * 4 * (ep - 1) / ep * routed)
+    add("EP all-to-all", tp * cp, ep, micro * moe_layers * 4 * (ep - 1) / ep * routed)
     return StepTime(compute, bubble, collectives)

@@ -92,6 +92,8 @@ class ConsoleSink:
                   if key.startswith("eval/") and key.endswith("/acc")]
         if "consumed_tokens" in self.last:
             parts.append(f"{self.last['consumed_tokens']:,} tokens")
+        if "goodput" in self.last:
+            parts.append(f"goodput {self.last['goodput']:.1%}")
         if "checkpoint_step" in self.last:
             parts.append(f"newest checkpoint: step {self.last['checkpoint_step']}")
         log.info(" | ".join(parts))

@@ -1,5 +1,6 @@
 """``gptscale-plot RUN_DIR [RUN_DIR ...] [--out FILE.png] [--smooth N]``: loss, gradient norm, learning rate,
-tokens/s and task accuracy of one run or several side by side (a sweep), from their metrics.jsonl.
+tokens/s and task accuracy of one run or several side by side (a sweep), from their metrics.jsonl, and where
+their wall time went, from their goodput.jsonl (``gptscale-goodput``).
 
 Steps skipped as loss spikes are marked on the loss curve (red x at the loss they had), rewinds as dashed
 lines at the step they went back to."""
@@ -11,9 +12,11 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 from matplotlib.figure import Figure
 
+from gptscale.tracking.goodput import GOODPUT, PARTS, replay
 from gptscale.tracking.jsonl import METRICS
 
 
@@ -62,14 +65,24 @@ def smoothed(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot(runs: dict[str, list[dict]], out: Path, title: str, smooth: int = 1) -> None:
-    """Draw every run on the same axes (one colour each) and write the PNG under a temporary name, then rename
-    it into place, so a reader never sees half a file."""
+def plot(runs: dict[str, list[dict]], out: Path, title: str, smooth: int = 1,
+         goodputs: Optional[dict[str, dict[str, float]]] = None) -> None:
+    """Draw every run on the same axes (one colour each), and below them where each run's wall time went when
+    ``goodputs`` has the runs' parts; write the PNG under a temporary name, then rename it into place, so a
+    reader never sees half a file."""
     accuracies = sorted({key for records in runs.values() for record in records for key in record
                          if key.startswith("eval/") and key.endswith("/acc")})
     rows = 5 if accuracies else 4
-    figure = Figure(figsize=(8, 3 * rows), layout="constrained")
-    panels = figure.subplots(rows, 1, sharex=True)
+    bars = 1 + len(goodputs) // 2 if goodputs else 0
+    figure = Figure(figsize=(8, 3 * rows + bars), layout="constrained")
+    every_axes = figure.subplots(rows + (1 if bars else 0), 1, height_ratios=[3] * rows + ([bars] if bars else []))
+    panels = every_axes[:rows]
+    for axes in panels[1:]:
+        axes.sharex(panels[0])
+    for axes in panels[:-1]:
+        axes.tick_params(labelbottom=False)
+    if goodputs:
+        draw_goodput(every_axes[rows], goodputs)
     loss_axes, norm_axes, lr_axes, speed_axes = panels[:4]
     several = len(runs) > 1
     for index, (name, records) in enumerate(runs.items()):
@@ -115,6 +128,27 @@ def plot(runs: dict[str, list[dict]], out: Path, title: str, smooth: int = 1) ->
     os.replace(partial, out)
 
 
+PART_COLOURS = {"productive": "tab:green", "lost": "tab:red", "startup": "tab:gray", "checkpoint": "tab:blue",
+                "eval": "tab:purple", "hang": "black", "down": "lightgray"}
+
+
+def draw_goodput(axes, goodputs: dict[str, dict[str, float]]) -> None:
+    """One horizontal bar per run: its wall time split into the parts of ``gptscale-goodput``, and its goodput."""
+    names = list(goodputs)
+    left = [0.0] * len(names)
+    for part, label in PARTS.items():
+        seconds = [goodputs[name][part] for name in names]
+        axes.barh(names, seconds, left=left, color=PART_COLOURS[part], label=label)
+        left = [start + width for start, width in zip(left, seconds)]
+    for name, wall in zip(names, left):
+        if wall > 0:
+            axes.annotate(f" goodput {goodputs[name]['productive'] / wall:.0%}", (wall, name), va="center",
+                          fontsize=8)
+    axes.set_xlabel("wall time (s)")
+    axes.set_title("where the wall time went (gptscale-goodput)", fontsize=10)
+    axes.legend(fontsize=7, ncols=4, loc="upper center", bbox_to_anchor=(0.5, -0.35))
+
+
 def run_dirs(paths: list[Path]) -> list[Path]:
     """The runs named: a run directory itself, or a directory of runs (a sweep's multirun/) for each run in it."""
     found = []
@@ -142,16 +176,19 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"no {METRICS} in {', '.join(map(str, args.run_dir))}: give the run_dir of a gptscale run "
                      "(or a directory of runs)")
     shared = Path(os.path.commonpath([str(run) for run in found]))
-    runs = {}
+    runs, goodputs = {}, {}
     for run in found:
         records = read_metrics(run / METRICS)
         if not any(record.get("loss") is not None for record in records):
             parser.error(f"{run / METRICS} has no training steps yet")
-        runs[str(run.relative_to(shared)) if len(found) > 1 else str(run)] = records
+        name = str(run.relative_to(shared)) if len(found) > 1 else str(run)
+        runs[name] = records
+        if (run / GOODPUT).is_file():
+            goodputs[name] = replay(run).parts()
     out = args.out or shared / "metrics.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     title = str(found[0]) if len(found) == 1 else f"{len(found)} runs in {shared}"
-    plot(runs, out, title, smooth=args.smooth)
+    plot(runs, out, title, smooth=args.smooth, goodputs=goodputs)
     print(out)
 
 

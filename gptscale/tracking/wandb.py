@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import secrets
 from pathlib import Path
+from typing import Any, Optional
 
 import wandb
 
@@ -33,18 +34,20 @@ class WandbSink:
         self.config = config
         self.mode = choose_mode(cfg.mode, run_dir)
         self.run_id = secrets.token_hex(4)
-        self.run = None
+        self.run: Optional[Any] = None  # wandb.Run once the first metrics arrive
 
     def _start(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(project=self.cfg.project, entity=self.cfg.entity, group=self.cfg.group,
-                              name=self.cfg.name, tags=list(self.cfg.tags), mode=self.mode, id=self.run_id,
+                              name=self.cfg.name, tags=list(self.cfg.tags), mode=self.mode,  # type: ignore[arg-type]
+                              id=self.run_id,
                               resume="allow", dir=self.run_dir, config=self.config)
 
     def log(self, step: int, metrics: dict) -> None:
         if self.run is None:
             self._start()
         scalars = {key: value for key, value in metrics.items() if isinstance(value, (int, float))}
+        assert self.run is not None
         self.run.log(scalars, step=step)  # lists (tokens per expert) go to metrics.jsonl only
 
     def state_dict(self) -> dict:

@@ -2,7 +2,7 @@
 
 Such a step changes nothing: a non-finite loss makes non-finite gradients, and DeepSpeed leaves the weights
 and Adam's state alone when the gradient norm is not finite (its ZeRO and bf16 optimizers skip the step;
-``parallel/deepspeed.py`` does the same for fp32 without ZeRO). Only its batch is consumed. More than
+the engine adapter does the same for fp32 without ZeRO). Only its batch is consumed. More than
 ``train.max_bad_steps`` such steps within the last ``train.bad_step_window`` steps stop the run.
 """
 
@@ -63,7 +63,7 @@ class SpikeDetector:
     gradient norm too, "either": one of them). The gradient norm does not decide by default: in a healthy
     run it alone jumps several-fold now and then (clipping bounds such an update), while a bad batch shows
     in the loss. ``limits()`` gives the values above which the next step is a spike;
-    ``parallel/deepspeed.py``'s ``UpdateGate`` compares on the device, so a spike is skipped exactly like a
+    the engine adapter's ``skip_update`` compares on the device, so a spike is skipped exactly like a
     non-finite step. Skipped steps stay out of the window; ``consecutive`` counts the current
     run of skipped spikes, so the trainer can end a cascade (``train.spike.max_consecutive``): by a rewind,
     or, where none is possible, by ``restart`` (the loss level is the model's, not a batch's).

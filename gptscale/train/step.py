@@ -1,12 +1,12 @@
 """One optimizer step, top to bottom.
 
-Without pipelining the DeepSpeed engine runs the loop DeepSpeed is built for: forward, ``engine.backward``
-and ``engine.step`` per micro-batch, reducing gradients over data-parallel ranks (and partitioning them
-under ZeRO-2/3) and updating at the accumulation boundary. With pipelining megatron-core's schedule
-(1F1B, or interleaved 1F1B with virtual stages) runs every micro-batch's forward and backward across
-stages; then the tied embedding's gradients are summed over the first and last stage, and the engine
-reduces over data-parallel ranks, clips and updates once. This is how DeepSpeed's own pipeline engine
-composes with ZeRO, and why ZeRO-2/3 (which reduce inside backward) are refused with pipelining.
+Without pipelining each micro-batch runs forward and ``engine.backward``, and the engine (DeepSpeed, behind
+``parallel/engine``) reduces gradients over data-parallel ranks at the last one. With pipelining
+megatron-core's schedule (1F1B, or interleaved 1F1B with virtual stages) runs every micro-batch's forward and
+backward across stages; then the tied embedding's gradients are summed over the first and last stage. Either
+way one ``engine.update`` follows, given the step's global loss: it clips, decides on the device whether to
+skip the update, and updates. This is how DeepSpeed's own pipeline engine composes with ZeRO, and why
+ZeRO-2/3 (which reduce inside backward) are refused with pipelining.
 
 The loss is the mean over every unmasked token of the global batch, whatever the layout: each micro-batch
 contributes its summed token losses divided by the global token count. A mean of per-micro-batch means
@@ -33,9 +33,12 @@ from gptscale.data.batch import document_attention_mask
 from gptscale.model.build import ModelChunks
 from gptscale.model.moe import set_aux_loss_scale
 from gptscale.parallel.context import split_batch, this_rank_positions
-from gptscale.parallel.deepspeed import UpdateLimits, reduce_gradients_outside_engine
+from gptscale.parallel.engine import Engine, UpdateLimits
 from gptscale.parallel.grads import all_reduce_tied_embedding_grads
 from gptscale.train.router_metrics import aux_losses, clear_tracker, weighted_aux_loss
+from gptscale.train.stragglers import RankTimes
+
+UNTIMED = RankTimes(None)
 
 
 @dataclass
@@ -56,8 +59,12 @@ def _on_this_rank(batch: dict, device: torch.device) -> dict:
     return split_batch(_to_device(batch, device))
 
 
-def _load(batches: Iterator[dict], layout: Layout, device: torch.device) -> list[dict]:
-    return [_on_this_rank(next(batches), device) for _ in range(layout.num_microbatches)]
+def _load(batches: Iterator[dict], layout: Layout, device: torch.device, times: RankTimes = UNTIMED) -> list[dict]:
+    microbatches = []
+    for _ in range(layout.num_microbatches):
+        with times.data():
+            microbatches.append(_on_this_rank(next(batches), device))
+    return microbatches
 
 
 def _global_tokens(microbatches: list[dict], layout: Layout, is_last_stage: bool) -> torch.Tensor:
@@ -116,7 +123,7 @@ def _schedule(model: ModelChunks, microbatches: list[dict], forward_step, layout
 
 
 def _run_pipeline(model: ModelChunks, microbatches: list[dict], global_tokens: torch.Tensor, layout: Layout,
-                  seq_len: int, forward_only: bool) -> torch.Tensor:
+                  seq_len: int, forward_only: bool, times: RankTimes = UNTIMED) -> torch.Tensor:
     """Forward (and backward) of all micro-batches through the pipeline; this rank's loss share on the last stage.
 
     The data-parallel gradient reduction averages over ranks (the expert-data-parallel ranks under expert
@@ -136,7 +143,9 @@ def _run_pipeline(model: ModelChunks, microbatches: list[dict], global_tokens: t
 
     def forward_step(data_iterator, chunk):
         batch = next(data_iterator)
-        return _forward(chunk, batch), functools.partial(loss_func, batch["loss_mask"])
+        with times.compute():
+            output = _forward(chunk, batch)
+        return output, functools.partial(loss_func, batch["loss_mask"])
 
     shares = _schedule(model, microbatches, forward_step, layout, seq_len, forward_only)
     if not shares:  # not the last stage
@@ -162,47 +171,44 @@ def _aux_loss_scale(layout: Layout) -> float:
     return layout.cp / (layout.num_microbatches * layout.ep)
 
 
-def train_step(engine, model: ModelChunks, batches: Iterator[dict], layout: Layout, seq_len: int,
-               device: torch.device, is_last_stage: bool, limits: UpdateLimits, moe_model=None) -> StepResult:
+def train_step(engine: Engine, model: ModelChunks, batches: Iterator[dict], layout: Layout, seq_len: int,
+               device: torch.device, is_last_stage: bool, limits: UpdateLimits, moe_model=None,
+               times: RankTimes = UNTIMED) -> StepResult:
     """Forward and backward over one global batch, then one optimizer update unless the loss or gradient norm
     is not finite or is above ``limits`` (``result.skipped`` says which happened).
 
-    The update gate (``parallel/deepspeed.py``) decides inside the engine's step, where the gradient norm is
-    known; this function alone hands it the step's global loss and limits and reads its decision back.
-    ``moe_model``: the ModelConfig of a mixture-of-experts model (its router losses are weighted and read).
+    The host waits for nothing here: the global loss goes to the update as a device tensor, and the engine
+    decides on the device, where the gradient norm is known. ``moe_model``: the ModelConfig of a
+    mixture-of-experts model (its router losses are weighted and read). ``times``: where this rank's data
+    wait and forward compute are added up (stragglers).
     """
-    microbatches = _load(batches, layout, device)
+    microbatches = _load(batches, layout, device, times)
     global_tokens = _global_tokens(microbatches, layout, is_last_stage)
     if moe_model is not None:
         clear_tracker()  # evaluation forwards may have recorded losses
         set_aux_loss_scale(_aux_loss_scale(layout), device)
-    gate = engine.update_gate  # decides at the update whether it happens: it needs the loss first
-    gate.limits, gate.skipped = limits, None
     if layout.pp == 1:
         share = torch.zeros((), device=device)
-        for index, batch in enumerate(microbatches):
-            micro_share = _loss_share(_forward(engine, batch), batch["loss_mask"], global_tokens)
+        for batch in microbatches:
+            with times.compute():
+                per_token_loss = _forward(engine, batch)
+            micro_share = _loss_share(per_token_loss, batch["loss_mask"], global_tokens)
             # The engine divides by the accumulation steps and averages over (expert-)data-parallel ranks;
             # undo both.
             engine.backward(micro_share * (layout.num_microbatches * layout.expert_dp))
             share += micro_share.detach()
-            if index == len(microbatches) - 1:
-                gate.loss = _global_loss(share, layout, is_last_stage)
-            engine.step()
     else:
-        share = _run_pipeline(model, microbatches, global_tokens, layout, seq_len, forward_only=False)
-        gate.loss = _global_loss(share, layout, is_last_stage)
+        share = _run_pipeline(model, microbatches, global_tokens, layout, seq_len, forward_only=False, times=times)
         all_reduce_tied_embedding_grads(model)
-        reduce_gradients_outside_engine(engine)
-        engine.step()
-    grad_norm = engine.get_global_grad_norm()
+    loss = _global_loss(share, layout, is_last_stage)
+    update = engine.update(loss, limits)
     router_losses = None if moe_model is None else aux_losses(moe_model, layout, device)
     return StepResult(
-        loss=gate.loss,
-        grad_norm=None if grad_norm is None else torch.as_tensor(grad_norm, dtype=torch.float32),
+        loss=loss,
+        grad_norm=update.grad_norm,
         aux=None if moe_model is None else weighted_aux_loss(moe_model, router_losses),
         router_losses=router_losses,
-        skipped=gate.skipped,
+        skipped=update.skipped,
     )
 
 

@@ -23,8 +23,8 @@ from gptscale.model.fp8 import check_fp8
 from gptscale.model.init import initialize
 from gptscale.model.moe import expert_parameters, prepare_routers, update_expert_bias
 from gptscale.model.spec import resolve_backend
-from gptscale.parallel.deepspeed import UpdateLimits, build_engine, release_local_rank
 from gptscale.parallel.devices import device_peak_tflops
+from gptscale.parallel.engine import Engine, UpdateLimits
 from gptscale.parallel.grads import (
     mark_pipeline_replicas,
     register_expert_parallel_hooks,
@@ -33,6 +33,7 @@ from gptscale.parallel.grads import (
 from gptscale.parallel.groups import choose_device, destroy_model_parallel, init_parallel, world_size_from_env
 from gptscale.plan.check import MemoryCheck
 from gptscale.tracking import build_tracker
+from gptscale.tracking.goodput import GoodputLog
 from gptscale.train.evaluation import TaskResult, TaskScorer
 from gptscale.train.guard import LossGuard, SpikeDetector, TooManyBadSteps, with_nan_loss
 from gptscale.train.lr_schedule import LearningRateSchedule
@@ -44,6 +45,7 @@ from gptscale.train.rng import RngState, seed_everything
 from gptscale.train.router_metrics import router_metrics
 from gptscale.train.spikes import SpikeHandling
 from gptscale.train.step import StepResult, eval_step, train_step
+from gptscale.train.stragglers import RankTimes, Stragglers
 
 log = logging.getLogger("gptscale")
 
@@ -64,6 +66,8 @@ class Trainer:
 
         # Run directory: this run alone writes in it until close() (RUN_DIR/.lock), or every rank stops here.
         self.run_lock = RunLock.take(self.run_dir, self.ctx.rank == 0, self.layout.world_size)
+        # Goodput: where the wall time goes, appended to RUN_DIR/goodput.jsonl from the process start on (rank 0).
+        self.goodput = GoodputLog(self.run_dir, self.ctx.rank == 0)
 
         # Data: this data-parallel rank's share of every global batch, and the multiple-choice tasks scored
         # at train.eval_interval.
@@ -85,7 +89,7 @@ class Trainer:
         mark_pipeline_replicas(self.model)
         self.memory_check = MemoryCheck(cfg, self.layout, self.ctx.pp_rank, self.model, self.data.vocab_size,
                                         self.device, self.ctx.rank)  # the plan's prediction, checked after step 1
-        self.engine = build_engine(self.model, self.layout, cfg.parallel.zero, cfg.optim, cfg.train)
+        self.engine = Engine(self.model, self.layout, cfg.optim, cfg.train)
         self.memory_check.watch(self.engine)
 
         # Optimizer schedule and everything else a restart must restore.
@@ -107,13 +111,17 @@ class Trainer:
             peak_tflops=cfg.train.peak_tflops or device_peak_tflops(self.device, cfg.train.precision),
             device=self.device,
         )
+        # Stragglers: each rank's forward compute and data wait, compared across ranks at log steps.
+        self.rank_times = RankTimes(self.device)
+        self.stragglers = Stragglers(cfg.train.straggler, self.rank_times, self.ctx.rank, self.layout.world_size,
+                                     self.ctx.pp_rank, self.device)
         if self.ctx.rank == 0:
             params = sum(p.numel() for p in self.model.parameters())
             log.info("%s: %d ranks (%s), %s backend, %.2fM parameters on rank 0, device %s", cfg.model.name,
                      self.layout.world_size, self.layout.describe(), backend.value, params / 1e6, self.device)
 
         # Checkpoint: model and optimizer under layout-independent keys, plus the components above; resume.
-        self.checkpointer = Checkpointer(cfg, self.run_dir, self.ctx, self.model, self.engine, components={
+        self.checkpointer = Checkpointer(cfg, self.run_dir, self.ctx, self.model, self.engine.state, components={
             "progress": self.progress, "schedule": self.schedule, "rng": self.rng, "guard": self.guard,
             "spikes": self.spikes,
             "train_data": self.data.train, "valid_data": self.data.valid, "tracker": self.tracker,
@@ -127,6 +135,7 @@ class Trainer:
             self.checkpointer.initialize_from(cfg.task.init)  # fine-tuning: weights only
         self.reported_checkpoint = self.checkpointer.saved_step
         self.stop_request = StopRequest(self.device)  # SIGTERM / SIGUSR1 / first Ctrl-C: checkpoint and exit 0
+        self.goodput.started(self.checkpointer.saved_step)
 
     @property
     def step(self) -> int:
@@ -144,11 +153,12 @@ class Trainer:
         if self.progress.step + 1 in self.cfg.train.inject_nan_steps:
             batches = with_nan_loss(batches)
         result = train_step(self.engine, self.model, batches, self.layout, self.cfg.train.seq_len,
-                            self.device, self.ctx.is_last_stage, limits, self.moe_model)
+                            self.device, self.ctx.is_last_stage, limits, self.moe_model, self.rank_times)
         update_expert_bias(self.model)
         self.schedule.advance()
         self.progress.advance(self.tokens_per_step)
         self.meter.step_done()
+        self.rank_times.step_done()
         return lr, result
 
     def evaluate(self) -> tuple[Optional[float], list[TaskResult]]:
@@ -224,6 +234,7 @@ class Trainer:
             if on_step is not None:
                 on_step(self.step, result)
             self.check_step(result)
+            self.goodput.mark("step", self.step)
             if self.step % train.log_interval == 0 or self.step == train.steps:
                 loss = result.loss.item()
                 speed = self.meter.read()
@@ -243,6 +254,8 @@ class Trainer:
                 }
                 if self.moe_model is not None:
                     metrics.update(router_metrics(self.moe_model, result.router_losses, self.model))
+                metrics.update(self.stragglers.check())
+                metrics.update(self.goodput.metrics())
                 self.tracker.log(self.step, metrics)
             if train.eval_interval and self.step % train.eval_interval == 0:
                 loss, results = self.evaluate()
@@ -252,6 +265,7 @@ class Trainer:
                     metrics[f"eval/{task.task}/acc_norm"] = task.acc_norm
                 if metrics:
                     self.tracker.log(self.step, metrics)
+                self.goodput.mark("eval", self.step)
             if self.guard.exceeded():
                 raise self.too_many_bad_steps()
             if self.spike_handling.streak_too_long() and self.spike_handling.end_streak():
@@ -262,11 +276,15 @@ class Trainer:
                 self.save_at_stop()
             else:
                 self.checkpointer.after_step(self.step, self.progress.consumed_tokens, force=save_due)
+            if self.checkpointer.saved_step == self.step:
+                self.goodput.mark("checkpoint", self.step)  # the time the loop waited for the save
             self.report_checkpoint()
         if self.step > first_step:
             self.memory_check.after_step(last=True)
         self.checkpointer.finish(self.step, self.progress.consumed_tokens)
+        self.goodput.mark("checkpoint", self.step, finished=self.step >= train.steps)
         self.report_checkpoint()
+        self.tracker.log(self.step, self.goodput.metrics())
 
     def close(self) -> None:
         """Release the checkpointer, trackers, signal handlers, megatron-core's groups and, last, the run
@@ -274,6 +292,7 @@ class Trainer:
         self.checkpointer.close()
         self.stop_request.close()
         self.tracker.close()
+        self.goodput.close()
         destroy_model_parallel()
-        release_local_rank()
+        self.engine.close()
         self.run_lock.release()

@@ -75,6 +75,13 @@ def tiny_config(model: str, *overrides: str) -> Config:
     return load_config([f"model={model}", "train.seq_len=64", "model.vocab_multiple=128", *overrides])
 
 
+def scaled_config(scaling: str) -> Config:
+    """llama-tiny as if trained at 32 tokens, its RoPE stretched 4x by ``scaling`` (llama3 | yarn): every
+    llama3 band and the YaRN ramp are in use."""
+    return tiny_config("llama-tiny", f"model.rope_scaling.type={scaling}", "model.rope_scaling.factor=4",
+                       "model.rope_scaling.original_max_position_embeddings=32", "model.max_position_embeddings=128")
+
+
 def perturbed_state(cfg: Config, vocab_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """Initialised weights plus noise on every tensor, biases and norms included (so tying, bias and norm
     mistakes change the logits)."""

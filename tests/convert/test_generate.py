@@ -8,12 +8,13 @@ from tokenizers import Tokenizer
 from gptscale.checkpoint.read import save_model_state
 from gptscale.convert.cli import generate_main
 from gptscale.convert.generate import Decoder, Sampling, generate, next_token
-from tests.convert.models import EOD, megatron_logits, perturbed_state, tiny_config
+from tests.convert.models import EOD, megatron_logits, perturbed_state, scaled_config, tiny_config
 
 
-@pytest.mark.parametrize("model", ["gpt2-tiny", "llama-tiny"])
+@pytest.mark.parametrize("model", ["gpt2-tiny", "llama-tiny", "llama3", "yarn"])
 def test_cached_decoding_equals_megatron_core(model):
-    cfg = tiny_config(model)
+    """Also with RoPE scaling (llama3, yarn: llama-tiny from 32 tokens to 128), past the original context."""
+    cfg = scaled_config(model) if model in ("llama3", "yarn") else tiny_config(model)
     state = perturbed_state(cfg, 400)
     tokens = torch.randint(0, 400, (2, 40), generator=torch.Generator().manual_seed(0))
     expected = megatron_logits(cfg, state, tokens)[..., :400]

@@ -5,10 +5,19 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
+from gptscale.convert import ConversionError
 from gptscale.convert.generate import Decoder, generate
 from gptscale.convert.gguf import export_gguf, interleave_rope_rows
 from tests.convert.llama_cpp_run import greedy, load, load_vocab, logits, perplexity
-from tests.convert.models import EOD, HELD_OUT_FILES, stdlib_text, tiny_config, train_state
+from tests.convert.models import (
+    EOD,
+    HELD_OUT_FILES,
+    perturbed_state,
+    scaled_config,
+    stdlib_text,
+    tiny_config,
+    train_state,
+)
 
 SAMPLES = ["def f(x):\n    return x + 1", "Hello  world!  123 4567 éà ✓", "  \n\n\tclass Foo(Bar):  # ok",
            "it's   we'll\r\n<|endoftext|>next document"]
@@ -64,6 +73,30 @@ def test_half_precision_loads(exported, tokenizer_file, tmp_path, dtype):
     ids = Tokenizer.from_file(str(tokenizer_file)).encode("import os\n").ids
     diff = np.abs(logits(load(path, 64), ids) - logits(load(f32_path, 64), ids)).max()
     assert diff < 0.05
+
+
+@pytest.mark.parametrize("scaling", ["llama3", "yarn"])
+def test_rope_scaled_logits_match_past_the_original_context(scaling, tokenizer_file, tmp_path):
+    """YaRN as llama.cpp's rope.scaling keys, Llama 3's scaling as its rope_freqs tensor: the same logits at
+    112 tokens of a model whose original context is 32."""
+    cfg = scaled_config(scaling)
+    vocab = Tokenizer.from_file(str(tokenizer_file)).get_vocab_size()
+    state = perturbed_state(cfg, vocab)
+    export_gguf(cfg, state, tokenizer_file, tmp_path / "model.gguf")
+    ids = torch.randint(0, vocab, (112,), generator=torch.Generator().manual_seed(3)).tolist()
+    decoder = Decoder(cfg.model, state, vocab)
+    ours = decoder.forward(torch.tensor([ids]), decoder.new_cache())[0].numpy()
+    unscaled = Decoder(tiny_config("llama-tiny").model, state, vocab)
+    assert np.abs(unscaled.forward(torch.tensor([ids]), unscaled.new_cache())[0].numpy() - ours).max() > 1e-3
+    assert np.abs(logits(load(tmp_path / "model.gguf", 128), ids) - ours).max() <= 1e-4
+
+
+def test_yarn_temperature_llama_cpp_cannot_express_is_refused(tokenizer_file, tmp_path):
+    cfg = tiny_config("llama-tiny", "model.rope_scaling.type=yarn", "model.rope_scaling.factor=4",
+                      "model.rope_scaling.original_max_position_embeddings=32", "model.rope_scaling.mscale=0.5")
+    with pytest.raises(ConversionError, match="model.rope_scaling.mscale=0.5"):
+        export_gguf(cfg, perturbed_state(cfg, 400), tokenizer_file, tmp_path / "model.gguf")
+    assert not (tmp_path / "model.gguf").exists()
 
 
 def test_rope_rows_interleave_per_head():

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gptscale.convert.generate import Decoder, generate
 from gptscale.convert.hf import export_hf
-from tests.convert.models import EOD, megatron_logits, perturbed_state, tiny_config
+from tests.convert.models import EOD, megatron_logits, perturbed_state, scaled_config, tiny_config
 
 VARIANTS = {
     "gpt2": ("gpt2-tiny", []),
@@ -80,3 +80,24 @@ def test_sharded_weights_and_half_precision(tokenizer_file, tmp_path, trained):
     tokens = torch.arange(40)[None]
     with torch.no_grad():
         assert (full(tokens).logits - half(tokens).logits.float()).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("scaling", ["llama3", "yarn"])
+def test_rope_scaled_logits_equal_gptscale_past_the_original_context(scaling, tokenizer_file, tmp_path):
+    cfg = scaled_config(scaling)
+    vocab = Tokenizer.from_file(str(tokenizer_file)).get_vocab_size()
+    state = perturbed_state(cfg, vocab)
+    tokens = torch.randint(0, vocab, (2, 112), generator=torch.Generator().manual_seed(2))
+    ours = megatron_logits(cfg, state, tokens)[..., :vocab]
+    unscaled = megatron_logits(tiny_config("llama-tiny"), state, tokens)[..., :vocab]
+    assert (ours - unscaled).abs().max() > 1e-3  # the scaling changes what the model computes
+
+    export_hf(cfg, state, tokenizer_file, tmp_path / "hf")
+    written = json.loads((tmp_path / "hf" / "config.json").read_text())
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        theirs = hf(tokens).logits
+    assert (theirs - ours).abs().max().item() <= 1e-4
+    assert written["max_position_embeddings"] == 128
+    assert written["rope_parameters"]["rope_type"] == scaling
+    assert written["rope_parameters"]["original_max_position_embeddings"] == 32

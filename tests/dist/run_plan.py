@@ -74,13 +74,7 @@ def measure(overrides: list[str]) -> dict:
     trainer = Trainer(cfg)
     try:
         optimizer, recorded = trainer.engine.optimizer, {}
-        update = optimizer.step
-
-        def step(*args, **kwargs):
-            recorded.update(gradient_storages(trainer.model, optimizer))
-            return update(*args, **kwargs)
-
-        optimizer.step = step
+        trainer.engine.before_next_update(lambda: recorded.update(gradient_storages(trainer.model, optimizer)))
         with LiveSavedBytes(trainer.model.parameters()) as live:  # ZeRO-3 gathers weights: not comparable
             trainer.fit()
         held = held_bytes(trainer.model, optimizer, recorded)
@@ -91,7 +85,7 @@ def measure(overrides: list[str]) -> dict:
                                             trainer.device, tokens) for chunk in trainer.model.chunks)
         return {"overrides": overrides, "vocab_size": trainer.data.vocab_size, "world_size": dist.get_world_size(),
                 "pp_rank": trainer.ctx.pp_rank, "ep_rank": trainer.ctx.ep_rank,
-                "dp_rank": trainer.engine.mpu.get_data_parallel_rank(), "held": vars(held), "saved": saved,
+                "dp_rank": trainer.engine.deepspeed.mpu.get_data_parallel_rank(), "held": vars(held), "saved": saved,
                 "peak_saved": live.peak if cfg.parallel.zero < 3 else None}
     finally:
         trainer.close()

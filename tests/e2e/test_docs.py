@@ -18,7 +18,7 @@ CONFIGURED = re.compile(r"^(gptscale-(train|bench|plan)|torchrun .*-m gptscale\.
                         r"sbatch .*launch/slurm\.sbatch|python tools/ckpt_bench\.py|torchrun .*tools/ckpt_bench\.py|"
                         r"gptscale-eval|gptscale-convert --from-hf)")
 TOOLS = ("gptscale-train", "gptscale-prepare", "gptscale-convert", "gptscale-generate", "gptscale-plot",
-         "gptscale-ckpt", "gptscale-bench", "gptscale-eval", "gptscale-plan")
+         "gptscale-ckpt", "gptscale-bench", "gptscale-eval", "gptscale-plan", "gptscale-goodput")
 
 
 def documented_commands() -> list[tuple[str, str]]:

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from gptscale.tracking.plot import read_metrics
 from tests.helpers import REPO, free_port, run_jobs
 from tests.wandb_file import read_run
 
@@ -62,6 +63,13 @@ def test_one_node_run_logs_every_step(one_node_run):
     assert [r["step"] for r in records if "eval_loss" in r] == [4, 8]
 
 
+def test_a_healthy_run_names_no_straggler(one_node_run):
+    """Default train.straggler settings: both ranks' times are compared at every log step, none is named."""
+    train = [r for r in metrics(one_node_run) if "loss" in r]
+    assert all(r["straggler/count"] == 0 and "straggler/ranks" not in r for r in train)
+    assert all(r["straggler/slowest_ratio"] > 0 and r["straggler/compute_s"] > 0 for r in train)
+
+
 def test_two_nodes_match_one_node_of_the_same_world_size(one_node_run, tmp_path):
     """Two torchrun agents (nnodes=2, one rank each) meeting by c10d on 127.0.0.1 train what one node does."""
     run_dir, port, env = tmp_path / "run", free_port(), launcher_env(tmp_path)
@@ -84,13 +92,14 @@ def test_two_nodes_match_one_node_of_the_same_world_size(one_node_run, tmp_path)
 
 
 def test_wandb_offline_run_holds_every_logged_metric_and_the_config(one_node_run):
-    """Only rank 0 logs (one W&B run for two ranks); every value of metrics.jsonl is in it at its step."""
+    """Only rank 0 logs (one W&B run for two ranks); every value of metrics.jsonl is in it at its step (the
+    value logged last at a step, as W&B and gptscale-plot keep it: the goodput figures after the final save)."""
     [path] = [p for p in (one_node_run / "wandb").glob("*/run-*.wandb") if p.parent.name != "latest-run"]
     run = read_run(path)
     assert run.project == "launch-test"
     assert run.config["model"]["name"] == "gpt2-tiny" and run.config["train"]["steps"] == STEPS
     assert run.config["run_dir"] == str(one_node_run)
-    for record in metrics(one_node_run):
+    for record in read_metrics(one_node_run / "metrics.jsonl"):
         for key, value in record.items():
             if key != "step" and value is not None:
                 assert run.history[record["step"]][key] == pytest.approx(value), (record["step"], key)

@@ -72,6 +72,13 @@ BAD_LAYOUTS = [
     (["parallel.cp=2", "model.attention=unfused"], 2, ["parallel.cp=2", "model.attention=sdpa"]),
     (["parallel.cp=2", "model.attention_dropout=0.1"], 2, ["parallel.cp=2", "model.attention_dropout=0.1"]),
     (["model=moe-tiny", "parallel.cp=2", "parallel.ep=2"], 2, ["parallel.ep=2", "data-parallel size 1"]),
+    (["model.rope_scaling.type=yarn"], 1, ["model.rope_scaling.type=yarn", "model.position_embedding=rope",
+                                           "original_max_position_embeddings=8192", "max_position_embeddings=1024"]),
+    (["model=llama-tiny", "model.rope_scaling.type=llama3", "model.rope_scaling.original_max_position_embeddings=512",
+      "model.rope_scaling.low_freq_factor=4"], 1, ["model.rope_scaling.low_freq_factor=4.0", "high_freq_factor=4.0"]),
+    (["model=llama-tiny", "model.rope_scaling.type=yarn", "model.rope_scaling.original_max_position_embeddings=512",
+      "model.rope_scaling.beta_slow=64"], 1, ["model.rope_scaling.beta_slow=64.0", "beta_fast=32.0"]),
+    (["model.rope_scaling.factor=0.5"], 1, ["model.rope_scaling.factor=0.5 must be at least 1"]),
 ]
 
 
@@ -103,19 +110,22 @@ def test_every_out_of_range_number_is_refused_at_once_with_its_field_and_value()
     or train silently wrong are refused by check(), all in one message."""
     cfg = load_config(["train.log_interval=0", "train.eval_batches=0", "model.hidden_size=0", "optim.lr=-1e-3",
                        "optim.betas=[0.9,1.0]", "model.hidden_dropout=1.5", "checkpoint.keep_last=-1",
-                       "optim.warmup_steps=-5", "model.num_attention_heads=0", "train.seq_len=0"])
+                       "optim.warmup_steps=-5", "model.num_attention_heads=0", "train.seq_len=0",
+                       "train.straggler.factor=0.8"])
     message = str(pytest.raises(ConfigError, check, cfg, 1).value)
     for expected in ["train.log_interval=0 must be positive", "train.eval_batches=0 must be positive",
                      "model.hidden_size=0 must be positive", "optim.lr=-0.001 must not be negative",
                      "optim.betas[1]=1.0 must be in [0, 1)", "model.hidden_dropout=1.5 must be in [0, 1)",
                      "checkpoint.keep_last=-1 must not be negative", "optim.warmup_steps=-5 must not be negative",
                      "model.num_attention_heads=0 must be positive", "train.seq_len=0 must be positive",
-                     "optim.min_lr=0.0001 must not exceed optim.lr=-0.001"]:
+                     "optim.min_lr=0.0001 must not exceed optim.lr=-0.001",
+                     "train.straggler.factor=0.8 must be 0 (off) or above 1"]:
         assert expected in message, (expected, message)
 
 
 @pytest.mark.parametrize("override", ["optim.lr=0", "optim.min_lr=0", "train.eval_interval=0", "train.steps=0",
-                                      "checkpoint.keep_last=0", "optim.grad_clip=0", "optim.betas=[0.0,0.999]"])
+                                      "checkpoint.keep_last=0", "optim.grad_clip=0", "optim.betas=[0.0,0.999]",
+                                      "train.straggler.factor=0"])
 def test_boundary_values_that_mean_something_are_accepted(override):
     cfg = load_config([override, "optim.min_lr=0"] if override == "optim.lr=0" else [override])
     check(cfg, 1)

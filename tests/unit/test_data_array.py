@@ -1,10 +1,11 @@
 """gptscale-prepare as an array of tasks: the same dataset whatever the tasks, restarts after kill -9, bad input
-failing (or skipped by) its part, and a merge that refuses incomplete or foreign parts."""
+failing (or skipped by) its part, a merge that refuses incomplete or foreign parts, one job per output."""
 
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -187,3 +188,24 @@ def test_rerun_with_a_changed_tokenizer_file_is_refused(tmp_path):
     number_tokenizer(tokenizer, 400)  # the same path, another tokenizer
     with pytest.raises(SystemExit, match=r"unfinished job with another tokenizer_sha256"):
         main(["--input", str(root), "--output", str(tmp_path / "out"), "--tokenizer", str(tokenizer), "--quiet"])
+
+
+HOLD = ("import sys, pathlib; from gptscale.data import array; "
+        "lock = array.hold_output(pathlib.Path(sys.argv[1])); print('held', flush=True); sys.stdin.read()")
+
+
+def test_a_second_command_for_a_held_output_is_refused_and_a_killed_holders_lock_taken_over(corpus, tmp_path, caplog):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "out")], cwd=REPO, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(SystemExit, match=rf"^gptscale-prepare: --output .*out is being prepared by another "
+                                             rf"gptscale-prepare: pid {holder.pid} on host {socket.gethostname()}, "):
+            prepare(corpus, tmp_path / "out", "--workers", "1")
+        assert not array.work_dir(tmp_path / "out").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    prepare(corpus, tmp_path / "out", "--workers", "1")
+    assert f"from a job that ended without releasing it: pid {holder.pid}" in caplog.text
+    assert (tmp_path / "out" / "manifest.json").is_file() and (tmp_path / ".out.lock").read_text() == ""

@@ -1,5 +1,5 @@
 """The optimizers of ``optim.name``: Lion computes the paper's update, a skipped step (``found_inf``) leaves
-it untouched, the update gate refuses an optimizer that would ignore the skip, config.check refuses
+it untouched, every optimizer offered asks the engine's gate at each step, config.check refuses
 optimizers the installed DeepSpeed would run wrongly, and the planner counts each optimizer's state."""
 
 import math
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gptscale.config import ConfigError, check, load_config
-from gptscale.optim import OPTIMIZERS
+from gptscale.optim import OPTIMIZERS, GatedStep
 from gptscale.optim.lion import Lion
 from gptscale.plan.states import state_bytes
 
@@ -67,18 +67,23 @@ def test_lion_skips_on_found_inf_and_steps_without_it():
     assert optimizers[0].state[gated[0]]["step"] == 1
 
 
-def test_update_gate_refuses_an_optimizer_that_ignores_found_inf():
-    import types
-
-    from gptscale.parallel.deepspeed import UpdateGate
-
-    engine = types.SimpleNamespace(device=torch.device("cpu"))
-    with pytest.raises(TypeError, match="found_inf"):
-        UpdateGate(engine, torch.optim.SGD(_params(0), lr=0.1))
-    UpdateGate(engine, Lion(_params(0), lr=0.1))  # every optimizer offered takes it
+def test_every_optimizer_offered_asks_the_gate_at_each_step():
+    """The engine's decision reaches each optimizer as found_inf: 1 leaves weights and state as they were, 0 updates."""
     for kind in OPTIMIZERS.values():
-        built = kind.build(load_config([f"optim={kind.name}"]).optim, [{"params": _params(0)}])
-        assert built._step_supports_amp_scaling, kind.name
+        params = _params(0)
+        before = [p.detach().clone() for p in params]
+        decisions = iter([1.0, 0.0])
+        optimizer = kind.build(load_config([f"optim={kind.name}"]).optim, [{"params": params}],
+                               decide=lambda: torch.tensor(next(decisions)))
+        assert isinstance(optimizer, GatedStep) and optimizer._step_supports_amp_scaling, kind.name
+        for param, grad in zip(params, _grads(1, 1)[0]):
+            param.grad = grad
+        optimizer.step()
+        assert all(torch.equal(p, b) for p, b in zip(params, before)), f"{kind.name} updated a skipped step"
+        assert all(optimizer.state[p]["step"] == 0 for p in params), kind.name
+        optimizer.step()
+        assert not any(torch.equal(p, b) for p, b in zip(params, before)), f"{kind.name} did not update"
+        assert all(optimizer.state[p]["step"] == 1 for p in params), kind.name
 
 
 @pytest.mark.parametrize("name, reason", [("muon", "plain SGD at ZeRO-0 \\(DeepSpeed issue 8441\\)"),

@@ -11,6 +11,7 @@ import pytest
 from gptscale.config import ConfigError, check, load_config
 from gptscale.plan.cluster import cluster_of
 from gptscale.plan.search import with_settings
+from gptscale.plan.step_time import estimate
 from tests.helpers import REPO
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -76,3 +77,38 @@ def test_plan_header_names_what_a_step_trains():
     assert "CUDA_DEVICE_MAX_CONNECTIONS" not in proc.stderr
     assert proc.stdout.splitlines()[0] == ("llama-70b: seq_len 4096, global batch 1024 sequences (4,194,304 tokens), "
                                            "bf16, activation checkpointing none")
+
+
+def _links(overrides: list[str]) -> dict[str, str]:
+    """Each collective's link in the step-time estimate of a layout (analytic: no model is built)."""
+    cfg = load_config(overrides)
+    cluster = cluster_of(cfg.cluster)
+    step = estimate(cfg, check(cfg, cluster.world_size), cluster, cfg.model.vocab_size, rank_numel=10**9)
+    return {c.kind.split()[0]: c.link for c in step.collectives}
+
+
+def test_groups_are_priced_by_the_nodes_their_ranks_lie_on():
+    """Megatron-core puts tensor parallelism innermost: tp=8 is one 8-GPU node, the data and pipeline groups
+    around it cross nodes; a group crosses nodes only when its block of ranks outgrows or straddles a node."""
+    gpt3 = ["model=gpt3-175b", "cluster.nodes=8", "cluster.gpus_per_node=8", "cluster.gpu=a100", "parallel.sp=true",
+            "parallel.global_batch=1536", "parallel.micro_batch=1"]
+    assert _links([*gpt3, "parallel.tp=8", "parallel.pp=8"]) == {"TP": "intra-node", "PP": "inter-node"}
+    assert _links([*gpt3, "parallel.tp=8", "parallel.pp=4", "parallel.zero=1"]) == {
+        "TP": "intra-node", "DP": "inter-node", "PP": "inter-node"}
+    assert _links([*gpt3, "parallel.tp=4", "parallel.pp=8", "parallel.zero=1"]) == {
+        "TP": "intra-node", "DP": "intra-node", "PP": "inter-node"}
+    straddling = ["model=gpt2-tiny", "cluster.nodes=2", "cluster.gpus_per_node=6", "parallel.global_batch=12",
+                  "parallel.micro_batch=1", "parallel.pp=3", "parallel.zero=1", "model.num_layers=6"]
+    assert _links([*straddling, "parallel.tp=2"]) == {"TP": "intra-node", "DP": "inter-node", "PP": "inter-node"}
+    assert _links([*straddling, "parallel.tp=4", "parallel.pp=1", "model.num_attention_heads=4"])["TP"] == "inter-node"
+
+
+def test_step_time_is_within_the_stated_factor_of_published_megatron_runs():
+    """docs/planning.md: Narayanan et al. 2021's table 1, predicted within a factor of 1.3 (at tp=8 the
+    planner once priced the node-local tensor-parallel group between nodes: 0.34 and 0.45 of published)."""
+    proc = _run(["tools/plan_vs_published.py", "1.7", "18.4", "145.6"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ratios = {row.split("|")[1].strip(): float(row.split("|")[-2]) for row in proc.stdout.splitlines()
+              if row.startswith("| ") and row.split("|")[1].strip().endswith("B")}
+    assert set(ratios) == {"1.7B", "18.4B", "145.6B"}
+    assert all(1 / 1.3 <= ratio <= 1.3 for ratio in ratios.values()), ratios

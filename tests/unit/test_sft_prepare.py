@@ -1,5 +1,6 @@
 """Fine-tuning preparation: conversations and prompt/completion pairs become shards whose masks train exactly
-the assistant turns; bad records fail naming file and line; packing keeps documents whole and apart."""
+the assistant turns; bad records fail naming file and line (or are counted and passed over with
+--on-error skip); packing keeps documents whole and apart."""
 
 import json
 
@@ -78,6 +79,18 @@ def test_bad_conversations_name_file_and_line(tmp_path, record, message):
         prepare_main(["--input", str(source), "--output", str(tmp_path / "out"), "--vocab-size", "300",
                       "--format", "chat", "--quiet"])
     assert f"{source}:2: " in str(error.value) and message in str(error.value)
+
+
+def test_on_error_skip_passes_over_bad_records_and_counts_them(tmp_path, caplog):
+    source = tmp_path / "chat.jsonl"
+    source.write_text(json.dumps(CHATS[0]) + "\n{not json\n" + json.dumps({"messages": []}) + "\n"
+                      + json.dumps(CHATS[1]) + "\n")
+    prepare_main(["--input", str(source), "--output", str(tmp_path / "out"), "--vocab-size", "300", "--format", "chat",
+                  "--val-fraction", "0", "--on-error", "skip", "--quiet"])
+    _, docs, tokenizer = documents(tmp_path / "out")
+    assert [tokenizer.decode(tokens[mask].tolist()) for tokens, mask in docs] == ["Paris<|im_end|>\n",
+                                                                                  "2<|im_end|>\n4<|im_end|>\n"]
+    assert "skipped 2 bad lines" in caplog.text and f"{source}:2: not JSON" in caplog.text
 
 
 def test_missing_completion_names_file_and_line(tmp_path):

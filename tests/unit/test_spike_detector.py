@@ -69,19 +69,12 @@ def test_signal_chooses_what_decides():
 
 
 def gate_decision(loss, norm, loss_limit, norm_limit, require_both):
-    import types
-
     import torch
 
-    from gptscale.parallel.deepspeed import UpdateGate, UpdateLimits
+    from gptscale.parallel.engine import UpdateLimits, skip_update
 
-    optimizer = types.SimpleNamespace(step=lambda *args, **kwargs: None, _global_grad_norm=torch.tensor(norm),
-                                      _step_supports_amp_scaling=True)
-    engine = types.SimpleNamespace(device=torch.device("cpu"), optimizer=optimizer, _global_grad_norm=None)
-    gate = UpdateGate(engine, optimizer)
-    gate.loss, gate.limits = torch.tensor(loss), UpdateLimits(loss_limit, norm_limit, require_both)
-    optimizer.step()
-    return bool(optimizer.found_inf.item())
+    limits = UpdateLimits(loss_limit, norm_limit, require_both)
+    return bool(skip_update(torch.tensor(loss), torch.tensor(norm), limits, torch.device("cpu")).item())
 
 
 def test_update_gate_skips_non_finite_steps_and_spikes_by_signal():

@@ -176,6 +176,17 @@ def test_plot_adds_an_accuracy_panel_for_evaluated_tasks(tmp_path):
     assert png_height(tmp_path / "plain.png") == 1200 and png_height(tmp_path / "tasks.png") == 1500
 
 
+def test_plot_adds_where_the_wall_time_went_when_the_run_has_goodput_records(tmp_path):
+    from tests.unit.test_goodput import KILLED_ONCE, write_run
+
+    lines = [json.dumps({"step": step, **STEPS[step]}) for step in (2, 4)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    write_run(tmp_path, KILLED_ONCE)
+    proc = plot(tmp_path, "--out", tmp_path / "goodput.png")
+    assert proc.returncode == 0, proc.stderr
+    assert png_height(tmp_path / "goodput.png") == 1300
+
+
 def test_plot_overlays_the_runs_of_a_sweep_with_smoothing(tmp_path):
     """A sweep's runs on the same axes: named one by one, or by their directory; --smooth averages the loss."""
     for number, scale in enumerate((1.0, 2.0)):
