@@ -285,9 +285,9 @@ def _check_fault(fault: FaultConfig, need: Callable[[bool, str], None]) -> None:
     if not fault.detect_hangs:
         return
     longest = max(PHASE_TIMEOUTS, key=lambda name: getattr(fault, name))
-    need(fault.collective_timeout_s > getattr(fault, longest) + 2 * fault.heartbeat_s,
+    need(fault.collective_timeout_s > getattr(fault, longest) + 8 * fault.heartbeat_s,
          f"fault.collective_timeout_s={fault.collective_timeout_s} must exceed fault.{longest}="
-         f"{getattr(fault, longest)} plus two fault.heartbeat_s={fault.heartbeat_s} (the watchdog must find a "
+         f"{getattr(fault, longest)} plus eight fault.heartbeat_s={fault.heartbeat_s} (the watchdog must find a "
          "hang before the collective timeout ends it without naming the stuck rank)")
     need(fault.step_timeout_floor_s <= fault.step_timeout_s,
          f"fault.step_timeout_floor_s={fault.step_timeout_floor_s} must not exceed "

@@ -43,6 +43,7 @@ log = logging.getLogger("gptscale")
 
 SETUP, CHECKPOINT_LOAD, STEP, DATA_WAIT, EVAL, CHECKPOINT_SAVE = (
     "setup", "checkpoint_load", "step", "data_wait", "eval", "checkpoint_save")
+STORE_HEARTBEATS = 5  # a store operation may take this many heartbeats before the store counts as gone
 FAULTS_DIR = "faults"  # under RUN_DIR: hang reports, their stacks, the record of starts
 _current: list["Watchdog"] = []  # this process's watchdog: a new run's ends the one a failed start left running
 
@@ -128,9 +129,10 @@ class Watchdog:
             previous.close()
         _current[:] = [self]
         if fault.detect_hangs:
-            self.store = job_store(max(10.0, 5 * fault.heartbeat_s))
+            self.store = job_store(STORE_HEARTBEATS * fault.heartbeat_s)
             self.thread = threading.Thread(target=self._watch, name="gptscale-watchdog", daemon=True)
             self.thread.start()
+            threading.Thread(target=self._last_resort, name="gptscale-watchdog-last-resort", daemon=True).start()
 
     def enter(self, phase: str, step: int) -> None:
         """The training thread is now in ``phase`` of ``step`` (cheap: called several times a step)."""
@@ -195,9 +197,18 @@ class Watchdog:
                     self._join(json.loads(self.store.get(f"{self.prefix}/hang")))
                 elif beat["elapsed"] > beat["timeout"]:
                     self._detect(self.state)
-            except Exception as error:  # the store is gone (its host froze or ended): judge alone
+            except Exception as error:  # the store is gone (its host ended): judge alone
                 if self._elapsed(self.state, time.monotonic()) > self.timeout(self.state[0]):
                     self._alone(error)
+
+    def _last_resort(self) -> None:
+        """End this rank when the watchdog could not, STORE_HEARTBEATS heartbeats after its phase overran: an
+        operation on a store whose host froze whole (SIGSTOP) waits forever."""
+        while not self.stopped.wait(self.fault.heartbeat_s):
+            state = self.state
+            late = self._elapsed(state, time.monotonic()) - self.timeout(state[0])
+            if late > (STORE_HEARTBEATS + 2) * self.fault.heartbeat_s:
+                self._alone(TimeoutError(f"no answer for {late:.0f} s"))
 
     def _detect(self, stuck_state) -> None:
         """This rank's phase overran: find who stopped, claim the hang, have every live rank dump its stacks,
@@ -303,4 +314,4 @@ class Watchdog:
         self.stopped.set()
         self.changed.set()
         if self.thread is not None:
-            self.thread.join()
+            self.thread.join(timeout=STORE_HEARTBEATS * self.fault.heartbeat_s)

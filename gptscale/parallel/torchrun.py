@@ -38,6 +38,7 @@ from gptscale.errors import HANG_EXIT_CODE, NO_PROGRESS_EXIT_CODE
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 FINAL_EXIT_CODES = {ConfigError.exit_code, NO_PROGRESS_EXIT_CODE}  # a restart would fail the same way
+_killed_when_stopped: set[int] = set()  # ranks' pids the agent killed because they were stopped
 
 
 def _rdzv_timeout(rdzv_conf: str) -> str:
@@ -93,9 +94,10 @@ class StopForwarder:
 
 def _first(failures: dict[int, ProcessFailure]) -> tuple[int, ProcessFailure]:
     """The rank that failed first and its failure."""
-    # torchrun ends the other ranks with SIGTERM once one fails: those are never the cause, whatever their
-    # timestamps (whole seconds, so a tie or a second boundary could name one of them).
-    causes = {rank: f for rank, f in failures.items() if f.exitcode != -signal.SIGTERM} or failures
+    # torchrun ends the other ranks with SIGTERM once one fails, and the agent kills stopped ones: those are
+    # not what failed first, whatever their timestamps (whole seconds, so a tie could name one of them).
+    causes = {rank: f for rank, f in failures.items()
+              if f.exitcode != -signal.SIGTERM and f.pid not in _killed_when_stopped} or failures
     return min(causes.items(), key=lambda item: (item[1].timestamp, item[0]))
 
 
@@ -114,6 +116,7 @@ def _states() -> dict[int, str]:
 def _kill_stopped(states: dict[int, str]) -> None:
     for pid, state in states.items():
         if state in ("T", "t"):
+            _killed_when_stopped.add(pid)
             os.kill(pid, signal.SIGKILL)
 
 

@@ -181,6 +181,7 @@ class Trainer:
     def evaluate(self) -> tuple[Optional[float], list[TaskResult]]:
         """Held-out loss (mean per token of ``train.eval_batches`` global batches of the validation split; None
         without one) and each task's result."""
+        self.watchdog.enter(EVAL, self.step)
         self.engine.eval()
         loss = None
         if self.data.valid is not None:
@@ -273,7 +274,6 @@ class Trainer:
                     metrics.update(router_metrics(self.moe_model, result.router_losses, self.model))
                 self.tracker.log(self.step, metrics)
             if train.eval_interval and self.step % train.eval_interval == 0:
-                self.watchdog.enter(EVAL, self.step)
                 loss, results = self.evaluate()
                 metrics = {} if loss is None else {"eval_loss": loss}
                 for task in results:

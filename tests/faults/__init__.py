@@ -27,6 +27,12 @@ import torch
 FAULTS_ENV = "GPTSCALE_TEST_FAULTS"
 SITE = Path(__file__).resolve().parent / "site"
 NAN_STEPS = "test.nan_steps="  # a test-only override of tests/dist/run_*.py: these steps get a NaN loss
+# Watchdog timeouts for tiny steps on a busy machine: steps learned after 2, at least 5 s; heartbeats every 0.25 s.
+FAST_TIMEOUTS = [
+    "fault.heartbeat_s=0.25", "fault.step_warmup=2", "fault.step_timeout_floor_s=5", "fault.step_timeout_s=60",
+    "fault.setup_timeout_s=300", "fault.checkpoint_timeout_s=15", "fault.eval_timeout_s=15",
+    "fault.data_timeout_s=60", "fault.collective_timeout_s=330",
+]
 
 
 def launch_env(faults: list[dict], pythonpath: str = "") -> dict:
