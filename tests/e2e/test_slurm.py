@@ -120,7 +120,7 @@ def test_a_job_whose_rank_hangs_is_restarted_inside_the_job_and_completes(cluste
     give_faults(monkeypatch, [{"at": "step", "step": 5, "rank": 1}])
     run_dir = tmp_path / "run"
     job_id = submit(cluster, tmp_path, f"run_dir={run_dir}", "train.steps=6", *JOB, "checkpoint.interval=2",
-                    *FAST_TIMEOUTS)
+                    "checkpoint.async_save=false", *FAST_TIMEOUTS)  # step 4's checkpoint is complete before step 5
     job = cluster.wait_for(job_id, timeout=900)
     log = (tmp_path / "slurm.out").read_text()
     assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "0"), log[-5000:]
