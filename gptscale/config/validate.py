@@ -278,6 +278,10 @@ def _check_optimizer(optim: OptimConfig, zero: int, need: Callable[[bool, str], 
 
 # The watchdog's timeouts (FaultConfig), each of the phase it bounds.
 PHASE_TIMEOUTS = ("setup_timeout_s", "checkpoint_timeout_s", "eval_timeout_s", "data_timeout_s", "step_timeout_s")
+# Heartbeats after a timeout by which the watchdog (gptscale/fault/watchdog.py) has reported the hang and ended
+# the rank, or, when the store does not answer, ends it alone: one to notice, two to tell frozen ranks from slow
+# ones, two for the stacks, five of grace for the store.
+DETECTION_HEARTBEATS = 10
 
 
 def _check_fault(fault: FaultConfig, need: Callable[[bool, str], None]) -> None:
@@ -285,10 +289,10 @@ def _check_fault(fault: FaultConfig, need: Callable[[bool, str], None]) -> None:
     if not fault.detect_hangs:
         return
     longest = max(PHASE_TIMEOUTS, key=lambda name: getattr(fault, name))
-    need(fault.collective_timeout_s > getattr(fault, longest) + 8 * fault.heartbeat_s,
+    need(fault.collective_timeout_s > getattr(fault, longest) + (DETECTION_HEARTBEATS + 1) * fault.heartbeat_s,
          f"fault.collective_timeout_s={fault.collective_timeout_s} must exceed fault.{longest}="
-         f"{getattr(fault, longest)} plus eight fault.heartbeat_s={fault.heartbeat_s} (the watchdog must find a "
-         "hang before the collective timeout ends it without naming the stuck rank)")
+         f"{getattr(fault, longest)} plus {DETECTION_HEARTBEATS + 1} fault.heartbeat_s={fault.heartbeat_s} (the "
+         "watchdog must find a hang before the collective timeout ends it without naming the stuck rank)")
     need(fault.step_timeout_floor_s <= fault.step_timeout_s,
          f"fault.step_timeout_floor_s={fault.step_timeout_floor_s} must not exceed "
          f"fault.step_timeout_s={fault.step_timeout_s} (the most the learned step timeout may be)")

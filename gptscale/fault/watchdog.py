@@ -17,7 +17,6 @@ the process groups' timeout would end the job without naming anyone.
 from __future__ import annotations
 
 import faulthandler
-import itertools
 import json
 import logging
 import math
@@ -36,6 +35,7 @@ from typing import Iterator, Optional
 import torch.distributed as dist
 
 from gptscale.config.schema import FaultConfig
+from gptscale.config.validate import DETECTION_HEARTBEATS
 from gptscale.errors import HANG_EXIT_CODE
 from gptscale.files import replace_text
 
@@ -90,6 +90,11 @@ def _where(frame) -> str:
     shown = ([ours[-1]] if ours else []) + ([frames[-1]] if frames and (not ours or frames[-1] is not ours[-1])
                                             else [])
     return " > ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in shown)
+
+
+def _in(phase: str, step: int) -> str:
+    """Where a rank is, in words: "step 5", "eval at step 8"."""
+    return f"step {step}" if phase == STEP else f"{phase} at step {step}"
 
 
 def _moved(before: Optional[dict], after: Optional[dict]) -> bool:
@@ -152,7 +157,7 @@ class Watchdog:
 
     def waiting_for_data(self, batches: Iterator[dict], step: int) -> Iterator[dict]:
         """``batches`` with each wait for the next batch timed as a data wait of ``step``."""
-        for _ in itertools.count():
+        while True:
             self.enter(DATA_WAIT, step)
             batch = next(batches, None)
             self.enter(STEP, step)
@@ -207,7 +212,7 @@ class Watchdog:
         while not self.stopped.wait(self.fault.heartbeat_s):
             state = self.state
             late = self._elapsed(state, time.monotonic()) - self.timeout(state[0])
-            if late > (STORE_HEARTBEATS + 2) * self.fault.heartbeat_s:
+            if late > DETECTION_HEARTBEATS * self.fault.heartbeat_s:
                 self._alone(TimeoutError(f"no answer for {late:.0f} s"))
 
     def _detect(self, stuck_state) -> None:
@@ -229,7 +234,7 @@ class Watchdog:
         live = [rank for rank in range(self.world_size) if rank not in silent]
         self.store.set(f"{self.prefix}/hang", json.dumps({"id": hang_id}))
         self._dump(hang_id)
-        deadline = time.monotonic() + 2 * self.fault.heartbeat_s + 5
+        deadline = time.monotonic() + 2 * self.fault.heartbeat_s
         while int(self.store.add(f"{self.prefix}/dumped", 0)) < len(live) and time.monotonic() < deadline:
             time.sleep(0.05)
         doing = {rank: self.store.get(f"{self.prefix}/doing/{rank}").decode() for rank in live
@@ -252,10 +257,10 @@ class Watchdog:
                             for rank in range(self.world_size)},
         }
         replace_text(self.dir / f"{hang_id}.json", json.dumps(report, indent=1) + "\n")
-        where = ", ".join(f"rank {rank} on {beat['host']} ({beat['phase']} of step {beat['step']}, heartbeat "
+        where = ", ".join(f"rank {rank} on {beat['host']} ({_in(beat['phase'], beat['step'])}, heartbeat "
                           f"{'silent' if rank in silent else 'live'})" for rank, beat in zip(stuck, named) if beat)
-        self._exit(f"hang: no progress for {self.timeout(stuck_state[0]):.0f} s in {stuck_state[0]} of step "
-                   f"{stuck_state[1]}; stuck: {where or ', '.join(map(str, stuck))}; report "
+        self._exit(f"hang: no progress for {self.timeout(stuck_state[0]):.0f} s in {_in(*stuck_state[:2])}; "
+                   f"stuck: {where or ', '.join(map(str, stuck))}; report "
                    f"{self.dir / (hang_id + '.json')}, stacks in {self.dir / hang_id}")
 
     def _join(self, hang: dict) -> None:
@@ -270,8 +275,7 @@ class Watchdog:
         directory.mkdir(parents=True, exist_ok=True)
         partial = directory / f".rank{self.rank}.txt.partial"
         with open(partial, "w") as out:
-            out.write(f"rank {self.rank} on {self.host}, pid {os.getpid()}: {self.state[0]} of step "
-                      f"{self.state[1]}\n")
+            out.write(f"rank {self.rank} on {self.host}, pid {os.getpid()}: {_in(*self.state[:2])}\n")
             out.flush()
             faulthandler.dump_traceback(out, all_threads=True)
         os.replace(partial, directory / f"rank{self.rank}.txt")
@@ -300,7 +304,7 @@ class Watchdog:
                   "hosts": [], "phase": phase, "step": step, "detected_by": self.rank, "restart": self.restart,
                   "stacks": f"{FAULTS_DIR}/{directory.name}/", "store_unreachable": str(error)}
         replace_text(self.dir / f"{hang_id}.json", json.dumps(report, indent=1) + "\n")
-        self._exit(f"hang: no progress for {self.timeout(phase):.0f} s in {phase} of step {step}, and the job's "
+        self._exit(f"hang: no progress for {self.timeout(phase):.0f} s in {_in(phase, step)}, and the job's "
                    f"store does not answer ({error}): the process that hosts it (rank 0, unless torchrun's agent "
                    f"does) stopped; report {self.dir / (hang_id + '.json')}, stacks in {directory}")
 

@@ -86,7 +86,7 @@ def test_each_hang_is_named_with_its_rank_phase_and_step_within_the_timeout(faul
         stacks = run_dir / report["stacks"]
         assert sorted(p.name for p in stacks.iterdir()) == ["rank0.txt"]  # the frozen rank cannot dump its own
         assert "Thread" in (stacks / "rank0.txt").read_text()
-    assert f"stuck: rank 1 on {socket.gethostname()} (step of step 5, heartbeat silent)" in output
+    assert f"stuck: rank 1 on {socket.gethostname()} (step 5, heartbeat silent)" in output
 
 
 def test_the_ranks_are_restarted_and_resume_from_the_newest_complete_checkpoint(faulty):

@@ -4,9 +4,9 @@ import pytest
 
 from gptscale.config import load_config
 from gptscale.config.schema import FaultConfig
-from gptscale.config.validate import ConfigError, check
+from gptscale.config.validate import DETECTION_HEARTBEATS, ConfigError, check
 from gptscale.fault.restarts import restarts_without_progress
-from gptscale.fault.watchdog import STORE_HEARTBEATS, StepTimeout
+from gptscale.fault.watchdog import StepTimeout
 
 TORCHRUN_GRACE_S = 30  # the most torchrun waits for a rank that ignores SIGTERM before it kills it
 
@@ -38,7 +38,7 @@ def test_with_default_settings_a_frozen_rank_of_a_sub_second_step_run_ends_the_j
     """The learned step timeout of 0.9 s steps, the heartbeats the watchdog waits (at most: rank 0, the store's
     host, frozen) and torchrun's grace for the stopped rank (gptscale's agent kills it at once) stay under 300 s."""
     fault = FaultConfig()
-    detected = timed(1 + fault.step_warmup, 0.9, fault) + (STORE_HEARTBEATS + 3) * fault.heartbeat_s
+    detected = timed(1 + fault.step_warmup, 0.9, fault) + DETECTION_HEARTBEATS * fault.heartbeat_s
     assert detected <= 140
     assert detected + TORCHRUN_GRACE_S < 300
     assert fault.collective_timeout_s > detected  # the collective timeout does not end it first
@@ -60,6 +60,6 @@ def test_restarts_without_progress_count_restarts_in_a_row_that_found_the_same_c
 def test_the_collective_timeout_must_exceed_the_watchdogs_timeouts():
     with pytest.raises(ConfigError) as error:
         check(load_config(["fault.collective_timeout_s=600", "fault.eval_timeout_s=900"]), 1)
-    assert ("fault.collective_timeout_s=600.0 must exceed fault.setup_timeout_s=1200.0 plus eight "
+    assert ("fault.collective_timeout_s=600.0 must exceed fault.setup_timeout_s=1200.0 plus 11 "
             "fault.heartbeat_s=2.0") in str(error.value)
     check(load_config(["fault.collective_timeout_s=600", "fault.detect_hangs=false"]), 1)  # no watchdog, no rule
