@@ -57,6 +57,19 @@ def test_restarts_without_progress_count_restarts_in_a_row_that_found_the_same_c
     assert restarts_without_progress(starts) == stalled
 
 
+def test_a_checkpoint_saved_with_the_retired_nan_hook_still_reads(tmp_path):
+    """train.inject_nan_steps moved into tests/faults: configurations saved with it load without it."""
+    from omegaconf import OmegaConf
+
+    from gptscale.checkpoint.files import CONFIG, read_config
+    from gptscale.config.schema import Config
+
+    saved = OmegaConf.to_container(OmegaConf.structured(Config(run_dir="old")))
+    saved["train"]["inject_nan_steps"] = [3]
+    (tmp_path / CONFIG).write_text(OmegaConf.to_yaml(saved))
+    assert read_config(tmp_path).run_dir == "old"
+
+
 def test_the_collective_timeout_must_exceed_the_watchdogs_timeouts():
     with pytest.raises(ConfigError) as error:
         check(load_config(["fault.collective_timeout_s=600", "fault.eval_timeout_s=900"]), 1)
