@@ -12,8 +12,9 @@ gptscale/train/__main__.py), and the launch exits with that rank's exit code whe
 
 With ``--max_restarts`` torchrun restarts the ranks after a failure, and they resume from the newest
 checkpoint. Two things are added to its agent: a failure that restarting cannot mend (a configuration
-error, restarts without progress) ends the launch instead, and a rank that is stopped (SIGSTOP: it cannot
-act on SIGTERM) is killed at once rather than after torchrun's 30 s grace. Everything else is torchrun.
+error, restarts without progress, a failure while the launch is asked to stop) ends the launch instead, and
+a rank that is stopped (SIGSTOP: it cannot act on SIGTERM) is killed at once rather than after torchrun's 30 s
+grace. Everything else is torchrun.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from gptscale.errors import HANG_EXIT_CODE, NO_PROGRESS_EXIT_CODE
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 FINAL_EXIT_CODES = {ConfigError.exit_code, NO_PROGRESS_EXIT_CODE}  # a restart would fail the same way
 _killed_when_stopped: set[int] = set()  # ranks' pids the agent killed because they were stopped
+_stop_signals: list[str] = []  # the stop signals passed to the ranks: a launch asked to stop restarts nothing
 
 
 def _rdzv_timeout(rdzv_conf: str) -> str:
@@ -84,6 +86,7 @@ class StopForwarder:
         if not _ranks():
             raise SignalException(f"got {name} before the ranks started", sigval=signal.Signals(signum))
         print(f"gptscale: torchrun got {name} and passed it to the ranks (they save and stop)", file=sys.stderr)
+        _stop_signals.append(name)
         _signal_ranks(signum)
         if self.deadline is None:
             self.deadline = threading.Timer(float(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30")),
@@ -130,7 +133,7 @@ class RestartingAgent(LocalElasticAgent):
         result = super()._monitor_workers(worker_group)
         if result.state == WorkerState.FAILED:
             rank, failure = _first(result.failures)
-            if failure.exitcode in FINAL_EXIT_CODES:
+            if failure.exitcode in FINAL_EXIT_CODES or _stop_signals:
                 self._remaining_restarts = 0
             elif self._remaining_restarts > 0:
                 restart = worker_group.spec.max_restarts - self._remaining_restarts + 1
