@@ -101,7 +101,16 @@ def _first(failures: dict[int, ProcessFailure]) -> tuple[int, ProcessFailure]:
     # not what failed first, whatever their timestamps (whole seconds, so a tie could name one of them).
     causes = {rank: f for rank, f in failures.items()
               if f.exitcode != -signal.SIGTERM and f.pid not in _killed_when_stopped} or failures
-    return min(causes.items(), key=lambda item: (item[1].timestamp, item[0]))
+    return min(causes.items(), key=lambda item: (item[1].timestamp, _recorded_ns(item[1]), item[0]))
+
+
+def _recorded_ns(failure: ProcessFailure) -> float:
+    """When the rank wrote its error file, to the nanosecond: it orders failures within the whole second of
+    their timestamps (a rank's own error, then its peer's "connection closed" a moment later)."""
+    try:
+        return os.stat(failure.error_file).st_mtime_ns
+    except (OSError, TypeError):
+        return float("inf")
 
 
 def _states() -> dict[int, str]:
