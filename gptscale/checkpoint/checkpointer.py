@@ -86,7 +86,7 @@ class Checkpointer:
         self.optimizer = optimizer
         self.host = HostCopies()
         self.writer = Writer(asynchronous=self.settings.async_save)
-        self.strategy = sharded_strategy(ctx.layout.dp)
+        self.strategy = sharded_strategy(ctx.layout.dp * ctx.layout.cp)
         self.saved_step: Optional[int] = None  # the step of the newest checkpoint this run wrote or resumed
         self.saved_at = time.monotonic()  # when this process last saved (or started)
         self.last_complete: Optional[Path] = None  # the newest checkpoint known to be complete

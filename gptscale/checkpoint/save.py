@@ -34,13 +34,14 @@ class SaveTarget:
     final: Path  # the name it is published under
 
 
-def sharded_strategy(data_parallel_size: int):
-    """torch_dist (PyTorch DCP); replicated shards written by all data-parallel ranks in turn, not by one."""
+def sharded_strategy(replicas: int):
+    """torch_dist (PyTorch DCP); shards replicated over ``replicas`` data- and context-parallel ranks written by
+    all of them in turn, not by one (megatron-core numbers their replicas over both)."""
     strategy = get_default_save_sharded_strategy()
-    if data_parallel_size == 1:
+    if replicas == 1:
         return strategy
-    return FullyParallelSaveStrategyWrapper(strategy, parallel_state.get_data_parallel_group(),
-                                            do_cache_distribution=True)
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    return FullyParallelSaveStrategyWrapper(strategy, group, do_cache_distribution=True)
 
 
 def stage(root: Path, step: int) -> SaveTarget:

@@ -20,6 +20,7 @@ class Layout:
     ep: int = 1  # expert parallel: carved out of the data-parallel ranks
     sp: bool = False  # sequence parallel within the tensor-parallel group
     zero: int = 0  # DeepSpeed ZeRO stage
+    cp: int = 1  # context parallel: ranks that split each sequence
 
     @property
     def num_microbatches(self) -> int:
@@ -28,11 +29,12 @@ class Layout:
 
     @property
     def expert_dp(self) -> int:
-        """Copies of each expert: the data-parallel ranks that hold the same experts."""
-        return self.dp // self.ep
+        """Copies of each expert: the ranks that hold the same experts, context-parallel ones included. Also
+        the ranks DeepSpeed reduces (averages) gradients over."""
+        return self.dp * self.cp // self.ep
 
     def describe(self) -> str:
-        return describe(self.tp, self.pp, self.vpp, self.zero, sp=self.sp, ep=self.ep, dp=self.dp,
+        return describe(self.tp, self.pp, self.vpp, self.zero, sp=self.sp, ep=self.ep, cp=self.cp, dp=self.dp,
                         micro_batch=self.micro_batch, microbatches=self.num_microbatches)
 
     def saved(self) -> dict:
@@ -40,11 +42,14 @@ class Layout:
         return asdict(self)
 
 
-def describe(tp: int, pp: int, vpp: Optional[int], zero: int, *, sp: bool = False, ep: int = 1,
+def describe(tp: int, pp: int, vpp: Optional[int], zero: int, *, sp: bool = False, ep: int = 1, cp: int = 1,
              dp: Optional[int] = None, micro_batch: Optional[int] = None, microbatches: Optional[int] = None) -> str:
     """One line naming a layout the same way everywhere (log, checkpoint report, plan, bench):
-    ``tp2+sp pp2 vpp2 dp4 ep2 zero1 mb4x8`` (vpp, dp, ep and the batch left out where trivial or unknown)."""
-    parts = [f"tp{tp}{'+sp' if sp else ''}", f"pp{pp}"]
+    ``tp2+sp cp2 pp2 vpp2 dp4 ep2 zero1 mb4x8`` (cp, vpp, dp, ep and the batch left out where trivial or unknown)."""
+    parts = [f"tp{tp}{'+sp' if sp else ''}"]
+    if cp > 1:
+        parts.append(f"cp{cp}")
+    parts.append(f"pp{pp}")
     if vpp and vpp > 1:
         parts.append(f"vpp{vpp}")
     if dp is not None:
@@ -58,8 +63,8 @@ def describe(tp: int, pp: int, vpp: Optional[int], zero: int, *, sp: bool = Fals
 
 
 def describe_saved(saved: dict) -> str:
-    """``describe`` of the layout a checkpoint's manifest recorded (older ones lack sp, ep and the batch)."""
+    """``describe`` of the layout a checkpoint's manifest recorded (older ones lack sp, ep, cp and the batch)."""
     micro_batch = saved.get("micro_batch")
     microbatches = saved["global_batch"] // (micro_batch * saved["dp"]) if micro_batch else None
     return describe(saved["tp"], saved["pp"], saved["vpp"], saved["zero"], sp=saved.get("sp", False),
-                    ep=saved.get("ep", 1), dp=saved["dp"], micro_batch=micro_batch, microbatches=microbatches)
+                    ep=saved.get("ep", 1), cp=saved.get("cp", 1), dp=saved["dp"], micro_batch=micro_batch, microbatches=microbatches)

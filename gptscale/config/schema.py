@@ -206,6 +206,7 @@ class ParallelConfig:
     micro_batch: int = 4  # sequences per rank per forward pass
     global_batch: int = 16  # sequences per optimizer step, all ranks together
     ep: int = 1  # expert parallel: each MoE layer's experts split over this many data-parallel ranks
+    cp: int = 1  # context parallel: each sequence split over this many ranks (attention sees all of it)
 
 
 @dataclass

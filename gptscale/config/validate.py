@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 from gptscale.config.layout import Layout
 from gptscale.config.schema import (
+    Attention,
     Config,
     DataConfig,
     FaultConfig,
@@ -86,6 +87,7 @@ RANGES: dict[str, Rule] = {
     "parallel.micro_batch": POSITIVE,
     "parallel.global_batch": POSITIVE,
     "parallel.ep": POSITIVE,
+    "parallel.cp": POSITIVE,
     "optim.lr": NON_NEGATIVE,  # 0: a step that changes nothing (tests resume weights unchanged)
     "optim.min_lr": NON_NEGATIVE,
     "optim.betas": PROBABILITY,
@@ -177,11 +179,12 @@ def check(cfg: Config, world_size: int) -> Layout:
     if problems:  # the rules below divide by these numbers
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
-    tp, pp, vpp = par.tp, par.pp, par.vpp or 1
-    model_parallel = tp * pp
+    tp, cp, pp, vpp = par.tp, par.cp, par.pp, par.vpp or 1
+    model_parallel = tp * cp * pp
     need(
         world_size % model_parallel == 0,
-        f"world size {world_size} is not divisible by parallel.tp * parallel.pp = {tp} * {pp} = {model_parallel}",
+        f"world size {world_size} is not divisible by parallel.tp * parallel.cp * parallel.pp = {tp} * {cp} * {pp} "
+        f"= {model_parallel}",
     )
     dp = max(world_size // model_parallel, 1)
 
@@ -216,6 +219,22 @@ def check(cfg: Config, world_size: int) -> Layout:
         not par.sp or train.seq_len % tp == 0,
         f"train.seq_len={train.seq_len} is not divisible by parallel.tp={tp} (needed by parallel.sp=true)",
     )
+    chunks = 2 * cp * (tp if par.sp else 1)
+    need(
+        cp == 1 or train.seq_len % chunks == 0,
+        f"train.seq_len={train.seq_len} is not divisible by 2 * parallel.cp{' * parallel.tp' if par.sp else ''} = "
+        f"{chunks} (context parallelism splits each sequence into 2 * cp chunks"
+        f"{', each split over tensor-parallel ranks by parallel.sp=true' if par.sp else ''})",
+    )
+    need(
+        cp == 1 or model.attention == Attention.sdpa,
+        f"parallel.cp={cp} needs model.attention=sdpa (megatron-core's unfused attention has no context parallelism)",
+    )
+    need(
+        cp == 1 or model.attention_dropout == 0,
+        f"parallel.cp={cp} with model.attention_dropout={model.attention_dropout}: context-parallel attention "
+        "reruns its forward in backward, which would draw other dropout masks; set model.attention_dropout=0",
+    )
     need(
         par.zero <= 1 or pp == 1,
         f"parallel.zero={par.zero} with parallel.pp={pp}: ZeRO stages 2 and 3 partition gradients during "
@@ -224,7 +243,7 @@ def check(cfg: Config, world_size: int) -> Layout:
     need(
         par.global_batch % (par.micro_batch * dp) == 0,
         f"parallel.global_batch={par.global_batch} is not divisible by parallel.micro_batch * data-parallel size "
-        f"= {par.micro_batch} * {dp} (world size {world_size} / (tp {tp} * pp {pp}))",
+        f"= {par.micro_batch} * {dp} (world size {world_size} / (tp {tp} * cp {cp} * pp {pp}))",
     )
     if par.vpp is not None and pp > 1 and par.global_batch % (par.micro_batch * dp) == 0:
         micro = par.global_batch // (par.micro_batch * dp)
@@ -251,7 +270,7 @@ def check(cfg: Config, world_size: int) -> Layout:
     _check_fault(cfg.fault, need)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
-    return Layout(world_size, tp, pp, vpp, dp, par.micro_batch, par.global_batch, par.ep, par.sp, par.zero)
+    return Layout(world_size, tp, pp, vpp, dp, par.micro_batch, par.global_batch, par.ep, par.sp, par.zero, cp)
 
 
 def _check_optimizer(optim: OptimConfig, zero: int, need: Callable[[bool, str], None]) -> None:
@@ -323,7 +342,8 @@ def _check_moe(model: ModelConfig, par: ParallelConfig, dp: int, fp8: bool, need
     need(experts % ep == 0,
          f"model.moe.num_experts={experts} is not divisible by parallel.ep={ep} (each rank holds experts / ep)")
     need(dp % ep == 0,
-         f"parallel.ep={ep} does not divide the data-parallel size {dp} (world size / (parallel.tp * parallel.pp)): "
+         f"parallel.ep={ep} does not divide the data-parallel size {dp} "
+         "(world size / (parallel.tp * parallel.cp * parallel.pp)): "
          "expert-parallel ranks are carved out of the data-parallel ranks")
     need(1 <= moe.top_k <= experts,
          f"model.moe.top_k={moe.top_k} must be between 1 and model.moe.num_experts={experts}")

@@ -11,8 +11,12 @@ bytes a sequence, s times the tokens themselves, so it is not shipped from the l
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
+
+from gptscale.parallel.context import future_mask
 
 
 def micro_batch(windows: torch.Tensor, valid: torch.Tensor, eod: int, reset_attention: bool) -> dict:
@@ -38,12 +42,15 @@ def document_positions(tokens: torch.Tensor, eod: int) -> tuple[torch.Tensor, to
     return torch.from_numpy(index - document_start), torch.from_numpy(document_ids)
 
 
-def document_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:
-    """Block-diagonal causal mask, ``[b, 1, s, s]`` bool, True where a token may not attend."""
+def document_attention_mask(document_ids: torch.Tensor, queries: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Block-diagonal causal mask, ``[b, 1, q, s]`` bool, True where a token may not attend.
+
+    ``queries``: the positions of the rows (context parallelism: the tokens this rank holds); all by default.
+    """
     length = document_ids.shape[1]
-    future = torch.ones(length, length, dtype=torch.bool, device=document_ids.device).triu_(1)
-    other_document = torch.ne(document_ids.unsqueeze(2), document_ids.unsqueeze(1))
-    return other_document.logical_or_(future).unsqueeze(1)
+    queries = torch.arange(length, device=document_ids.device) if queries is None else queries
+    other_document = torch.ne(document_ids[:, queries].unsqueeze(2), document_ids.unsqueeze(1))
+    return other_document.logical_or_(future_mask(queries, length)).unsqueeze(1)
 
 
 def masked_micro_batch(windows: torch.Tensor, valid: torch.Tensor, trained: torch.Tensor, eod: int,

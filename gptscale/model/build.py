@@ -62,6 +62,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, train: Trai
         pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=parallel.vpp,
         sequence_parallel=parallel.sp,
+        context_parallel_size=parallel.cp,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,

@@ -24,7 +24,9 @@ def _as_cpu(device):
 
 
 class _CudaToCpu(TorchFunctionMode):
-    """Rewrites ``device="cuda"`` (or a CUDA index) to the CPU in every torch call, and ``Tensor.cuda`` to a no-op."""
+    """Rewrites ``device="cuda"`` (or a CUDA index) to the CPU in every torch call, ``Tensor.cuda`` to a no-op, and
+    drops ``pin_memory`` (page-locked host memory is for copies to a GPU; megatron-core's context-parallel
+    rotary embedding asks for it)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -32,6 +34,8 @@ class _CudaToCpu(TorchFunctionMode):
             return args[0]
         if "device" in kwargs:
             kwargs = dict(kwargs, device=_as_cpu(kwargs["device"]))
+        if kwargs.get("pin_memory"):
+            kwargs = dict(kwargs, pin_memory=False)
         if func is torch.Tensor.to and len(args) > 1 and isinstance(args[1], (str, int, torch.device)):
             args = (args[0], _as_cpu(args[1]), *args[2:])
         return func(*args, **kwargs)

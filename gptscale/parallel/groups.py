@@ -1,7 +1,7 @@
 """Process groups: torch.distributed plus megatron-core's tensor/pipeline/data-parallel groups.
 
-Rank order is megatron-core's default (tensor-parallel ranks adjacent, then data-parallel, then pipeline),
-so a tensor-parallel group stays inside a node.
+Rank order is megatron-core's default (tensor-parallel ranks adjacent, then context-parallel, expert-parallel,
+data-parallel, then pipeline), so a tensor-parallel group stays inside a node.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ class ParallelContext:
     pp_rank: int
     dp_rank: int
     ep_rank: int = 0
+    cp_rank: int = 0
 
     @property
     def is_first_stage(self) -> bool:
@@ -92,17 +93,19 @@ def init_parallel(layout: Layout, device: torch.device, seed: int, timeout_s: fl
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
         dp_rank=parallel_state.get_data_parallel_rank(),
         ep_rank=parallel_state.get_expert_model_parallel_rank(),
+        cp_rank=parallel_state.get_context_parallel_rank(),
     )
 
 
 def init_model_parallel(layout: Layout, seed: int, timeout_s: float = 1800.0) -> None:
-    """megatron-core's TP / PP / DP / EP groups over the initialised world, and its model-parallel RNG."""
+    """megatron-core's TP / CP / PP / DP / EP groups over the initialised world, and its model-parallel RNG."""
     destroy_model_parallel()  # a previous run in this process may have left its layout
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
         expert_model_parallel_size=layout.ep,
+        context_parallel_size=layout.cp,
         create_gloo_process_groups=False,
         distributed_timeout_minutes=max(1, math.ceil(timeout_s / 60)),
     )

@@ -26,6 +26,7 @@ from megatron.core import parallel_state
 from gptscale.config.layout import Layout
 from gptscale.config.schema import Backend, Config, Precision, Recompute
 from gptscale.model.build import build_model
+from gptscale.parallel.context import this_rank_positions
 from gptscale.plan.counts import fake_groups, shape_key
 from gptscale.plan.meta import on_meta
 
@@ -66,15 +67,18 @@ def forward_saved_bytes(chunk: torch.nn.Module, micro_batch: int, seq_len: int, 
     """Bytes autograd saves in one forward of one micro-batch through ``chunk`` (a megatron-core GPTModel).
 
     A chunk that does not start the model gets its input as the pipeline schedule gives it (sequence-first
-    hidden states, split over tensor-parallel ranks under sequence parallelism, requiring grad).
+    hidden states, split over tensor-parallel ranks under sequence parallelism, requiring grad). Under
+    context parallelism the rank runs its share of the sequence (``tokens``: the whole sequences).
     """
     config = chunk.config
+    held = this_rank_positions(seq_len, device)
     if tokens is None:
         tokens = torch.zeros(micro_batch, seq_len, dtype=torch.long, device=device)
-    positions = torch.arange(seq_len, device=device).expand(micro_batch, seq_len)
+    tokens = tokens.index_select(1, held)
+    positions = held.expand(micro_batch, len(held))
     if not chunk.pre_process:
         tp = parallel_state.get_tensor_model_parallel_world_size() if config.sequence_parallel else 1
-        hidden = torch.zeros(seq_len // tp, micro_batch, config.hidden_size, dtype=config.params_dtype,
+        hidden = torch.zeros(len(held) // tp, micro_batch, config.hidden_size, dtype=config.params_dtype,
                              device=device, requires_grad=True)
         chunk.set_input_tensor(hidden)
     with SavedBytes(chunk.parameters()) as saved:
@@ -100,25 +104,26 @@ _parts: dict[tuple, ActivationParts] = {}
 def activation_parts(cfg: Config, layout: Layout, vocab_size: int) -> ActivationParts:
     """Measure (once per shape-deciding setting) the parts a stage's activations are made of. Expert
     parallelism is not one: under balanced routing each rank's experts get tokens x top_k pairs at any
-    expert-parallel size, so MoE layers are measured at one."""
-    key = (shape_key(cfg), layout.tp, cfg.parallel.sp, cfg.train.activation_checkpointing, vocab_size)
+    expert-parallel size, so MoE layers are measured at one. Context parallelism is: a rank holds 1 / cp of
+    each sequence's activations."""
+    key = (shape_key(cfg), layout.tp, layout.cp, cfg.parallel.sp, cfg.train.activation_checkpointing, vocab_size)
     if key not in _parts:
-        one = _stage_bytes(cfg, layout.tp, vocab_size, 2, (0, 1))
-        two = _stage_bytes(cfg, layout.tp, vocab_size, 4, (0,))
+        one = _stage_bytes(cfg, layout.tp, layout.cp, vocab_size, 2, (0, 1))
+        two = _stage_bytes(cfg, layout.tp, layout.cp, vocab_size, 4, (0,))
         per_layer = two[0] - one[0]
         _parts[key] = ActivationParts(first=one[0] - per_layer, per_layer=per_layer, last=one[1] - per_layer)
     return _parts[key]
 
 
-def _stage_bytes(cfg: Config, tp: int, vocab_size: int, num_layers: int, stages) -> list[int]:
-    """Saved bytes of ``stages`` of a two-stage pipeline of ``num_layers`` layers (one sequence, ``tp`` ranks
-    per stage, one expert-parallel rank)."""
+def _stage_bytes(cfg: Config, tp: int, cp: int, vocab_size: int, num_layers: int, stages) -> list[int]:
+    """Saved bytes of ``stages`` of a two-stage pipeline of ``num_layers`` layers (one sequence, ``tp`` x ``cp``
+    ranks per stage, one expert-parallel rank)."""
     model = replace(cfg.model, num_layers=num_layers)
-    parallel = replace(cfg.parallel, tp=tp, pp=2, vpp=None, ep=1, zero=0, micro_batch=1, global_batch=1)
-    shape = Layout(world_size=2 * tp, tp=tp, pp=2, vpp=1, dp=1, micro_batch=1, global_batch=1)
+    parallel = replace(cfg.parallel, tp=tp, cp=cp, pp=2, vpp=None, ep=1, zero=0, micro_batch=1, global_batch=1)
+    shape = Layout(world_size=2 * tp * cp, tp=tp, pp=2, vpp=1, dp=1, micro_batch=1, global_batch=1, cp=cp)
     saved = []
     for stage in stages:
-        with fake_groups(shape, tp * stage):
+        with fake_groups(shape, tp * cp * stage):
             with on_meta(cfg.model.moe.top_k if cfg.model.moe.num_experts else None):
                 chunks = build_model(model, parallel, cfg.train, vocab_size, Backend.local, torch.device("meta"))
                 chunks.train()

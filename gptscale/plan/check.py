@@ -48,7 +48,7 @@ class MemoryCheck:
     def __init__(self, cfg: Config, layout: Layout, pp_rank: int, model: torch.nn.Module, vocab_size: int,
                  device: torch.device, rank: int):
         dp_rank = parallel_state.get_expert_data_parallel_rank() if layout.ep > 1 else \
-            parallel_state.get_data_parallel_rank()
+            parallel_state.get_data_parallel_rank(with_context_parallel=True)
         self.predicted: StateBytes = states_of(from_module(model), cfg, layout, dp_rank)
         self.device, self.rank, self.model = device, rank, model
         self.done = False

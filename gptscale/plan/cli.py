@@ -41,7 +41,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def _layout_text(settings: dict) -> str:
     s = settings
     recompute = getattr(s["activation_checkpointing"], "value", s["activation_checkpointing"])
-    return (f"{describe(s['tp'], s['pp'], s['vpp'], s['zero'], sp=s['sp'], ep=s['ep'], micro_batch=s['micro_batch'])} "
+    return (f"{describe(s['tp'], s['pp'], s['vpp'], s['zero'], sp=s['sp'], ep=s['ep'], cp=s['cp'], micro_batch=s['micro_batch'])} "
             f"recompute={recompute}")
 
 

@@ -131,7 +131,7 @@ def _pattern_model(cfg: Config, layout: Layout, vocab_size: int) -> torch.nn.Mod
     if key not in _built:
         period = cfg.model.moe.layer_freq if cfg.model.moe.num_experts else 1
         model = replace(cfg.model, num_layers=min(period, cfg.model.num_layers))
-        parallel = replace(cfg.parallel, tp=layout.tp, pp=1, vpp=None, ep=layout.ep, zero=0, micro_batch=1,
+        parallel = replace(cfg.parallel, tp=layout.tp, cp=1, pp=1, vpp=None, ep=layout.ep, zero=0, micro_batch=1,
                            global_batch=layout.ep)
         train = replace(cfg.train, activation_checkpointing=Recompute.none, steps=0)
         world = layout.tp * layout.ep

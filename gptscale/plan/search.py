@@ -20,6 +20,7 @@ from gptscale.plan.step_time import StepTime, estimate
 
 MICRO_BATCHES = (1, 2, 4, 8)
 VIRTUAL_STAGES = (None, 2, 4)
+CONTEXT_RANKS = (1, 2, 4, 8)
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ def with_settings(cfg: Config, settings: dict) -> Config:
 
 def settings_of(cfg: Config) -> dict:
     par = cfg.parallel
-    return {"tp": par.tp, "pp": par.pp, "vpp": par.vpp, "sp": par.sp, "ep": par.ep, "zero": par.zero,
+    return {"tp": par.tp, "cp": par.cp, "pp": par.pp, "vpp": par.vpp, "sp": par.sp, "ep": par.ep, "zero": par.zero,
             "micro_batch": par.micro_batch, "activation_checkpointing": cfg.train.activation_checkpointing}
 
 
@@ -71,21 +72,23 @@ def plan(cfg: Config, cluster: Cluster, vocab_size: int) -> Planned:
 
 
 def candidates(cfg: Config, cluster: Cluster):
-    """Every layout of the cluster: tp within a node, pp, vpp, ep (MoE), ZeRO stage, micro-batch and
+    """Every layout of the cluster: tp within a node, cp, pp, vpp, ep (MoE), ZeRO stage, micro-batch and
     recomputation. Sequence parallelism is on whenever tp > 1 (the same traffic as TP alone, less memory);
     selective recomputation is left out: it recomputes core attention, whose fused kernels save little,
     so it costs flops for next to no memory (docs/planning.md)."""
     world = cluster.world_size
     experts = cfg.model.moe.num_experts
     for tp in [d for d in range(1, cluster.gpus_per_node + 1) if cluster.gpus_per_node % d == 0]:
-        for pp in [d for d in range(1, world // tp + 1) if (world // tp) % d == 0]:
-            for vpp in VIRTUAL_STAGES if pp > 1 else (None,):
-                for ep in [e for e in (1, 2, 4, 8, 16, 32, 64) if e == 1 or (experts and experts % e == 0)]:
-                    for zero in (0, 1, 2, 3):
-                        for micro_batch in MICRO_BATCHES:
-                            for recompute in (Recompute.none, Recompute.full):
-                                yield {"tp": tp, "pp": pp, "vpp": vpp, "sp": tp > 1, "ep": ep, "zero": zero,
-                                       "micro_batch": micro_batch, "activation_checkpointing": recompute}
+        for cp in [c for c in CONTEXT_RANKS if (world // tp) % c == 0]:
+            for pp in [d for d in range(1, world // (tp * cp) + 1) if (world // (tp * cp)) % d == 0]:
+                for vpp in VIRTUAL_STAGES if pp > 1 else (None,):
+                    for ep in [e for e in (1, 2, 4, 8, 16, 32, 64) if e == 1 or (experts and experts % e == 0)]:
+                        for zero in (0, 1, 2, 3):
+                            for micro_batch in MICRO_BATCHES:
+                                for recompute in (Recompute.none, Recompute.full):
+                                    yield {"tp": tp, "cp": cp, "pp": pp, "vpp": vpp, "sp": tp > 1, "ep": ep,
+                                           "zero": zero, "micro_batch": micro_batch,
+                                           "activation_checkpointing": recompute}
 
 
 def search(cfg: Config, cluster: Cluster, vocab_size: int) -> list[Planned]:

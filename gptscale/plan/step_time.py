@@ -13,6 +13,10 @@ Volumes per rank and step (``w`` the weights' bytes, m micro-batches, L/pp layer
   and all-gather updated weights, ZeRO-3 all-gathers weights in forward and backward and reduce-scatters
   gradients; each (dp-1)/dp of the rank's parameters' bytes per pass.
 - EP: 2 all-to-alls forward and 2 backward per MoE layer of the routed tokens, (ep-1)/ep of them.
+- CP: per layer and micro-batch an all-gather of keys and values forward (again when recomputed), and
+  backward another all-gather and a reduce-scatter of their gradients, (cp-1)/cp of the whole sequence's
+  keys and values each; backward also reruns the attention scores' forward. Every other volume above is
+  of the rank's own tokens, 1/cp of each sequence.
 """
 
 from __future__ import annotations
@@ -58,6 +62,8 @@ def estimate(cfg: Config, layout: Layout, cluster: Cluster, vocab_size: int, ran
         per_token *= 4 / 3
     elif train.activation_checkpointing == Recompute.selective:
         per_token += attention_scores / 3
+    if layout.cp > 1:
+        per_token += attention_scores / 3
     tokens = layout.global_batch * train.seq_len
     peak = cluster.gpu.peak_flops(train.precision)
     compute = per_token * tokens / (layout.world_size * peak * COMPUTE_EFFICIENCY)
@@ -65,7 +71,8 @@ def estimate(cfg: Config, layout: Layout, cluster: Cluster, vocab_size: int, ran
     bubble = compute * (layout.pp - 1) / (micro * layout.vpp)
 
     w = 2 if train.precision == Precision.bf16 else 4
-    activation = train.seq_len * layout.micro_batch * model.hidden_size * w
+    cp = layout.cp
+    activation = train.seq_len // cp * layout.micro_batch * model.hidden_size * w
     layers = model.num_layers // layout.pp
     bandwidth = {"intra-node": cluster.gpu.intra_node_gbps * 1e9 * BANDWIDTH_EFFICIENCY,
                  "inter-node": cluster.gpu.inter_node_gbps * 1e9 * BANDWIDTH_EFFICIENCY}
@@ -81,19 +88,23 @@ def estimate(cfg: Config, layout: Layout, cluster: Cluster, vocab_size: int, ran
     passes = 6 if train.activation_checkpointing == Recompute.full else 4
     add("TP all-gather/reduce-scatter" if cfg.parallel.sp else "TP all-reduce", 1, tp,
         micro * layers * passes * 2 * (tp - 1) / tp * activation)
+    head_dim = model.hidden_size // model.num_attention_heads
+    keys_values = 2 * train.seq_len * layout.micro_batch * model.query_groups // tp * head_dim * w
+    gathers = 4 if train.activation_checkpointing != Recompute.none else 3
+    add("CP all-gather/reduce-scatter (keys, values)", tp, cp, micro * layers * gathers * (cp - 1) / cp * keys_values)
     sent = activation / tp if cfg.parallel.sp else activation
-    add("PP send/recv", tp * layout.dp, layout.pp, (layout.pp > 1) * micro * layout.vpp * 2 * sent)
+    add("PP send/recv", tp * cp * layout.dp, layout.pp, (layout.pp > 1) * micro * layout.vpp * 2 * sent)
     dp = layout.expert_dp
     share = (dp - 1) / dp * rank_numel * w
     zero = cfg.parallel.zero
     if zero == 0:
-        add("DP all-reduce (gradients)", tp, layout.dp, 2 * share)
+        add("DP all-reduce (gradients)", tp, layout.dp * cp, 2 * share)
     elif zero in (1, 2):
-        add("DP reduce-scatter (gradients)", tp, layout.dp, share)
-        add("DP all-gather (weights)", tp, layout.dp, share)
+        add("DP reduce-scatter (gradients)", tp, layout.dp * cp, share)
+        add("DP all-gather (weights)", tp, layout.dp * cp, share)
     else:
-        add("DP all-gather (weights, forward and backward)", tp, layout.dp, 2 * share)
-        add("DP reduce-scatter (gradients)", tp, layout.dp, share)
+        add("DP all-gather (weights, forward and backward)", tp, layout.dp * cp, 2 * share)
+        add("DP reduce-scatter (gradients)", tp, layout.dp * cp, share)
     ep = layout.ep
     moe_layers = sum(is_moe_layer(model, i) for i in range(model.num_layers)) // layout.pp
     routed = activation * model.moe.top_k / (tp if cfg.parallel.sp else 1)

@@ -90,7 +90,8 @@ class TaskScorer:
             result[owned] = values[:len(owned)].double()
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(result)
-        return (result / layout.tp).cpu()  # every tensor-parallel rank of the last stage added it
+        # Every tensor-parallel rank of the last stage added it; context-parallel ranks added their parts.
+        return (result / layout.tp).cpu()
 
     def score(self, engine, model) -> list[TaskResult]:
         values = iter(self.log_likelihoods(engine, model).tolist())

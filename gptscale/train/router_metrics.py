@@ -35,7 +35,8 @@ def aux_losses(model: ModelConfig, layout: Layout, device: torch.device) -> dict
     """Per layer, each router loss averaged over the global batch's micro-batches (unweighted); a collective.
 
     Summed over all ranks: pipeline stages hold different layers, data-parallel ranks other micro-batches,
-    and tensor-parallel ranks parts of the load-balancing loss (its sum) or of the z-loss (its mean).
+    and tensor- and context-parallel ranks parts of the load-balancing loss (its sum) or of the z-loss (its
+    mean).
     """
     tracker = _tracker()
     values = torch.zeros(len(LOSSES), model.num_layers, device=device)
@@ -45,7 +46,7 @@ def aux_losses(model: ModelConfig, layout: Layout, device: torch.device) -> dict
     clear_tracker()
     dist.all_reduce(values)
     values /= layout.num_microbatches * layout.dp
-    values[LOSSES.index("z_loss")] /= layout.tp
+    values[LOSSES.index("z_loss")] /= layout.tp * layout.cp
     return dict(zip(LOSSES, values))
 
 

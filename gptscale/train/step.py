@@ -11,7 +11,9 @@ ZeRO-2/3 (which reduce inside backward) are refused with pipelining.
 The loss is the mean over every unmasked token of the global batch, whatever the layout: each micro-batch
 contributes its summed token losses divided by the global token count. A mean of per-micro-batch means
 would instead give the tokens of a short or empty sequence (a document's end, an epoch's last step) more
-weight, and make the result depend on how the batch is split into micro-batches and ranks.
+weight, and make the result depend on how the batch is split into micro-batches and ranks. Under context
+parallelism each rank holds part of every sequence (``gptscale.parallel.context``): its tokens are counted
+and its losses summed like a data-parallel rank's, so the figure is the same.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from gptscale.config.layout import Layout
 from gptscale.data.batch import document_attention_mask
 from gptscale.model.build import ModelChunks
 from gptscale.model.moe import set_aux_loss_scale
+from gptscale.parallel.context import split_batch, this_rank_positions
 from gptscale.parallel.engine import Engine, UpdateLimits
 from gptscale.parallel.grads import all_reduce_tied_embedding_grads
 from gptscale.train.router_metrics import aux_losses, clear_tracker, weighted_aux_loss
@@ -51,29 +54,41 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
 
 
+def _on_this_rank(batch: dict, device: torch.device) -> dict:
+    """The micro-batch on the device, cut to this rank's share of each sequence under context parallelism."""
+    return split_batch(_to_device(batch, device))
+
+
 def _load(batches: Iterator[dict], layout: Layout, device: torch.device, times: RankTimes = UNTIMED) -> list[dict]:
     microbatches = []
     for _ in range(layout.num_microbatches):
         with times.data():
-            microbatches.append(_to_device(next(batches), device))
+            microbatches.append(_on_this_rank(next(batches), device))
     return microbatches
 
 
 def _global_tokens(microbatches: list[dict], layout: Layout, is_last_stage: bool) -> torch.Tensor:
-    """Unmasked tokens in the global batch: this rank's micro-batches summed over data-parallel ranks.
+    """Unmasked tokens in the global batch: this rank's micro-batches summed over data-parallel and
+    context-parallel ranks.
 
     Only the last stage computes a loss; the others skip the all-reduce (a data-parallel group never
     spans pipeline stages, so every member of it decides alike).
     """
     tokens = torch.stack([batch["loss_mask"].sum() for batch in microbatches]).sum().float()
-    if layout.dp > 1 and is_last_stage:
-        dist.all_reduce(tokens, group=parallel_state.get_data_parallel_group())
+    if layout.dp * layout.cp > 1 and is_last_stage:
+        dist.all_reduce(tokens, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     return tokens.clamp(min=1)
 
 
 def attention_mask(batch: dict) -> Optional[torch.Tensor]:
-    """The document mask when documents are kept apart, built where the micro-batch runs and only then."""
-    return document_attention_mask(batch["document_ids"]) if "document_ids" in batch else None
+    """The document mask when documents are kept apart, built where the micro-batch runs and only then: the
+    rows of this rank's tokens (all of them without context parallelism)."""
+    if "document_ids" not in batch:
+        return None
+    document_ids = batch["document_ids"]
+    queries = this_rank_positions(document_ids.shape[1], document_ids.device) \
+        if parallel_state.get_context_parallel_world_size() > 1 else None
+    return document_attention_mask(document_ids, queries)
 
 
 def _forward(model: torch.nn.Module, batch: dict) -> torch.Tensor:
@@ -148,10 +163,12 @@ def _global_loss(share: torch.Tensor, layout: Layout, holds_loss: bool) -> torch
 def _aux_loss_scale(layout: Layout) -> float:
     """Gradient weight of one micro-batch's router losses: their mean over the global batch's micro-batches.
 
-    Dense gradients are summed over expert-parallel ranks and averaged over expert-data-parallel ranks, so
-    1 / (micro-batches x ep) gives each of the dp x micro-batches router losses the weight 1 / their count.
+    Dense gradients are summed over expert-parallel ranks and averaged over the expert-data-parallel ranks
+    (dp x cp / ep), so cp / (micro-batches x ep) gives each of the dp x micro-batches router losses the weight
+    1 / their count: under context parallelism each rank holds a part of a micro-batch's router losses that
+    sums to the whole over the context-parallel ranks (megatron-core reduces them over its tp-cp group).
     """
-    return 1.0 / (layout.num_microbatches * layout.ep)
+    return layout.cp / (layout.num_microbatches * layout.ep)
 
 
 def train_step(engine: Engine, model: ModelChunks, batches: Iterator[dict], layout: Layout, seq_len: int,
@@ -224,8 +241,9 @@ def _log_likelihoods(logits: torch.Tensor, batch: dict, vocab_size: int) -> torc
 def sequence_log_likelihoods(engine, model: ModelChunks, microbatches: list[dict], layout: Layout, seq_len: int,
                              vocab_size: int, device: torch.device, is_last_stage: bool) -> Optional[torch.Tensor]:
     """Each sequence's summed log-probability of its unmasked labels (multiple-choice scoring), ``[n]`` on the
-    last pipeline stage and None elsewhere. Every micro-batch holds ``layout.micro_batch`` sequences."""
-    microbatches = [_to_device(batch, device) for batch in microbatches]
+    last pipeline stage and None elsewhere; under context parallelism the sum over this rank's tokens (the
+    caller adds the ranks' parts). Every micro-batch holds ``layout.micro_batch`` sequences."""
+    microbatches = [_on_this_rank(batch, device) for batch in microbatches]
     if layout.pp == 1:
         return torch.cat([_log_likelihoods(_logits(engine, batch), batch, vocab_size) for batch in microbatches])
     sums = []

@@ -1,8 +1,9 @@
 """Checkpoints bring a run back exactly, at its own layout or another, and a NaN step changes nothing.
 
 - 12 steps straight vs 6 steps, save, resume, 6 more: steps 7-12 bit for bit in fp32, for one rank and for
-  TP=2, PP=2, DP=2 with ZeRO-1 and ZeRO-3 (and bf16 through DeepSpeed's bf16 optimizers).
-- Saved at TP=2, resumed at PP=2 and at DP=2: the next steps' losses equal TP=2's within 1e-4.
+  TP=2, PP=2, CP=2, DP=2 with ZeRO-1 and ZeRO-3 (and bf16 through DeepSpeed's bf16 optimizers).
+- Saved at TP=2, resumed at PP=2 and at DP=2; saved at CP=2, resumed at CP=1 (DP=2) and at TP=2: the next
+  steps' losses equal those of the layout that saved within 1e-4.
 - A step planted with a NaN loss is skipped: its checkpoint equals the previous step's (weights, Adam's
   moments and step), and the loss guard counts it.
 - Weights written by ``read.save_model_state`` (conversion) resume at any layout.
@@ -47,10 +48,12 @@ def nan_jobs(model, run_dir, overrides):
 
 ONE_RANK = {"llama": ("llama-tiny", []), "gpt2-bf16": ("gpt2-tiny", ["train.precision=bf16"])}
 TWO_RANKS = {"tp2": ("llama-tiny", ["parallel.tp=2"]), "pp2": ("gpt2-tiny", ["parallel.pp=2"]),
+             "cp2": ("llama-tiny", ["parallel.cp=2"]),
              "dp2-zero1": ("llama-tiny", ["parallel.zero=1"]), "dp2-zero3": ("gpt2-tiny", ["parallel.zero=3"]),
              "dp2-zero1-bf16": ("gpt2-tiny", ["parallel.zero=1", "train.precision=bf16"])}
 SHORT = {"gpt2-bf16": 6, "dp2-zero1-bf16": 6}  # extra precisions: 3 + 3 steps are enough
-RESHARD = {"pp2": ["parallel.pp=2"], "dp2": ["parallel.zero=1"]}
+RESHARD = {"tp2-to-pp2": ("tp2", ["parallel.pp=2"]), "tp2-to-dp2": ("tp2", ["parallel.zero=1"]),
+           "cp2-to-dp2": ("cp2", ["parallel.zero=1"]), "cp2-to-tp2": ("cp2", ["parallel.tp=2"])}
 NAN_TWO_RANKS = {"dp2-zero1": ("gpt2-tiny", ["parallel.zero=1"]), "dp2-zero3": ("gpt2-tiny", ["parallel.zero=3"])}
 
 
@@ -77,8 +80,8 @@ def two_ranks(tmp_path_factory, one_rank):
     imported = save_model_state(tmp / "imported", cfg, tensors)
     jobs = [j for name, (model, extra) in TWO_RANKS.items()
             for j in resume_jobs(model, tmp / name, extra, SHORT.get(name, 12))]
-    jobs += [job("llama-tiny", tmp / f"reshard-{name}", 9, f"checkpoint.resume={step_dir(tmp / 'tp2', 6)}", *extra)
-             for name, extra in RESHARD.items()]
+    jobs += [job("llama-tiny", tmp / f"reshard-{name}", 9, f"checkpoint.resume={step_dir(tmp / saved, 6)}", *extra)
+             for name, (saved, extra) in RESHARD.items()]
     jobs += [j for name, (model, extra) in NAN_TWO_RANKS.items() for j in nan_jobs(model, tmp / name, extra)]
     jobs += [job("llama-tiny", tmp / f"imported-{layout}", 1, f"checkpoint.resume={imported}",
                  "checkpoint.save_final=false", f"parallel.{layout}=2") for layout in ("tp", "pp")]
@@ -116,13 +119,14 @@ def test_two_rank_layouts_resume_bit_for_bit(two_ranks, name):
 
 
 @pytest.mark.parametrize("name", list(RESHARD))
-def test_checkpoint_of_tp2_resumes_at_other_layouts(two_ranks, name):
-    """Model and optimizer state reshard: steps 7-9 after the switch follow TP=2's own steps 7-9."""
-    expected = two_ranks["resume"]["tp2"][0]["loss"][6:9]
+def test_checkpoint_resumes_at_other_layouts(two_ranks, name):
+    """Model and optimizer state reshard: steps 7-9 after the switch follow the saving layout's own steps 7-9."""
+    saved = RESHARD[name][0]
+    expected = two_ranks["resume"][saved][0]["loss"][6:9]
     got = two_ranks["reshard"][name]["loss"]
     assert len(got) == 3
     for step, (g, e) in enumerate(zip(got, expected), start=7):
-        assert abs(g - e) <= RTOL * abs(e), f"{name}: step {step} loss {g} vs TP=2's {e}"
+        assert abs(g - e) <= RTOL * abs(e), f"{name}: step {step} loss {g} vs {saved}'s {e}"
 
 
 def test_nan_step_is_skipped_and_counted_one_rank(one_rank):

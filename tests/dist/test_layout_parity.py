@@ -3,7 +3,8 @@
 Each launch runs many layouts one after another (imports dominate the cost of tiny runs). Layouts named
 ``-eod`` reset attention and positions at document boundaries and compare with a one-rank run that does;
 they read short documents (the embedded corpus cut every two lines) so most sequences hold a boundary.
-Layouts named ``-epoch-end`` read a corpus of 36 sequences, so the fifth global batch ends the epoch with a
+Layouts named ``cp2`` split every sequence over two context-parallel ranks, with full or selective activation
+checkpointing where named. Layouts named ``-epoch-end`` read a corpus of 36 sequences, so the fifth global batch ends the epoch with a
 short sequence and four empty ones: the loss must stay the mean over real tokens however they are split.
 """
 
@@ -36,6 +37,9 @@ TWO_RANKS = {
     "pp2-vpp2-eod": ["parallel.pp=2", "parallel.vpp=2", "data.reset_attention_at_eod=true"],
     "dp2-zero1-epoch-end": ["parallel.zero=1"],  # the second rank's last micro-batches hold no tokens
     "pp2-epoch-end": ["parallel.pp=2"],
+    "cp2": ["parallel.cp=2"],
+    "cp2-full-recompute-eod": ["parallel.cp=2", "train.activation_checkpointing=full",
+                               "data.reset_attention_at_eod=true"],
 }
 FOUR_RANKS = {
     "tp2-pp2": ["parallel.tp=2", "parallel.pp=2"],
@@ -43,6 +47,11 @@ FOUR_RANKS = {
     "pp4": ["parallel.pp=4"],  # middle stages get placeholder batches
     "pp4-eod": ["parallel.pp=4", "data.reset_attention_at_eod=true"],  # every stage reads the masks
     "tp2-dp2-zero1-epoch-end": ["parallel.tp=2", "parallel.zero=1"],
+    "cp2-tp2-sp": ["parallel.cp=2", "parallel.tp=2", "parallel.sp=true"],
+    "cp2-tp2-sp-eod": ["parallel.cp=2", "parallel.tp=2", "parallel.sp=true", "data.reset_attention_at_eod=true"],
+    "cp2-pp2-eod": ["parallel.cp=2", "parallel.pp=2", "data.reset_attention_at_eod=true"],
+    "cp2-dp2-zero1": ["parallel.cp=2", "parallel.zero=1"],
+    "cp2-dp2-zero3-selective-recompute": ["parallel.cp=2", "parallel.zero=3", "train.activation_checkpointing=selective"],
 }
 RTOL = 1e-4
 

@@ -1,6 +1,6 @@
 """MoE layout parity and resume: moe-tiny (fp32, dropless, aux and z losses weighted so they matter) trains
-the same first five steps at 1 rank and under expert parallelism, alone and with ZeRO, data, tensor and
-pipeline parallelism and gradient accumulation. Losses, router losses and gradient norms are compared.
+the same first five steps at 1 rank and under expert parallelism, alone and with ZeRO, data, tensor, context
+and pipeline parallelism and gradient accumulation. Losses, router losses and gradient norms are compared.
 
 With aux-loss-free balancing on (the router's expert bias, a buffer the optimizer does not own), a run split
 by a checkpoint at EP=2 repeats the straight run bit for bit, and the EP=2 checkpoint resumed at one rank
@@ -32,6 +32,7 @@ FOUR_RANKS = {
     "tp2-ep2": ["parallel.tp=2", "parallel.sp=true", "parallel.ep=2", "parallel.micro_batch=2"],
     "pp2-ep2": ["parallel.pp=2", "parallel.ep=2", "parallel.micro_batch=2"],
     "pp2-ep2-mb1": ["parallel.pp=2", "parallel.ep=2", "parallel.micro_batch=1"],
+    "cp2-ep2": ["parallel.cp=2", "parallel.ep=2", "parallel.micro_batch=2"],  # router losses split over cp ranks
 }
 RTOL = 1e-4
 

@@ -5,6 +5,7 @@ the schedule's in-flight micro-batches within 10 % of the most it holds at once 
 The ranks train one step on gloo and report what they hold and save; the prediction is made afterwards in
 a process of its own (tests/dist/predict_plan.py), from the model built and run on the meta device in a
 fake process group, as the command-line planner makes it. Two launches (1 and 2 ranks) serve both tests.
+At a long sequence, context parallelism over two ranks halves what a rank saves (within 10 %).
 """
 
 import json
@@ -32,6 +33,8 @@ TWO_RANKS = {
     "dp2-zero2-bf16": ["parallel.zero=2", "train.precision=bf16"],
     "dp2-zero3-bf16": ["parallel.zero=3", "train.precision=bf16"],
     "tp2-sp-selective": ["parallel.tp=2", "parallel.sp=true", "train.activation_checkpointing=selective"],
+    "cp2-full": ["parallel.cp=2", "train.activation_checkpointing=full"],
+    "cp2-zero1": ["parallel.cp=2", "parallel.zero=1"],  # ZeRO partitions over the context-parallel ranks
     "dp2-zero1-lion": ["parallel.zero=1", "optim=lion"],  # one moment per parameter instead of Adam's two
     "dp2-zero3-bf16-lion": ["parallel.zero=3", "train.precision=bf16", "optim=lion"],
 }
@@ -42,6 +45,8 @@ ONE_RANK = {
     "one-zero3-bf16": ["parallel.zero=3", "train.precision=bf16"],
     "one-lion": ["optim=lion"],
 }
+LONG_SEQUENCE = 1024
+LONG = [f"train.seq_len={LONG_SEQUENCE}" if item.startswith("train.seq_len=") else item for item in COMMON]
 MOE_TWO_RANKS = {"ep2": ["parallel.ep=2"], "pp2": ["parallel.pp=2"], "pp2-vpp2": ["parallel.pp=2", "parallel.vpp=2"],
                  "tp2-sp": ["parallel.tp=2", "parallel.sp=true"], "dp2-zero0": ["parallel.zero=0"],
                  "dp2-zero1": ["parallel.zero=1"], "dp2-zero2": ["parallel.zero=2"], "dp2-zero3": ["parallel.zero=3"]}
@@ -62,13 +67,15 @@ def _describe(result: dict) -> tuple:
 def results(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("plan")
 
-    def job(model, name, layout):
-        return [f"model={model}", f"run_dir={tmp_path}/{model}-{name}", *COMMON, *layout]
+    def job(model, name, layout, common=COMMON):
+        return [f"model={model}", f"run_dir={tmp_path}/{model}-{name}", *common, *layout]
 
     one_rank = [job(model, name, layout) for model in ("gpt2-tiny", "llama-tiny") for name, layout in ONE_RANK.items()]
     one_rank.append(job("moe-tiny", "one", []))
+    one_rank += [job(model, "one-long", [], LONG) for model in ("gpt2-tiny", "llama-tiny")]
     two_ranks = [job(model, name, layout) for model in ("gpt2-tiny", "llama-tiny") for name, layout in TWO_RANKS.items()]
     two_ranks += [job("moe-tiny", name, layout) for name, layout in MOE_TWO_RANKS.items()]
+    two_ranks += [job(model, "cp2-long", ["parallel.cp=2"], LONG) for model in ("gpt2-tiny", "llama-tiny")]
     found = _held(tmp_path, 1, one_rank) + _held(tmp_path, 2, two_ranks)
     assert len(found) == len(one_rank) + 2 * len(two_ranks)
     (tmp_path / "held.json").write_text(json.dumps(found))
@@ -106,3 +113,16 @@ def test_predicted_in_flight_activations_within_ten_percent_of_the_steps_peak(re
     off = [(*_describe(r), r["predicted"]["in_flight"], r["peak_saved"]) for r in measured
            if abs(r["predicted"]["in_flight"] - r["peak_saved"]) > 0.1 * r["peak_saved"]]
     assert not off
+
+
+def test_context_parallelism_halves_saved_activations_at_a_long_sequence(results):
+    """At 1024 tokens each of two context-parallel ranks saves half of what one rank saves (the whole
+    sequence's keys and values and its rows of the mask are the rest); the planner's figure is held to the
+    saved bytes by the test above."""
+    long = [r for r in results if f"train.seq_len={LONG_SEQUENCE}" in r["overrides"]]
+    for model in ("gpt2-tiny", "llama-tiny"):
+        one = [r["saved"] for r in long if r["overrides"][0] == f"model={model}" and r["world_size"] == 1]
+        halves = [r["saved"] for r in long if r["overrides"][0] == f"model={model}" and r["world_size"] == 2]
+        assert len(one) == 1 and len(halves) == 2, (model, one, halves)
+        for half in halves:
+            assert abs(half - one[0] / 2) <= 0.1 * one[0] / 2, (model, half, one[0])

@@ -1,5 +1,5 @@
 """Fine-tuning loss invariance: the same SFT batches give the same loss and gradient norm (1e-4) at one rank
-with micro-batch 8 or 1 x 8, and at DP=2 (ZeRO-1), TP=2 and PP=2, with packing on and with packing off.
+with micro-batch 8 or 1 x 8, and at DP=2 (ZeRO-1), TP=2, PP=2 and CP=2, with packing on and with packing off.
 
 Packing on and off fill a global batch with different conversations, so each mode is compared across
 layouts; that a packed conversation costs what it costs alone is held in tests/unit/test_sft_loss.py."""
@@ -16,7 +16,7 @@ COMMON = ["task=sft", "model=llama-tiny", "train.steps=5", "train.seq_len=64", "
 PACKING = {"packed": ["data.packing=true"], "unpacked": ["data.packing=false"]}
 ONE_RANK = {"mb8": ["parallel.micro_batch=8"], "mb1": ["parallel.micro_batch=1"]}
 TWO_RANKS = {"dp2-zero1": ["parallel.zero=1", "parallel.micro_batch=2"], "tp2": ["parallel.tp=2"],
-             "pp2": ["parallel.pp=2", "parallel.micro_batch=2"]}
+             "pp2": ["parallel.pp=2", "parallel.micro_batch=2"], "cp2": ["parallel.cp=2", "parallel.micro_batch=2"]}
 
 
 @pytest.fixture(scope="module")

@@ -62,8 +62,8 @@ def test_fine_tuning_learns_held_out_sums(runs):
     assert final["eval_loss"] == pytest.approx(after["heldout"]["loss"], rel=1e-6)
 
 
-@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.pp=2"], ["parallel.micro_batch=4"]],
-                         ids=["tp2", "pp2", "dp2"])
+@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.pp=2"], ["parallel.micro_batch=4"], ["parallel.cp=2"]],
+                         ids=["tp2", "pp2", "dp2", "cp2"])
 def test_scores_do_not_depend_on_the_layout(runs, layout):
     tmp, task, one_rank = runs
     proc = torchrun(2, ["-m", "gptscale.eval", "--checkpoint", str(tmp / "tuned"), f"eval.tasks=[{task}]",

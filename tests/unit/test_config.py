@@ -72,6 +72,13 @@ BAD_LAYOUTS = [
     (["model=llama-tiny", "model.rope_scaling.type=yarn", "model.rope_scaling.original_max_position_embeddings=512",
       "model.rope_scaling.beta_slow=64"], 1, ["model.rope_scaling.beta_slow=64.0", "beta_fast=32.0"]),
     (["model.rope_scaling.factor=0.5"], 1, ["model.rope_scaling.factor=0.5 must be at least 1"]),
+    (["parallel.cp=2"], 3, ["world size 3", "parallel.cp"]),
+    (["parallel.cp=2", "train.seq_len=30"], 2, ["train.seq_len=30", "2 * parallel.cp = 4"]),
+    (["parallel.cp=2", "parallel.tp=2", "parallel.sp=true", "train.seq_len=36"], 4,
+     ["train.seq_len=36", "2 * parallel.cp * parallel.tp = 8"]),
+    (["parallel.cp=2", "model.attention=unfused"], 2, ["parallel.cp=2", "model.attention=sdpa"]),
+    (["parallel.cp=2", "model.attention_dropout=0.1"], 2, ["parallel.cp=2", "model.attention_dropout=0.1"]),
+    (["model=moe-tiny", "parallel.cp=2", "parallel.ep=2"], 2, ["parallel.ep=2", "data-parallel size 1"]),
 ]
 
 
@@ -94,6 +101,8 @@ def test_layout_arithmetic():
     cfg = load_config(["parallel.tp=2", "parallel.pp=2", "parallel.micro_batch=2", "parallel.global_batch=16"])
     layout = check(cfg, world_size=8)
     assert (layout.tp, layout.pp, layout.dp, layout.num_microbatches) == (2, 2, 2, 4)
+    layout = check(load_config(["parallel.cp=2", "parallel.tp=2", "parallel.global_batch=16"]), world_size=8)
+    assert (layout.cp, layout.dp, layout.expert_dp, layout.describe()) == (2, 2, 4, "tp2 cp2 pp1 dp2 zero0 mb4x2")
 
 
 def test_every_out_of_range_number_is_refused_at_once_with_its_field_and_value():

@@ -52,6 +52,9 @@ def test_search_ranks_fitting_layouts_and_refuses_with_check_messages():
     fitting = [r for r in layouts if r["refused"] is None]
     speeds = [r["tokens_per_s"] for r in fitting]
     assert len(fitting) > 5 and speeds == sorted(speeds, reverse=True)
+    context_parallel = [r for r in fitting if r["settings"]["cp"] > 1]
+    assert context_parallel and all(r["layout"]["cp"] == r["settings"]["cp"] for r in context_parallel)
+    assert any(c["kind"].startswith("CP ") for c in context_parallel[0]["step"]["collectives"])
     cfg = load_config(overrides)
     refused = [r for r in layouts if r["refused"] and not r["refused"].startswith("does not fit")]
     assert refused
