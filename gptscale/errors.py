@@ -15,6 +15,10 @@ import traceback
 
 DEBUG_ENV = "GPTSCALE_DEBUG"
 
+# Exit codes of a rank (and of the launch it fails) that say what happened (docs/faults.md).
+HANG_EXIT_CODE = 75  # the watchdog found a hang: restarting from the newest checkpoint may well succeed
+NO_PROGRESS_EXIT_CODE = 76  # restarts in a row made no new checkpoint: the launchers stop, they do not requeue
+
 
 class GptscaleError(Exception):
     """Base of every error gptscale raises on purpose (configuration, data, checkpoints, conversion, runs)."""

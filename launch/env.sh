@@ -22,5 +22,9 @@ export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-240}
 # Seconds for every node to reach node 0 and join the rendezvous before torchrun gives up with an error.
 export GPTSCALE_RDZV_TIMEOUT=${GPTSCALE_RDZV_TIMEOUT:-600}
 
+# In-job restarts after a failure (torchrun's --max_restarts): the ranks resume from the newest checkpoint.
+# Restarts that bring no new checkpoint stop sooner (fault.max_restarts_without_progress, exit code 76).
+export GPTSCALE_MAX_RESTARTS=${GPTSCALE_MAX_RESTARTS:-10}
+
 # Logs reach the job's output file as they are written.
 export PYTHONUNBUFFERED=1

@@ -10,6 +10,11 @@
 #   --master-port PORT  the rendezvous port on node 0           (env MASTER_PORT, default 29500)
 #   --rdzv-id ID        the same on every node of one job       (env RDZV_ID, default gptscale)
 #   --rdzv-timeout S    seconds to wait for every node to join  (env GPTSCALE_RDZV_TIMEOUT, launch/env.sh)
+#   --max-restarts N    in-job restarts after a failure         (env GPTSCALE_MAX_RESTARTS, launch/env.sh)
+#
+# After a failure (a rank that dies, or hangs: docs/faults.md) torchrun restarts every rank, up to N times,
+# and they resume from the newest complete checkpoint; restarts in a row without a new checkpoint end the
+# launch with exit code 76 (fault.max_restarts_without_progress).
 #
 # One node:  launch/torchrun.sh --nproc-per-node 8 model=gpt2-124m parallel.tp=2
 # Two nodes: launch/torchrun.sh --nnodes 2 --node-rank 0 --master-addr node0 model=llama-7b    (on node0)
@@ -32,10 +37,12 @@ master_addr=${MASTER_ADDR:-}
 master_port=${MASTER_PORT:-29500}
 rdzv_id=${RDZV_ID:-gptscale}
 rdzv_timeout=${GPTSCALE_RDZV_TIMEOUT:-}
+max_restarts=${GPTSCALE_MAX_RESTARTS:-}
 
 while (($#)); do
     case $1 in
-        --nnodes | --node-rank | --nproc-per-node | --master-addr | --master-port | --rdzv-id | --rdzv-timeout)
+        --nnodes | --node-rank | --nproc-per-node | --master-addr | --master-port | --rdzv-id | --rdzv-timeout | \
+            --max-restarts)
             (($# >= 2)) || die "$1 needs a value"
             case $1 in
                 --nnodes) nnodes=$2 ;;
@@ -45,6 +52,7 @@ while (($#)); do
                 --master-port) master_port=$2 ;;
                 --rdzv-id) rdzv_id=$2 ;;
                 --rdzv-timeout) rdzv_timeout=$2 ;;
+                --max-restarts) max_restarts=$2 ;;
             esac
             shift 2
             ;;
@@ -100,6 +108,8 @@ export NPROC_PER_NODE=$nproc_per_node
 source "$here/env.sh"
 rdzv_timeout=${rdzv_timeout:-$GPTSCALE_RDZV_TIMEOUT}
 is_count "$rdzv_timeout" && ((rdzv_timeout >= 1)) || die "--rdzv-timeout must be a positive integer, got '$rdzv_timeout'"
+max_restarts=${max_restarts:-$GPTSCALE_MAX_RESTARTS}
+is_count "$max_restarts" || die "--max-restarts must be a non-negative integer, got '$max_restarts'"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 
 if ((nnodes == 1)) && [[ -z $master_addr ]]; then
@@ -110,5 +120,5 @@ else
 fi
 
 exec "${PYTHON:-python}" -m gptscale.parallel.torchrun --nnodes="$nnodes" --nproc_per_node="$nproc_per_node" \
-    "${rendezvous[@]}" --max_restarts=0 --signals_to_handle=SIGHUP,SIGQUIT \
+    "${rendezvous[@]}" --max_restarts="$max_restarts" --signals_to_handle=SIGHUP,SIGQUIT \
     -m gptscale.train "$@"

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from gptscale.checkpoint.manifest import CheckpointError
 from gptscale.config.schema import Config, ModelConfig
@@ -28,6 +28,8 @@ from gptscale.config.schema import Config, ModelConfig
 SHARDS = "shards"
 RANKS = "ranks"
 CONFIG = "config.yaml"
+# Keys of the configurations older checkpoints were saved with that are settings no more, dropped on reading.
+RETIRED_KEYS = ("train.inject_nan_steps",)  # a test hook, now in tests/faults
 TOKENIZER = "tokenizer.json"
 OPTIMIZER = "optimizer"  # shard keys under this prefix are optimizer state: optimizer.exp_avg.<model key>, ...
 
@@ -41,9 +43,21 @@ def write_config(root: Path, cfg: Config) -> None:
     (root / CONFIG).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
+def saved_config(root: Path) -> DictConfig:
+    """A checkpoint's config.yaml without the keys that are settings no more (RETIRED_KEYS)."""
+    saved = OmegaConf.load(root / CONFIG)
+    assert isinstance(saved, DictConfig)
+    for key in RETIRED_KEYS:
+        group, name = key.rsplit(".", 1)
+        node = OmegaConf.select(saved, group)
+        if isinstance(node, DictConfig) and name in node:
+            del node[name]
+    return saved
+
+
 def read_config(root: Path) -> Config:
     """The typed Config a checkpoint was saved with (missing keys take today's defaults)."""
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(root / CONFIG)))
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), saved_config(root)))
 
 
 def describe_model(model: ModelConfig) -> str:

@@ -10,8 +10,6 @@ only after every rank's writes are done.
 from __future__ import annotations
 
 import logging
-import os
-import signal
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,11 +26,6 @@ from gptscale.checkpoint.manifest import data_files, describe_file, write_manife
 from gptscale.checkpoint.publish import new_nonce, prune, publish, staging_dir, step_name
 
 log = logging.getLogger("gptscale")
-
-# Test hook: global rank 0 kills itself with SIGKILL at the save of this step, after every file but the
-# manifest is written (the moment a crash is most likely to leave a checkpoint that looks finished).
-KILL_AT_SAVE_ENV = "GPTSCALE_TEST_KILL_AT_SAVE"
-
 
 @dataclass
 class SaveTarget:
@@ -83,8 +76,6 @@ def publisher(target: SaveTarget, manifest: dict, keep_last: int, keep_every: in
         dist.gather_object(mine, gathered, dst=0)
         if rank == 0:
             files = {name: entry for part in gathered for name, entry in part.items()}
-            if os.environ.get(KILL_AT_SAVE_ENV) == str(target.step):
-                os.kill(os.getpid(), signal.SIGKILL)
             write_manifest(target.staging, {
                 **manifest,
                 "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

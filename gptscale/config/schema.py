@@ -264,7 +264,6 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     max_bad_steps: int = 5  # steps with a non-finite loss or grad norm are skipped; more than this many ...
     bad_step_window: int = 100  # ... within this many steps stop the run
-    inject_nan_steps: List[int] = field(default_factory=list)  # test hook: these steps get a NaN loss
     fp8: Optional[Fp8Format] = None  # FP8 matmuls (needs precision=bf16): TE with backend te, torchao with local
     fp8_recipe: Fp8Recipe = Fp8Recipe.tensorwise  # tensorwise | delayed (delayed: Transformer Engine only)
     fp8_emulate: bool = False  # torchao only: FP8 numerics without FP8 hardware (CPU tests; no speed-up)
@@ -308,6 +307,25 @@ class CheckpointConfig:
     save_final: bool = True  # save when the run ends
     async_save: bool = True  # write in the background: training waits only for the snapshot to host memory
     rewind: Optional[int] = None  # at start: the newest checkpoint at or before this step, recorded spikes excluded
+
+
+@dataclass
+class FaultConfig:
+    """Hangs and restarts (docs/faults.md): a watchdog thread per rank ends a job whose progress stops in a
+    phase for longer than that phase's timeout, naming the stuck ranks, well before the collective timeout."""
+
+    detect_hangs: bool = True  # run the watchdog; false: only the collective timeout ends a hang
+    heartbeat_s: float = 2.0  # how often each rank publishes its phase and step in the job's store
+    setup_timeout_s: float = 1200.0  # start-up: process groups, data, model, engine (checkpoint load apart)
+    checkpoint_timeout_s: float = 1200.0  # one checkpoint save or load
+    eval_timeout_s: float = 1200.0  # one evaluation
+    data_timeout_s: float = 600.0  # one wait for the next batch
+    step_timeout_s: float = 1200.0  # a step before warm-up, and the most the learned step timeout may be
+    step_warmup: int = 10  # steps timed before the step timeout is learned from them
+    step_timeout_factor: float = 10.0  # learned step timeout: this times the 99th percentile of recent steps ...
+    step_timeout_floor_s: float = 120.0  # ... and at least this
+    collective_timeout_s: float = 1800.0  # the process groups' timeout: above every timeout of the watchdog
+    max_restarts_without_progress: int = 2  # in-job restarts in a row without a new checkpoint; then exit 76
 
 
 @dataclass
@@ -378,3 +396,4 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)

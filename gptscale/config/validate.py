@@ -13,6 +13,7 @@ from gptscale.config.schema import (
     Attention,
     Config,
     DataConfig,
+    FaultConfig,
     ModelConfig,
     OptimConfig,
     ParallelConfig,
@@ -130,6 +131,17 @@ RANGES: dict[str, Rule] = {
     "eval.max_examples": POSITIVE,
     "cluster.nodes": POSITIVE,
     "cluster.gpus_per_node": POSITIVE,
+    "fault.heartbeat_s": POSITIVE,
+    "fault.setup_timeout_s": POSITIVE,
+    "fault.checkpoint_timeout_s": POSITIVE,
+    "fault.eval_timeout_s": POSITIVE,
+    "fault.data_timeout_s": POSITIVE,
+    "fault.step_timeout_s": POSITIVE,
+    "fault.step_warmup": Rule(lambda v: v >= 2, "must be at least 2 (a percentile needs steps to take it over)"),
+    "fault.step_timeout_factor": Rule(lambda v: v >= 1, "must be at least 1"),
+    "fault.step_timeout_floor_s": POSITIVE,
+    "fault.collective_timeout_s": POSITIVE,
+    "fault.max_restarts_without_progress": NON_NEGATIVE,
 }
 
 
@@ -255,6 +267,7 @@ def check(cfg: Config, world_size: int) -> Layout:
     )
     need(not train.fp8_emulate or train.fp8 is not None, "train.fp8_emulate=true needs train.fp8 (hybrid or e4m3)")
     _check_optimizer(cfg.optim, par.zero, need)
+    _check_fault(cfg.fault, need)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return Layout(world_size, tp, pp, vpp, dp, par.micro_batch, par.global_batch, par.ep, par.sp, par.zero, cp)
@@ -269,6 +282,28 @@ def _check_optimizer(optim: OptimConfig, zero: int, need: Callable[[bool, str], 
         return
     need(zero in kind.zero_stages, f"optim.name={optim.name} is not correct under parallel.zero={zero} "
          f"(stages it runs correctly at: {', '.join(map(str, kind.zero_stages))})")
+
+
+# The watchdog's timeouts (FaultConfig), each of the phase it bounds.
+PHASE_TIMEOUTS = ("setup_timeout_s", "checkpoint_timeout_s", "eval_timeout_s", "data_timeout_s", "step_timeout_s")
+# Heartbeats after a timeout by which the watchdog (gptscale/fault/watchdog.py) has reported the hang and ended
+# the rank, or, when the store does not answer, ends it alone: one to notice, two to tell frozen ranks from slow
+# ones, two for the stacks, five of grace for the store.
+DETECTION_HEARTBEATS = 10
+
+
+def _check_fault(fault: FaultConfig, need: Callable[[bool, str], None]) -> None:
+    """The watchdog must end a hang before the collective timeout does (which names no stuck rank)."""
+    if not fault.detect_hangs:
+        return
+    longest = max(PHASE_TIMEOUTS, key=lambda name: getattr(fault, name))
+    need(fault.collective_timeout_s > getattr(fault, longest) + (DETECTION_HEARTBEATS + 1) * fault.heartbeat_s,
+         f"fault.collective_timeout_s={fault.collective_timeout_s} must exceed fault.{longest}="
+         f"{getattr(fault, longest)} plus {DETECTION_HEARTBEATS + 1} fault.heartbeat_s={fault.heartbeat_s} (the "
+         "watchdog must find a hang before the collective timeout ends it without naming the stuck rank)")
+    need(fault.step_timeout_floor_s <= fault.step_timeout_s,
+         f"fault.step_timeout_floor_s={fault.step_timeout_floor_s} must not exceed "
+         f"fault.step_timeout_s={fault.step_timeout_s} (the most the learned step timeout may be)")
 
 
 def _check_data(data: DataConfig, need: Callable[[bool, str], None]) -> None:

@@ -24,7 +24,7 @@ from typing import cast
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from gptscale.checkpoint.files import CONFIG
+from gptscale.checkpoint.files import CONFIG, saved_config
 from gptscale.checkpoint.publish import resolve
 from gptscale.config.schema import Config, ParallelConfig, WandbMode
 from gptscale.config.validate import ConfigError, check
@@ -42,7 +42,7 @@ def eval_config(checkpoint: str, overrides: list[str], run_dir: str) -> Config:
     root = resolve(checkpoint, Path(checkpoint))
     if root is None or not (root / CONFIG).is_file():
         raise ConfigError(f"--checkpoint {checkpoint}: no checkpoint with a {CONFIG} there")
-    saved = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(root / CONFIG))
+    saved = OmegaConf.merge(OmegaConf.structured(Config), saved_config(root))
     for name in LAYOUT_FIELDS:
         saved.parallel[name] = getattr(ParallelConfig(), name)
     try:

@@ -6,6 +6,7 @@ data-parallel, then pipeline), so a tensor-parallel group stays inside a node.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -58,8 +59,9 @@ def choose_device(requested: str) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def init_distributed(device: torch.device, timeout_minutes: float = 10.0) -> None:
-    """Join the job's process group (NCCL on GPU, gloo on CPU); a lone process without torchrun forms its own."""
+def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> None:
+    """Join the job's process group (NCCL on GPU, gloo on CPU); a lone process without torchrun forms its own.
+    ``timeout_s``: how long a collective may wait (``fault.collective_timeout_s``)."""
     if dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -69,19 +71,19 @@ def init_distributed(device: torch.device, timeout_minutes: float = 10.0) -> Non
         # An in-memory store: no port to pick, so concurrent lone runs cannot race for one. No environment
         # variable is set either, so processes it starts do not take themselves for ranks of a job.
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
-                                timeout=timedelta(minutes=timeout_minutes))
+                                timeout=timedelta(seconds=timeout_s))
         return
-    dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
 
 
-def init_parallel(layout: Layout, device: torch.device, seed: int) -> ParallelContext:
+def init_parallel(layout: Layout, device: torch.device, seed: int, timeout_s: float = 1800.0) -> ParallelContext:
     """Set up torch.distributed and megatron-core's groups for ``layout``; seed the model-parallel RNG."""
     if device.type == "cpu":
         cpu.install()
-    init_distributed(device)
+    init_distributed(device, timeout_s)
     if dist.get_world_size() != layout.world_size:
         raise RuntimeError(f"layout was checked for {layout.world_size} ranks but the job has {dist.get_world_size()}")
-    init_model_parallel(layout, seed)
+    init_model_parallel(layout, seed, timeout_s)
     return ParallelContext(
         layout=layout,
         rank=dist.get_rank(),
@@ -95,7 +97,7 @@ def init_parallel(layout: Layout, device: torch.device, seed: int) -> ParallelCo
     )
 
 
-def init_model_parallel(layout: Layout, seed: int) -> None:
+def init_model_parallel(layout: Layout, seed: int, timeout_s: float = 1800.0) -> None:
     """megatron-core's TP / CP / PP / DP / EP groups over the initialised world, and its model-parallel RNG."""
     destroy_model_parallel()  # a previous run in this process may have left its layout
     parallel_state.initialize_model_parallel(
@@ -105,6 +107,7 @@ def init_model_parallel(layout: Layout, seed: int) -> None:
         expert_model_parallel_size=layout.ep,
         context_parallel_size=layout.cp,
         create_gloo_process_groups=False,
+        distributed_timeout_minutes=max(1, math.ceil(timeout_s / 60)),
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 

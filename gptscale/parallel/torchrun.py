@@ -7,7 +7,14 @@ signal's exit status even when they saved and stopped cleanly; here the signal i
 torchrun goes on watching them, so a clean stop exits 0 (and a rank that has not stopped after
 TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds is killed). When ranks fail, the one that failed first is named with
 its host and the last line of its error (the ranks record their errors for torchrun:
-gptscale/train/__main__.py). Everything else is torchrun.
+gptscale/train/__main__.py), and the launch exits with that rank's exit code where it is one of gptscale's
+(a hang, no progress: docs/faults.md).
+
+With ``--max_restarts`` torchrun restarts the ranks after a failure, and they resume from the newest
+checkpoint. Two things are added to its agent: a failure that restarting cannot mend (a configuration
+error, restarts without progress, a failure while the launch is asked to stop) ends the launch instead, and
+a rank that is stopped (SIGSTOP: it cannot act on SIGTERM) is killed at once rather than after torchrun's 30 s
+grace. Everything else is torchrun.
 """
 
 from __future__ import annotations
@@ -18,13 +25,22 @@ import socket
 import sys
 import threading
 
+import torch.distributed.launcher.api as launcher
+from torch.distributed.elastic.agent.server.api import RunResult, WorkerGroup, WorkerState
+from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 from torch.distributed.elastic.multiprocessing.api import SignalException
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError, RendezvousTimeoutError
 from torch.distributed.run import main as torchrun
 from torch.distributed.run import parse_args
 
+from gptscale.config.validate import ConfigError
+from gptscale.errors import HANG_EXIT_CODE, NO_PROGRESS_EXIT_CODE
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+FINAL_EXIT_CODES = {ConfigError.exit_code, NO_PROGRESS_EXIT_CODE}  # a restart would fail the same way
+_killed_when_stopped: set[int] = set()  # ranks' pids the agent killed because they were stopped
+_stop_signals: list[str] = []  # the stop signals passed to the ranks: a launch asked to stop restarts nothing
 
 
 def _rdzv_timeout(rdzv_conf: str) -> str:
@@ -70,6 +86,7 @@ class StopForwarder:
         if not _ranks():
             raise SignalException(f"got {name} before the ranks started", sigval=signal.Signals(signum))
         print(f"gptscale: torchrun got {name} and passed it to the ranks (they save and stop)", file=sys.stderr)
+        _stop_signals.append(name)
         _signal_ranks(signum)
         if self.deadline is None:
             self.deadline = threading.Timer(float(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30")),
@@ -78,12 +95,70 @@ class StopForwarder:
             self.deadline.start()
 
 
-def first_failure(error: ChildFailedError) -> str:
+def _first(failures: dict[int, ProcessFailure]) -> tuple[int, ProcessFailure]:
+    """The rank that failed first and its failure."""
+    # torchrun ends the other ranks with SIGTERM once one fails, and the agent kills stopped ones: those are
+    # not what failed first, whatever their timestamps (whole seconds, so a tie could name one of them).
+    causes = {rank: f for rank, f in failures.items()
+              if f.exitcode != -signal.SIGTERM and f.pid not in _killed_when_stopped} or failures
+    return min(causes.items(), key=lambda item: (item[1].timestamp, _recorded_ns(item[1]), item[0]))
+
+
+def _recorded_ns(failure: ProcessFailure) -> float:
+    """When the rank wrote its error file, to the nanosecond: it orders failures within the whole second of
+    their timestamps (a rank's own error, then its peer's "connection closed" a moment later)."""
+    try:
+        return os.stat(failure.error_file).st_mtime_ns
+    except (OSError, TypeError):
+        return float("inf")
+
+
+def _states() -> dict[int, str]:
+    """Each rank process's state letter (R, S, D, T stopped, Z exited)."""
+    states = {}
+    for pid in _ranks():
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                states[pid] = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            pass
+    return states
+
+
+def _kill_stopped(states: dict[int, str]) -> None:
+    for pid, state in states.items():
+        if state in ("T", "t"):
+            _killed_when_stopped.add(pid)
+            os.kill(pid, signal.SIGKILL)
+
+
+class RestartingAgent(LocalElasticAgent):
+    """torchrun's agent, which does not restart what a restart cannot mend and kills stopped ranks at once."""
+
+    def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
+        states = _states()
+        if "Z" in states.values():  # a rank ended: torchrun stops the others, and a stopped one cannot
+            _kill_stopped(states)
+        result = super()._monitor_workers(worker_group)
+        if result.state == WorkerState.FAILED:
+            rank, failure = _first(result.failures)
+            if failure.exitcode in FINAL_EXIT_CODES or _stop_signals:
+                self._remaining_restarts = 0
+            elif self._remaining_restarts > 0:
+                restart = worker_group.spec.max_restarts - self._remaining_restarts + 1
+                print(f"{first_failure(result.failures)}\ngptscale: restarting the ranks (restart {restart} of "
+                      f"{worker_group.spec.max_restarts}); they resume from the newest complete checkpoint",
+                      file=sys.stderr)
+        return result
+
+    def _stop_workers(self, worker_group: WorkerGroup) -> None:
+        _kill_stopped(_states())
+        super()._stop_workers(worker_group)
+
+
+def first_failure(failures: dict[int, ProcessFailure]) -> str:
     """One line: the rank that failed first, its host, and the last line of its error."""
-    # torchrun ends the other ranks with SIGTERM once one fails: those are never the cause, whatever their
-    # timestamps (whole seconds, so a tie or a second boundary could name one of them).
-    causes = {rank: f for rank, f in error.failures.items() if f.exitcode != -signal.SIGTERM} or error.failures
-    rank, failure = min(causes.items(), key=lambda item: (item[1].timestamp, item[0]))
+    rank, failure = _first(failures)
     where = f"gptscale: rank {rank} on {socket.gethostname()} failed first"
     if failure.exitcode < 0:
         return f"{where} (killed by {failure.signal_name()})"
@@ -98,6 +173,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     where = f"the rendezvous at {args.rdzv_endpoint} (id {args.rdzv_id}, {args.nnodes} nodes)"
     StopForwarder()
+    launcher.LocalElasticAgent = RestartingAgent
+    # The agent's store outlives restarts, and the ranks of a restart would read the previous ranks' keys as
+    # their own (pytorch/pytorch#135712): rank 0 hosts a fresh store for each start instead.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     try:
         torchrun(argv)
     except RendezvousConnectionError as error:
@@ -108,7 +187,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"gptscale: {where} timed out after {_rdzv_timeout(args.rdzv_conf)} s before every node joined.\n"
                  "Did every node start, with the same --nnodes, master address, port and rendezvous id?")
     except ChildFailedError as error:
-        sys.exit(first_failure(error))
+        print(first_failure(error.failures), file=sys.stderr)
+        code = _first(error.failures)[1].exitcode
+        sys.exit(code if code in (HANG_EXIT_CODE, NO_PROGRESS_EXIT_CODE) else 1)
     except SignalException as error:
         print(f"gptscale: torchrun got {error.sigval.name} and ended the launch", file=sys.stderr)
         sys.exit(128 + int(error.sigval))

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Iterator, Optional
-
-import torch
+from typing import Optional
 
 from gptscale.errors import GptscaleError
 
@@ -45,12 +43,6 @@ class LossGuard:
 
     def load_state_dict(self, state: dict) -> None:
         self.recent, self.skipped = [int(s) for s in state["recent"]], int(state["skipped"])
-
-
-def with_nan_loss(batches: Iterator[dict]) -> Iterator[dict]:
-    """Test hook (``train.inject_nan_steps``): a NaN loss mask makes the step's loss and gradients NaN."""
-    for batch in batches:
-        yield {**batch, "loss_mask": torch.full_like(batch["loss_mask"], math.nan)}
 
 
 class SpikeDetector:

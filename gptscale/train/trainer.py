@@ -8,15 +8,19 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 
 from gptscale.checkpoint.adopt import adopt_model
 from gptscale.checkpoint.checkpointer import Checkpointer
 from gptscale.checkpoint.manifest import CheckpointError
+from gptscale.checkpoint.publish import latest
 from gptscale.checkpoint.run_lock import RunLock
 from gptscale.config.schema import Config
 from gptscale.config.validate import check, padded_vocab_size
 from gptscale.data import Data, build_data
 from gptscale.data.tasks import read_tasks
+from gptscale.fault.restarts import NoProgress, record_start
+from gptscale.fault.watchdog import CHECKPOINT_LOAD, CHECKPOINT_SAVE, EVAL, FAULTS_DIR, STEP, Watchdog
 from gptscale.model.build import build_model
 from gptscale.model.flops import flops_per_token
 from gptscale.model.fp8 import check_fp8
@@ -35,7 +39,7 @@ from gptscale.plan.check import MemoryCheck
 from gptscale.tracking import build_tracker
 from gptscale.tracking.goodput import GoodputLog
 from gptscale.train.evaluation import TaskResult, TaskScorer
-from gptscale.train.guard import LossGuard, SpikeDetector, TooManyBadSteps, with_nan_loss
+from gptscale.train.guard import LossGuard, SpikeDetector, TooManyBadSteps
 from gptscale.train.lr_schedule import LearningRateSchedule
 from gptscale.train.metrics import ThroughputMeter
 from gptscale.train.preemption import StopRequest
@@ -61,13 +65,21 @@ class Trainer:
         check_fp8(cfg.model, cfg.train, backend, self.device)
         seed_everything(cfg.train.seed)
 
-        # Process groups: torch.distributed and megatron-core's TP / PP / DP groups.
-        self.ctx = init_parallel(self.layout, self.device, cfg.train.seed)
+        # Process groups: torch.distributed and megatron-core's TP / PP / DP groups, whose collectives wait at
+        # most fault.collective_timeout_s.
+        self.ctx = init_parallel(self.layout, self.device, cfg.train.seed, cfg.fault.collective_timeout_s)
+
+        # Hangs: from here on a watchdog thread holds every phase (setup, step, data wait, checkpoint, eval) to
+        # its timeout and ends a job that stopped progressing, naming the stuck ranks (RUN_DIR/faults/).
+        self.watchdog = Watchdog(cfg.fault, self.run_dir, self.ctx.rank, self.layout.world_size)
 
         # Run directory: this run alone writes in it until close() (RUN_DIR/.lock), or every rank stops here.
         self.run_lock = RunLock.take(self.run_dir, self.ctx.rank == 0, self.layout.world_size)
         # Goodput: where the wall time goes, appended to RUN_DIR/goodput.jsonl from the process start on (rank 0).
         self.goodput = GoodputLog(self.run_dir, self.ctx.rank == 0)
+
+        # Restarts: this start is recorded; too many restarts in a row without a new checkpoint stop the job.
+        self.record_start()
 
         # Data: this data-parallel rank's share of every global batch, and the multiple-choice tasks scored
         # at train.eval_interval.
@@ -130,6 +142,7 @@ class Trainer:
         self.spike_handling = SpikeHandling(spike, self.spikes, SpikeRecord(self.run_dir, self.ctx.rank == 0),
                                             self.data.train, self.checkpointer, self.tracker, lambda: self.step,
                                             self.ctx.rank, self.layout.world_size)
+        self.watchdog.enter(CHECKPOINT_LOAD, self.step)
         if not self.spike_handling.rewind_at_start(cfg.checkpoint.rewind) and self.checkpointer.resume() is None \
                 and cfg.task.init:
             self.checkpointer.initialize_from(cfg.task.init)  # fine-tuning: weights only
@@ -141,6 +154,19 @@ class Trainer:
     def step(self) -> int:
         return self.progress.step
 
+    def record_start(self) -> None:
+        """Rank 0 records this start in RUN_DIR/faults/starts.jsonl and judges the restarts before it; every
+        rank stops (NoProgress) when restarts in a row found no new checkpoint (collective)."""
+        verdict = [None]
+        if self.ctx.rank == 0:
+            newest = latest(self.run_dir / "checkpoints")
+            verdict = [record_start(self.run_dir / FAULTS_DIR, newest.name if newest else None,
+                                    self.cfg.fault.max_restarts_without_progress)]
+        if self.layout.world_size > 1:
+            dist.broadcast_object_list(verdict, src=0)
+        if verdict[0] is not None:
+            raise NoProgress(verdict[0])
+
     def make_data(self) -> Data:
         """This data-parallel rank's loaders (gptscale-bench overrides it with synthetic tokens)."""
         return build_data(self.cfg.data, self.layout, self.ctx.dp_rank, self.cfg.train.seq_len,
@@ -149,9 +175,7 @@ class Trainer:
     def train_one_step(self):
         lr = self.schedule.apply(self.engine.optimizer)
         limits = UpdateLimits(*self.spikes.limits(), require_both=self.spikes.require_both)
-        batches = self.data.train
-        if self.progress.step + 1 in self.cfg.train.inject_nan_steps:
-            batches = with_nan_loss(batches)
+        batches = self.watchdog.waiting_for_data(self.data.train, self.step + 1)
         result = train_step(self.engine, self.model, batches, self.layout, self.cfg.train.seq_len,
                             self.device, self.ctx.is_last_stage, limits, self.moe_model, self.rank_times)
         update_expert_bias(self.model)
@@ -164,6 +188,7 @@ class Trainer:
     def evaluate(self) -> tuple[Optional[float], list[TaskResult]]:
         """Held-out loss (mean per token of ``train.eval_batches`` global batches of the validation split; None
         without one) and each task's result."""
+        self.watchdog.enter(EVAL, self.step)
         self.engine.eval()
         loss = None
         if self.data.valid is not None:
@@ -229,6 +254,7 @@ class Trainer:
         self.meter.reset()
         stop = False
         while self.step < train.steps and not stop:
+            self.watchdog.enter(STEP, self.step + 1)
             lr, result = self.train_one_step()
             self.memory_check.after_step()
             if on_step is not None:
@@ -268,8 +294,11 @@ class Trainer:
                 self.goodput.mark("eval", self.step)
             if self.guard.exceeded():
                 raise self.too_many_bad_steps()
-            if self.spike_handling.streak_too_long() and self.spike_handling.end_streak():
-                continue  # the steps after the checkpoint are trained again
+            if self.spike_handling.streak_too_long():
+                self.watchdog.enter(CHECKPOINT_LOAD, self.step)  # a rewind loads a checkpoint
+                if self.spike_handling.end_streak():
+                    continue  # the steps after the checkpoint are trained again
+            self.watchdog.enter(CHECKPOINT_SAVE, self.step)  # agreeing on a save, saving, publishing
             stop, save_due = self.stop_request.agreed(self.checkpointer.due_by_time())
             if stop:
                 log.warning("stop requested by signal: saving at step %d and exiting", self.step)
@@ -281,14 +310,16 @@ class Trainer:
             self.report_checkpoint()
         if self.step > first_step:
             self.memory_check.after_step(last=True)
+        self.watchdog.enter(CHECKPOINT_SAVE, self.step)
         self.checkpointer.finish(self.step, self.progress.consumed_tokens)
         self.goodput.mark("checkpoint", self.step, finished=self.step >= train.steps)
         self.report_checkpoint()
         self.tracker.log(self.step, self.goodput.metrics())
 
     def close(self) -> None:
-        """Release the checkpointer, trackers, signal handlers, megatron-core's groups and, last, the run
-        directory (torch.distributed stays up for the next run)."""
+        """Release the watchdog, checkpointer, trackers, signal handlers, megatron-core's groups and, last, the
+        run directory (torch.distributed stays up for the next run)."""
+        self.watchdog.close()
         self.checkpointer.close()
         self.stop_request.close()
         self.tracker.close()

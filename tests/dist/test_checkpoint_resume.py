@@ -42,7 +42,7 @@ def resume_jobs(model, run_dir, overrides, steps=12):
 
 def nan_jobs(model, run_dir, overrides):
     """Three steps with a NaN planted in the third, and two clean steps: both save at the end."""
-    return [job(model, f"{run_dir}-nan", 3, "checkpoint.resume=none", "train.inject_nan_steps=[3]", *overrides),
+    return [job(model, f"{run_dir}-nan", 3, "checkpoint.resume=none", "test.nan_steps=[3]", *overrides),
             job(model, f"{run_dir}-clean", 2, "checkpoint.resume=none", *overrides)]
 
 

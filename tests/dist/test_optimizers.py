@@ -68,7 +68,7 @@ def two_ranks(tmp_path_factory):
                         f"checkpoint.resume={step_dir(tmp / 'llama-tp2', SAVED)}", *overrides))
         names.append(("resumed", name))
     for name, overrides in NAN.items():
-        jobs.append(job("gpt2", tmp / f"nan-{name}", 3, "train.inject_nan_steps=[3]", *overrides))
+        jobs.append(job("gpt2", tmp / f"nan-{name}", 3, "test.nan_steps=[3]", *overrides))
         jobs.append(job("gpt2", tmp / f"clean-{name}", 2, *overrides))
         names += [("nan", name), ("clean", name)]
     return tmp, dict(zip(names, run_jobs(2, jobs, tmp)))

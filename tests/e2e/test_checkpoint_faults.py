@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from gptscale.checkpoint.manifest import data_files, describe_file
-from gptscale.checkpoint.save import KILL_AT_SAVE_ENV
 from tests.checkpoint_helpers import step_dir
+from tests.faults import launch_env
 from tests.helpers import REPO, free_port, torchrun
 from tests.processes import MARKER, session_processes
 
@@ -45,8 +45,8 @@ def launch_killed(args, tmp_path):
     """A launch (gptscale's torchrun) whose rank 0 is SIGKILLed in the save of step 6; returns its exit status
     and the processes of the launch still running 10 s after it ended (found by a marker in their environment,
     then killed)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), KILL_AT_SAVE_ENV: "6",
-           MARKER: f"killed-{tmp_path.name}"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", MARKER: f"killed-{tmp_path.name}",
+           **launch_env([{"at": "manifest", "step": 6, "rank": 0, "signal": "SIGKILL"}], str(REPO))}
     command = [sys.executable, "-m", "gptscale.parallel.torchrun", "--nproc_per_node=2",
                f"--master_port={free_port()}", *args]
     with open(tmp_path / "killed.log", "w") as output:
@@ -233,7 +233,7 @@ def outcomes(tmp_path_factory, killed, stopped, small_disks):
     jobs = {
         "resumed-after-stop": [*COMMON, f"run_dir={run}", f"train.steps={stopped_at + 2}"],
         "nan": [*COMMON, f"run_dir={tmp / 'nan'}", "train.steps=10", "checkpoint.interval=2",
-                "train.inject_nan_steps=[3,4,5]", "train.max_bad_steps=2", "train.bad_step_window=10"],
+                "test.nan_steps=[3,4,5]", "train.max_bad_steps=2", "train.bad_step_window=10"],
         **{name: [*COMMON, f"run_dir={tmp / ('resume-' + name)}", "train.steps=10", f"checkpoint.resume={path}"]
            for name, (path, _) in cases.items()},
         "fallback": [*COMMON, f"run_dir={tmp / 'fallback'}", "train.steps=10"],

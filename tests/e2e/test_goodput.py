@@ -48,7 +48,7 @@ def killed_once(tmp_path_factory):
     # The kill as a hang detector's: its report spans the last progress recorded to the kill.
     hang = {"last_progress_at": replay(run_dir).ended_at, "detected_at": time.time(), "ranks": [1],
             "hosts": [socket.gethostname()], "phase": "step", "step": 7}
-    (run_dir / "faults").mkdir()
+    (run_dir / "faults").mkdir(exist_ok=True)  # the watchdog keeps its record of starts there
     (run_dir / "faults" / "hang-test.json").write_text(json.dumps(hang))
     second = slow_launch(run_dir, env)
     elapsed = time.time() - began

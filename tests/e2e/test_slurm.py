@@ -1,5 +1,6 @@
 """gptscale on a real one-node SLURM cluster started by the tests: the sbatch template, a Hydra sweep through
-hydra/launcher=slurm, and a job signalled ahead of its time limit that checkpoints, is requeued and resumes."""
+hydra/launcher=slurm, a job signalled ahead of its time limit that checkpoints, is requeued and resumes, a job
+whose rank hangs and is restarted inside the job, and a job that fails again and again without progress."""
 
 import json
 import re
@@ -8,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from gptscale.errors import NO_PROGRESS_EXIT_CODE
 from tests.e2e.slurm_cluster import TERMINAL_STATES
+from tests.faults import FAST_TIMEOUTS, launch_env
 from tests.helpers import REPO, run_jobs
 from tests.wandb_file import read_run
 
@@ -105,3 +108,41 @@ def test_job_signalled_before_its_time_limit_checkpoints_requeues_and_resumes(cl
     [never_stopped] = run_jobs(2, [[f"run_dir={tmp_path / 'never-stopped'}", f"train.steps={steps}", *JOB]], tmp_path)
     assert {r["step"]: r["loss"] for r in log_lines(run_dir)} == \
         {step: never_stopped["loss"][step - 1] for step in steps_logged}
+
+
+def give_faults(monkeypatch, faults):
+    """The job's ranks (sbatch exports the submitting environment) meet ``faults`` (tests/faults)."""
+    for name, value in launch_env(faults, str(REPO)).items():
+        monkeypatch.setenv(name, value)
+
+
+def test_a_job_whose_rank_hangs_is_restarted_inside_the_job_and_completes(cluster, job_env, tmp_path, monkeypatch):
+    give_faults(monkeypatch, [{"at": "step", "step": 5, "rank": 1}])
+    run_dir = tmp_path / "run"
+    job_id = submit(cluster, tmp_path, f"run_dir={run_dir}", "train.steps=6", *JOB, "checkpoint.interval=2",
+                    "checkpoint.async_save=false", *FAST_TIMEOUTS)  # step 4's checkpoint is complete before step 5
+    job = cluster.wait_for(job_id, timeout=900)
+    log = (tmp_path / "slurm.out").read_text()
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "0"), log[-5000:]
+    assert "gptscale: restarting the ranks (restart 1 of 10)" in log
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_000004'}" in log
+    [report] = [json.loads(path.read_text()) for path in (run_dir / "faults").glob("hang-*.json")]
+    assert (report["ranks"], report["phase"], report["step"]) == ([1], "step", 5)
+    assert [r["step"] for r in log_lines(run_dir)][-1] == 6
+
+
+def test_a_job_failing_again_and_again_without_a_new_checkpoint_stops_and_is_not_requeued(cluster, job_env, tmp_path,
+                                                                                         monkeypatch):
+    give_faults(monkeypatch, [{"at": "step", "step": 2, "rank": 1, "signal": "SIGKILL", "restart": restart}
+                              for restart in range(3)])
+    run_dir = tmp_path / "run"
+    job_id = submit(cluster, tmp_path, f"run_dir={run_dir}", "train.steps=6", *JOB, "checkpoint.interval=0",
+                    "fault.max_restarts_without_progress=1")
+    job = cluster.wait_for(job_id, timeout=900)
+    log = (tmp_path / "slurm.out").read_text()
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == \
+        ("FAILED", f"{NO_PROGRESS_EXIT_CODE}:0", "0"), log[-5000:]
+    assert log.count("gptscale: restarting the ranks") == 2  # the third start stops before training
+    assert ("stopping: 2 restarts in a row found no new checkpoint (newest: none; "
+            "fault.max_restarts_without_progress=1)") in log
+    assert "the job ends here, it is not requeued" in log

@@ -65,13 +65,6 @@ BAD_LAYOUTS = [
     (["parallel.sp=true"], 1, ["parallel.sp", "parallel.tp"]),
     (["parallel.zero=4"], 1, ["parallel.zero=4"]),
     (["train.seq_len=2048"], 1, ["train.seq_len=2048", "model.max_position_embeddings"]),
-    (["parallel.cp=2"], 3, ["world size 3", "parallel.cp"]),
-    (["parallel.cp=2", "train.seq_len=30"], 2, ["train.seq_len=30", "2 * parallel.cp = 4"]),
-    (["parallel.cp=2", "parallel.tp=2", "parallel.sp=true", "train.seq_len=36"], 4,
-     ["train.seq_len=36", "2 * parallel.cp * parallel.tp = 8"]),
-    (["parallel.cp=2", "model.attention=unfused"], 2, ["parallel.cp=2", "model.attention=sdpa"]),
-    (["parallel.cp=2", "model.attention_dropout=0.1"], 2, ["parallel.cp=2", "model.attention_dropout=0.1"]),
-    (["model=moe-tiny", "parallel.cp=2", "parallel.ep=2"], 2, ["parallel.ep=2", "data-parallel size 1"]),
     (["model.rope_scaling.type=yarn"], 1, ["model.rope_scaling.type=yarn", "model.position_embedding=rope",
                                            "original_max_position_embeddings=8192", "max_position_embeddings=1024"]),
     (["model=llama-tiny", "model.rope_scaling.type=llama3", "model.rope_scaling.original_max_position_embeddings=512",
@@ -79,6 +72,13 @@ BAD_LAYOUTS = [
     (["model=llama-tiny", "model.rope_scaling.type=yarn", "model.rope_scaling.original_max_position_embeddings=512",
       "model.rope_scaling.beta_slow=64"], 1, ["model.rope_scaling.beta_slow=64.0", "beta_fast=32.0"]),
     (["model.rope_scaling.factor=0.5"], 1, ["model.rope_scaling.factor=0.5 must be at least 1"]),
+    (["parallel.cp=2"], 3, ["world size 3", "parallel.cp"]),
+    (["parallel.cp=2", "train.seq_len=30"], 2, ["train.seq_len=30", "2 * parallel.cp = 4"]),
+    (["parallel.cp=2", "parallel.tp=2", "parallel.sp=true", "train.seq_len=36"], 4,
+     ["train.seq_len=36", "2 * parallel.cp * parallel.tp = 8"]),
+    (["parallel.cp=2", "model.attention=unfused"], 2, ["parallel.cp=2", "model.attention=sdpa"]),
+    (["parallel.cp=2", "model.attention_dropout=0.1"], 2, ["parallel.cp=2", "model.attention_dropout=0.1"]),
+    (["model=moe-tiny", "parallel.cp=2", "parallel.ep=2"], 2, ["parallel.ep=2", "data-parallel size 1"]),
 ]
 
 
