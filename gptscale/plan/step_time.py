@@ -108,5 +108,7 @@ def estimate(cfg: Config, layout: Layout, cluster: Cluster, vocab_size: int, ran
     ep = layout.ep
     moe_layers = sum(is_moe_layer(model, i) for i in range(model.num_layers)) // layout.pp
     routed = activation * model.moe.top_k / (tp if cfg.parallel.sp else 1)
-    add("EP all-to-all", tp * cp, ep, micro * moe_layers * 4 * (ep - 1) / ep * routed)
+    # Experts have their own rank order, with context-parallel ranks folded into expert data parallelism
+    # (megatron-core's expert rank generator has cp=1): an expert-parallel group's ranks are tp apart.
+    add("EP all-to-all", tp, ep, micro * moe_layers * 4 * (ep - 1) / ep * routed)
     return StepTime(compute, bubble, collectives)
