@@ -36,8 +36,11 @@ def _first_on_this_node(message: str) -> bool:
     launch = f"{job}-{os.getppid()}-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     digest = hashlib.sha256(f"{launch}\0{message}".encode()).hexdigest()[:16]
     try:
-        os.close(os.open(os.path.join(tempfile.gettempdir(), f"gptscale-error-{digest}"),
-                         os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        os.close(
+            os.open(
+                os.path.join(tempfile.gettempdir(), f"gptscale-error-{digest}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY
+            )
+        )
     except FileExistsError:
         return False
     return True

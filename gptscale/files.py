@@ -55,8 +55,16 @@ class FileLock:
             log.warning("%s: %s", takeover, _read_holder(file))
         file.seek(0)
         file.truncate()
-        file.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                               "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}) + "\n")
+        file.write(
+            json.dumps(
+                {
+                    "host": socket.gethostname(),
+                    "pid": os.getpid(),
+                    "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                }
+            )
+            + "\n"
+        )
         file.flush()
         os.fsync(file.fileno())
         return cls(path, file)

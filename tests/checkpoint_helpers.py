@@ -15,8 +15,11 @@ def all_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint, model and optimizer, gathered, plus Adam's step as ``"step"``."""
     reader = FileSystemReader(str(checkpoint / "shards"))
     metadata = reader.read_metadata().state_dict_metadata
-    tensors = {key: torch.empty(meta.size, dtype=meta.properties.dtype) for key, meta in metadata.items()
-               if isinstance(meta, TensorStorageMetadata)}
+    tensors = {
+        key: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in metadata.items()
+        if isinstance(meta, TensorStorageMetadata)
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dcp.load(tensors, storage_reader=reader, no_dist=True)
@@ -36,7 +39,8 @@ def assert_resumed_exactly(straight: dict, first: dict, resumed: dict, what: str
     """A run split in two halves by a checkpoint has the losses and gradient norms of the straight run, bit for bit."""
     steps = len(straight["loss"])
     assert len(first["loss"]) == steps // 2 and len(resumed["loss"]) == steps - steps // 2, what
-    assert first["loss"] == straight["loss"][:steps // 2], f"{what}: first half differs from the straight run"
-    assert resumed["loss"] == straight["loss"][steps // 2:], f"{what}: resumed losses {resumed['loss']} differ " \
-                                                             f"from the straight run's {straight['loss'][steps // 2:]}"
-    assert resumed["grad_norm"] == straight["grad_norm"][steps // 2:], what
+    assert first["loss"] == straight["loss"][: steps // 2], f"{what}: first half differs from the straight run"
+    assert resumed["loss"] == straight["loss"][steps // 2 :], (
+        f"{what}: resumed losses {resumed['loss']} differ from the straight run's {straight['loss'][steps // 2 :]}"
+    )
+    assert resumed["grad_norm"] == straight["grad_norm"][steps // 2 :], what

@@ -18,5 +18,8 @@ def no_process_left_behind(request):
     yield
     left = left_behind(request.node.processes_before)
     if left:
-        pytest.fail("processes still running after the test (now killed): "
-                    + "; ".join(f"{pid} {command[:200]}" for pid, command in sorted(left.items())), pytrace=False)
+        pytest.fail(
+            "processes still running after the test (now killed): "
+            + "; ".join(f"{pid} {command[:200]}" for pid, command in sorted(left.items())),
+            pytrace=False,
+        )

@@ -37,17 +37,34 @@ def counting_documents(count: int, high: int, seed: int, max_len: int = 30) -> l
     """Documents that count up from a random start (mod ``high``): a pattern a tiny model learns in a few
     dozen steps, so that a document of anything else stands out in the loss."""
     rng = np.random.default_rng(seed)
-    return [[(int(start) + i) % high for i in range(int(length))]
-            for start, length in zip(rng.integers(0, high, count), rng.integers(2, max_len, count))]
+    return [
+        [(int(start) + i) % high for i in range(int(length))]
+        for start, length in zip(rng.integers(0, high, count), rng.integers(2, max_len, count))
+    ]
 
 
-def make_dataset(directory: Path, documents: list[list[int]], vocab: int = 1000, shard_size: int = 600,
-                 val_fraction: float = 0.05, workers: int = 1, dtype: str = "auto") -> Path:
+def make_dataset(
+    directory: Path,
+    documents: list[list[int]],
+    vocab: int = 1000,
+    shard_size: int = 600,
+    val_fraction: float = 0.05,
+    workers: int = 1,
+    dtype: str = "auto",
+) -> Path:
     """Prepare ``documents`` (lists of ids below ``vocab``) with the number tokenizer; small shards."""
     tokenizer = number_tokenizer(directory.parent / f"{directory.name}-tokenizer.json", vocab)
     texts = [" ".join(map(str, doc)) for doc in documents]
-    prepare_dataset(lambda: texts, directory, tokenizer=tokenizer, shard_size=shard_size,
-                    val_fraction=val_fraction, workers=workers, dtype=dtype, progress=False)
+    prepare_dataset(
+        lambda: texts,
+        directory,
+        tokenizer=tokenizer,
+        shard_size=shard_size,
+        val_fraction=val_fraction,
+        workers=workers,
+        dtype=dtype,
+        progress=False,
+    )
     return directory
 
 
@@ -76,8 +93,9 @@ def rewrite_manifest_entry(directory: Path, shard_name: str) -> None:
     read_manifest(str(directory))
 
 
-def with_garbage(documents: list[list[int]], low: int, high: int, length: int, seed: int = 0,
-                 val_fraction: float = 0.05) -> list[list[int]]:
+def with_garbage(
+    documents: list[list[int]], low: int, high: int, length: int, seed: int = 0, val_fraction: float = 0.05
+) -> list[list[int]]:
     """``documents`` with one garbage document planted mid-corpus in the train split: ``length`` random ids
     from [low, high), a range the other documents never use, so every one of its tokens is a surprise."""
     index = len(documents) // 2

@@ -18,16 +18,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(nprocs: int, args: list[str], timeout: float = 900, env: dict | None = None,
-             check: bool = True) -> subprocess.CompletedProcess:
+def torchrun(
+    nprocs: int, args: list[str], timeout: float = 900, env: dict | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
     """Run ``python -m torch.distributed.run`` with ``nprocs`` CPU ranks; raise with the output on failure."""
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nprocs}",
-               f"--master_port={free_port()}", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nprocs}",
+        f"--master_port={free_port()}",
+        *args,
+    ]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
     proc = subprocess.run(command, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(command)} exited {proc.returncode}:\n{proc.stdout[-6000:]}\n"
-                             f"{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(command)} exited {proc.returncode}:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
@@ -49,8 +57,11 @@ class Curves:
     def __call__(self, step, result) -> None:
         for later in [s for s in self.by_step if s >= step]:
             del self.by_step[later]
-        self.by_step[step] = (result.loss.item(), float("nan") if result.grad_norm is None else result.grad_norm.item(),
-                              0.0 if result.aux is None else result.aux.item())
+        self.by_step[step] = (
+            result.loss.item(),
+            float("nan") if result.grad_norm is None else result.grad_norm.item(),
+            0.0 if result.aux is None else result.aux.item(),
+        )
 
     def lists(self) -> dict[str, list[float]]:
         rows = [self.by_step[step] for step in sorted(self.by_step)]

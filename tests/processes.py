@@ -47,8 +47,9 @@ def left_behind(before: set[int], grace: float = 10.0) -> dict[int, str]:
     (given to let ending processes exit); each is then killed."""
     deadline = time.monotonic() + grace
     while True:
-        left = {pid: command for pid, command in session_processes().items()
-                if pid not in before and pid not in _long_lived}
+        left = {
+            pid: command for pid, command in session_processes().items() if pid not in before and pid not in _long_lived
+        }
         if not left or time.monotonic() > deadline:
             break
         time.sleep(0.2)

@@ -33,7 +33,7 @@ def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
             position += left_in_block
             continue
         checksum, length, kind = CHUNK.unpack_from(data, position)
-        chunk = data[position + CHUNK.size: position + CHUNK.size + length]
+        chunk = data[position + CHUNK.size : position + CHUNK.size + length]
         position += CHUNK.size + length
         if kind == 0:  # the zero-filled rest of a block
             continue

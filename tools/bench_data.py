@@ -56,8 +56,10 @@ class Timer:
 
 
 def report(what: str, tokens: int, timer: Timer) -> None:
-    print(f"{what:<58} {tokens / timer.wall / 1e6:7.2f} M tokens/s wall   {tokens / timer.cpu / 1e6:7.2f} M tokens/s CPU",
-          flush=True)
+    print(
+        f"{what:<58} {tokens / timer.wall / 1e6:7.2f} M tokens/s wall   {tokens / timer.cpu / 1e6:7.2f} M tokens/s CPU",
+        flush=True,
+    )
 
 
 def synthetic_documents(total_tokens: int, seed: int) -> list[np.ndarray]:
@@ -98,8 +100,14 @@ def raw_webdataset(directory: Path) -> int:
     return tokens
 
 
-def run_loader(sources: list[Source], tokens: int, reset: bool, global_batch: int = 64, micro_batch: int = 8,
-               build_masks: bool = False) -> int:
+def run_loader(
+    sources: list[Source],
+    tokens: int,
+    reset: bool,
+    global_batch: int = 64,
+    micro_batch: int = 8,
+    build_masks: bool = False,
+) -> int:
     layout = Layout(1, 1, 1, 1, 1, micro_batch, global_batch)
     loader = StreamingLoader(sources, layout, 0, SEQ_LEN, seed=1, reset_attention_at_eod=reset)
     served = 0
@@ -133,10 +141,11 @@ def main() -> None:
         two = one + [Source(read_manifest(str(root / "b")), "train", 0.5)]
         budget = int(0.75 * total)
         for what, sources, reset, masks in [
-                ("loader: shuffle + packing + state", one, False, False),
-                ("loader: + blending 2 sources", two, False, False),
-                ("loader: + document positions and ids (reset_attention_at_eod)", one, True, False),
-                ("  + [b,1,s,s] masks built by torch on this CPU, as a CPU step does", one, True, True)]:
+            ("loader: shuffle + packing + state", one, False, False),
+            ("loader: + blending 2 sources", two, False, False),
+            ("loader: + document positions and ids (reset_attention_at_eod)", one, True, False),
+            ("  + [b,1,s,s] masks built by torch on this CPU, as a CPU step does", one, True, True),
+        ]:
             profile = cProfile.Profile() if args.profile else None
             with Timer() as timer:
                 if profile:
@@ -154,8 +163,13 @@ def main() -> None:
         tokenizer_file.write_text(tokenizer.json)
         for workers in (1, 2):
             with Timer() as timer:
-                prepare_dataset(lambda: documents, root / f"prepared-{workers}", tokenizer=tokenizer_file,
-                                workers=workers, progress=False)
+                prepare_dataset(
+                    lambda: documents,
+                    root / f"prepared-{workers}",
+                    tokenizer=tokenizer_file,
+                    workers=workers,
+                    progress=False,
+                )
             tokens = read_manifest(str(root / f"prepared-{workers}"))
             tokens = sum(s.tokens for split in tokens.splits.values() for s in split)
             chars = sum(len(d) for d in documents)

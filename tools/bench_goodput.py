@@ -36,8 +36,10 @@ def main() -> None:
         start = time.perf_counter()
         replay(Path(run_dir))
         replayed = time.perf_counter() - start
-    print(f"step record: {per_record * 1e6:.1f} us, {size / args.steps:.0f} bytes; metrics at a log step: "
-          f"{metrics * 1e6:.0f} us; replay of {args.steps:,} steps at start-up: {replayed:.2f} s")
+    print(
+        f"step record: {per_record * 1e6:.1f} us, {size / args.steps:.0f} bytes; metrics at a log step: "
+        f"{metrics * 1e6:.0f} us; replay of {args.steps:,} steps at start-up: {replayed:.2f} s"
+    )
 
 
 if __name__ == "__main__":

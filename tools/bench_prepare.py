@@ -32,8 +32,12 @@ from gptscale.data.embedded import embedded_documents  # noqa: E402
 from gptscale.data.manifest import TOKENIZER  # noqa: E402
 from gptscale.data.tokenizer import train_bpe  # noqa: E402
 
-ONE_THREAD = {**os.environ, "RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-              "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+ONE_THREAD = {
+    **os.environ,
+    "RAYON_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+}
 
 BARE = """
 import json, sys, time
@@ -58,8 +62,15 @@ def bare(tokenizer: Path, corpus: Path, processes: int) -> tuple[float, float]:
     """Tokens/s of ``processes`` plain encode_batch_fast loops, each over a contiguous block of the documents
     (as tasks take contiguous runs of parts: with a corpus of repeated copies, a process that sees both copies
     of a document finds its words in the tokenizer's cache), and tokens per CPU-second."""
-    procs = [subprocess.Popen([sys.executable, "-c", BARE, str(tokenizer), str(corpus), str(i), str(processes)],
-                              env=ONE_THREAD, stdout=subprocess.PIPE, text=True) for i in range(processes)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", BARE, str(tokenizer), str(corpus), str(i), str(processes)],
+            env=ONE_THREAD,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(processes)
+    ]
     results = [[float(x) for x in proc.communicate()[0].split()] for proc in procs]
     tokens = sum(r[0] for r in results)
     return tokens / (max(r[2] for r in results) - min(r[1] for r in results)), tokens / sum(r[3] for r in results)
@@ -67,10 +78,30 @@ def bare(tokenizer: Path, corpus: Path, processes: int) -> tuple[float, float]:
 
 def gptscale(tokenizer: Path, corpus: Path, output: Path, tasks: int, part_size: str) -> tuple[float, float]:
     """Tokens/s of the whole command (plan, tasks, merge), and tokens per CPU-second of the tasks' parts."""
-    proc = subprocess.run([sys.executable, "-m", "gptscale.data.prepare", "--input", str(corpus), "--output",
-                           str(output), "--tokenizer", str(tokenizer), "--tasks", str(tasks), "--workers", str(tasks),
-                           "--part-size", part_size, "--quiet"], env=ONE_THREAD, capture_output=True, text=True,
-                          check=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gptscale.data.prepare",
+            "--input",
+            str(corpus),
+            "--output",
+            str(output),
+            "--tokenizer",
+            str(tokenizer),
+            "--tasks",
+            str(tasks),
+            "--workers",
+            str(tasks),
+            "--part-size",
+            part_size,
+            "--quiet",
+        ],
+        env=ONE_THREAD,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     whole = float(re.search(r"\(([\d.]+)M tokens/s\)", proc.stderr).group(1)) * 1e6
     return whole, float(re.search(r"([\d.]+)M per CPU-second", proc.stderr).group(1)) * 1e6
 
@@ -82,10 +113,19 @@ def merge_of_synthetic_parts(root: Path, parts: int = 1000) -> float:
     tokenizer = train_bpe(["a b c"], 260)
     (work / TOKENIZER).write_text(tokenizer.json)
     job = {"val_fraction": 0.01}
-    plan = {"job": job, "parts": [{"index": i, "path": f"/corpus/{i}.jsonl", "kind": "file", "start": 0, "stop": 0,
-                                   "bytes": 1} for i in range(parts)],
-            "dtype": "uint16", "vocab_size": tokenizer.vocab_size, "eod": tokenizer.eod, "eod_token": tokenizer.eod_token,
-            "tokenizer_sha256": hashlib.sha256(tokenizer.json.encode()).hexdigest(), "tokenizer_source": "bench"}
+    plan = {
+        "job": job,
+        "parts": [
+            {"index": i, "path": f"/corpus/{i}.jsonl", "kind": "file", "start": 0, "stop": 0, "bytes": 1}
+            for i in range(parts)
+        ],
+        "dtype": "uint16",
+        "vocab_size": tokenizer.vocab_size,
+        "eod": tokenizer.eod,
+        "eod_token": tokenizer.eod_token,
+        "tokenizer_sha256": hashlib.sha256(tokenizer.json.encode()).hexdigest(),
+        "tokenizer_source": "bench",
+    }
     (work / array.PLAN).write_text(json.dumps(plan))
     for part in plan["parts"]:
         directory = array.part_dir(work, part["index"])
@@ -93,12 +133,24 @@ def merge_of_synthetic_parts(root: Path, parts: int = 1000) -> float:
         splits = {}
         for split in ("train", "val"):
             (directory / f"{split}-000000.tar").write_bytes(b"x" * 1024)
-            splits[split] = [{"name": f"{split}-000000.tar", "samples": 1, "tokens": 100, "bytes": 1024,
-                              "sha256": "0" * 64}]
-        (directory / array.PART).write_text(json.dumps({
-            "part": part, "job": job, "tokenizer_sha256": plan["tokenizer_sha256"], "dtype": "uint16",
-            "skipped": 0, "skipped_examples": [], "seconds": 0.0, "cpu_seconds": 0.0,
-            "splits": splits}))
+            splits[split] = [
+                {"name": f"{split}-000000.tar", "samples": 1, "tokens": 100, "bytes": 1024, "sha256": "0" * 64}
+            ]
+        (directory / array.PART).write_text(
+            json.dumps(
+                {
+                    "part": part,
+                    "job": job,
+                    "tokenizer_sha256": plan["tokenizer_sha256"],
+                    "dtype": "uint16",
+                    "skipped": 0,
+                    "skipped_examples": [],
+                    "seconds": 0.0,
+                    "cpu_seconds": 0.0,
+                    "splits": splits,
+                }
+            )
+        )
     start = time.perf_counter()
     array.merge(work, root / "merged", ["/corpus"])
     return time.perf_counter() - start
@@ -121,24 +173,33 @@ def main() -> None:
             for copy in range(args.copies):
                 file.writelines(json.dumps({"text": f"# copy {copy}\n{text}"}) + "\n" for text in documents)
         chars = args.copies * sum(len(d) for d in documents)
-        print(f"corpus: {chars / 1e6:.1f}M chars, BPE 8192, one tokenizer thread per process; uptime: "
-              f"{os.getloadavg()[0]:.2f} load", flush=True)
+        print(
+            f"corpus: {chars / 1e6:.1f}M chars, BPE 8192, one tokenizer thread per process; uptime: "
+            f"{os.getloadavg()[0]:.2f} load",
+            flush=True,
+        )
         rates: dict = {}
         for _ in range(args.repeat):  # interleaved, best of each: the machine's noise hits every row alike
             for processes in (1, 2):
                 wall, cpu = bare(root / "bpe.json", root / "corpus.jsonl", processes)
                 rates["bare", processes] = best(rates.get(("bare", processes)), (wall, cpu))
-                wall, cpu = gptscale(root / "bpe.json", root / "corpus.jsonl", root / f"out-{processes}", processes,
-                                     "2MB")
+                wall, cpu = gptscale(
+                    root / "bpe.json", root / "corpus.jsonl", root / f"out-{processes}", processes, "2MB"
+                )
                 rates["gptscale", processes] = best(rates.get(("gptscale", processes)), (wall, cpu))
                 shutil.rmtree(root / f"out-{processes}")
         for processes in (1, 2):
             (bare_wall, bare_cpu), (wall, cpu) = rates["bare", processes], rates["gptscale", processes]
-            print(f"{processes} process(es): wall: bare encode_batch {bare_wall / 1e6:.2f}M tokens/s, gptscale-prepare "
-                  f"{wall / 1e6:.2f}M tokens/s ({wall / bare_wall:.0%} of bare; limit 85 %); per CPU-second: bare "
-                  f"{bare_cpu / 1e6:.2f}M, gptscale-prepare's tasks {cpu / 1e6:.2f}M ({cpu / bare_cpu:.0%})", flush=True)
-        print(f"2 tasks / 1 task: {rates['gptscale', 2][0] / rates['gptscale', 1][0]:.2f}x (asked: >= 1.7x); bare 2 / 1 "
-              f"processes: {rates['bare', 2][0] / rates['bare', 1][0]:.2f}x")
+            print(
+                f"{processes} process(es): wall: bare encode_batch {bare_wall / 1e6:.2f}M tokens/s, gptscale-prepare "
+                f"{wall / 1e6:.2f}M tokens/s ({wall / bare_wall:.0%} of bare; limit 85 %); per CPU-second: bare "
+                f"{bare_cpu / 1e6:.2f}M, gptscale-prepare's tasks {cpu / 1e6:.2f}M ({cpu / bare_cpu:.0%})",
+                flush=True,
+            )
+        print(
+            f"2 tasks / 1 task: {rates['gptscale', 2][0] / rates['gptscale', 1][0]:.2f}x (asked: >= 1.7x); bare 2 / 1 "
+            f"processes: {rates['bare', 2][0] / rates['bare', 1][0]:.2f}x"
+        )
         print(f"merge of 1,000 synthetic parts: {merge_of_synthetic_parts(root):.2f} s")
 
 

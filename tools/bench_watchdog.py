@@ -31,8 +31,10 @@ def main() -> None:
         watchdog.enter(CHECKPOINT_SAVE, step)
     seconds = time.perf_counter() - start
     watchdog.close()
-    print(f"{seconds / args.steps * 1e6:.1f} us of the training thread per step ({args.micro_batches} micro-batches, "
-          f"{2 * args.micro_batches + 2} phase changes), {watchdog.beats} heartbeats published")
+    print(
+        f"{seconds / args.steps * 1e6:.1f} us of the training thread per step ({args.micro_batches} micro-batches, "
+        f"{2 * args.micro_batches + 2} phase changes), {watchdog.beats} heartbeats published"
+    )
 
 
 if __name__ == "__main__":

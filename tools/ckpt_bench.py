@@ -24,8 +24,17 @@ from gptscale.train.trainer import Trainer  # noqa: E402
 
 def main(overrides: list[str]) -> None:
     # An override run_dir=... picks the disk to measure (every rank must see it).
-    cfg = load_config(["run_dir=runs/ckpt-bench", "train.steps=1000", "train.eval_interval=0", "checkpoint.resume=none",
-                       "checkpoint.save_final=false", "checkpoint.keep_last=0", *overrides])
+    cfg = load_config(
+        [
+            "run_dir=runs/ckpt-bench",
+            "train.steps=1000",
+            "train.eval_interval=0",
+            "checkpoint.resume=none",
+            "checkpoint.save_final=false",
+            "checkpoint.keep_last=0",
+            *overrides,
+        ]
+    )
     trainer = Trainer(cfg)
     checkpointer = trainer.checkpointer
     for _ in range(2):
@@ -57,14 +66,27 @@ def main(overrides: list[str]) -> None:
     load = time.perf_counter() - start
     if dist.get_rank() == 0:
         manifest = json.loads((path / "checkpoint.json").read_text())
-        print(json.dumps({
-            "model": cfg.model.name, "world_size": trainer.layout.world_size, "tp": trainer.layout.tp,
-            "pp": trainer.layout.pp, "dp": trainer.layout.dp, "zero": cfg.parallel.zero,
-            "precision": cfg.train.precision.value, "device": str(trainer.device),
-            "checkpoint_gb": manifest["bytes"] / 1e9, "step_s": step_seconds, "sync_save_s": sync_save,
-            "async_stall_s": async_stall, "async_total_s": async_total, "steps_during_async_write": overlapped_steps,
-            "load_s": load,
-        }))
+        print(
+            json.dumps(
+                {
+                    "model": cfg.model.name,
+                    "world_size": trainer.layout.world_size,
+                    "tp": trainer.layout.tp,
+                    "pp": trainer.layout.pp,
+                    "dp": trainer.layout.dp,
+                    "zero": cfg.parallel.zero,
+                    "precision": cfg.train.precision.value,
+                    "device": str(trainer.device),
+                    "checkpoint_gb": manifest["bytes"] / 1e9,
+                    "step_s": step_seconds,
+                    "sync_save_s": sync_save,
+                    "async_stall_s": async_stall,
+                    "async_total_s": async_total,
+                    "steps_during_async_write": overlapped_steps,
+                    "load_s": load,
+                }
+            )
+        )
     trainer.close()
     if dist.get_rank() == 0:
         shutil.rmtree(cfg.run_dir, ignore_errors=True)

@@ -25,9 +25,20 @@ def rss_mib() -> float:
 def main(steps: int, overrides: list[str]) -> None:
     marks = {100, steps // 4, steps // 2, 3 * steps // 4, steps}
     with tempfile.TemporaryDirectory() as run_dir:
-        cfg = load_config([f"run_dir={run_dir}", f"train.steps={steps}", "train.seq_len=32", "parallel.global_batch=4",
-                           "parallel.micro_batch=4", "train.eval_interval=0", "train.log_interval=100",
-                           "checkpoint.save_final=false", "checkpoint.interval_minutes=0", *overrides])
+        cfg = load_config(
+            [
+                f"run_dir={run_dir}",
+                f"train.steps={steps}",
+                "train.seq_len=32",
+                "parallel.global_batch=4",
+                "parallel.micro_batch=4",
+                "train.eval_interval=0",
+                "train.log_interval=100",
+                "checkpoint.save_final=false",
+                "checkpoint.interval_minutes=0",
+                *overrides,
+            ]
+        )
         trainer = Trainer(cfg)
         seen = {}
         try:

@@ -59,8 +59,12 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, t, -1, self.head_dim).transpose(1, 2).split(
-            [self.heads, self.groups, self.groups], dim=1)
+        q, k, v = (
+            self.qkv(self.norm1(x))
+            .view(b, t, -1, self.head_dim)
+            .transpose(1, 2)
+            .split([self.heads, self.groups, self.groups], dim=1)
+        )
         if rope is not None:
             q, k = rotary(q, *rope), rotary(k, *rope)
         attention = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.groups != self.heads)
@@ -94,8 +98,11 @@ class GPT(nn.Module):
             self.head.weight = self.embed.weight
         for name, param in self.named_parameters():
             if param.dim() == 2:  # output projections scaled by depth, as GPT-2 and gptscale do
-                std = model.init_std / math.sqrt(2 * model.num_layers) if name.endswith(("proj.weight", "fc2.weight")) \
+                std = (
+                    model.init_std / math.sqrt(2 * model.num_layers)
+                    if name.endswith(("proj.weight", "fc2.weight"))
                     else model.init_std
+                )
                 nn.init.normal_(param, std=std)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -153,15 +160,29 @@ def main() -> None:
     tflops = tokens_per_s * flops_per_token(model_cfg, vocab, args.seq_len) / 1e12
     peak = device_peak_tflops(device, Precision.bf16)
     memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    record = {"date": str(datetime.date.today()), "label": f"baseline {model_cfg.name}", "model": model_cfg.name,
-              "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-              "compile": args.compile, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
-              "parameters": sum(p.numel() for p in model.parameters()), "tokens_per_s": tokens_per_s,
-              "tflops_per_device": tflops, "mfu": tflops / peak if peak else None, "step_time_s": step_time,
-              "peak_memory_gib": memory, "losses": [loss.item() for loss in losses]}
+    record = {
+        "date": str(datetime.date.today()),
+        "label": f"baseline {model_cfg.name}",
+        "model": model_cfg.name,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "compile": args.compile,
+        "seq_len": args.seq_len,
+        "micro_batch": args.micro_batch,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "tokens_per_s": tokens_per_s,
+        "tflops_per_device": tflops,
+        "mfu": tflops / peak if peak else None,
+        "step_time_s": step_time,
+        "peak_memory_gib": memory,
+        "losses": [loss.item() for loss in losses],
+    }
     mfu = "n/a" if peak is None else f"{tflops / peak:.1%}"
-    print(f"baseline {model_cfg.name}: {tokens_per_s:,.0f} tokens/s, {tflops:.2f} TFLOP/s, MFU {mfu}, "
-          f"step {step_time * 1e3:.1f} ms, peak {memory or 0:.2f} GiB, loss {losses[-1].item():.3f}", flush=True)
+    print(
+        f"baseline {model_cfg.name}: {tokens_per_s:,.0f} tokens/s, {tflops:.2f} TFLOP/s, MFU {mfu}, "
+        f"step {step_time * 1e3:.1f} ms, peak {memory or 0:.2f} GiB, loss {losses[-1].item():.3f}",
+        flush=True,
+    )
     if args.output:
         with open(args.output, "a", encoding="utf-8") as file:
             file.write(json.dumps(record) + "\n")

@@ -41,11 +41,24 @@ TABLE_1 = [
 
 def overrides(heads: int, hidden: int, layers: int, tp: int, pp: int, gpus: int, batch: int) -> list[str]:
     """gptscale-plan's overrides for one row (a GPT-3 preset reshaped)."""
-    return ["model=gpt3-175b", f"model.num_layers={layers}", f"model.hidden_size={hidden}",
-            f"model.num_attention_heads={heads}", f"model.ffn_hidden_size={4 * hidden}", f"model.vocab_size={VOCAB}",
-            f"train.seq_len={SEQ}", "train.precision=bf16", "train.activation_checkpointing=full",
-            f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.global_batch={batch}", "parallel.micro_batch=1",
-            "cluster.gpu=a100", "cluster.gpus_per_node=8", f"cluster.nodes={gpus // 8}"]
+    return [
+        "model=gpt3-175b",
+        f"model.num_layers={layers}",
+        f"model.hidden_size={hidden}",
+        f"model.num_attention_heads={heads}",
+        f"model.ffn_hidden_size={4 * hidden}",
+        f"model.vocab_size={VOCAB}",
+        f"train.seq_len={SEQ}",
+        "train.precision=bf16",
+        "train.activation_checkpointing=full",
+        f"parallel.tp={tp}",
+        f"parallel.pp={pp}",
+        f"parallel.global_batch={batch}",
+        "parallel.micro_batch=1",
+        "cluster.gpu=a100",
+        "cluster.gpus_per_node=8",
+        f"cluster.nodes={gpus // 8}",
+    ]
 
 
 def paper_flops_per_token(hidden: int, layers: int) -> float:
@@ -66,8 +79,11 @@ def main(sizes: list[str]) -> int:
             print(f"| {size}B | refused: {planned.refused} |", file=sys.stderr)
             return 1
         predicted = planned.tokens_per_s * paper_flops_per_token(hidden, layers) / gpus / 1e12
-        print(f"| {size}B | {tp} | {pp} | {planned.layout.dp} | {gpus} | {batch} | {published} | {predicted:.0f} | "
-              f"{predicted / published:.2f} |", flush=True)
+        print(
+            f"| {size}B | {tp} | {pp} | {planned.layout.dp} | {gpus} | {batch} | {published} | {predicted:.0f} | "
+            f"{predicted / published:.2f} |",
+            flush=True,
+        )
     return 0
 
 

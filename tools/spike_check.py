@@ -23,8 +23,15 @@ from gptscale.train.trainer import Trainer  # noqa: E402
 
 def main(overrides: list[str]) -> None:
     with tempfile.TemporaryDirectory() as run_dir:
-        cfg = load_config([f"run_dir={run_dir}", "train.steps=300", "train.eval_interval=0",
-                           "checkpoint.save_final=false", *overrides])
+        cfg = load_config(
+            [
+                f"run_dir={run_dir}",
+                "train.steps=300",
+                "train.eval_interval=0",
+                "checkpoint.save_final=false",
+                *overrides,
+            ]
+        )
         start = time.perf_counter()
         trainer = Trainer(cfg)
         try:
@@ -47,9 +54,11 @@ def main(overrides: list[str]) -> None:
             scores.append((loss_z, norm_z))
         replay.add(loss, norm)  # exact only while nothing was skipped, which is what this checks
     deciding = max(replay.deciding(*s) for s in scores)
-    print(f"{cfg.train.steps} steps in {time.perf_counter() - start:.0f} s: {skipped} skipped as spikes "
-          f"(train.spike.zscore={spike.zscore}); max deciding z {deciding:.2f}, max loss z "
-          f"{max(s[0] for s in scores):.2f}, max grad-norm z {max(s[1] for s in scores):.2f}")
+    print(
+        f"{cfg.train.steps} steps in {time.perf_counter() - start:.0f} s: {skipped} skipped as spikes "
+        f"(train.spike.zscore={spike.zscore}); max deciding z {deciding:.2f}, max loss z "
+        f"{max(s[0] for s in scores):.2f}, max grad-norm z {max(s[1] for s in scores):.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -23,20 +23,32 @@ from gptscale.config import ConfigError, check, load_config
 from gptscale.config.schema import Config
 
 # A benchmark neither resumes nor saves, evaluates nor reports to trackers; its run_dir stays apart.
-BENCH_DEFAULTS = ["run_dir=runs/bench/${model.name}", "checkpoint.resume=none", "checkpoint.save_final=false",
-                  "train.eval_interval=0", "logging.wandb.mode=disabled"]
+BENCH_DEFAULTS = [
+    "run_dir=runs/bench/${model.name}",
+    "checkpoint.resume=none",
+    "checkpoint.save_final=false",
+    "train.eval_interval=0",
+    "logging.wandb.mode=disabled",
+]
 
-HEADER = (f"{'config':<40} {'ranks':>5} {'layout':<26} {'tokens/s':>11} {'spread':>13} {'TFLOP/s/dev':>11} "
-          f"{'MFU':>6} {'step ms':>9} {'peak mem GiB':>19} {'loss':>7} {'vs first':>8}")
+HEADER = (
+    f"{'config':<40} {'ranks':>5} {'layout':<26} {'tokens/s':>11} {'spread':>13} {'TFLOP/s/dev':>11} "
+    f"{'MFU':>6} {'step ms':>9} {'peak mem GiB':>19} {'loss':>7} {'vs first':>8}"
+)
 
 
 def parse_args(argv: list[str]) -> tuple[list[str], list[str]]:
-    parser = argparse.ArgumentParser(prog="gptscale-bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every config (model=, parallel.*, "
-                                                     "train.*, bench.steps, bench.warmup, ...)")
-    parser.add_argument("--compare", nargs="+", metavar="OVERRIDES", default=[""],
-                        help="one quoted override list per config")
+    parser = argparse.ArgumentParser(
+        prog="gptscale-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="Hydra overrides for every config (model=, parallel.*, train.*, bench.steps, bench.warmup, ...)",
+    )
+    parser.add_argument(
+        "--compare", nargs="+", metavar="OVERRIDES", default=[""], help="one quoted override list per config"
+    )
     args = parser.parse_args(argv)
     return args.overrides, args.compare
 
@@ -55,12 +67,15 @@ def load_configs(common: list[str], variants: list[str], world_size: int) -> lis
 def format_row(result, first) -> str:
     mfu = "n/a" if result.mfu is None else f"{result.mfu:.1%}"
     memory = f"{result.peak_memory_gib:.2f} ({'alloc' if result.memory_kind == 'max allocated' else 'RSS'})"
-    fastest, slowest = (result.tokens_per_step / t for t in (min(result.window_step_times_s),
-                                                             max(result.window_step_times_s)))
+    fastest, slowest = (
+        result.tokens_per_step / t for t in (min(result.window_step_times_s), max(result.window_step_times_s))
+    )
     spread = f"{slowest:,.0f}-{fastest:,.0f}" if len(result.window_step_times_s) > 1 else "-"
-    return (f"{result.label[:40]:<40} {result.world_size:>5} {result.layout:<26} {result.tokens_per_s:>11,.0f} "
-            f"{spread:>13} {result.tflops_per_device:>11.4f} {mfu:>6} {result.step_time_s * 1e3:>9.1f} {memory:>19} "
-            f"{result.losses[-1]:>7.3f} {result.tokens_per_s / first.tokens_per_s:>7.2f}x")
+    return (
+        f"{result.label[:40]:<40} {result.world_size:>5} {result.layout:<26} {result.tokens_per_s:>11,.0f} "
+        f"{spread:>13} {result.tflops_per_device:>11.4f} {mfu:>6} {result.step_time_s * 1e3:>9.1f} {memory:>19} "
+        f"{result.losses[-1]:>7.3f} {result.tokens_per_s / first.tokens_per_s:>7.2f}x"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,22 +106,30 @@ def main(argv: list[str] | None = None) -> None:
         if first is None:
             first = result
             device = device_name(choose_device(cfg.train.device))
-            print(f"# {datetime.date.today()} | {device} | "
-                  + " ".join(f"{name} {version}" for name, version in versions().items()))
+            print(
+                f"# {datetime.date.today()} | {device} | "
+                + " ".join(f"{name} {version}" for name, version in versions().items())
+            )
             print(HEADER)
         print(format_row(result, first), flush=True)
         if result.profile:
-            print(f"# torch.profiler, {cfg.bench.profile_steps} steps of {result.label}:\n{result.profile}",
-                  flush=True)
+            print(f"# torch.profiler, {cfg.bench.profile_steps} steps of {result.label}:\n{result.profile}", flush=True)
         if cfg.bench.host_syncs:
-            for what, found in (("one step", result.host_syncs),
-                                ("one iteration of the training loop that does not log", result.loop_host_syncs)):
+            for what, found in (
+                ("one step", result.host_syncs),
+                ("one iteration of the training loop that does not log", result.loop_host_syncs),
+            ):
                 print(f"# host syncs in {what} of {result.label}: {sum(found.values())}", flush=True)
                 for site, count in sorted(found.items(), key=lambda item: -item[1]):
                     print(f"#   {count:>4}  {site}")
         if cfg.bench.output:
-            record = {"date": str(datetime.date.today()), "device": device, "versions": versions(),
-                      "overrides": overrides, **result.to_json()}
+            record = {
+                "date": str(datetime.date.today()),
+                "device": device,
+                "versions": versions(),
+                "overrides": overrides,
+                **result.to_json(),
+            }
             with open(cfg.bench.output, "a", encoding="utf-8") as file:
                 file.write(json.dumps(record) + "\n")
 

@@ -145,8 +145,13 @@ def measure(cfg: Config, label: str) -> BenchResult:
         if bench.warmup == 0:
             mark(0)
         trainer.fit(on_step=on_step)
-        windows = [_max_over_ranks((marks[bench.warmup + (k + 1) * bench.steps] - marks[bench.warmup + k * bench.steps])
-                                   / bench.steps, trainer.device) for k in range(bench.repeats)]
+        windows = [
+            _max_over_ranks(
+                (marks[bench.warmup + (k + 1) * bench.steps] - marks[bench.warmup + k * bench.steps]) / bench.steps,
+                trainer.device,
+            )
+            for k in range(bench.repeats)
+        ]
         step_time = statistics.median(windows)
         peak = _max_over_ranks(memory.read_gib(), trainer.device)
         meter = trainer.meter

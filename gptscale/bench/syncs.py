@@ -18,16 +18,27 @@ from typing import Iterator
 import torch
 from torch.overrides import TorchFunctionMode
 
-_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
-          torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.numpy, torch.Tensor.cpu, torch.Tensor.nonzero}
+_READS = {
+    torch.Tensor.item,
+    torch.Tensor.tolist,
+    torch.Tensor.__bool__,
+    torch.Tensor.__float__,
+    torch.Tensor.__int__,
+    torch.Tensor.__index__,
+    torch.Tensor.numpy,
+    torch.Tensor.cpu,
+    torch.Tensor.nonzero,
+}
 _OWN_FILES = (__file__, "torch/overrides.py", "torch/utils/_device.py", "torch/_tensor.py")
 
 
 def _call_site(depth: int = 3) -> str:
     """The innermost frames outside this module and torch's dispatch, innermost first."""
     frames = [f for f in traceback.extract_stack()[:-2] if not f.filename.endswith(_OWN_FILES)]
-    return " <- ".join(f"{f.filename.split('site-packages/')[-1].split('/gptscale/')[-1]}:{f.lineno}"
-                       for f in reversed(frames[-depth:]))
+    return " <- ".join(
+        f"{f.filename.split('site-packages/')[-1].split('/gptscale/')[-1]}:{f.lineno}"
+        for f in reversed(frames[-depth:])
+    )
 
 
 class _TensorReads(TorchFunctionMode):
@@ -62,6 +73,9 @@ def host_syncs() -> Iterator[collections.Counter]:
     from deepspeed.accelerator import get_accelerator
 
     counts: collections.Counter = collections.Counter()
-    with _counting(torch.cuda, "synchronize", counts), _counting(get_accelerator(), "synchronize", counts), \
-            _TensorReads(counts):
+    with (
+        _counting(torch.cuda, "synchronize", counts),
+        _counting(get_accelerator(), "synchronize", counts),
+        _TensorReads(counts),
+    ):
         yield counts

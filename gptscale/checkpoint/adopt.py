@@ -50,8 +50,10 @@ def adopt_model(cfg: Config, overrides: Optional[list[str]] = None) -> Config:
     if not asked and (chose_preset or source is None):
         return cfg
     if source is None:
-        raise ConfigError("model=from_checkpoint needs a checkpoint to take the model from: set task.init=PATH "
-                          "or checkpoint.resume=PATH")
+        raise ConfigError(
+            "model=from_checkpoint needs a checkpoint to take the model from: set task.init=PATH "
+            "or checkpoint.resume=PATH"
+        )
     root = resolve(source, Path(source))
     if root is None or not (root / CONFIG).is_file():
         raise ConfigError(f"model=from_checkpoint: {source} holds no checkpoint with a {CONFIG} to take the model from")
@@ -60,15 +62,21 @@ def adopt_model(cfg: Config, overrides: Optional[list[str]] = None) -> Config:
         given = _override_fields(overrides)
     else:
         default = ModelConfig()
-        given = [f.name for f in dataclasses.fields(ModelConfig) if getattr(cfg.model, f.name) != getattr(default, f.name)]
+        given = [
+            f.name for f in dataclasses.fields(ModelConfig) if getattr(cfg.model, f.name) != getattr(default, f.name)
+        ]
     free = RUNTIME_FIELDS + (ROPE_FIELDS if saved.position_embedding == PositionEmbedding.rope else ())
-    conflicts = [f"model.{name}={_text(getattr(cfg.model, name))} contradicts the checkpoint's "
-                 f"{_text(getattr(saved, name))} ({root / CONFIG})"
-                 for name in given if name not in free and getattr(cfg.model, name) != getattr(saved, name)]
+    conflicts = [
+        f"model.{name}={_text(getattr(cfg.model, name))} contradicts the checkpoint's "
+        f"{_text(getattr(saved, name))} ({root / CONFIG})"
+        for name in given
+        if name not in free and getattr(cfg.model, name) != getattr(saved, name)
+    ]
     if conflicts:
-        raise ConfigError("the model is the checkpoint's (model=from_checkpoint); only "
-                          f"{', '.join('model.' + n for n in free[1:])} may differ:\n  - "
-                          + "\n  - ".join(conflicts))
+        raise ConfigError(
+            "the model is the checkpoint's (model=from_checkpoint); only "
+            f"{', '.join('model.' + n for n in free[1:])} may differ:\n  - " + "\n  - ".join(conflicts)
+        )
     runtime = {name: getattr(cfg.model, name) for name in given if name in free and name != "name"}
     return dataclasses.replace(cfg, model=dataclasses.replace(saved, **runtime))
 

@@ -74,8 +74,16 @@ class Stateful(Protocol):
 
 
 class Checkpointer:
-    def __init__(self, cfg: Config, run_dir: Path, ctx: ParallelContext, model: ModelChunks, optimizer: OptimizerState,
-                 components: dict[str, Optional[Stateful]], tokenizer_file: Optional[Path] = None):
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: Path,
+        ctx: ParallelContext,
+        model: ModelChunks,
+        optimizer: OptimizerState,
+        components: dict[str, Optional[Stateful]],
+        tokenizer_file: Optional[Path] = None,
+    ):
         self.cfg = cfg
         self.settings = cfg.checkpoint
         self.root = Path(run_dir) / "checkpoints"
@@ -114,10 +122,14 @@ class Checkpointer:
         candidates = [path for path in found[0] if path is not None]
         if not candidates:
             if self.ctx.rank == 0:
-                start = (f"starting from the weights of task.init={self.cfg.task.init}" if self.cfg.task.init
-                         else "training from scratch")
-                log.info("no checkpoint of this run to resume from (checkpoint.resume=%s): %s", self.settings.resume,
-                         start)
+                start = (
+                    f"starting from the weights of task.init={self.cfg.task.init}"
+                    if self.cfg.task.init
+                    else "training from scratch"
+                )
+                log.info(
+                    "no checkpoint of this run to resume from (checkpoint.resume=%s): %s", self.settings.resume, start
+                )
             return None
         *newer, oldest = candidates
         for path in newer:  # auto only: a named checkpoint is the one candidate
@@ -125,8 +137,9 @@ class Checkpointer:
                 manifest = verify(path)
             except CheckpointError as error:
                 if self.ctx.rank == 0:
-                    log.warning("checkpoint.resume=auto skips a damaged checkpoint: %s\n  trying the next older one",
-                                error)
+                    log.warning(
+                        "checkpoint.resume=auto skips a damaged checkpoint: %s\n  trying the next older one", error
+                    )
                 continue
             return self.load(path, manifest)
         return self.load(oldest)
@@ -141,8 +154,10 @@ class Checkpointer:
         older = [at for at in found[0] if at <= step]
         if not older:
             present = ", ".join(str(at) for at in found[0]) or "none"
-            raise CheckpointError(f"cannot rewind to step {step}: {self.root} holds no complete checkpoint at or "
-                                  f"before it (checkpoints present at steps: {present})")
+            raise CheckpointError(
+                f"cannot rewind to step {step}: {self.root} holds no complete checkpoint at or "
+                f"before it (checkpoints present at steps: {present})"
+            )
         if self.ctx.rank == 0:
             for path in set_aside(self.root, max(older)):
                 log.warning("rewind: set %s aside (its steps are abandoned)", path)
@@ -161,9 +176,11 @@ class Checkpointer:
         saved = read_components(path, manifest, self.layout)
         with_optimizer = manifest["contents"]["optimizer"]
         if with_optimizer and saved_config.optim.name != self.cfg.optim.name:
-            raise CheckpointError(f"{path} holds the state of optim.name={saved_config.optim.name}, this run uses "
-                                  f"optim.name={self.cfg.optim.name}: its state cannot continue it (to start a new "
-                                  "optimizer from these weights, give the checkpoint as task.init)")
+            raise CheckpointError(
+                f"{path} holds the state of optim.name={saved_config.optim.name}, this run uses "
+                f"optim.name={self.cfg.optim.name}: its state cannot continue it (to start a new "
+                "optimizer from these weights, give the checkpoint as task.init)"
+            )
         state_names = self.optimizer.state_names if with_optimizer else ()
         restore(self.shards, read_shards(path, self.shards, state_names), self.optimizer, with_optimizer)
         for name, state in saved.items():
@@ -172,10 +189,16 @@ class Checkpointer:
         missing = [name for name in self.components if name not in saved]
         self.saved_step, self.last_complete = manifest["step"], path
         if self.ctx.rank == 0:
-            log.info("resumed from %s (step %d, %d tokens, saved at %s) in %.1f s%s%s", path, manifest["step"],
-                     manifest["consumed_tokens"], _layout_text(manifest["layout"]), time.perf_counter() - start,
-                     "" if with_optimizer else "; weights only, fresh optimizer",
-                     f"; no saved state for {', '.join(missing)}" if missing else "")
+            log.info(
+                "resumed from %s (step %d, %d tokens, saved at %s) in %.1f s%s%s",
+                path,
+                manifest["step"],
+                manifest["consumed_tokens"],
+                _layout_text(manifest["layout"]),
+                time.perf_counter() - start,
+                "" if with_optimizer else "; weights only, fresh optimizer",
+                f"; no saved state for {', '.join(missing)}" if missing else "",
+            )
         return path
 
     def initialize_from(self, spec: str) -> Path:
@@ -188,8 +211,12 @@ class Checkpointer:
         check_same_architecture(path, saved_model, self.cfg.model, self.tokenizer_file)
         restore(self.shards, read_shards(path, self.shards, ()), self.optimizer, False)
         if self.ctx.rank == 0:
-            log.info("weights from %s (step %d, %s); optimizer, schedule and data start fresh", path,
-                     manifest["step"], saved_model.name)
+            log.info(
+                "weights from %s (step %d, %s); optimizer, schedule and data start fresh",
+                path,
+                manifest["step"],
+                saved_model.name,
+            )
         return path
 
     def save(self, step: int, consumed_tokens: int) -> None:
@@ -205,8 +232,12 @@ class Checkpointer:
             raise_everywhere(shortfall(self.root, step, self.writing[1]), f"cannot save step {step}:")
             problems = []
             try:
-                write_rank_state(target.staging, self.ctx.rank, {"tp": self.ctx.tp_rank, "pp": self.ctx.pp_rank,
-                                                                  "dp": self.ctx.dp_rank}, self.components)
+                write_rank_state(
+                    target.staging,
+                    self.ctx.rank,
+                    {"tp": self.ctx.tp_rank, "pp": self.ctx.pp_rank, "dp": self.ctx.dp_rank},
+                    self.components,
+                )
                 if self.ctx.rank == 0:
                     write_config(target.staging, self.cfg)
                     copy_tokenizer(target.staging, self.tokenizer_file)
@@ -214,23 +245,31 @@ class Checkpointer:
                 problems = [f"{target.staging}: {error}"]
             raise_everywhere(problems, f"cannot save step {step}:")
             request = write_shards(state, target, self.strategy)
-        manifest = {"step": step, "consumed_tokens": consumed_tokens, "model": self.cfg.model.name,
-                    "layout": self.layout,
-                    "contents": {"optimizer": True, "components": sorted(self.components)}}
+        manifest = {
+            "step": step,
+            "consumed_tokens": consumed_tokens,
+            "model": self.cfg.model.name,
+            "layout": self.layout,
+            "contents": {"optimizer": True, "components": sorted(self.components)},
+        }
 
         def published(path: Path) -> None:
             self.last_complete, self.writing = path, None
             if self.ctx.rank == 0:
                 log.info("checkpoint %s complete, %.1f s after the save began", path, time.perf_counter() - start)
 
-        request.add_finalize_fn(publisher(target, manifest, self.settings.keep_last, self.settings.keep_every,
-                                          published))
+        request.add_finalize_fn(
+            publisher(target, manifest, self.settings.keep_last, self.settings.keep_every, published)
+        )
         with self._failures_named():
             self.writer.submit(request)
         self.saved_step, self.saved_at = step, time.monotonic()
         if self.writer.asynchronous and self.ctx.rank == 0:
-            log.info("checkpoint of step %d: training waited %.2f s, writing in the background", step,
-                     time.perf_counter() - start)
+            log.info(
+                "checkpoint of step %d: training waited %.2f s, writing in the background",
+                step,
+                time.perf_counter() - start,
+            )
 
     def due_by_time(self) -> bool:
         """Whether ``checkpoint.interval_minutes`` have passed since the last save (this rank's clock: the
@@ -274,8 +313,10 @@ class Checkpointer:
             if free is None:
                 raise
             intact = f"; the newest complete checkpoint, {self.last_complete}, is intact" if self.last_complete else ""
-            raise CheckpointError(f"{no_space(self.root, target.step, needed, free)}; the half-written "
-                                  f"{target.staging} was removed{intact}") from None
+            raise CheckpointError(
+                f"{no_space(self.root, target.step, needed, free)}; the half-written "
+                f"{target.staging} was removed{intact}"
+            ) from None
 
     def close(self) -> None:
         """Release the writer without any collective: after an exception other ranks may not be there.

@@ -28,8 +28,7 @@ def _size(count: float) -> str:
 def _layout(layout: dict | None) -> str:
     if not layout:
         return "none (weights only: loads at any layout)"
-    return (f"{describe_saved(layout)}, {layout['precision']} ({layout['world_size']} ranks); "
-            "loads at any layout")
+    return f"{describe_saved(layout)}, {layout['precision']} ({layout['world_size']} ranks); loads at any layout"
 
 
 def inspect(path: Path, checksums: bool = True) -> int:
@@ -57,10 +56,17 @@ def inspect(path: Path, checksums: bool = True) -> int:
         ("saved", manifest["saved_at"]),
         ("layout", _layout(manifest["layout"])),
         ("model", model),
-        ("holds", "fp32 master weights" + (f", {optimizer} state and step count" if contents["optimizer"] else "")
-         + (f"; per-rank states of {', '.join(contents['components'])}" if contents["components"] else "")),
-        ("size", f"{_size(manifest['bytes'])} in {len(manifest['files'])} files: "
-         + ", ".join(f"{part} {_size(count)}" for part, count in parts.most_common())),
+        (
+            "holds",
+            "fp32 master weights"
+            + (f", {optimizer} state and step count" if contents["optimizer"] else "")
+            + (f"; per-rank states of {', '.join(contents['components'])}" if contents["components"] else ""),
+        ),
+        (
+            "size",
+            f"{_size(manifest['bytes'])} in {len(manifest['files'])} files: "
+            + ", ".join(f"{part} {_size(count)}" for part, count in parts.most_common()),
+        ),
     ]
     for label, value in rows:
         print(f"  {label:<8} {value}")
@@ -94,8 +100,9 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     inspect_parser = commands.add_parser("inspect", help="what a checkpoint holds; exit status 1 if incomplete")
     inspect_parser.add_argument("path", type=Path)
-    inspect_parser.add_argument("--no-checksums", action="store_true",
-                                help="check file sizes only, not CRC-32 (faster on large checkpoints)")
+    inspect_parser.add_argument(
+        "--no-checksums", action="store_true", help="check file sizes only, not CRC-32 (faster on large checkpoints)"
+    )
     args = parser.parse_args(argv)
     sys.exit(inspect(args.path, checksums=not args.no_checksums))
 

@@ -61,10 +61,12 @@ def read_config(root: Path) -> Config:
 
 
 def describe_model(model: ModelConfig) -> str:
-    return (f"{model.name}: {model.num_layers} layers, hidden {model.hidden_size}, {model.num_attention_heads} heads, "
-            f"{model.query_groups} query groups, "
-            f"ffn {model.ffn_size}, {model.activation.value}"
-            + (f", {model.moe.num_experts} experts (top-{model.moe.top_k})" if model.moe.num_experts else ""))
+    return (
+        f"{model.name}: {model.num_layers} layers, hidden {model.hidden_size}, {model.num_attention_heads} heads, "
+        f"{model.query_groups} query groups, "
+        f"ffn {model.ffn_size}, {model.activation.value}"
+        + (f", {model.moe.num_experts} experts (top-{model.moe.top_k})" if model.moe.num_experts else "")
+    )
 
 
 def copy_tokenizer(root: Path, tokenizer_file: Optional[Path]) -> None:
@@ -97,6 +99,8 @@ def read_rank_state(root: Path, rank: int) -> dict:
         return torch.load(path, weights_only=True)
     except pickle.UnpicklingError as error:
         wanted = re.search(r"GLOBAL (\S+)", str(error))
-        raise CheckpointError(f"{path} is refused: it holds more than plain data (tensors, numbers, strings, lists, "
-                              f"dicts){f', it asks for {wanted.group(1)}' if wanted else ''}, and loading it "
-                              "could run code") from None
+        raise CheckpointError(
+            f"{path} is refused: it holds more than plain data (tensors, numbers, strings, lists, "
+            f"dicts){f', it asks for {wanted.group(1)}' if wanted else ''}, and loading it "
+            "could run code"
+        ) from None

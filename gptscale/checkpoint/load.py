@@ -41,7 +41,7 @@ def verify(path: Path) -> dict:
         manifest, problems = None, [str(error)]
     if manifest is not None:
         names = sorted(manifest["files"])
-        problems = find_damage(path, manifest, names[dist.get_rank()::dist.get_world_size()])
+        problems = find_damage(path, manifest, names[dist.get_rank() :: dist.get_world_size()])
     raise_everywhere(problems, f"cannot resume from {path}:")
     return manifest
 
@@ -53,8 +53,11 @@ def stored_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         metadata = FileSystemReader(str(path / SHARDS)).read_metadata()
     except Exception as error:  # a damaged pickle raises anything from EOFError to UnpicklingError
         raise CheckpointError(f"{metadata_file} cannot be read: {error}") from error
-    return {key: tuple(meta.size) for key, meta in metadata.state_dict_metadata.items()
-            if isinstance(meta, TensorStorageMetadata)}
+    return {
+        key: tuple(meta.size)
+        for key, meta in metadata.state_dict_metadata.items()
+        if isinstance(meta, TensorStorageMetadata)
+    }
 
 
 def check_fits(path: Path, expected: dict[str, tuple[int, ...]], saved_model: str, this_model: str) -> None:
@@ -66,13 +69,19 @@ def check_fits(path: Path, expected: dict[str, tuple[int, ...]], saved_model: st
     expected = {key: shape for part in everyone for key, shape in part.items()}
     stored = {k: v for k, v in stored_shapes(path).items() if not k.startswith(f"{OPTIMIZER}.")}
     problems = [f"{key}: missing from the checkpoint" for key in expected if key not in stored]
-    problems += [f"{key}: global shape {stored[key]} in the checkpoint, {shape} in this model"
-                 for key, shape in expected.items() if key in stored and stored[key] != shape]
+    problems += [
+        f"{key}: global shape {stored[key]} in the checkpoint, {shape} in this model"
+        for key, shape in expected.items()
+        if key in stored and stored[key] != shape
+    ]
     problems += [f"{key}: in the checkpoint but not in this model" for key in stored if key not in expected]
     if problems:
         raise CheckpointError(
             f"{path / SHARDS / '.metadata'} holds another model ({saved_model}) than this run's ({this_model}):"
-            + "\n  - " + "\n  - ".join(problems[:20]) + ("\n  - ..." if len(problems) > 20 else ""))
+            + "\n  - "
+            + "\n  - ".join(problems[:20])
+            + ("\n  - ..." if len(problems) > 20 else "")
+        )
 
 
 # Settings that change what the weights compute without changing any shape: a shape check cannot see them.
@@ -84,16 +93,25 @@ def check_same_architecture(path: Path, saved: ModelConfig, this: ModelConfig, t
 
     Weights resumed under another RoPE base, norm epsilon or activation, or with another tokenizer whose
     vocabulary pads to the same size, would load without complaint and train a different model."""
-    problems = [f"model.{name}: {getattr(saved, name)} in the checkpoint's config.yaml, {getattr(this, name)} here"
-                for name in _SHAPELESS_ARCHITECTURE if getattr(saved, name) != getattr(this, name)]
+    problems = [
+        f"model.{name}: {getattr(saved, name)} in the checkpoint's config.yaml, {getattr(this, name)} here"
+        for name in _SHAPELESS_ARCHITECTURE
+        if getattr(saved, name) != getattr(this, name)
+    ]
     saved_tokenizer = path / TOKENIZER
-    if tokenizer_file is not None and saved_tokenizer.is_file() and (
-            _sha256(saved_tokenizer) != _sha256(tokenizer_file)):
-        problems.append(f"{saved_tokenizer} differs from this run's tokenizer {tokenizer_file}: the data is "
-                        "tokenized differently from what the weights were trained on")
+    if (
+        tokenizer_file is not None
+        and saved_tokenizer.is_file()
+        and (_sha256(saved_tokenizer) != _sha256(tokenizer_file))
+    ):
+        problems.append(
+            f"{saved_tokenizer} differs from this run's tokenizer {tokenizer_file}: the data is "
+            "tokenized differently from what the weights were trained on"
+        )
     if problems:
-        raise CheckpointError(f"{path} holds a model this run would not compute the same way:\n  - "
-                              + "\n  - ".join(problems))
+        raise CheckpointError(
+            f"{path} holds a model this run would not compute the same way:\n  - " + "\n  - ".join(problems)
+        )
 
 
 def _sha256(path: Path) -> str:

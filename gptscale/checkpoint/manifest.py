@@ -73,8 +73,10 @@ def read_manifest(root: Path) -> dict:
         raise CheckpointError(f"{root}: no such checkpoint directory")
     if not path.is_file():
         if re.fullmatch(r"step_\d+", root.name):  # published names are given only once the manifest is written
-            raise CheckpointError(f"{root} is damaged: {MANIFEST} is missing (a published checkpoint always has "
-                                  "one: it was deleted or lost since)")
+            raise CheckpointError(
+                f"{root} is damaged: {MANIFEST} is missing (a published checkpoint always has "
+                "one: it was deleted or lost since)"
+            )
         raise CheckpointError(f"{root} is incomplete: {MANIFEST} is missing (the save did not finish)")
     try:
         manifest = json.loads(path.read_text())

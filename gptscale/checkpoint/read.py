@@ -76,16 +76,20 @@ def load_model_state(path: str | os.PathLike) -> tuple[Config, dict[str, torch.T
     root, _ = verified(Path(path))
     reader = FileSystemReader(str(root / SHARDS))
     metadata = reader.read_metadata().state_dict_metadata
-    tensors = {key: torch.empty(meta.size, dtype=meta.properties.dtype) for key, meta in metadata.items()
-               if isinstance(meta, TensorStorageMetadata) and not key.startswith(f"{OPTIMIZER}.")}
+    tensors = {
+        key: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in metadata.items()
+        if isinstance(meta, TensorStorageMetadata) and not key.startswith(f"{OPTIMIZER}.")
+    }
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_SINGLE_PROCESS)
         dcp.load(tensors, storage_reader=reader, no_dist=True)
     return read_config(root), {key: tensor.float() for key, tensor in tensors.items()}, tokenizer_path(root)
 
 
-def save_model_state(path: str | os.PathLike, cfg: Config, tensors: dict[str, torch.Tensor],
-                     tokenizer_file: Optional[Path] = None) -> Path:
+def save_model_state(
+    path: str | os.PathLike, cfg: Config, tensors: dict[str, torch.Tensor], tokenizer_file: Optional[Path] = None
+) -> Path:
     final = Path(path)
     if final.exists():
         raise CheckpointError(f"{final} exists; save_model_state does not overwrite")
@@ -102,12 +106,19 @@ def save_model_state(path: str | os.PathLike, cfg: Config, tensors: dict[str, to
     write_config(staging, cfg)
     copy_tokenizer(staging, tokenizer_file)
     files = {name: describe_file(staging / name) for name in data_files(staging)}
-    write_manifest(staging, {
-        "step": 0, "consumed_tokens": 0, "model": cfg.model.name, "layout": None,
-        "contents": {"optimizer": False, "components": []},
-        "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "bytes": sum(entry["bytes"] for entry in files.values()), "files": files,
-    })
+    write_manifest(
+        staging,
+        {
+            "step": 0,
+            "consumed_tokens": 0,
+            "model": cfg.model.name,
+            "layout": None,
+            "contents": {"optimizer": False, "components": []},
+            "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "bytes": sum(entry["bytes"] for entry in files.values()),
+            "files": files,
+        },
+    )
     os.rename(staging, final)
     fsync_dir(final.parent)
     return final

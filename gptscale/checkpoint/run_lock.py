@@ -55,10 +55,14 @@ class RunLock(FileLock):
     def _lock(cls, path: Path) -> "RunLock":
         if path in _held:
             _held.pop(path).release()
-        lock = cls.acquire(path, lambda holder: RunDirInUse(
-            f"run_dir {path.parent} is in use by another training run: {holder} (holds {path}); give this run "
-            "another run_dir, or stop that run first"),
-            f"run_dir {path.parent}: taking over {path} from a run that ended without releasing it")
+        lock = cls.acquire(
+            path,
+            lambda holder: RunDirInUse(
+                f"run_dir {path.parent} is in use by another training run: {holder} (holds {path}); give this run "
+                "another run_dir, or stop that run first"
+            ),
+            f"run_dir {path.parent}: taking over {path} from a run that ended without releasing it",
+        )
         _held[path] = lock
         atexit.register(lock.release)  # a run that stops on an error releases too; only a killed one cannot
         return lock

@@ -27,6 +27,7 @@ from gptscale.checkpoint.publish import new_nonce, prune, publish, staging_dir, 
 
 log = logging.getLogger("gptscale")
 
+
 @dataclass
 class SaveTarget:
     step: int
@@ -58,12 +59,14 @@ def stage(root: Path, step: int) -> SaveTarget:
 
 def write_shards(state: dict, target: SaveTarget, strategy) -> AsyncRequest:
     """Start megatron-core's save; the returned request performs the writes and then its finalize steps."""
-    return dist_checkpointing.save(state, str(target.staging / SHARDS), sharded_strategy=strategy,
-                                   async_sharded_save=True)
+    return dist_checkpointing.save(
+        state, str(target.staging / SHARDS), sharded_strategy=strategy, async_sharded_save=True
+    )
 
 
-def publisher(target: SaveTarget, manifest: dict, keep_last: int, keep_every: int,
-              on_published: Callable[[Path], None]) -> Callable[[], None]:
+def publisher(
+    target: SaveTarget, manifest: dict, keep_last: int, keep_every: int, on_published: Callable[[Path], None]
+) -> Callable[[], None]:
     """The finalize step (all ranks, after every write): checksum the files in parallel, write the manifest,
     rename into place, point ``latest`` at it, apply retention."""
 
@@ -76,12 +79,15 @@ def publisher(target: SaveTarget, manifest: dict, keep_last: int, keep_every: in
         dist.gather_object(mine, gathered, dst=0)
         if rank == 0:
             files = {name: entry for part in gathered for name, entry in part.items()}
-            write_manifest(target.staging, {
-                **manifest,
-                "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "bytes": sum(entry["bytes"] for entry in files.values()),
-                "files": dict(sorted(files.items())),
-            })
+            write_manifest(
+                target.staging,
+                {
+                    **manifest,
+                    "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "bytes": sum(entry["bytes"] for entry in files.values()),
+                    "files": dict(sorted(files.items())),
+                },
+            )
             publish(target.staging, target.final)
             for path in prune(target.final.parent, keep_last, keep_every):
                 log.info("checkpoint %s deleted (retention)", path.name)
@@ -89,4 +95,3 @@ def publisher(target: SaveTarget, manifest: dict, keep_last: int, keep_every: in
         on_published(target.final)
 
     return finalize
-

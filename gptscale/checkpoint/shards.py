@@ -63,8 +63,12 @@ def _full_shapes_visible(params: list[torch.nn.Parameter]):
 
 def _persistent_buffers(model: ModelChunks, params: dict[int, torch.nn.Parameter]) -> dict[int, torch.Tensor]:
     """The tensors of the model's state dict that are not parameters: its persistent buffers."""
-    return {id(value): value for chunk in model.chunks for value in chunk.state_dict(keep_vars=True).values()
-            if torch.is_tensor(value) and id(value) not in params}
+    return {
+        id(value): value
+        for chunk in model.chunks
+        for value in chunk.state_dict(keep_vars=True).values()
+        if torch.is_tensor(value) and id(value) not in params
+    }
 
 
 def parameter_shards(model: ModelChunks) -> list[ParameterShard]:
@@ -140,14 +144,18 @@ def snapshot(shards: list[ParameterShard], optimizer: OptimizerState, host: Host
 def load_request(shards: list[ParameterShard], state_names: tuple[str, ...]) -> dict:
     """The sharded state dict to load into: fp32 host tensors of this rank's shapes, for the weights and the
     optimizer state tensors ``state_names`` (none: weights only)."""
+
     def empty(shard: ParameterShard) -> torch.Tensor:
         return torch.empty(shard.local_shape, dtype=torch.float32)
 
     request = {MODEL: {str(i): _describe(s.description, empty(s), s.description.key) for i, s in enumerate(shards)}}
     if state_names:
         request[OPTIMIZER] = {
-            moment: {str(i): _describe(s.description, empty(s), moment_key(moment, s.description.key))
-                     for i, s in enumerate(shards) if not s.buffer}
+            moment: {
+                str(i): _describe(s.description, empty(s), moment_key(moment, s.description.key))
+                for i, s in enumerate(shards)
+                if not s.buffer
+            }
             for moment in state_names
         }
     return request
@@ -180,8 +188,7 @@ def global_shapes(shards: list[ParameterShard]) -> dict[str, tuple[int, ...]]:
     """Global shape of every model key this run expects in a checkpoint."""
     shapes = {}
     for shard in shards:
-        description = _describe(shard.description, torch.empty(shard.local_shape, device="meta"),
-                                shard.description.key)
+        description = _describe(shard.description, torch.empty(shard.local_shape, device="meta"), shard.description.key)
         built = description.build() if isinstance(description, ShardedTensorFactory) else description
         for tensor in nested_values(built) if isinstance(built, (dict, list)) else [built]:
             shapes[tensor.key] = tuple(tensor.global_shape)

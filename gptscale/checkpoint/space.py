@@ -23,8 +23,11 @@ from gptscale.checkpoint.manifest import MANIFEST
 
 def bytes_needed(state: dict, previous: Optional[Path]) -> int:
     """About how many bytes the checkpoint of the snapshot ``state`` takes on disk (collective)."""
-    mine = sum(item.data.numel() * item.data.element_size() for item in nested_values(state)
-               if hasattr(item, "replica_id") and is_main_replica(item.replica_id))
+    mine = sum(
+        item.data.numel() * item.data.element_size()
+        for item in nested_values(state)
+        if hasattr(item, "replica_id") and is_main_replica(item.replica_id)
+    )
     everyone = [0] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     before = 0
@@ -34,8 +37,10 @@ def bytes_needed(state: dict, previous: Optional[Path]) -> int:
 
 
 def no_space(directory: Path, step: int, needed: int, free: int) -> str:
-    return (f"no space left on device for the checkpoint of step {step}: {directory} has {free:,} bytes free, "
-            f"the checkpoint needs about {needed:,} bytes")
+    return (
+        f"no space left on device for the checkpoint of step {step}: {directory} has {free:,} bytes free, "
+        f"the checkpoint needs about {needed:,} bytes"
+    )
 
 
 def shortfall(directory: Path, step: int, needed: int) -> list[str]:
@@ -54,4 +59,3 @@ def out_of_space(error: BaseException, directory: Path, needed: int) -> Optional
             return free
         cause = cause.__cause__ or cause.__context__
     return free if free < needed else None
-

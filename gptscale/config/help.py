@@ -62,19 +62,24 @@ def choices() -> dict[str, list[str]]:
 
 def help_page(cfg: Config) -> str:
     """The page for ``cfg`` (the default job: its values are the defaults shown)."""
-    lines = ["usage: gptscale-train [GROUP=CHOICE] [KEY=VALUE ...]   (torchrun -m gptscale.train takes the same)",
-             "",
-             "  -m KEY=A,B ...        a sweep, each run in its own directory (hydra/launcher=slurm submits it)",
-             "  --cfg job --resolve   print the configuration a command line gives, without training",
-             "  -h, --help            this page",
-             "",
-             "Choices:"]
+    lines = [
+        "usage: gptscale-train [GROUP=CHOICE] [KEY=VALUE ...]   (torchrun -m gptscale.train takes the same)",
+        "",
+        "  -m KEY=A,B ...        a sweep, each run in its own directory (hydra/launcher=slurm submits it)",
+        "  --cfg job --resolve   print the configuration a command line gives, without training",
+        "  -h, --help            this page",
+        "",
+        "Choices:",
+    ]
     for group, names in choices().items():
         lines.append(f"  {group}=  " + ", ".join(names))
     for top in dataclasses.fields(cfg):
         value = getattr(cfg, top.name)
-        rows = _keys(value, f"{top.name}.") if dataclasses.is_dataclass(value) else \
-            [(top.name, _text(value), field_comments(Config).get(top.name, ""))]
+        rows = (
+            _keys(value, f"{top.name}.")
+            if dataclasses.is_dataclass(value)
+            else [(top.name, _text(value), field_comments(Config).get(top.name, ""))]
+        )
         lines += ["", f"{top.name}:" if dataclasses.is_dataclass(value) else "run:"]
         width = max(len(f"{key}={default}") for key, default, _ in rows)
         lines += [f"  {key}={default}".ljust(width + 4) + meaning for key, default, meaning in rows]

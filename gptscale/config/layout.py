@@ -34,16 +34,37 @@ class Layout:
         return self.dp * self.cp // self.ep
 
     def describe(self) -> str:
-        return describe(self.tp, self.pp, self.vpp, self.zero, sp=self.sp, ep=self.ep, cp=self.cp, dp=self.dp,
-                        micro_batch=self.micro_batch, microbatches=self.num_microbatches)
+        return describe(
+            self.tp,
+            self.pp,
+            self.vpp,
+            self.zero,
+            sp=self.sp,
+            ep=self.ep,
+            cp=self.cp,
+            dp=self.dp,
+            micro_batch=self.micro_batch,
+            microbatches=self.num_microbatches,
+        )
 
     def saved(self) -> dict:
         """What a checkpoint's manifest records of the layout it was saved at."""
         return asdict(self)
 
 
-def describe(tp: int, pp: int, vpp: Optional[int], zero: int, *, sp: bool = False, ep: int = 1, cp: int = 1,
-             dp: Optional[int] = None, micro_batch: Optional[int] = None, microbatches: Optional[int] = None) -> str:
+def describe(
+    tp: int,
+    pp: int,
+    vpp: Optional[int],
+    zero: int,
+    *,
+    sp: bool = False,
+    ep: int = 1,
+    cp: int = 1,
+    dp: Optional[int] = None,
+    micro_batch: Optional[int] = None,
+    microbatches: Optional[int] = None,
+) -> str:
     """One line naming a layout the same way everywhere (log, checkpoint report, plan, bench):
     ``tp2+sp cp2 pp2 vpp2 dp4 ep2 zero1 mb4x8`` (cp, vpp, dp, ep and the batch left out where trivial or unknown)."""
     parts = [f"tp{tp}{'+sp' if sp else ''}"]
@@ -66,5 +87,15 @@ def describe_saved(saved: dict) -> str:
     """``describe`` of the layout a checkpoint's manifest recorded (older ones lack sp, ep, cp and the batch)."""
     micro_batch = saved.get("micro_batch")
     microbatches = saved["global_batch"] // (micro_batch * saved["dp"]) if micro_batch else None
-    return describe(saved["tp"], saved["pp"], saved["vpp"], saved["zero"], sp=saved.get("sp", False),
-                    ep=saved.get("ep", 1), cp=saved.get("cp", 1), dp=saved["dp"], micro_batch=micro_batch, microbatches=microbatches)
+    return describe(
+        saved["tp"],
+        saved["pp"],
+        saved["vpp"],
+        saved["zero"],
+        sp=saved.get("sp", False),
+        ep=saved.get("ep", 1),
+        cp=saved.get("cp", 1),
+        dp=saved["dp"],
+        micro_batch=micro_batch,
+        microbatches=microbatches,
+    )

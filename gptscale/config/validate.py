@@ -147,8 +147,12 @@ RANGES: dict[str, Rule] = {
 
 def out_of_range(cfg: Config) -> list[str]:
     """One line per number of ``cfg`` that breaks its rule in RANGES, naming the field and its value."""
-    return [f"{name}={value} {rule.words}" for path, rule in RANGES.items()
-            for name, value in _numbers(cfg, path.split("."), "") if not rule.holds(value)]
+    return [
+        f"{name}={value} {rule.words}"
+        for path, rule in RANGES.items()
+        for name, value in _numbers(cfg, path.split("."), "")
+        if not rule.holds(value)
+    ]
 
 
 def _numbers(node: Any, keys: list[str], name: str):
@@ -280,8 +284,11 @@ def _check_optimizer(optim: OptimConfig, zero: int, need: Callable[[bool, str], 
         reason = REFUSED.get(optim.name, f"unknown; choose one of {', '.join(OPTIMIZERS)}")
         need(False, f"optim.name={optim.name} is not offered: {reason}")
         return
-    need(zero in kind.zero_stages, f"optim.name={optim.name} is not correct under parallel.zero={zero} "
-         f"(stages it runs correctly at: {', '.join(map(str, kind.zero_stages))})")
+    need(
+        zero in kind.zero_stages,
+        f"optim.name={optim.name} is not correct under parallel.zero={zero} "
+        f"(stages it runs correctly at: {', '.join(map(str, kind.zero_stages))})",
+    )
 
 
 # The watchdog's timeouts (FaultConfig), each of the phase it bounds.
@@ -297,13 +304,17 @@ def _check_fault(fault: FaultConfig, need: Callable[[bool, str], None]) -> None:
     if not fault.detect_hangs:
         return
     longest = max(PHASE_TIMEOUTS, key=lambda name: getattr(fault, name))
-    need(fault.collective_timeout_s > getattr(fault, longest) + (DETECTION_HEARTBEATS + 1) * fault.heartbeat_s,
-         f"fault.collective_timeout_s={fault.collective_timeout_s} must exceed fault.{longest}="
-         f"{getattr(fault, longest)} plus {DETECTION_HEARTBEATS + 1} fault.heartbeat_s={fault.heartbeat_s} (the "
-         "watchdog must find a hang before the collective timeout ends it without naming the stuck rank)")
-    need(fault.step_timeout_floor_s <= fault.step_timeout_s,
-         f"fault.step_timeout_floor_s={fault.step_timeout_floor_s} must not exceed "
-         f"fault.step_timeout_s={fault.step_timeout_s} (the most the learned step timeout may be)")
+    need(
+        fault.collective_timeout_s > getattr(fault, longest) + (DETECTION_HEARTBEATS + 1) * fault.heartbeat_s,
+        f"fault.collective_timeout_s={fault.collective_timeout_s} must exceed fault.{longest}="
+        f"{getattr(fault, longest)} plus {DETECTION_HEARTBEATS + 1} fault.heartbeat_s={fault.heartbeat_s} (the "
+        "watchdog must find a hang before the collective timeout ends it without naming the stuck rank)",
+    )
+    need(
+        fault.step_timeout_floor_s <= fault.step_timeout_s,
+        f"fault.step_timeout_floor_s={fault.step_timeout_floor_s} must not exceed "
+        f"fault.step_timeout_s={fault.step_timeout_s} (the most the learned step timeout may be)",
+    )
 
 
 def _check_data(data: DataConfig, need: Callable[[bool, str], None]) -> None:
@@ -317,19 +328,27 @@ def _check_rope_scaling(model: ModelConfig, need: Callable[[bool, str], None]) -
     if scaling.type == RopeScaling.none:
         return
     prefix = f"model.rope_scaling.type={scaling.type.value}"
-    need(model.position_embedding == PositionEmbedding.rope,
-         f"{prefix} needs model.position_embedding=rope (not {model.position_embedding.value})")
-    need(scaling.original_max_position_embeddings <= model.max_position_embeddings,
-         f"model.rope_scaling.original_max_position_embeddings={scaling.original_max_position_embeddings} exceeds "
-         f"model.max_position_embeddings={model.max_position_embeddings} (the extended context)")
+    need(
+        model.position_embedding == PositionEmbedding.rope,
+        f"{prefix} needs model.position_embedding=rope (not {model.position_embedding.value})",
+    )
+    need(
+        scaling.original_max_position_embeddings <= model.max_position_embeddings,
+        f"model.rope_scaling.original_max_position_embeddings={scaling.original_max_position_embeddings} exceeds "
+        f"model.max_position_embeddings={model.max_position_embeddings} (the extended context)",
+    )
     if scaling.type == RopeScaling.llama3:
-        need(scaling.low_freq_factor < scaling.high_freq_factor,
-             f"{prefix}: model.rope_scaling.low_freq_factor={scaling.low_freq_factor} must be below "
-             f"model.rope_scaling.high_freq_factor={scaling.high_freq_factor}")
+        need(
+            scaling.low_freq_factor < scaling.high_freq_factor,
+            f"{prefix}: model.rope_scaling.low_freq_factor={scaling.low_freq_factor} must be below "
+            f"model.rope_scaling.high_freq_factor={scaling.high_freq_factor}",
+        )
     else:
-        need(scaling.beta_slow < scaling.beta_fast,
-             f"{prefix}: model.rope_scaling.beta_slow={scaling.beta_slow} must be below "
-             f"model.rope_scaling.beta_fast={scaling.beta_fast}")
+        need(
+            scaling.beta_slow < scaling.beta_fast,
+            f"{prefix}: model.rope_scaling.beta_slow={scaling.beta_slow} must be below "
+            f"model.rope_scaling.beta_fast={scaling.beta_fast}",
+        )
 
 
 def _check_moe(model: ModelConfig, par: ParallelConfig, dp: int, fp8: bool, need: Callable[[bool, str], None]) -> None:
@@ -339,30 +358,47 @@ def _check_moe(model: ModelConfig, par: ParallelConfig, dp: int, fp8: bool, need
         need(ep == 1, f"parallel.ep={ep} needs a mixture-of-experts model (model.moe.num_experts is 0)")
         return
     experts = moe.num_experts
-    need(experts % ep == 0,
-         f"model.moe.num_experts={experts} is not divisible by parallel.ep={ep} (each rank holds experts / ep)")
-    need(dp % ep == 0,
-         f"parallel.ep={ep} does not divide the data-parallel size {dp} "
-         "(world size / (parallel.tp * parallel.cp * parallel.pp)): "
-         "expert-parallel ranks are carved out of the data-parallel ranks")
-    need(1 <= moe.top_k <= experts,
-         f"model.moe.top_k={moe.top_k} must be between 1 and model.moe.num_experts={experts}")
-    need(tp == 1 or par.sp,
-         f"parallel.tp={tp} with a mixture-of-experts model needs parallel.sp=true "
-         "(megatron-core's MoE layers require sequence parallelism under tensor parallelism)")
+    need(
+        experts % ep == 0,
+        f"model.moe.num_experts={experts} is not divisible by parallel.ep={ep} (each rank holds experts / ep)",
+    )
+    need(
+        dp % ep == 0,
+        f"parallel.ep={ep} does not divide the data-parallel size {dp} "
+        "(world size / (parallel.tp * parallel.cp * parallel.pp)): "
+        "expert-parallel ranks are carved out of the data-parallel ranks",
+    )
+    need(
+        1 <= moe.top_k <= experts, f"model.moe.top_k={moe.top_k} must be between 1 and model.moe.num_experts={experts}"
+    )
+    need(
+        tp == 1 or par.sp,
+        f"parallel.tp={tp} with a mixture-of-experts model needs parallel.sp=true "
+        "(megatron-core's MoE layers require sequence parallelism under tensor parallelism)",
+    )
     expert_ffn = model.expert_ffn_size
     need(expert_ffn % tp == 0, f"model.moe.ffn_hidden_size={expert_ffn} is not divisible by parallel.tp={tp}")
-    need(moe.shared_expert_size % tp == 0,
-         f"model.moe.shared_expert_size={moe.shared_expert_size} is not divisible by parallel.tp={tp}")
-    need(not moe.shared_expert_gate or moe.shared_expert_size > 0,
-         "model.moe.shared_expert_gate=true needs a shared expert (model.moe.shared_expert_size > 0)")
-    need(not (moe.pre_softmax and moe.expert_bias),
-         "model.moe.pre_softmax=true and model.moe.expert_bias=true are exclusive: expert biases use sigmoid "
-         "scores, not a softmax")
-    need(not model.bias or tp == 1,
-         f"model.bias=true with a mixture-of-experts model and parallel.tp={tp}: megatron-core's experts take "
-         "biases only without tensor parallelism")
-    need(par.zero < 3 or ep == 1,
-         f"parallel.zero=3 with parallel.ep={ep}: ZeRO-3 partitions the experts over the full data-parallel group "
-         "and counts the dense copies twice in the gradient norm; use parallel.zero=0, 1 or 2")
+    need(
+        moe.shared_expert_size % tp == 0,
+        f"model.moe.shared_expert_size={moe.shared_expert_size} is not divisible by parallel.tp={tp}",
+    )
+    need(
+        not moe.shared_expert_gate or moe.shared_expert_size > 0,
+        "model.moe.shared_expert_gate=true needs a shared expert (model.moe.shared_expert_size > 0)",
+    )
+    need(
+        not (moe.pre_softmax and moe.expert_bias),
+        "model.moe.pre_softmax=true and model.moe.expert_bias=true are exclusive: expert biases use sigmoid "
+        "scores, not a softmax",
+    )
+    need(
+        not model.bias or tp == 1,
+        f"model.bias=true with a mixture-of-experts model and parallel.tp={tp}: megatron-core's experts take "
+        "biases only without tensor parallelism",
+    )
+    need(
+        par.zero < 3 or ep == 1,
+        f"parallel.zero=3 with parallel.ep={ep}: ZeRO-3 partitions the experts over the full data-parallel group "
+        "and counts the dense copies twice in the gradient norm; use parallel.zero=0, 1 or 2",
+    )
     need(not fp8, "train.fp8 with a mixture-of-experts model (model.moe.num_experts > 0) is not supported")

@@ -15,6 +15,9 @@ class ConversionError(GptscaleError, ValueError):
 # GGUF weight types. The K-quants are made by llama.cpp's own quantizer (llama-cpp-python) from an f32
 # export: gguf-py has no K-quant encoder, and llama.cpp's choice of a type per tensor (the _M mixes) is the
 # one users expect.
-K_QUANTS = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
-            "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K"}
+K_QUANTS = {
+    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
+}
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0", *K_QUANTS)

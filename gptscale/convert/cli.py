@@ -35,24 +35,35 @@ def _convert_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gptscale-convert",
         description="Convert a gptscale checkpoint to Hugging Face transformers or GGUF, or import a Hugging Face "
-                    "GPT-2 / Llama directory as a gptscale checkpoint.")
+        "GPT-2 / Llama directory as a gptscale checkpoint.",
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", type=Path, help="gptscale checkpoint directory (any layout)")
     source.add_argument("--from-hf", type=Path, metavar="DIR", help="Hugging Face model directory to import")
     parser.add_argument("--to", choices=("hf", "gguf"), help="output format (with --checkpoint)")
     parser.add_argument("--out", type=Path, required=True, help="output directory (hf, import) or file (gguf)")
-    parser.add_argument("--dtype", default="f32", choices=GGUF_DTYPES,
-                        help="weight type of the output (q8_0 and the K-quants q4_k_m, q5_k_m, q6_k: GGUF only; "
-                             "K-quants need llama-cpp-python)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace a previous output of the same kind (an HF export, a GGUF file, an imported "
-                             "checkpoint); never a run, a checkpoint or the source")
-    parser.add_argument("overrides", nargs="*",
-                        help="with --from-hf: Hydra-style overrides such as parallel.tp=2 parallel.pp=2, checked "
-                             "against the model now (a layout that cannot split it is refused here, not at the "
-                             "first training launch) and recorded in the checkpoint's config.yaml. The weights "
-                             "themselves load at any layout; the gptscale-train command printed at the end "
-                             "continues at this one")
+    parser.add_argument(
+        "--dtype",
+        default="f32",
+        choices=GGUF_DTYPES,
+        help="weight type of the output (q8_0 and the K-quants q4_k_m, q5_k_m, q6_k: GGUF only; "
+        "K-quants need llama-cpp-python)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a previous output of the same kind (an HF export, a GGUF file, an imported "
+        "checkpoint); never a run, a checkpoint or the source",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="with --from-hf: Hydra-style overrides such as parallel.tp=2 parallel.pp=2, checked "
+        "against the model now (a layout that cannot split it is refused here, not at the "
+        "first training launch) and recorded in the checkpoint's config.yaml. The weights "
+        "themselves load at any layout; the gptscale-train command printed at the end "
+        "continues at this one",
+    )
     return parser
 
 
@@ -67,8 +78,14 @@ def _import(args) -> list[str]:
     with staged(args.out, IMPORTED, args.overwrite, make_dir=False) as stage:
         save_model_state(stage, cfg, state, tokenizer_file)
     files = sorted(path for path in Path(args.out).rglob("*") if path.is_file())
-    summary = Summary("gptscale checkpoint", architecture(cfg.model), sum(t.numel() for t in state.values()), "f32",
-                      Path(args.out), files)
+    summary = Summary(
+        "gptscale checkpoint",
+        architecture(cfg.model),
+        sum(t.numel() for t in state.values()),
+        "f32",
+        Path(args.out),
+        files,
+    )
     out = Path(args.out).resolve()
     command = ["gptscale-train", f"checkpoint.resume={out}", *resume_overrides(cfg, args.overrides)]
     data = "data whose tokenizer has the model's vocabulary"
@@ -76,7 +93,9 @@ def _import(args) -> list[str]:
         data = f"data tokenized with its tokenizer.json (gptscale-prepare --tokenizer {shlex.quote(str(out))})"
     return summary.lines() + [
         f"weights only, loadable at any layout; this one was checked: tp={cfg.parallel.tp} pp={cfg.parallel.pp}",
-        f"continue training on {data} with:", "  " + shlex.join(command)]
+        f"continue training on {data} with:",
+        "  " + shlex.join(command),
+    ]
 
 
 def convert(argv: Optional[list[str]] = None) -> list[str]:
@@ -94,8 +113,12 @@ def convert(argv: Optional[list[str]] = None) -> list[str]:
     from gptscale.convert.output import GGUF_FILE, HF_EXPORT, check_output
 
     read = resolve(str(args.checkpoint), args.checkpoint)  # a run or checkpoints directory: its newest checkpoint
-    check_output(args.out, HF_EXPORT if args.to == "hf" else GGUF_FILE,
-                 [args.checkpoint] + ([read] if read is not None else []), args.overwrite)
+    check_output(
+        args.out,
+        HF_EXPORT if args.to == "hf" else GGUF_FILE,
+        [args.checkpoint] + ([read] if read is not None else []),
+        args.overwrite,
+    )
     if args.to == "gguf" and args.dtype in K_QUANTS:
         from gptscale.convert.gguf import llama_quantizer
 
@@ -125,17 +148,20 @@ def convert_main(argv: Optional[list[str]] = None) -> int:
 
 
 def _generate_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gptscale-generate",
-                                     description="Continue a prompt with a gptscale checkpoint.")
+    parser = argparse.ArgumentParser(
+        prog="gptscale-generate", description="Continue a prompt with a gptscale checkpoint."
+    )
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--greedy", action="store_true", help="always the most likely token (the default "
-                        "without --temperature)")
+    parser.add_argument(
+        "--greedy", action="store_true", help="always the most likely token (the default without --temperature)"
+    )
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="sample among the most likely tokens whose "
-                        "probabilities sum to p")
+    parser.add_argument(
+        "--top-p", type=float, default=1.0, help="sample among the most likely tokens whose probabilities sum to p"
+    )
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     parser.add_argument("--ids", action="store_true", help="also print the generated token ids")
@@ -160,8 +186,14 @@ def generate_text(args: argparse.Namespace) -> tuple[list[int], str]:
     eod = eod_token(tokenizer)
     sampling = Sampling() if args.temperature is None else Sampling(args.temperature, args.top_k, args.top_p)
     try:
-        ids = generate(decoder, tokenizer.encode(args.prompt).ids, args.max_new_tokens, sampling, args.seed,
-                       stop=None if eod is None else eod[1])
+        ids = generate(
+            decoder,
+            tokenizer.encode(args.prompt).ids,
+            args.max_new_tokens,
+            sampling,
+            args.seed,
+            stop=None if eod is None else eod[1],
+        )
     except ValueError as error:
         raise ConversionError(str(error)) from error
     return ids, tokenizer.decode(ids, skip_special_tokens=True)

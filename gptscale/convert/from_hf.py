@@ -32,8 +32,12 @@ from gptscale.model.rope import attention_factor
 
 log = logging.getLogger("gptscale")
 
-SUPPORTED = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MixtralForCausalLM": "mixtral",
-             "Qwen2MoeForCausalLM": "qwen2_moe"}
+SUPPORTED = {
+    "GPT2LMHeadModel": "gpt2",
+    "LlamaForCausalLM": "llama",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+}
 
 
 def _read_config(hf_dir: Path) -> tuple[dict, str]:
@@ -48,27 +52,40 @@ def _read_config(hf_dir: Path) -> tuple[dict, str]:
     if not architectures and config.get("model_type") in SUPPORTED.values():
         known = [config["model_type"]]
     if not known:
-        raise ConversionError(f"{hf_dir}: architecture {architectures or config.get('model_type')} is not supported; "
-                              f"gptscale imports {sorted(SUPPORTED)}")
+        raise ConversionError(
+            f"{hf_dir}: architecture {architectures or config.get('model_type')} is not supported; "
+            f"gptscale imports {sorted(SUPPORTED)}"
+        )
     return config, known[0]
 
 
 def _gpt2_overrides(config: dict) -> list[str]:
-    refused = [key for key in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention")
-               if config.get(key)]
+    refused = [
+        key
+        for key in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention")
+        if config.get(key)
+    ]
     if refused or not config.get("scale_attn_weights", True):
         raise ConversionError(f"GPT-2 options gptscale's model does not compute: {refused or ['scale_attn_weights']}")
     activation = config.get("activation_function", "gelu_new")
     if activation not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
         raise ConversionError(f"GPT-2 activation_function={activation!r}: gptscale computes GELU")
     if activation != "gelu":
-        log.warning("activation_function=%s is GELU's tanh approximation; gptscale computes exact GELU "
-                    "(outputs differ slightly until training adapts)", activation)
+        log.warning(
+            "activation_function=%s is GELU's tanh approximation; gptscale computes exact GELU "
+            "(outputs differ slightly until training adapts)",
+            activation,
+        )
     hidden = config["n_embd"]
     return [
-        "model.position_embedding=learned", "model.normalization=LayerNorm", "model.activation=gelu",
-        "model.bias=true", f"model.num_layers={config['n_layer']}", f"model.hidden_size={hidden}",
-        f"model.num_attention_heads={config['n_head']}", "model.num_query_groups=null",
+        "model.position_embedding=learned",
+        "model.normalization=LayerNorm",
+        "model.activation=gelu",
+        "model.bias=true",
+        f"model.num_layers={config['n_layer']}",
+        f"model.hidden_size={hidden}",
+        f"model.num_attention_heads={config['n_head']}",
+        "model.num_query_groups=null",
         f"model.ffn_hidden_size={config.get('n_inner') or 4 * hidden}",
         f"model.max_position_embeddings={config['n_positions']}",
         f"model.norm_eps={config.get('layer_norm_epsilon', 1e-5)}",
@@ -95,13 +112,18 @@ def _llama_overrides(config: dict) -> list[str]:
     if float(int(theta)) != float(theta):
         raise ConversionError(f"rope_theta={theta}: megatron-core takes an integer RoPE base")
     return [
-        "model.position_embedding=rope", "model.normalization=RMSNorm", "model.activation=swiglu", "model.bias=false",
-        f"model.num_layers={config['num_hidden_layers']}", f"model.hidden_size={hidden}",
+        "model.position_embedding=rope",
+        "model.normalization=RMSNorm",
+        "model.activation=swiglu",
+        "model.bias=false",
+        f"model.num_layers={config['num_hidden_layers']}",
+        f"model.hidden_size={hidden}",
         f"model.num_attention_heads={heads}",
         f"model.num_query_groups={config.get('num_key_value_heads') or heads}",
         f"model.ffn_hidden_size={config['intermediate_size']}",
         f"model.max_position_embeddings={config['max_position_embeddings']}",
-        f"model.norm_eps={config.get('rms_norm_eps', 1e-6)}", f"model.rotary_base={float(theta)}",
+        f"model.norm_eps={config.get('rms_norm_eps', 1e-6)}",
+        f"model.rotary_base={float(theta)}",
         f"model.tie_embeddings={str(config.get('tie_word_embeddings', False)).lower()}",
     ] + ([] if rope_type == "default" else _rope_scaling_overrides(config, rope))
 
@@ -117,21 +139,30 @@ def _rope_scaling_overrides(config: dict, rope: dict) -> list[str]:
     original = rope.get("original_max_position_embeddings") or config["max_position_embeddings"]
     factor = rope.get("factor") or config["max_position_embeddings"] / original
     if kind == RopeScaling.llama3:
-        scaling = RopeScalingConfig(kind, factor, original, low_freq_factor=rope["low_freq_factor"],
-                                    high_freq_factor=rope["high_freq_factor"])
+        scaling = RopeScalingConfig(
+            kind, factor, original, low_freq_factor=rope["low_freq_factor"], high_freq_factor=rope["high_freq_factor"]
+        )
     else:
         if not rope.get("truncate", True):
             raise ConversionError("YaRN with truncate=false: megatron-core rounds the correction range to integers")
         given = rope.get("attention_factor")
         temperature = given is not None or bool(rope.get("mscale") and rope.get("mscale_all_dim"))
-        scaling = RopeScalingConfig(kind, factor, original, beta_fast=rope.get("beta_fast") or default.beta_fast,
-                                    beta_slow=rope.get("beta_slow") or default.beta_slow,
-                                    mscale=rope.get("mscale", default.mscale) if temperature else default.mscale,
-                                    mscale_all_dim=rope.get("mscale_all_dim", default.mscale_all_dim) if temperature
-                                    else default.mscale_all_dim)
+        scaling = RopeScalingConfig(
+            kind,
+            factor,
+            original,
+            beta_fast=rope.get("beta_fast") or default.beta_fast,
+            beta_slow=rope.get("beta_slow") or default.beta_slow,
+            mscale=rope.get("mscale", default.mscale) if temperature else default.mscale,
+            mscale_all_dim=rope.get("mscale_all_dim", default.mscale_all_dim)
+            if temperature
+            else default.mscale_all_dim,
+        )
         if given is not None and not math.isclose(given, attention_factor(scaling), rel_tol=1e-6):
-            raise ConversionError(f"YaRN attention_factor={given}: megatron-core derives it from factor, mscale and "
-                                  f"mscale_all_dim, which give {attention_factor(scaling)}")
+            raise ConversionError(
+                f"YaRN attention_factor={given}: megatron-core derives it from factor, mscale and "
+                f"mscale_all_dim, which give {attention_factor(scaling)}"
+            )
     return _changed(scaling, default, "model.rope_scaling.")
 
 
@@ -141,8 +172,10 @@ def _moe_layer_freq(config: dict, sparse: list[int]) -> int:
     for freq in range(1, layers + 1):
         if [i for i in range(layers) if i % freq == 0] == sparse:
             return freq
-    raise ConversionError(f"MoE layers {sparse} of {layers}: gptscale places MoE layers every model.moe.layer_freq "
-                          "layers from the first (mlp_only_layers / decoder_sparse_step give another pattern)")
+    raise ConversionError(
+        f"MoE layers {sparse} of {layers}: gptscale places MoE layers every model.moe.layer_freq "
+        "layers from the first (mlp_only_layers / decoder_sparse_step give another pattern)"
+    )
 
 
 def _moe_overrides(config: dict, arch: str) -> list[str]:
@@ -154,10 +187,14 @@ def _moe_overrides(config: dict, arch: str) -> list[str]:
     derived = _llama_overrides(config) + [
         f"model.moe.top_k={config['num_experts_per_tok']}",
         f"model.moe.aux_loss_coeff={config.get('router_aux_loss_coef', 0.0)}",
-        f"model.qkv_bias={str(bool(qkv_bias)).lower()}"]
+        f"model.qkv_bias={str(bool(qkv_bias)).lower()}",
+    ]
     if arch == "mixtral":
-        return derived + [f"model.moe.num_experts={config['num_local_experts']}",
-                          f"model.moe.ffn_hidden_size={config['intermediate_size']}", "model.moe.pre_softmax=false"]
+        return derived + [
+            f"model.moe.num_experts={config['num_local_experts']}",
+            f"model.moe.ffn_hidden_size={config['intermediate_size']}",
+            "model.moe.pre_softmax=false",
+        ]
     step, dense = config.get("decoder_sparse_step", 1), set(config.get("mlp_only_layers") or [])
     sparse = [i for i in range(config["num_hidden_layers"]) if i not in dense and (i + 1) % step == 0]
     return derived + [
@@ -166,7 +203,8 @@ def _moe_overrides(config: dict, arch: str) -> list[str]:
         f"model.moe.shared_expert_size={config['shared_expert_intermediate_size']}",
         "model.moe.shared_expert_gate=true",
         f"model.moe.pre_softmax={str(not config.get('norm_topk_prob', False)).lower()}",
-        f"model.moe.layer_freq={_moe_layer_freq(config, sparse)}"]
+        f"model.moe.layer_freq={_moe_layer_freq(config, sparse)}",
+    ]
 
 
 class _Weights:
@@ -180,8 +218,10 @@ class _Weights:
             with safe_open(hf_dir / "model.safetensors", "pt") as f:
                 weight_map = dict.fromkeys(f.keys(), "model.safetensors")
         else:
-            raise ConversionError(f"{hf_dir} holds no model.safetensors (PyTorch .bin weights are not read: "
-                                  "re-save the model with save_pretrained(safe_serialization=True))")
+            raise ConversionError(
+                f"{hf_dir} holds no model.safetensors (PyTorch .bin weights are not read: "
+                "re-save the model with save_pretrained(safe_serialization=True))"
+            )
         self.hf_dir, self.weight_map = hf_dir, weight_map
 
     def __call__(self, name: str) -> torch.Tensor:
@@ -207,8 +247,9 @@ def _tokenizer_file(hf_dir: Path) -> Optional[Path]:
     return path
 
 
-def import_hf(hf_dir: Path, overrides: Optional[list[str]] = None) -> tuple[Config, dict[str, torch.Tensor],
-                                                                          Optional[Path]]:
+def import_hf(
+    hf_dir: Path, overrides: Optional[list[str]] = None
+) -> tuple[Config, dict[str, torch.Tensor], Optional[Path]]:
     """(config, megatron-core global tensors, tokenizer file) of the HF model at ``hf_dir``."""
     hf_dir = Path(hf_dir)
     config, arch = _read_config(hf_dir)
@@ -239,8 +280,9 @@ def resume_overrides(cfg: Config, overrides: Optional[list[str]] = None) -> list
     """The ``gptscale-train`` overrides that build the imported model (every ``model.*`` key that differs
     from conf/'s defaults) followed by the user's other overrides (the layout): a training run given them
     and ``checkpoint.resume=<the checkpoint>`` continues from the imported weights at that layout."""
-    return _changed(cfg.model, load_config().model, "model.") + [override for override in overrides or []
-                    if override.lstrip("+~").split("=")[0].split(".")[0] != "model"]
+    return _changed(cfg.model, load_config().model, "model.") + [
+        override for override in overrides or [] if override.lstrip("+~").split("=")[0].split(".")[0] != "model"
+    ]
 
 
 def _changed(node, default, prefix: str) -> list[str]:

@@ -53,8 +53,14 @@ class KVCache:
 class Decoder:
     """gptscale's GPT over the converters' representation (global tensors, layers stacked)."""
 
-    def __init__(self, model: ModelConfig, state: Mapping[str, torch.Tensor], vocab_size: int,
-                 device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        model: ModelConfig,
+        state: Mapping[str, torch.Tensor],
+        vocab_size: int,
+        device: torch.device = torch.device("cpu"),
+        dtype: torch.dtype = torch.float32,
+    ):
         self.model = model
         self.vocab_size = vocab_size
         self.w = {key: tensor.to(device=device, dtype=dtype) for key, tensor in state.items()}
@@ -89,8 +95,11 @@ class Decoder:
     def attention(self, index: int, h: torch.Tensor, cache: KVCache, positions: torch.Tensor) -> torch.Tensor:
         """Self-attention of the new tokens (at ``positions``) over the cached ones and themselves."""
         batch, tokens, _ = h.shape
-        qkv = F.linear(h, self.layer("self_attention.linear_qkv.weight", index),
-                       self.layer("self_attention.linear_qkv.bias", index))
+        qkv = F.linear(
+            h,
+            self.layer("self_attention.linear_qkv.weight", index),
+            self.layer("self_attention.linear_qkv.bias", index),
+        )
         per_group = self.heads // self.groups
         qkv = qkv.view(batch, tokens, self.groups, per_group + 2, self.head_dim)
         q = qkv[:, :, :, :per_group].reshape(batch, tokens, self.heads, self.head_dim).transpose(1, 2)
@@ -103,8 +112,11 @@ class Decoder:
             k, v = k.repeat_interleave(per_group, dim=1), v.repeat_interleave(per_group, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
         out = out.transpose(1, 2).reshape(batch, tokens, self.heads * self.head_dim)
-        return F.linear(out, self.layer("self_attention.linear_proj.weight", index),
-                        self.layer("self_attention.linear_proj.bias", index))
+        return F.linear(
+            out,
+            self.layer("self_attention.linear_proj.weight", index),
+            self.layer("self_attention.linear_proj.bias", index),
+        )
 
     def experts(self, index: int, h: torch.Tensor) -> torch.Tensor:
         """A MoE layer as megatron-core's router computes it: softmax then top-k (``pre_softmax``), top-k then
@@ -122,8 +134,10 @@ class Decoder:
         else:
             weights, chosen = torch.topk(logits, moe.top_k, dim=-1)
             weights = weights.softmax(-1)
-        fc1, fc2 = self.layer("mlp.experts.experts.linear_fc1.weight", index), self.layer(
-            "mlp.experts.experts.linear_fc2.weight", index)
+        fc1, fc2 = (
+            self.layer("mlp.experts.experts.linear_fc1.weight", index),
+            self.layer("mlp.experts.experts.linear_fc2.weight", index),
+        )
         out = torch.zeros_like(h)
         for expert in chosen.unique().tolist():
             picked = chosen == expert  # [..., top_k], at most one True per token
@@ -159,14 +173,20 @@ class Decoder:
         if self.model.position_embedding == PositionEmbedding.learned:
             x = x + F.embedding(positions, self.w["embedding.position_embeddings.weight"])
         for index in range(self.model.num_layers):
-            h = self.norm(x, self.layer("self_attention.linear_qkv.layer_norm_weight", index),
-                          self.layer("self_attention.linear_qkv.layer_norm_bias", index))
+            h = self.norm(
+                x,
+                self.layer("self_attention.linear_qkv.layer_norm_weight", index),
+                self.layer("self_attention.linear_qkv.layer_norm_bias", index),
+            )
             x = x + self.attention(index, h, cache, positions)
-            h = self.norm(x, self.layer("mlp.linear_fc1.layer_norm_weight", index),
-                          self.layer("mlp.linear_fc1.layer_norm_bias", index))
+            h = self.norm(
+                x,
+                self.layer("mlp.linear_fc1.layer_norm_weight", index),
+                self.layer("mlp.linear_fc1.layer_norm_bias", index),
+            )
             x = x + self.mlp(index, h)
         x = self.norm(x, self.w["decoder.final_layernorm.weight"], self.w.get("decoder.final_layernorm.bias"))
-        return F.linear(x, self.output[:self.vocab_size]).float()
+        return F.linear(x, self.output[: self.vocab_size]).float()
 
     @property
     def max_tokens(self) -> Optional[int]:
@@ -195,15 +215,22 @@ def next_token(logits: torch.Tensor, sampling: Sampling, generator: Optional[tor
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
-def generate(decoder: Decoder, prompt: list[int], max_new_tokens: int, sampling: Sampling = Sampling(),
-             seed: Optional[int] = None, stop: Optional[int] = None) -> list[int]:
+def generate(
+    decoder: Decoder,
+    prompt: list[int],
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    seed: Optional[int] = None,
+    stop: Optional[int] = None,
+) -> list[int]:
     """Token ids following ``prompt``: the prompt is read once, then one token per step from the cache."""
     if not prompt:
         raise ValueError("the prompt encodes to no tokens")
     limit = decoder.max_tokens
     if limit is not None and len(prompt) + max_new_tokens > limit:
-        raise ValueError(f"{len(prompt)} prompt tokens + {max_new_tokens} new ones exceed the model's {limit} "
-                         "learned positions")
+        raise ValueError(
+            f"{len(prompt)} prompt tokens + {max_new_tokens} new ones exceed the model's {limit} learned positions"
+        )
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     cache = decoder.new_cache()
     logits = decoder.forward(torch.tensor([prompt]), cache)[0, -1]

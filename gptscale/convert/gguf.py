@@ -41,8 +41,9 @@ from gptscale.model.rope import attention_factor, frequencies
 
 def interleave_rope_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
     """Per head, rows [first half; second half] to pairs (first[j], second[j]): llama.cpp's RoPE layout."""
-    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(
-        weight.shape)
+    return (
+        weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+    )
 
 
 def rope_freq_factors(model: ModelConfig) -> torch.Tensor:
@@ -60,9 +61,11 @@ def write_rope_scaling(writer, model: ModelConfig) -> None:
     if scaling.type != RopeScaling.yarn:
         return
     if not math.isclose(attention_factor(scaling), 0.1 * math.log(scaling.factor) + 1):
-        raise ConversionError(f"model.rope_scaling.mscale={scaling.mscale} with mscale_all_dim={scaling.mscale_all_dim}: "
-                              "llama.cpp derives YaRN's attention temperature from the factor alone "
-                              "(mscale=1, mscale_all_dim=0); export --to hf")
+        raise ConversionError(
+            f"model.rope_scaling.mscale={scaling.mscale} with mscale_all_dim={scaling.mscale_all_dim}: "
+            "llama.cpp derives YaRN's attention temperature from the factor alone "
+            "(mscale=1, mscale_all_dim=0); export --to hf"
+        )
     writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
     writer.add_rope_scaling_factor(scaling.factor)
     writer.add_rope_scaling_orig_ctx_len(scaling.original_max_position_embeddings)
@@ -83,8 +86,14 @@ def _encode(tensor: torch.Tensor, dtype: str):
     return quants.quantize(data, qtype), qtype
 
 
-def export_gguf(cfg: Config, state: Mapping[str, torch.Tensor], tokenizer_file: Optional[Path], out_file: Path,
-                dtype: str = "f32", overwrite: bool = False) -> Summary:
+def export_gguf(
+    cfg: Config,
+    state: Mapping[str, torch.Tensor],
+    tokenizer_file: Optional[Path],
+    out_file: Path,
+    dtype: str = "f32",
+    overwrite: bool = False,
+) -> Summary:
     """Write ``state`` and its tokenizer as one GGUF file at ``out_file``."""
     import gguf
 
@@ -92,14 +101,18 @@ def export_gguf(cfg: Config, state: Mapping[str, torch.Tensor], tokenizer_file: 
         raise ConversionError(f"--dtype {dtype} is not a GGUF type this converter writes; choose one of {DTYPES}")
     quantizer = llama_quantizer(dtype) if dtype in K_QUANTS else None
     if tokenizer_file is None:
-        raise ConversionError("the checkpoint has no tokenizer.json: GGUF needs the tokenizer for llama.cpp to "
-                              "tokenize text (train with a tokenized dataset)")
+        raise ConversionError(
+            "the checkpoint has no tokenizer.json: GGUF needs the tokenizer for llama.cpp to "
+            "tokenize text (train with a tokenized dataset)"
+        )
     model = cfg.model
     arch = architecture(model)
     if arch == "qwen2_moe":
-        raise ConversionError(f"model.moe.shared_expert_size={model.moe.shared_expert_size}: this converter writes "
-                              "Mixtral-style MoE GGUF only (routed experts, no shared expert); export --to hf and "
-                              "use llama.cpp's converter for Qwen2-MoE")
+        raise ConversionError(
+            f"model.moe.shared_expert_size={model.moe.shared_expert_size}: this converter writes "
+            "Mixtral-style MoE GGUF only (routed experts, no shared expert); export --to hf and "
+            "use llama.cpp's converter for Qwen2-MoE"
+        )
     gguf_arch = "llama" if arch == "mixtral" else arch
     check_state(cfg, state)
     vocab = gguf_vocab(tokenizer_file)
@@ -107,8 +120,12 @@ def export_gguf(cfg: Config, state: Mapping[str, torch.Tensor], tokenizer_file: 
     heads = model.num_attention_heads
     groups = model.query_groups
     written = "f32" if quantizer else dtype
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[written]
+    file_type = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }[written]
 
     with staged(out_file, GGUF_FILE, overwrite, make_dir=False) as stage:
         target = stage.with_name(f"{stage.name}.f32") if quantizer else stage
@@ -174,8 +191,10 @@ def llama_quantizer(dtype: str):
     try:
         import llama_cpp
     except ImportError:
-        raise ConversionError(f"--dtype {dtype} is made by llama.cpp's own quantizer: pip install llama-cpp-python "
-                              "(or export --dtype f16 and run llama.cpp's llama-quantize)") from None
+        raise ConversionError(
+            f"--dtype {dtype} is made by llama.cpp's own quantizer: pip install llama-cpp-python "
+            "(or export --dtype f16 and run llama.cpp's llama-quantize)"
+        ) from None
     import ctypes
 
     def quantize(source: Path, out: Path) -> None:

@@ -44,25 +44,52 @@ LAYER = "decoder.layers."
 GPT2 = (
     Row("embedding.word_embeddings.weight", ("transformer.wte.weight",), ("token_embd.weight",), Parts.VOCAB),
     Row("embedding.position_embeddings.weight", ("transformer.wpe.weight",), ("position_embd.weight",)),
-    Row(LAYER + "self_attention.linear_qkv.layer_norm_weight", ("transformer.h.{i}.ln_1.weight",),
-        ("blk.{i}.attn_norm.weight",)),
-    Row(LAYER + "self_attention.linear_qkv.layer_norm_bias", ("transformer.h.{i}.ln_1.bias",),
-        ("blk.{i}.attn_norm.bias",)),
-    Row(LAYER + "self_attention.linear_qkv.weight", ("transformer.h.{i}.attn.c_attn.weight",),
-        ("blk.{i}.attn_qkv.weight",), Parts.QKV, conv1d=True),
-    Row(LAYER + "self_attention.linear_qkv.bias", ("transformer.h.{i}.attn.c_attn.bias",),
-        ("blk.{i}.attn_qkv.bias",), Parts.QKV),
-    Row(LAYER + "self_attention.linear_proj.weight", ("transformer.h.{i}.attn.c_proj.weight",),
-        ("blk.{i}.attn_output.weight",), conv1d=True),
-    Row(LAYER + "self_attention.linear_proj.bias", ("transformer.h.{i}.attn.c_proj.bias",),
-        ("blk.{i}.attn_output.bias",)),
+    Row(
+        LAYER + "self_attention.linear_qkv.layer_norm_weight",
+        ("transformer.h.{i}.ln_1.weight",),
+        ("blk.{i}.attn_norm.weight",),
+    ),
+    Row(
+        LAYER + "self_attention.linear_qkv.layer_norm_bias",
+        ("transformer.h.{i}.ln_1.bias",),
+        ("blk.{i}.attn_norm.bias",),
+    ),
+    Row(
+        LAYER + "self_attention.linear_qkv.weight",
+        ("transformer.h.{i}.attn.c_attn.weight",),
+        ("blk.{i}.attn_qkv.weight",),
+        Parts.QKV,
+        conv1d=True,
+    ),
+    Row(
+        LAYER + "self_attention.linear_qkv.bias",
+        ("transformer.h.{i}.attn.c_attn.bias",),
+        ("blk.{i}.attn_qkv.bias",),
+        Parts.QKV,
+    ),
+    Row(
+        LAYER + "self_attention.linear_proj.weight",
+        ("transformer.h.{i}.attn.c_proj.weight",),
+        ("blk.{i}.attn_output.weight",),
+        conv1d=True,
+    ),
+    Row(
+        LAYER + "self_attention.linear_proj.bias",
+        ("transformer.h.{i}.attn.c_proj.bias",),
+        ("blk.{i}.attn_output.bias",),
+    ),
     Row(LAYER + "mlp.linear_fc1.layer_norm_weight", ("transformer.h.{i}.ln_2.weight",), ("blk.{i}.ffn_norm.weight",)),
     Row(LAYER + "mlp.linear_fc1.layer_norm_bias", ("transformer.h.{i}.ln_2.bias",), ("blk.{i}.ffn_norm.bias",)),
-    Row(LAYER + "mlp.linear_fc1.weight", ("transformer.h.{i}.mlp.c_fc.weight",), ("blk.{i}.ffn_up.weight",),
-        conv1d=True),
+    Row(
+        LAYER + "mlp.linear_fc1.weight", ("transformer.h.{i}.mlp.c_fc.weight",), ("blk.{i}.ffn_up.weight",), conv1d=True
+    ),
     Row(LAYER + "mlp.linear_fc1.bias", ("transformer.h.{i}.mlp.c_fc.bias",), ("blk.{i}.ffn_up.bias",)),
-    Row(LAYER + "mlp.linear_fc2.weight", ("transformer.h.{i}.mlp.c_proj.weight",), ("blk.{i}.ffn_down.weight",),
-        conv1d=True),
+    Row(
+        LAYER + "mlp.linear_fc2.weight",
+        ("transformer.h.{i}.mlp.c_proj.weight",),
+        ("blk.{i}.ffn_down.weight",),
+        conv1d=True,
+    ),
     Row(LAYER + "mlp.linear_fc2.bias", ("transformer.h.{i}.mlp.c_proj.bias",), ("blk.{i}.ffn_down.bias",)),
     Row("decoder.final_layernorm.weight", ("transformer.ln_f.weight",), ("output_norm.weight",)),
     Row("decoder.final_layernorm.bias", ("transformer.ln_f.bias",), ("output_norm.bias",)),
@@ -71,19 +98,37 @@ GPT2 = (
 
 LLAMA = (
     Row("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), ("token_embd.weight",), Parts.VOCAB),
-    Row(LAYER + "self_attention.linear_qkv.layer_norm_weight", ("model.layers.{i}.input_layernorm.weight",),
-        ("blk.{i}.attn_norm.weight",)),
-    Row(LAYER + "self_attention.linear_qkv.weight",
-        ("model.layers.{i}.self_attn.q_proj.weight", "model.layers.{i}.self_attn.k_proj.weight",
-         "model.layers.{i}.self_attn.v_proj.weight"),
-        ("blk.{i}.attn_q.weight", "blk.{i}.attn_k.weight", "blk.{i}.attn_v.weight"), Parts.QKV),
-    Row(LAYER + "self_attention.linear_proj.weight", ("model.layers.{i}.self_attn.o_proj.weight",),
-        ("blk.{i}.attn_output.weight",)),
-    Row(LAYER + "mlp.linear_fc1.layer_norm_weight", ("model.layers.{i}.post_attention_layernorm.weight",),
-        ("blk.{i}.ffn_norm.weight",)),
-    Row(LAYER + "mlp.linear_fc1.weight",
+    Row(
+        LAYER + "self_attention.linear_qkv.layer_norm_weight",
+        ("model.layers.{i}.input_layernorm.weight",),
+        ("blk.{i}.attn_norm.weight",),
+    ),
+    Row(
+        LAYER + "self_attention.linear_qkv.weight",
+        (
+            "model.layers.{i}.self_attn.q_proj.weight",
+            "model.layers.{i}.self_attn.k_proj.weight",
+            "model.layers.{i}.self_attn.v_proj.weight",
+        ),
+        ("blk.{i}.attn_q.weight", "blk.{i}.attn_k.weight", "blk.{i}.attn_v.weight"),
+        Parts.QKV,
+    ),
+    Row(
+        LAYER + "self_attention.linear_proj.weight",
+        ("model.layers.{i}.self_attn.o_proj.weight",),
+        ("blk.{i}.attn_output.weight",),
+    ),
+    Row(
+        LAYER + "mlp.linear_fc1.layer_norm_weight",
+        ("model.layers.{i}.post_attention_layernorm.weight",),
+        ("blk.{i}.ffn_norm.weight",),
+    ),
+    Row(
+        LAYER + "mlp.linear_fc1.weight",
         ("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"),
-        ("blk.{i}.ffn_gate.weight", "blk.{i}.ffn_up.weight"), Parts.GATE_UP),
+        ("blk.{i}.ffn_gate.weight", "blk.{i}.ffn_up.weight"),
+        Parts.GATE_UP,
+    ),
     Row(LAYER + "mlp.linear_fc2.weight", ("model.layers.{i}.mlp.down_proj.weight",), ("blk.{i}.ffn_down.weight",)),
     Row("decoder.final_layernorm.weight", ("model.norm.weight",), ("output_norm.weight",)),
     Row("output_layer.weight", ("lm_head.weight",), ("output.weight",), Parts.VOCAB),
@@ -91,35 +136,70 @@ LLAMA = (
 
 TABLES = {"gpt2": GPT2, "llama": LLAMA}
 
-QKV_BIAS = Row(LAYER + "self_attention.linear_qkv.bias",
-               ("model.layers.{i}.self_attn.q_proj.bias", "model.layers.{i}.self_attn.k_proj.bias",
-                "model.layers.{i}.self_attn.v_proj.bias"),
-               ("blk.{i}.attn_q.bias", "blk.{i}.attn_k.bias", "blk.{i}.attn_v.bias"), Parts.QKV)
+QKV_BIAS = Row(
+    LAYER + "self_attention.linear_qkv.bias",
+    (
+        "model.layers.{i}.self_attn.q_proj.bias",
+        "model.layers.{i}.self_attn.k_proj.bias",
+        "model.layers.{i}.self_attn.v_proj.bias",
+    ),
+    ("blk.{i}.attn_q.bias", "blk.{i}.attn_k.bias", "blk.{i}.attn_v.bias"),
+    Parts.QKV,
+)
 
 MIXTRAL_EXPERTS = (
-    Row(LAYER + "mlp.router.weight", ("model.layers.{i}.block_sparse_moe.gate.weight",), ("blk.{i}.ffn_gate_inp.weight",)),
-    Row(LAYER + "mlp.experts.experts.linear_fc1.weight",
-        ("model.layers.{i}.block_sparse_moe.experts.{j}.w1.weight",
-         "model.layers.{i}.block_sparse_moe.experts.{j}.w3.weight"),
-        ("blk.{i}.ffn_gate_exps.weight", "blk.{i}.ffn_up_exps.weight"), Parts.EXPERTS_GATE_UP),
-    Row(LAYER + "mlp.experts.experts.linear_fc2.weight", ("model.layers.{i}.block_sparse_moe.experts.{j}.w2.weight",),
-        ("blk.{i}.ffn_down_exps.weight",), Parts.EXPERTS),
+    Row(
+        LAYER + "mlp.router.weight",
+        ("model.layers.{i}.block_sparse_moe.gate.weight",),
+        ("blk.{i}.ffn_gate_inp.weight",),
+    ),
+    Row(
+        LAYER + "mlp.experts.experts.linear_fc1.weight",
+        (
+            "model.layers.{i}.block_sparse_moe.experts.{j}.w1.weight",
+            "model.layers.{i}.block_sparse_moe.experts.{j}.w3.weight",
+        ),
+        ("blk.{i}.ffn_gate_exps.weight", "blk.{i}.ffn_up_exps.weight"),
+        Parts.EXPERTS_GATE_UP,
+    ),
+    Row(
+        LAYER + "mlp.experts.experts.linear_fc2.weight",
+        ("model.layers.{i}.block_sparse_moe.experts.{j}.w2.weight",),
+        ("blk.{i}.ffn_down_exps.weight",),
+        Parts.EXPERTS,
+    ),
 )
 
 QWEN2_MOE_EXPERTS = (
     Row(LAYER + "mlp.router.weight", ("model.layers.{i}.mlp.gate.weight",), ("blk.{i}.ffn_gate_inp.weight",)),
-    Row(LAYER + "mlp.experts.experts.linear_fc1.weight",
+    Row(
+        LAYER + "mlp.experts.experts.linear_fc1.weight",
         ("model.layers.{i}.mlp.experts.{j}.gate_proj.weight", "model.layers.{i}.mlp.experts.{j}.up_proj.weight"),
-        ("blk.{i}.ffn_gate_exps.weight", "blk.{i}.ffn_up_exps.weight"), Parts.EXPERTS_GATE_UP),
-    Row(LAYER + "mlp.experts.experts.linear_fc2.weight", ("model.layers.{i}.mlp.experts.{j}.down_proj.weight",),
-        ("blk.{i}.ffn_down_exps.weight",), Parts.EXPERTS),
-    Row(LAYER + "mlp.shared_experts.linear_fc1.weight",
+        ("blk.{i}.ffn_gate_exps.weight", "blk.{i}.ffn_up_exps.weight"),
+        Parts.EXPERTS_GATE_UP,
+    ),
+    Row(
+        LAYER + "mlp.experts.experts.linear_fc2.weight",
+        ("model.layers.{i}.mlp.experts.{j}.down_proj.weight",),
+        ("blk.{i}.ffn_down_exps.weight",),
+        Parts.EXPERTS,
+    ),
+    Row(
+        LAYER + "mlp.shared_experts.linear_fc1.weight",
         ("model.layers.{i}.mlp.shared_expert.gate_proj.weight", "model.layers.{i}.mlp.shared_expert.up_proj.weight"),
-        ("blk.{i}.ffn_gate_shexp.weight", "blk.{i}.ffn_up_shexp.weight"), Parts.GATE_UP),
-    Row(LAYER + "mlp.shared_experts.linear_fc2.weight", ("model.layers.{i}.mlp.shared_expert.down_proj.weight",),
-        ("blk.{i}.ffn_down_shexp.weight",)),
-    Row(LAYER + "mlp.shared_experts.gate_weight", ("model.layers.{i}.mlp.shared_expert_gate.weight",),
-        ("blk.{i}.ffn_gate_inp_shexp.weight",)),
+        ("blk.{i}.ffn_gate_shexp.weight", "blk.{i}.ffn_up_shexp.weight"),
+        Parts.GATE_UP,
+    ),
+    Row(
+        LAYER + "mlp.shared_experts.linear_fc2.weight",
+        ("model.layers.{i}.mlp.shared_expert.down_proj.weight",),
+        ("blk.{i}.ffn_down_shexp.weight",),
+    ),
+    Row(
+        LAYER + "mlp.shared_experts.gate_weight",
+        ("model.layers.{i}.mlp.shared_expert_gate.weight",),
+        ("blk.{i}.ffn_gate_inp_shexp.weight",),
+    ),
 )
 
 EXPERT_TABLES = {"mixtral": MIXTRAL_EXPERTS, "qwen2_moe": QWEN2_MOE_EXPERTS}
@@ -130,10 +210,19 @@ def architecture(model: ModelConfig) -> str:
     """``gpt2``, ``llama``, ``mixtral`` or ``qwen2_moe``: the inference architecture that computes exactly what
     ``model`` computes."""
     groups = model.query_groups
-    gpt2 = (model.position_embedding == PositionEmbedding.learned and model.normalization == Normalization.LayerNorm
-            and model.activation == Activation.gelu and model.bias and groups == model.num_attention_heads)
-    llama = (model.position_embedding == PositionEmbedding.rope and model.normalization == Normalization.RMSNorm
-             and model.activation == Activation.swiglu and not model.bias)
+    gpt2 = (
+        model.position_embedding == PositionEmbedding.learned
+        and model.normalization == Normalization.LayerNorm
+        and model.activation == Activation.gelu
+        and model.bias
+        and groups == model.num_attention_heads
+    )
+    llama = (
+        model.position_embedding == PositionEmbedding.rope
+        and model.normalization == Normalization.RMSNorm
+        and model.activation == Activation.swiglu
+        and not model.bias
+    )
     if gpt2 and model.moe.num_experts == 0:
         return "gpt2"
     if llama:
@@ -143,7 +232,8 @@ def architecture(model: ModelConfig) -> str:
         f"normalization={model.normalization.value}, activation={model.activation.value}, bias={model.bias}, "
         f"num_query_groups={model.num_query_groups}) is neither GPT-2 style (learned, LayerNorm, gelu, biases, "
         "no grouped-query attention) nor Llama style (rope, RMSNorm, swiglu, no biases): no inference format "
-        "computes the same function")
+        "computes the same function"
+    )
 
 
 def _llama_family(model: ModelConfig) -> str:
@@ -152,24 +242,38 @@ def _llama_family(model: ModelConfig) -> str:
     moe = model.moe
     if moe.num_experts == 0:
         if model.qkv_bias:
-            raise ConversionError("model.qkv_bias=true: Llama has no Q/K/V-only biases (its attention_bias also "
-                                  "biases the output projection)")
+            raise ConversionError(
+                "model.qkv_bias=true: Llama has no Q/K/V-only biases (its attention_bias also "
+                "biases the output projection)"
+            )
         return "llama"
     if moe.expert_bias:
-        raise ConversionError("model.moe.expert_bias=true: sigmoid router scores with a balancing bias; neither "
-                              "Mixtral nor Qwen2-MoE routes that way")
+        raise ConversionError(
+            "model.moe.expert_bias=true: sigmoid router scores with a balancing bias; neither "
+            "Mixtral nor Qwen2-MoE routes that way"
+        )
     if moe.shared_expert_size:
         if not moe.shared_expert_gate:
-            raise ConversionError("model.moe.shared_expert_gate=false: Qwen2-MoE, the format with a shared expert, "
-                                  "always scales it by a sigmoid gate")
+            raise ConversionError(
+                "model.moe.shared_expert_gate=false: Qwen2-MoE, the format with a shared expert, "
+                "always scales it by a sigmoid gate"
+            )
         return "qwen2_moe"
-    refused = [problem for problem, bad in (
-        ("model.moe.pre_softmax=true (Mixtral renormalises the top-k probabilities)", moe.pre_softmax),
-        (f"model.moe.layer_freq={moe.layer_freq} (every Mixtral layer is a MoE layer)", moe.layer_freq != 1),
-        ("model.qkv_bias=true (Mixtral has no attention biases)", model.qkv_bias)) if bad]
+    refused = [
+        problem
+        for problem, bad in (
+            ("model.moe.pre_softmax=true (Mixtral renormalises the top-k probabilities)", moe.pre_softmax),
+            (f"model.moe.layer_freq={moe.layer_freq} (every Mixtral layer is a MoE layer)", moe.layer_freq != 1),
+            ("model.qkv_bias=true (Mixtral has no attention biases)", model.qkv_bias),
+        )
+        if bad
+    ]
     if refused:
-        raise ConversionError("a MoE model without a shared expert exports as Mixtral, which cannot express "
-                              + "; ".join(refused) + " (Qwen2-MoE can, with a gated shared expert)")
+        raise ConversionError(
+            "a MoE model without a shared expert exports as Mixtral, which cannot express "
+            + "; ".join(refused)
+            + " (Qwen2-MoE can, with a gated shared expert)"
+        )
     return "mixtral"
 
 
@@ -198,9 +302,11 @@ def layer_rows(model: ModelConfig, index: int) -> tuple[Row, ...]:
 def rows(model: ModelConfig) -> tuple[Row, ...]:
     """The rows outside the layers; tied models have no output layer of their own."""
     arch = architecture(model)
-    return tuple(row for row in TABLES["llama" if arch in EXPERT_TABLES else arch]
-                 if not row.megatron.startswith(LAYER)
-                 and not (row.megatron == "output_layer.weight" and model.tie_embeddings))
+    return tuple(
+        row
+        for row in TABLES["llama" if arch in EXPERT_TABLES else arch]
+        if not row.megatron.startswith(LAYER) and not (row.megatron == "output_layer.weight" and model.tie_embeddings)
+    )
 
 
 def placed_rows(model: ModelConfig) -> Iterator[tuple[Row, str, int | None, int | None]]:
@@ -212,7 +318,7 @@ def placed_rows(model: ModelConfig) -> Iterator[tuple[Row, str, int | None, int 
             if stacked(model):
                 yield row, row.megatron, i, i
             else:
-                yield row, f"{LAYER}{i}.{row.megatron[len(LAYER):]}", None, i
+                yield row, f"{LAYER}{i}.{row.megatron[len(LAYER) :]}", None, i
 
 
 def _heads(model: ModelConfig) -> tuple[int, int]:
@@ -235,8 +341,14 @@ def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, model: ModelCon
     """Q, K and V into megatron-core's per-group [q..., k, v] rows."""
     heads, groups = _heads(model)
     rest = q.shape[1:]
-    grouped = torch.cat([q.reshape(groups, heads // groups, -1, *rest), k.reshape(groups, 1, -1, *rest),
-                         v.reshape(groups, 1, -1, *rest)], dim=1)
+    grouped = torch.cat(
+        [
+            q.reshape(groups, heads // groups, -1, *rest),
+            k.reshape(groups, 1, -1, *rest),
+            v.reshape(groups, 1, -1, *rest),
+        ],
+        dim=1,
+    )
     return grouped.reshape(-1, *rest)
 
 
@@ -270,8 +382,9 @@ def to_megatron(row: Row, parts: list[torch.Tensor], model: ModelConfig) -> torc
         parts = [part.t() for part in parts]
     if row.parts in (Parts.EXPERTS, Parts.EXPERTS_GATE_UP):
         per_expert = 2 if row.parts == Parts.EXPERTS_GATE_UP else 1
-        return torch.stack([torch.cat(parts[j:j + per_expert], dim=0)
-                            for j in range(0, len(parts), per_expert)]).contiguous()
+        return torch.stack(
+            [torch.cat(parts[j : j + per_expert], dim=0) for j in range(0, len(parts), per_expert)]
+        ).contiguous()
     if row.parts == Parts.VOCAB:
         (embedding,) = parts
         padding = padded_vocab_size(embedding.shape[0], model.vocab_multiple) - embedding.shape[0]
@@ -293,8 +406,9 @@ def outside_names(row: Row, model: ModelConfig, layer: int | None, hf: bool) -> 
     return [name.format(i=layer, j=j) for j in experts for name in names]
 
 
-def export_tensors(model: ModelConfig, tensors: Mapping[str, torch.Tensor], vocab_size: int,
-                   hf: bool) -> Iterator[tuple[str, torch.Tensor]]:
+def export_tensors(
+    model: ModelConfig, tensors: Mapping[str, torch.Tensor], vocab_size: int, hf: bool
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) in HF's (``hf``) or GGUF's naming, layer by layer, for every row of the table."""
     for row, key, axis, layer in placed_rows(model):
         tensor = tensors[key] if axis is None else tensors[key][axis]
@@ -308,5 +422,7 @@ def import_tensors(model: ModelConfig, read: Callable[[str], torch.Tensor]) -> d
     for row, key, axis, layer in placed_rows(model):
         tensor = to_megatron(row, [read(name) for name in outside_names(row, model, layer, hf=True)], model)
         per_key.setdefault(key, []).append(tensor)
-    return {key: torch.stack(parts) if len(parts) > 1 or stacked(model) and key.startswith(LAYER) else parts[0]
-            for key, parts in per_key.items()}
+    return {
+        key: torch.stack(parts) if len(parts) > 1 or stacked(model) and key.startswith(LAYER) else parts[0]
+        for key, parts in per_key.items()
+    }

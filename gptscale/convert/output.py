@@ -34,8 +34,9 @@ class OutputKind:
 
 
 def _is_hf_export(path: Path) -> bool:
-    return (path / "config.json").is_file() and any((path / name).is_file()
-                                                    for name in ("model.safetensors", "model.safetensors.index.json"))
+    return (path / "config.json").is_file() and any(
+        (path / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")
+    )
 
 
 def _is_gguf(path: Path) -> bool:
@@ -55,8 +56,11 @@ def _is_import(path: Path) -> bool:
 
 HF_EXPORT = OutputKind("a Hugging Face export (a directory with config.json and model.safetensors)", _is_hf_export)
 GGUF_FILE = OutputKind("a GGUF file", _is_gguf)
-IMPORTED = OutputKind("a checkpoint imported by gptscale-convert --from-hf (weights only, no training layout)",
-                      _is_import, checkpoint=True)
+IMPORTED = OutputKind(
+    "a checkpoint imported by gptscale-convert --from-hf (weights only, no training layout)",
+    _is_import,
+    checkpoint=True,
+)
 
 
 def check_output(out: Path, kind: OutputKind, sources: Sequence[Path], overwrite: bool) -> None:
@@ -65,16 +69,27 @@ def check_output(out: Path, kind: OutputKind, sources: Sequence[Path], overwrite
     where = Path(out).resolve()
     for source in sources:
         read = Path(source).resolve()
-        relation = ("is" if where == read else "lies inside" if read in where.parents
-                    else "contains" if where in read.parents else None)
+        relation = (
+            "is"
+            if where == read
+            else "lies inside"
+            if read in where.parents
+            else "contains"
+            if where in read.parents
+            else None
+        )
         if relation is not None:
-            raise ConversionError(f"--out {out} {relation} {source}, which this conversion reads; writing there "
-                                  "would destroy or change it: choose a path outside it")
+            raise ConversionError(
+                f"--out {out} {relation} {source}, which this conversion reads; writing there "
+                "would destroy or change it: choose a path outside it"
+            )
     for above in where.parents:
         mark = next((above / name for name in (METRICS, MANIFEST) if (above / name).is_file()), None)
         if mark is not None:
-            raise ConversionError(f"--out {out} lies inside {above}, a run's or a checkpoint's directory (it holds "
-                                  f"{mark.name}): choose a path outside it")
+            raise ConversionError(
+                f"--out {out} lies inside {above}, a run's or a checkpoint's directory (it holds "
+                f"{mark.name}): choose a path outside it"
+            )
     _check_replaceable(Path(out), kind, overwrite)
 
 
@@ -82,15 +97,25 @@ def _check_replaceable(out: Path, kind: OutputKind, overwrite: bool) -> None:
     if not _occupied(out):
         return
     if not overwrite:
-        raise ConversionError(f"{out} already exists and is not empty; pass --overwrite to replace it "
-                              f"(only {kind.words})")
+        raise ConversionError(
+            f"{out} already exists and is not empty; pass --overwrite to replace it (only {kind.words})"
+        )
     if not kind.recognise(out):
         raise ConversionError(f"--overwrite replaces only {kind.words}, and {out} is not one: choose another --out")
-    kept = [path for path in out.rglob("*") if path.name == METRICS
-            or (path.name == MANIFEST and not (kind.checkpoint and path == out / MANIFEST))] if out.is_dir() else []
+    kept = (
+        [
+            path
+            for path in out.rglob("*")
+            if path.name == METRICS or (path.name == MANIFEST and not (kind.checkpoint and path == out / MANIFEST))
+        ]
+        if out.is_dir()
+        else []
+    )
     if kept:
-        raise ConversionError(f"{out} holds {kept[0]}, part of a run or a checkpoint, which --overwrite never "
-                              "replaces: choose another --out")
+        raise ConversionError(
+            f"{out} holds {kept[0]}, part of a run or a checkpoint, which --overwrite never "
+            "replaces: choose another --out"
+        )
 
 
 def _occupied(path: Path) -> bool:
@@ -150,10 +175,13 @@ class Summary:
     def lines(self) -> list[str]:
         total = sum(path.stat().st_size for path in self.files)
         root = self.out if self.out.is_dir() else self.out.parent
-        head = [f"{self.kind}: {self.architecture}, {self.parameters / 1e6:.2f}M parameters, {self.dtype}",
-                f"written to {self.out} ({len(self.files)} files, {_human(total)})"]
-        return head + [f"  {str(path.relative_to(root)):<48} {_human(path.stat().st_size):>12}"
-                       for path in sorted(self.files)]
+        head = [
+            f"{self.kind}: {self.architecture}, {self.parameters / 1e6:.2f}M parameters, {self.dtype}",
+            f"written to {self.out} ({len(self.files)} files, {_human(total)})",
+        ]
+        return head + [
+            f"  {str(path.relative_to(root)):<48} {_human(path.stat().st_size):>12}" for path in sorted(self.files)
+        ]
 
 
 def _human(size: float) -> str:

@@ -22,8 +22,9 @@ from gptscale.model.init import sharded_tensors
 def _global_index(shard) -> tuple:
     prepended = shard.prepend_axis_num
     layer = tuple(shard.global_offset[:prepended])
-    local = tuple(slice(offset, offset + size)
-                  for offset, size in zip(shard.global_offset[prepended:], shard.data.shape))
+    local = tuple(
+        slice(offset, offset + size) for offset, size in zip(shard.global_offset[prepended:], shard.data.shape)
+    )
     return layer + local
 
 
@@ -73,20 +74,22 @@ def expected_shapes(cfg: Config, vocab_rows: int) -> dict[str, tuple[int, ...]]:
         "mlp.linear_fc2.bias": (hidden,),
     }
     experts, expert_ffn, shared = model.moe.num_experts, expert_ffn_size(model), model.moe.shared_expert_size
-    per_layer.update({
-        "mlp.router.weight": (experts, hidden),
-        "mlp.experts.experts.linear_fc1.weight": (experts, 2 * expert_ffn, hidden),
-        "mlp.experts.experts.linear_fc2.weight": (experts, hidden, expert_ffn),
-        "mlp.shared_experts.linear_fc1.weight": (2 * shared, hidden),
-        "mlp.shared_experts.linear_fc2.weight": (hidden, shared),
-        "mlp.shared_experts.gate_weight": (1, hidden),
-    })
+    per_layer.update(
+        {
+            "mlp.router.weight": (experts, hidden),
+            "mlp.experts.experts.linear_fc1.weight": (experts, 2 * expert_ffn, hidden),
+            "mlp.experts.experts.linear_fc2.weight": (experts, hidden, expert_ffn),
+            "mlp.shared_experts.linear_fc1.weight": (2 * shared, hidden),
+            "mlp.shared_experts.linear_fc2.weight": (hidden, shared),
+            "mlp.shared_experts.gate_weight": (1, hidden),
+        }
+    )
     expected = {}
     for row, key, axis, _ in placed_rows(model):
         if not row.megatron.startswith("decoder.layers."):
             expected[key] = shapes[key]
         else:
-            shape = per_layer[row.megatron[len("decoder.layers."):]]
+            shape = per_layer[row.megatron[len("decoder.layers.") :]]
             expected[key] = (layers, *shape) if axis is not None else shape
     return expected
 
@@ -98,12 +101,19 @@ def check_state(cfg: Config, state: Mapping[str, torch.Tensor]) -> None:
         raise ConversionError("the checkpoint holds no embedding.word_embeddings.weight")
     expected = expected_shapes(cfg, embedding.shape[0])
     problems = [f"missing {key}" for key in expected if key not in state]
-    problems += [f"{key} has shape {tuple(state[key].shape)}, expected {shape} (a shard, not the gathered tensor?)"
-                 for key, shape in expected.items() if key in state and tuple(state[key].shape) != shape]
-    if cfg.model.tie_embeddings and "output_layer.weight" in state and not torch.equal(
-            state["output_layer.weight"], embedding):
+    problems += [
+        f"{key} has shape {tuple(state[key].shape)}, expected {shape} (a shard, not the gathered tensor?)"
+        for key, shape in expected.items()
+        if key in state and tuple(state[key].shape) != shape
+    ]
+    if (
+        cfg.model.tie_embeddings
+        and "output_layer.weight" in state
+        and not torch.equal(state["output_layer.weight"], embedding)
+    ):
         problems.append("model.tie_embeddings is true but output_layer.weight differs from the embedding")
     problems += [f"unexpected {key}" for key in state if key not in expected and key != "output_layer.weight"]
     if problems:
-        raise ConversionError("the tensors do not form a complete model of this config:\n  - "
-                              + "\n  - ".join(problems))
+        raise ConversionError(
+            "the tensors do not form a complete model of this config:\n  - " + "\n  - ".join(problems)
+        )

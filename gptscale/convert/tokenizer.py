@@ -51,8 +51,12 @@ def write_hf_tokenizer(tokenizer_file: Path, out_dir: Path, model_max_length: in
 
     eod = eod_token(load_tokenizer(tokenizer_file))
     special = {} if eod is None else {"eos_token": eod[0], "bos_token": eod[0], "pad_token": eod[0]}
-    hf_tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), model_max_length=model_max_length,
-                                           clean_up_tokenization_spaces=False, **special)
+    hf_tokenizer = PreTrainedTokenizerFast(
+        tokenizer_file=str(tokenizer_file),
+        model_max_length=model_max_length,
+        clean_up_tokenization_spaces=False,
+        **special,
+    )
     hf_tokenizer.save_pretrained(str(out_dir))
     shutil.copyfile(tokenizer_file, Path(out_dir) / "tokenizer.json")
 

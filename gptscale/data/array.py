@@ -58,9 +58,14 @@ def hold_output(output: Path) -> FileLock:
     merge included): a second command for the same output is refused naming the holder, and a dead driver's lock
     is taken over. It lies outside the work directory, which the merge removes while the lock is held."""
     path = output.parent / f".{output.name}.lock"
-    return FileLock.acquire(path, lambda holder: DataError(
-        f"--output {output} is being prepared by another gptscale-prepare: {holder} (holds {path}); wait for it "
-        "to end, or stop it first"), f"gptscale-prepare: taking over {path} from a job that ended without releasing it")
+    return FileLock.acquire(
+        path,
+        lambda holder: DataError(
+            f"--output {output} is being prepared by another gptscale-prepare: {holder} (holds {path}); wait for it "
+            "to end, or stop it first"
+        ),
+        f"gptscale-prepare: taking over {path} from a job that ended without releasing it",
+    )
 
 
 def part_dir(work: Path, index: int) -> Path:
@@ -161,12 +166,27 @@ def _write_part(work: Path, plan: dict, part: Part) -> None:
     temporary.mkdir(parents=True)
     try:
         documents = read_part(part, job["text_field"], _records(job, skips), skips)
-        splits = write_splits(_indexed(documents, part.index), info, plan["dtype"], temporary, job["shard_size"],
-                               job["val_fraction"], workers=1, progress=False)
-        body = {"part": part.to_dict(), "job": job, "tokenizer_sha256": plan["tokenizer_sha256"],
-                "dtype": plan["dtype"], "skipped": skips.count, "skipped_examples": skips.examples,
-                "seconds": round(time.perf_counter() - started, 3), "cpu_seconds": round(time.process_time() - cpu, 3),
-                "splits": {name: [asdict(shard) for shard in shards] for name, shards in splits.items()}}
+        splits = write_splits(
+            _indexed(documents, part.index),
+            info,
+            plan["dtype"],
+            temporary,
+            job["shard_size"],
+            job["val_fraction"],
+            workers=1,
+            progress=False,
+        )
+        body = {
+            "part": part.to_dict(),
+            "job": job,
+            "tokenizer_sha256": plan["tokenizer_sha256"],
+            "dtype": plan["dtype"],
+            "skipped": skips.count,
+            "skipped_examples": skips.examples,
+            "seconds": round(time.perf_counter() - started, 3),
+            "cpu_seconds": round(time.process_time() - cpu, 3),
+            "splits": {name: [asdict(shard) for shard in shards] for name, shards in splits.items()},
+        }
         (temporary / PART).write_text(json.dumps(body) + "\n", encoding="utf-8")
         try:
             os.rename(temporary, target)  # atomic; refused when another run of this part published first
@@ -199,15 +219,23 @@ def merge(work: Path, output: Path, inputs: list[str]) -> Manifest:
             problems.append(f"{name} failed: {failed_marker(work, part['index']).read_text().strip()}")
             continue
         if not (directory / PART).is_file():
-            problems.append(f"{name} is not done (its task was killed or has not run; re-run the same command "
-                            "to resume)")
+            problems.append(
+                f"{name} is not done (its task was killed or has not run; re-run the same command to resume)"
+            )
             continue
         body = json.loads((directory / PART).read_text(encoding="utf-8"))
-        theirs = {"part": body.get("part"), "tokenizer sha256": body.get("tokenizer_sha256"), "dtype": body.get("dtype"),
-                  **body.get("job", {})}
+        theirs = {
+            "part": body.get("part"),
+            "tokenizer sha256": body.get("tokenizer_sha256"),
+            "dtype": body.get("dtype"),
+            **body.get("job", {}),
+        }
         ours = {"part": part, "tokenizer sha256": sha256, "dtype": plan["dtype"], **plan["job"]}
-        differs = [f"{key} {theirs.get(key)!r} (the job's: {value!r})" for key, value in ours.items()
-                   if theirs.get(key) != value]
+        differs = [
+            f"{key} {theirs.get(key)!r} (the job's: {value!r})"
+            for key, value in ours.items()
+            if theirs.get(key) != value
+        ]
         if differs:
             problems.append(f"{name} was made with another {', '.join(differs)} ({directory / PART})")
             continue
@@ -216,8 +244,10 @@ def merge(work: Path, output: Path, inputs: list[str]) -> Manifest:
                 path = directory / shard["name"]
                 size = path.stat().st_size if path.is_file() else None
                 if size != shard["bytes"]:
-                    problems.append(f"{name}: shard {path} is {'missing' if size is None else f'{size} bytes'}, "
-                                    f"its part manifest says {shard['bytes']}")
+                    problems.append(
+                        f"{name}: shard {path} is {'missing' if size is None else f'{size} bytes'}, "
+                        f"its part manifest says {shard['bytes']}"
+                    )
         bodies.append(body)
     if problems:
         raise DataError("the merge refuses to publish a dataset:\n  " + "\n  ".join(problems))
@@ -240,9 +270,15 @@ def merge(work: Path, output: Path, inputs: list[str]) -> Manifest:
         check_splits(splits, plan["job"]["val_fraction"])
         splits = {name: shards for name, shards in splits.items() if shards}
         masked = any(shard.lengths is not None for shards in splits.values() for shard in shards)
-        manifest = Manifest(str(output), plan["vocab_size"], plan["eod"], plan["dtype"],
-                            {"file": TOKENIZER, "sha256": sha256, "eod_token": plan["eod_token"],
-                             "source": plan["tokenizer_source"]}, splits, SFT_FORMAT if masked else FORMAT)
+        manifest = Manifest(
+            str(output),
+            plan["vocab_size"],
+            plan["eod"],
+            plan["dtype"],
+            {"file": TOKENIZER, "sha256": sha256, "eod_token": plan["eod_token"], "source": plan["tokenizer_source"]},
+            splits,
+            SFT_FORMAT if masked else FORMAT,
+        )
         (temporary / TOKENIZER).write_bytes(tokenizer)
         (temporary / MANIFEST).write_text(manifest.to_json(inputs), encoding="utf-8")
         if output.exists():  # --overwrite
@@ -253,13 +289,19 @@ def merge(work: Path, output: Path, inputs: list[str]) -> Manifest:
         shutil.rmtree(replaced, ignore_errors=True)
     tokens = sum(shard.tokens for shards in splits.values() for shard in shards)
     seconds, cpu = (sum(body[key] for body in bodies) for key in ("seconds", "cpu_seconds"))
-    log.info("gptscale-prepare: merged %d parts; a task tokenized %.2fM tokens/s (%.2fM per CPU-second; the "
-             "parts' own time)", len(bodies), tokens / max(seconds, 1e-9) / 1e6, tokens / max(cpu, 1e-9) / 1e6)
+    log.info(
+        "gptscale-prepare: merged %d parts; a task tokenized %.2fM tokens/s (%.2fM per CPU-second; the "
+        "parts' own time)",
+        len(bodies),
+        tokens / max(seconds, 1e-9) / 1e6,
+        tokens / max(cpu, 1e-9) / 1e6,
+    )
     skipped = sum(body["skipped"] for body in bodies)
     if skipped:
         examples = [example for body in bodies for example in body["skipped_examples"]][:5]
-        log.warning("skipped %d bad lines, row groups or files (--on-error skip), e.g.:\n  %s", skipped,
-                    "\n  ".join(examples))
+        log.warning(
+            "skipped %d bad lines, row groups or files (--on-error skip), e.g.:\n  %s", skipped, "\n  ".join(examples)
+        )
     shutil.rmtree(work)
     return manifest
 
@@ -289,9 +331,17 @@ class Progress:
         self.last = time.perf_counter()
         done, failed, tokens = self.counts()
         seconds = max(1e-9, time.perf_counter() - self.started)
-        log.info("gptscale-prepare: tasks %d done, %d running, %d failed of %d; parts %d/%d; %.2fM tokens, "
-                 "%.2fM tok/s", done, len(self.runs) - done - failed, failed, len(self.runs), len(self.tokens),
-                 sum(len(run) for run in self.runs), tokens / 1e6, tokens / seconds / 1e6)
+        log.info(
+            "gptscale-prepare: tasks %d done, %d running, %d failed of %d; parts %d/%d; %.2fM tokens, %.2fM tok/s",
+            done,
+            len(self.runs) - done - failed,
+            failed,
+            len(self.runs),
+            len(self.tokens),
+            sum(len(run) for run in self.runs),
+            tokens / 1e6,
+            tokens / seconds / 1e6,
+        )
 
 
 def run_local(work: Path, tasks: list[int], count: int, workers: int, progress: Progress) -> None:
@@ -309,15 +359,17 @@ def run_local(work: Path, tasks: list[int], count: int, workers: int, progress: 
     try:
         # Forked, not spawned: a child starts with this process's imports (webdataset pulls in torch, seconds).
         # The tokenizer runs serially there, as the variables above ask and tokenizers does in forked children.
-        with concurrent.futures.ProcessPoolExecutor(min(workers, len(tasks)),
-                                                    mp_context=multiprocessing.get_context("fork")) as pool:
+        with concurrent.futures.ProcessPoolExecutor(
+            min(workers, len(tasks)), mp_context=multiprocessing.get_context("fork")
+        ) as pool:
             futures = [pool.submit(run_task, str(work), task, count) for task in tasks]
             while concurrent.futures.wait(futures, timeout=0.5).not_done:
                 progress.report()
             for task, future in zip(tasks, futures):
                 if future.exception() is not None and not isinstance(future.exception(), DataError):
-                    raise DataError(f"task {task} of {count} ended with {future.exception()!r}; re-run the same "
-                                    "command to resume")
+                    raise DataError(
+                        f"task {task} of {count} ended with {future.exception()!r}; re-run the same command to resume"
+                    )
     finally:
         for name, value in saved.items():
             if value is None:
@@ -330,9 +382,13 @@ def slurm_executor(work: Path, options: dict):
     import submitit
 
     executor = submitit.AutoExecutor(folder=work / "slurm", cluster="slurm")
-    executor.update_parameters(name="gptscale-prepare", timeout_min=options["time"], cpus_per_task=options["cpus"],
-                               slurm_array_parallelism=options["parallelism"],
-                               **({"slurm_partition": options["partition"]} if options["partition"] else {}))
+    executor.update_parameters(
+        name="gptscale-prepare",
+        timeout_min=options["time"],
+        cpus_per_task=options["cpus"],
+        slurm_array_parallelism=options["parallelism"],
+        **({"slurm_partition": options["partition"]} if options["partition"] else {}),
+    )
     return executor
 
 
@@ -340,8 +396,12 @@ def run_slurm(work: Path, tasks: list[int], count: int, options: dict, progress:
     """One SLURM job array (submitit), one array task per task; waits, reporting progress."""
     executor = slurm_executor(work, options)
     jobs = executor.map_array(run_task, [str(work)] * len(tasks), tasks, [count] * len(tasks))
-    log.info("gptscale-prepare: submitted SLURM job array %s (%d tasks); logs in %s", jobs[0].job_id.split("_")[0],
-             len(jobs), work / "slurm")
+    log.info(
+        "gptscale-prepare: submitted SLURM job array %s (%d tasks); logs in %s",
+        jobs[0].job_id.split("_")[0],
+        len(jobs),
+        work / "slurm",
+    )
     while not all(job.done() for job in jobs):
         progress.report()
         time.sleep(1)
@@ -376,10 +436,10 @@ def run_ray(work: Path, tasks: list[int], count: int, progress: Progress) -> Non
     import ray
 
     remote = ray.remote(num_cpus=1, runtime_env={"env_vars": {"RAYON_NUM_THREADS": "1"}})(run_task)
-    refs = [remote.options(name=f"gptscale-prepare task {task}").remote(str(work.resolve()), task, count)
-            for task in tasks]
-    log.info("gptscale-prepare: %d Ray tasks on a cluster of %d CPUs", len(refs),
-             ray.cluster_resources().get("CPU", 0))
+    refs = [
+        remote.options(name=f"gptscale-prepare task {task}").remote(str(work.resolve()), task, count) for task in tasks
+    ]
+    log.info("gptscale-prepare: %d Ray tasks on a cluster of %d CPUs", len(refs), ray.cluster_resources().get("CPU", 0))
     pending = refs
     while pending:
         pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)[1]
@@ -389,8 +449,9 @@ def run_ray(work: Path, tasks: list[int], count: int, progress: Progress) -> Non
             ray.get(ref)
         except ray.exceptions.RayError as error:
             if not isinstance(_ray_cause(error), DataError):  # its failed parts are marked; the merge names them
-                raise DataError(f"task {task} of {count} ended with {_ray_cause(error)!r}; re-run the same "
-                                "command to resume") from None
+                raise DataError(
+                    f"task {task} of {count} ended with {_ray_cause(error)!r}; re-run the same command to resume"
+                ) from None
 
 
 def train_tokenizer_on(executor: str, work: Path, options: dict) -> None:
@@ -403,8 +464,11 @@ def train_tokenizer_on(executor: str, work: Path, options: dict) -> None:
 
         log.info("gptscale-prepare: training the tokenizer in a Ray task")
         try:
-            ray.get(ray.remote(num_cpus=1)(train_tokenizer).options(name="gptscale-prepare tokenizer")
-                    .remote(str(work.resolve())))
+            ray.get(
+                ray.remote(num_cpus=1)(train_tokenizer)
+                .options(name="gptscale-prepare tokenizer")
+                .remote(str(work.resolve()))
+            )
         except ray.exceptions.RayError as error:
             raise DataError(f"the tokenizer task failed: {_ray_cause(error)}") from None
         return

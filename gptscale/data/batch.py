@@ -53,8 +53,9 @@ def document_attention_mask(document_ids: torch.Tensor, queries: Optional[torch.
     return other_document.logical_or_(future_mask(queries, length)).unsqueeze(1)
 
 
-def masked_micro_batch(windows: torch.Tensor, valid: torch.Tensor, trained: torch.Tensor, eod: int,
-                       keep_apart: bool) -> dict:
+def masked_micro_batch(
+    windows: torch.Tensor, valid: torch.Tensor, trained: torch.Tensor, eod: int, keep_apart: bool
+) -> dict:
     """``micro_batch`` of fine-tuning data: only labels the shards' masks train count, and never a label
     that starts the next document (the end-of-document token predicts nothing)."""
     batch = micro_batch(windows, valid, eod, keep_apart)

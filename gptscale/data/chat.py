@@ -32,10 +32,10 @@ TRAINED_ROLE = "assistant"
 TEMPLATES = {
     # OpenAI's ChatML, as Qwen and many fine-tunes use it.
     "chatml": "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
-              "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
     # Plain role prefixes, for tokenizers without special tokens.
     "plain": "{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] }}\n"
-             "{% endfor %}{% if add_generation_prompt %}Assistant: {% endif %}",
+    "{% endfor %}{% if add_generation_prompt %}Assistant: {% endif %}",
 }
 DEFAULT_TEMPLATE = "chatml"
 FORMATS = ("text", "chat", "prompt-completion")
@@ -54,8 +54,9 @@ class ChatTemplate:
         def raise_exception(message):
             raise jinja2.TemplateError(message)
 
-        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                    extensions=["jinja2.ext.loopcontrols"])
+        environment = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
         environment.globals["raise_exception"] = raise_exception
         try:
             self.template = environment.from_string(source)
@@ -77,16 +78,20 @@ class ChatTemplate:
             except jinja2.TemplateError as error:
                 raise DataError(f"{where}: chat template {self.name} refuses the conversation ({error})") from None
             if not text.startswith(previous):
-                raise DataError(f"{where}: chat template {self.name} renders message {count} by changing what "
-                                "came before it, so trained tokens cannot be told apart; choose --chat-template")
-            added, previous = text[len(previous):], text
+                raise DataError(
+                    f"{where}: chat template {self.name} renders message {count} by changing what "
+                    "came before it, so trained tokens cannot be told apart; choose --chat-template"
+                )
+            added, previous = text[len(previous) :], text
             if message["role"] != TRAINED_ROLE:
                 pieces.append(Piece(added, False))
                 continue
             at = added.find(message["content"])
             if at < 0:
-                raise DataError(f"{where}: chat template {self.name} does not render message {count}'s content "
-                                "verbatim, so its tokens cannot be found; choose --chat-template")
+                raise DataError(
+                    f"{where}: chat template {self.name} does not render message {count}'s content "
+                    "verbatim, so its tokens cannot be found; choose --chat-template"
+                )
             pieces += [Piece(added[:at], False), Piece(added[at:], True)]
         return [piece for piece in pieces if piece.text]
 
@@ -133,7 +138,7 @@ def check_messages(record, where: str) -> list[dict]:
     """The messages of a chat record, or a DataError naming ``where`` (file:line) and what is wrong."""
     messages = record.get("messages") if isinstance(record, dict) else None
     if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: no 'messages' list (a chat record is {{\"messages\": [{{\"role\", \"content\"}}]}})")
+        raise DataError(f'{where}: no \'messages\' list (a chat record is {{"messages": [{{"role", "content"}}]}})')
     for number, message in enumerate(messages, start=1):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise DataError(f"{where}: message {number} lacks a 'role' or a 'content' field")
@@ -153,7 +158,7 @@ def check_pair(record, where: str) -> tuple[str, str]:
     """(prompt, completion) of a prompt-completion record, or a DataError naming ``where``."""
     for name in ("prompt", "completion"):
         if not isinstance(record, dict) or not isinstance(record.get(name), str):
-            raise DataError(f"{where}: no string field {name!r} (a record is {{\"prompt\": ..., \"completion\": ...}})")
+            raise DataError(f'{where}: no string field {name!r} (a record is {{"prompt": ..., "completion": ...}})')
     if not record["completion"].strip():
         raise DataError(f"{where}: empty completion")
     return record["prompt"], record["completion"]
@@ -163,8 +168,9 @@ def _raise(message: str) -> None:
     raise DataError(message)
 
 
-def read_records(path: Path, data_format: str, template: Optional[ChatTemplate],
-                 bad: Callable[[str], None] = _raise) -> Iterator[list[Piece]]:
+def read_records(
+    path: Path, data_format: str, template: Optional[ChatTemplate], bad: Callable[[str], None] = _raise
+) -> Iterator[list[Piece]]:
     """The records of one JSON-lines file as pieces, in file order. A bad record's message names file and line
     and goes to ``bad``, which raises it (the default) or counts it and lets the file go on (``--on-error skip``)."""
     with _open_text(path) as stream:

@@ -41,7 +41,7 @@ def embedded_documents(max_bytes: int) -> list[str]:
     """The standard library's top-level modules in a fixed order, one document each, ``max_bytes`` in all."""
     documents, total = [], 0
     for path in stdlib_sources():
-        data = path.read_bytes()[:max_bytes - total]
+        data = path.read_bytes()[: max_bytes - total]
         documents.append(data.decode("utf-8", errors="replace"))
         total += len(data)
         if total >= max_bytes:
@@ -64,7 +64,15 @@ def embedded_dataset(max_bytes: int, vocab_size: int, cache_dir: Path) -> Path:
     with open(target.parent / f"{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (target / MANIFEST).is_file():
-            prepare_dataset(lambda: documents, target, vocab_size=vocab_size, shard_size=SHARD_SIZE,
-                            val_fraction=VAL_FRACTION, workers=1, inputs=["<python stdlib>"], progress=False,
-                            overwrite=True)
+            prepare_dataset(
+                lambda: documents,
+                target,
+                vocab_size=vocab_size,
+                shard_size=SHARD_SIZE,
+                val_fraction=VAL_FRACTION,
+                workers=1,
+                inputs=["<python stdlib>"],
+                progress=False,
+                overwrite=True,
+            )
     return target

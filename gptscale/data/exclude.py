@@ -37,8 +37,10 @@ class DocumentId:
     def parse(cls, text: str, where: str) -> "DocumentId":
         match = _IDENTITY.match(text.strip())
         if match is None:
-            raise DataError(f"{where}: {text.strip()!r} is not a document identity FINGERPRINT:SHARD:INDEX "
-                            "(16 hex digits, a shard name, a document index)")
+            raise DataError(
+                f"{where}: {text.strip()!r} is not a document identity FINGERPRINT:SHARD:INDEX "
+                "(16 hex digits, a shard name, a document index)"
+            )
         return cls(match.group(1), match.group(2), int(match.group(3)))
 
 
@@ -68,11 +70,15 @@ def check_exclusions(identities: Iterable[DocumentId], sources: dict[str, dict[s
     for identity in identities:
         shards = sources.get(identity.fingerprint)
         if shards is None:
-            raise DataError(f"{what}: {identity} names data this run does not read: no source has fingerprint "
-                            f"{identity.fingerprint} (this run's: {', '.join(sorted(sources))}); the list was "
-                            "made for another dataset")
+            raise DataError(
+                f"{what}: {identity} names data this run does not read: no source has fingerprint "
+                f"{identity.fingerprint} (this run's: {', '.join(sorted(sources))}); the list was "
+                "made for another dataset"
+            )
         if identity.shard not in shards:
             raise DataError(f"{what}: {identity}: source {identity.fingerprint} has no shard {identity.shard!r}")
         if identity.document >= shards[identity.shard]:
-            raise DataError(f"{what}: {identity}: shard {identity.shard} holds {shards[identity.shard]} documents, "
-                            f"no document {identity.document}")
+            raise DataError(
+                f"{what}: {identity}: shard {identity.shard} holds {shards[identity.shard]} documents, "
+                f"no document {identity.document}"
+            )

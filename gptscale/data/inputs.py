@@ -57,8 +57,10 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
             matched = [Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file()]
         if not matched:
             looked_for = " ".join(sorted(KNOWN)) if path.is_dir() else "files matching it"
-            raise DataError(f"--input {pattern}: no input files there (looked for {looked_for}; each may also end "
-                            f"in {' or '.join(sorted(COMPRESSED))})")
+            raise DataError(
+                f"--input {pattern}: no input files there (looked for {looked_for}; each may also end "
+                f"in {' or '.join(sorted(COMPRESSED))})"
+            )
         files.update(p.resolve() for p in matched)
     return sorted(files)
 
@@ -81,8 +83,10 @@ def read_documents(path: Path, text_field: str = "text") -> Iterator[str]:
 
         parquet = pq.ParquetFile(path)
         if text_field not in parquet.schema_arrow.names:
-            raise DataError(f"{path}: no column {text_field!r} (columns: {parquet.schema_arrow.names}); "
-                            "choose one with --text-field")
+            raise DataError(
+                f"{path}: no column {text_field!r} (columns: {parquet.schema_arrow.names}); "
+                "choose one with --text-field"
+            )
         for batch in parquet.iter_batches(columns=[text_field]):
             yield from (text or "" for text in batch.column(0).to_pylist())
         return
@@ -97,8 +101,10 @@ def read_documents(path: Path, text_field: str = "text") -> Iterator[str]:
                 record = json.loads(line)
                 text = record[text_field]
             except (ValueError, KeyError, TypeError) as error:
-                raise DataError(f"{path}:{number}: no JSON object with a {text_field!r} field ({error!r}); "
-                                "choose the field with --text-field") from None
+                raise DataError(
+                    f"{path}:{number}: no JSON object with a {text_field!r} field ({error!r}); "
+                    "choose the field with --text-field"
+                ) from None
             if not isinstance(text, str):
                 raise DataError(f"{path}:{number}: field {text_field!r} is not a string")
             yield text

@@ -56,8 +56,17 @@ class Source:
 class _StepStream(IterableDataset):
     """One item per step from ``start``: the sequences of this worker's share of the rank's slots."""
 
-    def __init__(self, sources: list[Source], orders: list[SourceOrder], slots: range, start: int, seq_len: int,
-                 eod: int, on_error: str, excluded: frozenset = frozenset()):
+    def __init__(
+        self,
+        sources: list[Source],
+        orders: list[SourceOrder],
+        slots: range,
+        start: int,
+        seq_len: int,
+        eod: int,
+        on_error: str,
+        excluded: frozenset = frozenset(),
+    ):
         self.shard_sources = [source.shard_source() for source in sources]
         self.weights = [source.weight for source in sources]
         self.orders, self.slots, self.start, self.seq_len = orders, slots, start, seq_len
@@ -78,8 +87,11 @@ class _StepStream(IterableDataset):
                 for row, slot in enumerate(slots):
                     reader.read(int(slot), order.pick(int(slot), step), windows[row], valid[row])
                 skipped = reader.take_skipped()
-                yield {"windows": torch.from_numpy(windows), "valid": torch.from_numpy(valid),
-                       "skipped": torch.tensor([skipped[name] for name in SKIP_COUNTS])}
+                yield {
+                    "windows": torch.from_numpy(windows),
+                    "valid": torch.from_numpy(valid),
+                    "skipped": torch.tensor([skipped[name] for name in SKIP_COUNTS]),
+                }
         finally:
             reader.close()
 
@@ -91,10 +103,21 @@ class StreamingLoader:
     placeholders of the right shapes without reading anything, while keeping the same state.
     """
 
-    def __init__(self, sources: list[Source], layout: Layout, dp_rank: int, seq_len: int, *, seed: int,
-                 workers: int = 0, reset_attention_at_eod: bool = False, on_error: str = "raise",
-                 max_skipped_fraction: Optional[float] = None,
-                 serves_tokens: bool = True, exclude: tuple = ()):
+    def __init__(
+        self,
+        sources: list[Source],
+        layout: Layout,
+        dp_rank: int,
+        seq_len: int,
+        *,
+        seed: int,
+        workers: int = 0,
+        reset_attention_at_eod: bool = False,
+        on_error: str = "raise",
+        max_skipped_fraction: Optional[float] = None,
+        serves_tokens: bool = True,
+        exclude: tuple = (),
+    ):
         self.sources, self.layout, self.seq_len = sources, layout, seq_len
         self.workers, self.reset_attention, self.on_error = workers, reset_attention_at_eod, on_error
         self.serves_tokens = serves_tokens
@@ -118,13 +141,18 @@ class StreamingLoader:
         self.orders = []
         for index, source in enumerate(self.sources):
             shards = source.manifest.shards(source.split)
-            order = SourceOrder([s.tokens for s in shards], self.seq_len, self.layout.global_batch,
-                                (seed, SPLIT_SEEDS[source.split], index))
+            order = SourceOrder(
+                [s.tokens for s in shards],
+                self.seq_len,
+                self.layout.global_batch,
+                (seed, SPLIT_SEEDS[source.split], index),
+            )
             if order.sequences < self.layout.global_batch:
                 raise DataError(
                     f"{source.manifest.location} ({source.split} split) holds {order.tokens} tokens, "
                     f"{order.sequences} sequences of train.seq_len={self.seq_len}: fewer than one global batch "
-                    f"(parallel.global_batch={self.layout.global_batch})")
+                    f"(parallel.global_batch={self.layout.global_batch})"
+                )
             self.orders.append(order)
         self.order = GlobalOrder(self.orders, [source.weight for source in self.sources])
 
@@ -135,8 +163,7 @@ class StreamingLoader:
         if self._fields is None:
             self._fields = self._next_step()
         rows = slice(self.micro_step * self.layout.micro_batch, (self.micro_step + 1) * self.layout.micro_batch)
-        batch = micro_batch(self._fields["windows"][rows], self._fields["valid"][rows], self.eod,
-                            self.reset_attention)
+        batch = micro_batch(self._fields["windows"][rows], self._fields["valid"][rows], self.eod, self.reset_attention)
         self.micro_step += 1
         if self.micro_step == self.layout.num_microbatches:
             self.micro_step, self._fields = 0, None
@@ -145,8 +172,10 @@ class StreamingLoader:
 
     def _next_step(self) -> dict[str, torch.Tensor]:
         if not self.serves_tokens:
-            return {"windows": torch.zeros(len(self.slots), self.seq_len + 1, dtype=torch.int64),
-                    "valid": torch.zeros(len(self.slots), self.seq_len + 1, dtype=torch.bool)}
+            return {
+                "windows": torch.zeros(len(self.slots), self.seq_len + 1, dtype=torch.int64),
+                "valid": torch.zeros(len(self.slots), self.seq_len + 1, dtype=torch.bool),
+            }
         if self._stream is None:
             self._stream = self._open(self.step)
         items = [next(self._stream) for _ in range(max(self.workers, 1))]
@@ -164,14 +193,17 @@ class StreamingLoader:
         every shard is bad would otherwise train on masked padding (loss 0) without a word."""
         skipped, opened = self.tokens["skipped"], self.tokens["opened"]
         if self.max_skipped_fraction is not None and skipped and skipped > self.max_skipped_fraction * opened:
-            raise DataError(f"data.on_error=skip has skipped {self.skipped['shards']} shards, {skipped:,} of the "
-                            f"{opened:,} tokens this rank opened ({skipped / opened:.1%}), more than "
-                            f"data.max_skipped_fraction={self.max_skipped_fraction}: the warnings above name the "
-                            "shards; repair or re-prepare them (or raise the bound)")
+            raise DataError(
+                f"data.on_error=skip has skipped {self.skipped['shards']} shards, {skipped:,} of the "
+                f"{opened:,} tokens this rank opened ({skipped / opened:.1%}), more than "
+                f"data.max_skipped_fraction={self.max_skipped_fraction}: the warnings above name the "
+                "shards; repair or re-prepare them (or raise the bound)"
+            )
 
     def _open(self, start: int):
-        stream = _StepStream(self.sources, self.orders, self.slots, start, self.seq_len, self.eod, self.on_error,
-                             self._excluded_keys())
+        stream = _StepStream(
+            self.sources, self.orders, self.slots, start, self.seq_len, self.eod, self.on_error, self._excluded_keys()
+        )
         if self.workers == 0:
             return iter(stream)
         return iter(DataLoader(stream, batch_size=None, num_workers=self.workers))
@@ -194,8 +226,16 @@ class StreamingLoader:
             "seq_len": self.seq_len,
             "micro_batch": self.layout.micro_batch,
             "dp": self.layout.dp,
-            "sources": [{"location": s.manifest.location, "split": s.split, "fingerprint": s.fingerprint,
-                         "weight": s.weight, **done} for s, done in zip(self.sources, progress)],
+            "sources": [
+                {
+                    "location": s.manifest.location,
+                    "split": s.split,
+                    "fingerprint": s.fingerprint,
+                    "weight": s.weight,
+                    **done,
+                }
+                for s, done in zip(self.sources, progress)
+            ],
             "exclude": [str(identity) for identity in sorted(self.excluded)],
         }
 
@@ -205,15 +245,23 @@ class StreamingLoader:
         theirs = [(s["fingerprint"], float(s["weight"])) for s in state["sources"]]
         for name, value in (("global_batch", self.layout.global_batch), ("seq_len", self.seq_len)):
             if int(state[name]) != value:
-                raise DataError(f"cannot resume the data stream: it was saved with {name}={state[name]}, "
-                                f"this run has {value} (the global order depends on it)")
-        if int(state["micro_step"]) and (state["micro_batch"], state["dp"]) != (self.layout.micro_batch,
-                                                                              self.layout.dp):
-            raise DataError("cannot resume the data stream inside a step on another layout: it was saved at "
-                            f"micro-step {state['micro_step']} of dp={state['dp']} x micro_batch={state['micro_batch']}")
+                raise DataError(
+                    f"cannot resume the data stream: it was saved with {name}={state[name]}, "
+                    f"this run has {value} (the global order depends on it)"
+                )
+        if int(state["micro_step"]) and (state["micro_batch"], state["dp"]) != (
+            self.layout.micro_batch,
+            self.layout.dp,
+        ):
+            raise DataError(
+                "cannot resume the data stream inside a step on another layout: it was saved at "
+                f"micro-step {state['micro_step']} of dp={state['dp']} x micro_batch={state['micro_batch']}"
+            )
         if mine != theirs:
-            raise DataError(f"cannot resume the data stream: it was saved for sources {state['sources']}, "
-                            f"this run reads {[s.manifest.location for s in self.sources]} with other data or weights")
+            raise DataError(
+                f"cannot resume the data stream: it was saved for sources {state['sources']}, "
+                f"this run reads {[s.manifest.location for s in self.sources]} with other data or weights"
+            )
         self.close()
         if int(state["seed"]) != self.seed:
             self._set_seed(int(state["seed"]))
@@ -234,9 +282,12 @@ class StreamingLoader:
     def _excluded_keys(self) -> frozenset:
         """The exclusions as the reader's (source, shard, document) keys."""
         shard_index = [{shard.name: i for i, shard in enumerate(s.manifest.shards(s.split))} for s in self.sources]
-        return frozenset((source, shard_index[source][identity.shard], identity.document)
-                         for identity in self.excluded for source, fingerprint in enumerate(self.fingerprints)
-                         if identity.fingerprint == fingerprint)
+        return frozenset(
+            (source, shard_index[source][identity.shard], identity.document)
+            for identity in self.excluded
+            for source, fingerprint in enumerate(self.fingerprints)
+            if identity.fingerprint == fingerprint
+        )
 
     def documents_at(self, step: int) -> list[DocumentId]:
         """The documents that global batch ``step`` (0-based) reads, in every slot of every rank: the order is a
@@ -251,6 +302,7 @@ class StreamingLoader:
         finally:
             reader.close()
         names = [[shard.name for shard in s.manifest.shards(s.split)] for s in self.sources]
-        found = {DocumentId(self.fingerprints[source], names[source][shard], document)
-                 for source, shard, document in seen}
+        found = {
+            DocumentId(self.fingerprints[source], names[source][shard], document) for source, shard, document in seen
+        }
         return sorted(found - self.excluded)

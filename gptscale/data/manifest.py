@@ -74,8 +74,15 @@ class Manifest:
             }
             for name, shards in self.splits.items()
         }
-        body = {"format": self.format, "vocab_size": self.vocab_size, "eod": self.eod, "dtype": self.dtype,
-                "tokenizer": self.tokenizer, "inputs": inputs, "splits": splits}
+        body = {
+            "format": self.format,
+            "vocab_size": self.vocab_size,
+            "eod": self.eod,
+            "dtype": self.dtype,
+            "tokenizer": self.tokenizer,
+            "inputs": inputs,
+            "splits": splits,
+        }
         return json.dumps(body, indent=1) + "\n"
 
 
@@ -104,8 +111,9 @@ def dtype_for_vocab(vocab_size: int) -> str:
 def check_vocab_fits(vocab_size: int, dtype: str, what: str) -> None:
     limit = np.iinfo(DTYPES[dtype]).max + 1
     if vocab_size > limit:
-        raise DataError(f"{what}: vocabulary of {vocab_size} tokens overflows {dtype} (at most {limit} ids); "
-                        "store tokens as uint32")
+        raise DataError(
+            f"{what}: vocabulary of {vocab_size} tokens overflows {dtype} (at most {limit} ids); store tokens as uint32"
+        )
 
 
 def read_manifest(location: str) -> Manifest:
@@ -130,8 +138,11 @@ def read_manifest(location: str) -> Manifest:
             raise DataError(f"{url}: end-of-document id {eod} is outside the vocabulary of {vocab_size}")
         splits = {name: [ShardInfo(**shard) for shard in split["shards"]] for name, split in body["splits"].items()}
         manifest = Manifest(location, vocab_size, eod, dtype, dict(body["tokenizer"]), splits, body["format"])
-        if manifest.masked and any(s.lengths is None or len(s.lengths) != s.samples or sum(s.lengths) != s.tokens
-                                   for shards in splits.values() for s in shards):
+        if manifest.masked and any(
+            s.lengths is None or len(s.lengths) != s.samples or sum(s.lengths) != s.tokens
+            for shards in splits.values()
+            for s in shards
+        ):
             raise DataError(f"{url}: a {SFT_FORMAT} shard entry lacks document lengths matching its counts")
     except (KeyError, TypeError) as error:
         raise DataError(f"{url}: malformed manifest ({error!r})") from error

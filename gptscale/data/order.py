@@ -85,9 +85,9 @@ class BlendSchedule:
             return
         length = max(length, 2 * len(self._picks), 1024)
         picks = np.empty(length, dtype=np.int64)
-        picks[:len(self._picks)] = self._picks
+        picks[: len(self._picks)] = self._picks
         counts = np.empty((length + 1, len(self.weights)), dtype=np.int64)
-        counts[:len(self._counts)] = self._counts
+        counts[: len(self._counts)] = self._counts
         taken = counts[len(self._picks)].astype(np.float64)
         for index in range(len(self._picks), length):
             source = int(np.argmax(self.weights * (index + 1) - taken))
@@ -134,5 +134,7 @@ class GlobalOrder:
         """Per source: sequences served and the oldest epoch any slot is still in, for the state and logs."""
         slots = self.sources[0].slots
         taken = np.stack([self.blend.taken(slot, step) for slot in range(slots)])
-        return [{"sequences": int(taken[:, i].sum()), "epoch": int((taken[:, i] // order.rows).min())}
-                for i, order in enumerate(self.sources)]
+        return [
+            {"sequences": int(taken[:, i].sum()), "epoch": int((taken[:, i] // order.rows).min())}
+            for i, order in enumerate(self.sources)
+        ]

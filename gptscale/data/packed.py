@@ -45,8 +45,17 @@ CACHED_SHARDS = 4
 class PackedOrder:
     """Which documents (shard, index, tokens taken) fill each slot of each global batch."""
 
-    def __init__(self, manifest: Manifest, split: str, seq_len: int, slots: int, seed: int, packing: bool,
-                 truncate_long: bool, on_error: str):
+    def __init__(
+        self,
+        manifest: Manifest,
+        split: str,
+        seq_len: int,
+        slots: int,
+        seed: int,
+        packing: bool,
+        truncate_long: bool,
+        on_error: str,
+    ):
         self.shards = manifest.shards(split)
         self.window = seq_len + 1
         self.slots, self.packing = slots, packing
@@ -58,12 +67,21 @@ class PackedOrder:
             raise DataError(
                 f"{manifest.url(self.shards[shard].name)}: document {document} holds {self.lengths[shard][document]} "
                 f"tokens, more than a sequence (train.seq_len + 1 = {self.window}); {len(long)} in the {split} split "
-                "are: cut them with data.truncate_long=true or drop them with data.on_error=skip")
-        self.taken = [np.minimum(lengths, self.window) if truncate_long else np.where(lengths > self.window, 0, lengths)
-                      for lengths in self.lengths]
+                "are: cut them with data.truncate_long=true or drop them with data.on_error=skip"
+            )
+        self.taken = [
+            np.minimum(lengths, self.window) if truncate_long else np.where(lengths > self.window, 0, lengths)
+            for lengths in self.lengths
+        ]
         if long:
-            log.warning("%s (%s split): %d documents longer than train.seq_len + 1 = %d tokens %s", manifest.location,
-                        split, len(long), self.window, "cut to fit" if truncate_long else "dropped (data.on_error=skip)")
+            log.warning(
+                "%s (%s split): %d documents longer than train.seq_len + 1 = %d tokens %s",
+                manifest.location,
+                split,
+                len(long),
+                self.window,
+                "cut to fit" if truncate_long else "dropped (data.on_error=skip)",
+            )
         self.long_documents = len(long)
         self._epochs: OrderedDict[int, list[np.ndarray]] = OrderedDict()
         self._steps: list[int] = []  # global batches of each epoch packed so far
@@ -86,7 +104,7 @@ class PackedOrder:
             rows.append(np.stack([np.full(int(keep.sum()), shard), documents[keep], taken[keep]], axis=1))
         documents = np.concatenate(rows) if rows else np.zeros((0, 3), dtype=np.int64)
         if not self.packing:
-            return [documents[i:i + 1] for i in range(len(documents))]
+            return [documents[i : i + 1] for i in range(len(documents))]
         sequences, start, fill = [], 0, 0
         for index, tokens in enumerate(documents[:, 2]):
             if fill + tokens > self.window:
@@ -122,9 +140,20 @@ class PackedLoader:
     """Iterator of ``{"tokens", "labels", "loss_mask", "position_ids"[, "document_ids"]}`` micro-batches of
     fine-tuning data; the interface and state of ``StreamingLoader``."""
 
-    def __init__(self, manifest: Manifest, split: str, layout: Layout, dp_rank: int, seq_len: int, *, seed: int,
-                 packing: bool = True, truncate_long: bool = False, on_error: str = "raise",
-                 serves_tokens: bool = True):
+    def __init__(
+        self,
+        manifest: Manifest,
+        split: str,
+        layout: Layout,
+        dp_rank: int,
+        seq_len: int,
+        *,
+        seed: int,
+        packing: bool = True,
+        truncate_long: bool = False,
+        on_error: str = "raise",
+        serves_tokens: bool = True,
+    ):
         if manifest.shards(split) and not manifest.masked:
             raise DataError(f"{manifest.location} is not fine-tuning data (format {manifest.format})")
         self.manifest, self.split, self.layout, self.seq_len = manifest, split, layout, seq_len
@@ -173,13 +202,17 @@ class PackedLoader:
                 for shard, document, tokens in self.order.sequence(slot, step):
                     loaded = self._shard(int(shard))
                     if loaded is not None:
-                        windows[row, at:at + tokens] = loaded.decode(int(document), self.manifest.numpy_dtype,
-                                                                     self._decompressor)[:tokens]
-                        trained[row, at:at + tokens] = loaded.decode_mask(int(document), self._decompressor)[:tokens]
-                        valid[row, at:at + tokens] = True
+                        windows[row, at : at + tokens] = loaded.decode(
+                            int(document), self.manifest.numpy_dtype, self._decompressor
+                        )[:tokens]
+                        trained[row, at : at + tokens] = loaded.decode_mask(int(document), self._decompressor)[:tokens]
+                        valid[row, at : at + tokens] = True
                     at += tokens
-        return {"windows": torch.from_numpy(windows), "valid": torch.from_numpy(valid),
-                "trained": torch.from_numpy(trained)}
+        return {
+            "windows": torch.from_numpy(windows),
+            "valid": torch.from_numpy(valid),
+            "trained": torch.from_numpy(trained),
+        }
 
     def _shard(self, index: int) -> Optional[LoadedShard]:
         """A verified shard, kept while recent (documents are read in shard order); None if skipped."""
@@ -190,8 +223,10 @@ class PackedLoader:
         try:
             loaded = load_shard(self.manifest.url(info.name), info, self.manifest.numpy_dtype)
             if loaded.masks is None:
-                raise DataError(f"shard {self.manifest.url(info.name)} has no loss masks, yet the manifest says "
-                                f"{self.manifest.format}")
+                raise DataError(
+                    f"shard {self.manifest.url(info.name)} has no loss masks, yet the manifest says "
+                    f"{self.manifest.format}"
+                )
         except DataError as error:
             if self.on_error != "skip":
                 raise
@@ -207,19 +242,35 @@ class PackedLoader:
         self._shards.clear()
 
     def state_dict(self) -> dict:
-        return {"format": STATE_FORMAT, "step": self.step, "micro_step": self.micro_step, "seed": self.seed,
-                "global_batch": self.layout.global_batch, "seq_len": self.seq_len, "packing": self.packing,
-                "micro_batch": self.layout.micro_batch, "dp": self.layout.dp, "fingerprint": self.fingerprint}
+        return {
+            "format": STATE_FORMAT,
+            "step": self.step,
+            "micro_step": self.micro_step,
+            "seed": self.seed,
+            "global_batch": self.layout.global_batch,
+            "seq_len": self.seq_len,
+            "packing": self.packing,
+            "micro_batch": self.layout.micro_batch,
+            "dp": self.layout.dp,
+            "fingerprint": self.fingerprint,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue after the batches ``state`` had served (any number of ranks)."""
         if state.get("format") != STATE_FORMAT:
             raise DataError("cannot resume fine-tuning data from the state of a pretraining data stream")
-        for name, value in (("global_batch", self.layout.global_batch), ("seq_len", self.seq_len),
-                            ("packing", self.packing), ("seed", self.seed), ("fingerprint", self.fingerprint)):
+        for name, value in (
+            ("global_batch", self.layout.global_batch),
+            ("seq_len", self.seq_len),
+            ("packing", self.packing),
+            ("seed", self.seed),
+            ("fingerprint", self.fingerprint),
+        ):
             if state[name] != value:
-                raise DataError(f"cannot resume the data stream: it was saved with {name}={state[name]}, "
-                                f"this run has {value} (the order depends on it)")
+                raise DataError(
+                    f"cannot resume the data stream: it was saved with {name}={state[name]}, "
+                    f"this run has {value} (the order depends on it)"
+                )
         if state["micro_step"] and (state["micro_batch"], state["dp"]) != (self.layout.micro_batch, self.layout.dp):
             raise DataError("cannot resume the data stream inside a step on another layout")
         self.step, self.micro_step, self._fields = int(state["step"]), int(state["micro_step"]), None

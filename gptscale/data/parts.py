@@ -105,8 +105,9 @@ def read_part(part: Part, text_field: str, records: Optional[Callable[[Path], It
     elif part.kind == "lines":
         yield from _read_lines(path, part.start, part.stop, text_field, skips)
     elif _kind(path) == "parquet":
-        yield from _read_row_groups(path, part.start, part.stop if part.kind == "row_groups" else None, text_field,
-                                    skips)
+        yield from _read_row_groups(
+            path, part.start, part.stop if part.kind == "row_groups" else None, text_field, skips
+        )
     elif _kind(path) == "jsonl":
         yield from _read_lines(path, 0, None, text_field, skips)
     else:
@@ -137,8 +138,9 @@ def _read_lines(path: Path, start: int, stop: Optional[int], text_field: str, sk
                 continue
             text = record.get(text_field) if isinstance(record, dict) else None
             if not isinstance(text, str):
-                skips.bad(f"{where}: no string field {text_field!r} in the JSON object; choose the field with "
-                          "--text-field")
+                skips.bad(
+                    f"{where}: no string field {text_field!r} in the JSON object; choose the field with --text-field"
+                )
                 continue
             yield text
 
@@ -169,8 +171,9 @@ def _read_row_groups(path: Path, start: int, stop: Optional[int], text_field: st
         skips.bad(f"{path}: not a readable Parquet file ({error})")
         return
     if text_field not in parquet.schema_arrow.names:
-        skips.bad(f"{path}: no column {text_field!r} (columns: {parquet.schema_arrow.names}); choose one with "
-                  "--text-field")
+        skips.bad(
+            f"{path}: no column {text_field!r} (columns: {parquet.schema_arrow.names}); choose one with --text-field"
+        )
         return
     for group in range(start, parquet.num_row_groups if stop is None else stop):
         try:

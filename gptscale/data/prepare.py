@@ -103,8 +103,11 @@ def prepare_dataset(
     if tokenizer is not None:
         info = load_tokenizer(tokenizer, eod_token)
     elif vocab_size is not None:
-        info = train_bpe(_budget((text_of(t) for i, t in texts() if not is_validation(i, val_fraction)),
-                                 tokenizer_train_chars), vocab_size, eod_token)
+        info = train_bpe(
+            _budget((text_of(t) for i, t in texts() if not is_validation(i, val_fraction)), tokenizer_train_chars),
+            vocab_size,
+            eod_token,
+        )
     else:
         raise DataError("give --tokenizer FILE_OR_DIR or --vocab-size N")
     token_dtype = dtype_for_vocab(info.vocab_size) if dtype == "auto" else dtype
@@ -119,8 +122,15 @@ def prepare_dataset(
         check_splits(splits, val_fraction)
         splits = {name: shards for name, shards in splits.items() if shards}
         masked = any(shard.lengths is not None for shards in splits.values() for shard in shards)
-        manifest = Manifest(str(output), info.vocab_size, info.eod, token_dtype, _tokenizer_entry(info), splits,
-                            SFT_FORMAT if masked else FORMAT)
+        manifest = Manifest(
+            str(output),
+            info.vocab_size,
+            info.eod,
+            token_dtype,
+            _tokenizer_entry(info),
+            splits,
+            SFT_FORMAT if masked else FORMAT,
+        )
         (temporary / TOKENIZER).write_bytes(info.json.encode("utf-8"))
         (temporary / MANIFEST).write_text(manifest.to_json(inputs or []), encoding="utf-8")
         if output.exists():
@@ -131,9 +141,16 @@ def prepare_dataset(
         shutil.rmtree(replaced, ignore_errors=True)
     tokens = sum(s.tokens for shards in splits.values() for s in shards)
     seconds = time.perf_counter() - started
-    log.info("prepared %s: %d train + %d validation documents, %d tokens in %d shards, %.1fs (%.2fM tokens/s)",
-             output, sum(s.samples for s in splits.get("train", [])), sum(s.samples for s in splits.get("val", [])),
-             tokens, sum(len(v) for v in splits.values()), seconds, tokens / seconds / 1e6)
+    log.info(
+        "prepared %s: %d train + %d validation documents, %d tokens in %d shards, %.1fs (%.2fM tokens/s)",
+        output,
+        sum(s.samples for s in splits.get("train", [])),
+        sum(s.samples for s in splits.get("val", [])),
+        tokens,
+        sum(len(v) for v in splits.values()),
+        seconds,
+        tokens / seconds / 1e6,
+    )
     return manifest
 
 
@@ -148,8 +165,12 @@ def _budget(texts: Iterable[str], max_chars: int) -> Iterator[str]:
 
 
 def _tokenizer_entry(info: TokenizerInfo) -> dict:
-    return {"file": TOKENIZER, "sha256": hashlib.sha256(info.json.encode("utf-8")).hexdigest(),
-            "eod_token": info.eod_token, "source": info.source}
+    return {
+        "file": TOKENIZER,
+        "sha256": hashlib.sha256(info.json.encode("utf-8")).hexdigest(),
+        "eod_token": info.eod_token,
+        "source": info.source,
+    }
 
 
 def prepare_files(args: argparse.Namespace) -> Manifest:
@@ -163,12 +184,21 @@ def prepare_files(args: argparse.Namespace) -> Manifest:
     started = time.perf_counter()
     files = expand_inputs(args.input)
     given = load_tokenizer(args.tokenizer, args.eod_token) if args.tokenizer is not None else None
-    job = {"format": args.data_format, "text_field": args.text_field, "chat_template": args.chat_template,
-           "tokenizer": args.tokenizer, "vocab_size": args.vocab_size, "eod_token": args.eod_token,
-           "tokenizer_train_chars": args.tokenizer_train_chars, "shard_size": args.shard_size,
-           "val_fraction": args.val_fraction, "dtype": args.dtype, "part_size": args.part_size,
-           "on_error": args.on_error,
-           "tokenizer_sha256": given and hashlib.sha256(given.json.encode("utf-8")).hexdigest()}
+    job = {
+        "format": args.data_format,
+        "text_field": args.text_field,
+        "chat_template": args.chat_template,
+        "tokenizer": args.tokenizer,
+        "vocab_size": args.vocab_size,
+        "eod_token": args.eod_token,
+        "tokenizer_train_chars": args.tokenizer_train_chars,
+        "shard_size": args.shard_size,
+        "val_fraction": args.val_fraction,
+        "dtype": args.dtype,
+        "part_size": args.part_size,
+        "on_error": args.on_error,
+        "tokenizer_sha256": given and hashlib.sha256(given.json.encode("utf-8")).hexdigest(),
+    }
     parts = [part.to_dict() for part in plan_parts(files, args.part_size, args.data_format)]
     work = array.work_dir(output)
     if (work / array.PLAN).is_file():
@@ -177,8 +207,10 @@ def prepare_files(args: argparse.Namespace) -> Manifest:
         if plan["parts"] != parts:
             differs.append("inputs (files, sizes or Parquet row groups)")
         if differs and not args.overwrite:
-            raise DataError(f"{work} holds an unfinished job with another {', '.join(differs)}; re-run it with "
-                            "the same options to resume, or pass --overwrite to start afresh")
+            raise DataError(
+                f"{work} holds an unfinished job with another {', '.join(differs)}; re-run it with "
+                "the same options to resume, or pass --overwrite to start afresh"
+            )
         if differs:
             shutil.rmtree(work)
         else:
@@ -187,21 +219,33 @@ def prepare_files(args: argparse.Namespace) -> Manifest:
         shutil.rmtree(work, ignore_errors=True)
         (work / "parts").mkdir(parents=True)
         replace_text(work / array.PLAN, json.dumps({"job": job, "parts": parts}) + "\n")
-    slurm = {"partition": args.slurm_partition, "time": args.slurm_time, "cpus": args.slurm_cpus,
-             "parallelism": args.slurm_parallelism}
+    slurm = {
+        "partition": args.slurm_partition,
+        "time": args.slurm_time,
+        "cpus": args.slurm_cpus,
+        "parallelism": args.slurm_parallelism,
+    }
     with array.ray_connected() if args.executor == "ray" else contextlib.nullcontext():
         tokenize_parts(args, work, given, parts, slurm)
     manifest = array.merge(work, output, args.input)
     tokens = sum(s.tokens for shards in manifest.splits.values() for s in shards)
     seconds = time.perf_counter() - started
-    log.info("prepared %s: %d train + %d validation documents, %d tokens in %d shards, %.1fs (%.2fM tokens/s)",
-             output, sum(s.samples for s in manifest.shards("train")), sum(s.samples for s in manifest.shards("val")),
-             tokens, sum(len(v) for v in manifest.splits.values()), seconds, tokens / seconds / 1e6)
+    log.info(
+        "prepared %s: %d train + %d validation documents, %d tokens in %d shards, %.1fs (%.2fM tokens/s)",
+        output,
+        sum(s.samples for s in manifest.shards("train")),
+        sum(s.samples for s in manifest.shards("val")),
+        tokens,
+        sum(len(v) for v in manifest.splits.values()),
+        seconds,
+        tokens / seconds / 1e6,
+    )
     return manifest
 
 
-def tokenize_parts(args: argparse.Namespace, work: Path, given: Optional[TokenizerInfo], parts: list[dict],
-                   slurm: dict) -> None:
+def tokenize_parts(
+    args: argparse.Namespace, work: Path, given: Optional[TokenizerInfo], parts: list[dict], slurm: dict
+) -> None:
     """Train the tokenizer (one task) unless given or done, then tokenize the parts not done yet on the
     executor, reporting the progress of the whole job."""
     if not (work / TOKENIZER).is_file():
@@ -214,15 +258,24 @@ def tokenize_parts(args: argparse.Namespace, work: Path, given: Optional[Tokeniz
     check_vocab_fits(info.vocab_size, token_dtype, f"tokenizer {args.tokenizer or work / TOKENIZER}")
     plan = array.load_plan(work)
     if "dtype" not in plan:
-        plan.update(dtype=token_dtype, vocab_size=info.vocab_size, eod=info.eod, eod_token=info.eod_token,
-                    tokenizer_sha256=hashlib.sha256(info.json.encode("utf-8")).hexdigest(),
-                    tokenizer_source=given.source if given else
-                    f"byte-level BPE of {args.vocab_size} trained on a sample of the input")
+        plan.update(
+            dtype=token_dtype,
+            vocab_size=info.vocab_size,
+            eod=info.eod,
+            eod_token=info.eod_token,
+            tokenizer_sha256=hashlib.sha256(info.json.encode("utf-8")).hexdigest(),
+            tokenizer_source=given.source
+            if given
+            else f"byte-level BPE of {args.vocab_size} trained on a sample of the input",
+        )
         replace_text(work / array.PLAN, json.dumps(plan) + "\n")
     count = max(1, min(args.tasks or args.workers, len(parts)))
     runs = array.assign(parts, count)
-    todo = [task for task, run in enumerate(runs)
-            if not all((array.part_dir(work, index) / array.PART).is_file() for index in run)]
+    todo = [
+        task
+        for task, run in enumerate(runs)
+        if not all((array.part_dir(work, index) / array.PART).is_file() for index in run)
+    ]
     for task in todo:  # failures of an earlier run are retried, and no longer counted as failed
         for index in runs[task]:
             array.failed_marker(work, index).unlink(missing_ok=True)
@@ -238,49 +291,101 @@ def tokenize_parts(args: argparse.Namespace, work: Path, given: Optional[Tokeniz
 
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="gptscale-prepare", description=__doc__.splitlines()[0])
-    parser.add_argument("--input", nargs="+", action="extend", required=True, metavar="PATH_OR_GLOB",
-                        help="text files (one document each), .jsonl or .parquet (one per row), directories, globs")
+    parser.add_argument(
+        "--input",
+        nargs="+",
+        action="extend",
+        required=True,
+        metavar="PATH_OR_GLOB",
+        help="text files (one document each), .jsonl or .parquet (one per row), directories, globs",
+    )
     parser.add_argument("--output", required=True, type=Path, metavar="DIR")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--tokenizer", metavar="FILE_OR_DIR", help="a Hugging Face tokenizer.json (or its directory)")
     source.add_argument("--vocab-size", type=int, metavar="N", help="train a byte-level BPE of N tokens on the input")
-    parser.add_argument("--shard-size", type=parse_size, default="64MB", metavar="SIZE",
-                        help="target shard size (default 64MB)")
-    parser.add_argument("--val-fraction", type=float, default=0.01, metavar="F",
-                        help="share of documents held out for validation (default 0.01)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N",
-                        help="tokenizer processes (default: one per CPU)")
-    parser.add_argument("--format", choices=FORMATS, default="text", dest="data_format",
-                        help="text: documents to pretrain on (default); chat: JSON lines of {messages: [{role, "
-                             "content}]}; prompt-completion: JSON lines of {prompt, completion}. The last two give "
-                             "fine-tuning data whose loss mask trains only assistant turns / completions")
-    parser.add_argument("--chat-template", metavar="NAME_OR_FILE",
-                        help="chat template: chatml, plain or a jinja2 file (default: the tokenizer's own "
-                             "chat_template, else chatml; prompt-completion uses none unless given)")
+    parser.add_argument(
+        "--shard-size", type=parse_size, default="64MB", metavar="SIZE", help="target shard size (default 64MB)"
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.01,
+        metavar="F",
+        help="share of documents held out for validation (default 0.01)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        metavar="N",
+        help="tokenizer processes (default: one per CPU)",
+    )
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="text",
+        dest="data_format",
+        help="text: documents to pretrain on (default); chat: JSON lines of {messages: [{role, "
+        "content}]}; prompt-completion: JSON lines of {prompt, completion}. The last two give "
+        "fine-tuning data whose loss mask trains only assistant turns / completions",
+    )
+    parser.add_argument(
+        "--chat-template",
+        metavar="NAME_OR_FILE",
+        help="chat template: chatml, plain or a jinja2 file (default: the tokenizer's own "
+        "chat_template, else chatml; prompt-completion uses none unless given)",
+    )
     parser.add_argument("--text-field", default="text", help="JSON / Parquet field holding the text (default text)")
     parser.add_argument("--eod-token", help="end-of-document token (default: the tokenizer's own, e.g. <|endoftext|>)")
-    parser.add_argument("--dtype", choices=["auto", "uint16", "uint32"], default="auto",
-                        help="token storage (default: uint16 when the vocabulary fits)")
-    parser.add_argument("--tokenizer-train-chars", type=parse_size, default="1G", metavar="SIZE",
-                        help="characters of text the BPE learns from, from the start of the corpus (default 1G)")
-    parser.add_argument("--part-size", type=parse_size, default="256MB", metavar="SIZE",
-                        help="input per part, the unit of work and of restart: large JSON lines files are cut at "
-                             "line boundaries, Parquet files at row groups (default 256MB)")
-    parser.add_argument("--executor", choices=["local", "slurm", "ray"], default="local",
-                        help="local: a pool of --workers processes (default); slurm: one SLURM job array; ray: one "
-                             "Ray task per task, on the cluster ray.init finds (RAY_ADDRESS) or a local one")
-    parser.add_argument("--tasks", type=int, metavar="N",
-                        help="tasks the parts are spread over (default: --workers); the output does not depend on it")
-    parser.add_argument("--on-error", choices=["raise", "skip"], default="raise",
-                        help="a bad line, row group or vanished file fails its part (raise, default) or is skipped "
-                             "and counted (skip)")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "uint16", "uint32"],
+        default="auto",
+        help="token storage (default: uint16 when the vocabulary fits)",
+    )
+    parser.add_argument(
+        "--tokenizer-train-chars",
+        type=parse_size,
+        default="1G",
+        metavar="SIZE",
+        help="characters of text the BPE learns from, from the start of the corpus (default 1G)",
+    )
+    parser.add_argument(
+        "--part-size",
+        type=parse_size,
+        default="256MB",
+        metavar="SIZE",
+        help="input per part, the unit of work and of restart: large JSON lines files are cut at "
+        "line boundaries, Parquet files at row groups (default 256MB)",
+    )
+    parser.add_argument(
+        "--executor",
+        choices=["local", "slurm", "ray"],
+        default="local",
+        help="local: a pool of --workers processes (default); slurm: one SLURM job array; ray: one "
+        "Ray task per task, on the cluster ray.init finds (RAY_ADDRESS) or a local one",
+    )
+    parser.add_argument(
+        "--tasks",
+        type=int,
+        metavar="N",
+        help="tasks the parts are spread over (default: --workers); the output does not depend on it",
+    )
+    parser.add_argument(
+        "--on-error",
+        choices=["raise", "skip"],
+        default="raise",
+        help="a bad line, row group or vanished file fails its part (raise, default) or is skipped and counted (skip)",
+    )
     parser.add_argument("--slurm-partition", metavar="NAME", help="SLURM partition of the job array")
     parser.add_argument("--slurm-time", type=int, default=240, metavar="MINUTES", help="time limit per task")
     parser.add_argument("--slurm-cpus", type=int, default=1, metavar="N", help="CPUs per task (tokenizer threads)")
-    parser.add_argument("--slurm-parallelism", type=int, default=256, metavar="N",
-                        help="array tasks running at once")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing --output, or an unfinished job's work with other options")
+    parser.add_argument("--slurm-parallelism", type=int, default=256, metavar="N", help="array tasks running at once")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --output, or an unfinished job's work with other options",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -44,8 +44,9 @@ class _Shard:
 
 
 class SequenceReader:
-    def __init__(self, sources: list[ShardSource], orders: list[SourceOrder], on_error: str,
-                 excluded: frozenset = frozenset()):
+    def __init__(
+        self, sources: list[ShardSource], orders: list[SourceOrder], on_error: str, excluded: frozenset = frozenset()
+    ):
         self.sources = sources
         self.excluded = excluded  # (source, shard, document) read as empty documents (``data/exclude.py``)
         self.orders = orders
@@ -85,16 +86,26 @@ class SequenceReader:
             end = min(stop, shard_stop)
             if end > start:
                 shard = int(shard_order[position])
-                self._copy(holder, pick, shard, start - shard_start, end - shard_start, tokens[written:],
-                           valid[written:], seen)
+                self._copy(
+                    holder, pick, shard, start - shard_start, end - shard_start, tokens[written:], valid[written:], seen
+                )
                 written += end - start
                 start = end
                 if end - shard_start > PREFETCH_AT * (shard_stop - shard_start):
                     self._prefetch_next(pick, slot, position)
             position += 1
 
-    def _copy(self, holder, pick: Pick, shard: int, start: int, stop: int, tokens: np.ndarray,
-              valid: np.ndarray, seen: Optional[list] = None) -> None:
+    def _copy(
+        self,
+        holder,
+        pick: Pick,
+        shard: int,
+        start: int,
+        stop: int,
+        tokens: np.ndarray,
+        valid: np.ndarray,
+        seen: Optional[list] = None,
+    ) -> None:
         """Tokens [start, stop) of a shard's epoch stream into the front of ``tokens``."""
         entry = self._hold(holder, (pick.source, shard))
         if entry.loaded is None:
@@ -123,8 +134,8 @@ class SequenceReader:
                         tokens[written + doc_stop - 1 - start] = array[-1]
                         valid[written + doc_stop - 1 - start] = True
                 elif array is not None:
-                    tokens[written:written + end - start] = array[start - doc_start:end - doc_start]
-                    valid[written:written + end - start] = True
+                    tokens[written : written + end - start] = array[start - doc_start : end - doc_start]
+                    valid[written : written + end - start] = True
                 written += end - start
                 start = end
             index += 1
@@ -194,8 +205,12 @@ class SequenceReader:
     def _count_skip(self, what: str, message: str) -> None:
         self.skipped[what] += 1
         self.total_skipped[what] += 1
-        log.warning("%s [skipped by this reader so far: %d shards, %d documents]", message,
-                    self.total_skipped["shards"], self.total_skipped["documents"])
+        log.warning(
+            "%s [skipped by this reader so far: %d shards, %d documents]",
+            message,
+            self.total_skipped["shards"],
+            self.total_skipped["documents"],
+        )
 
     def _prefetch_next(self, pick: Pick, slot: int, position: int) -> None:
         """Start fetching the shard after ``position`` if this slot's lane goes on into it."""

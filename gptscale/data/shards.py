@@ -78,8 +78,14 @@ class ShardWriter:
         self._tar.close()
         self._file.close()
         os.replace(self.temporary, self.path)
-        return ShardInfo(self.path.name, self.samples, self.tokens, self._hashing.size, self._hashing.sha256.hexdigest(),
-                         self.lengths if self.masked else None)
+        return ShardInfo(
+            self.path.name,
+            self.samples,
+            self.tokens,
+            self._hashing.size,
+            self._hashing.sha256.hexdigest(),
+            self.lengths if self.masked else None,
+        )
 
 
 @dataclass
@@ -100,8 +106,10 @@ class LoadedShard:
             raise DataError(f"shard {self.url}: member {self.names[index]} is not valid zstd ({error})") from None
         tokens = np.frombuffer(raw, dtype=dtype)
         if len(tokens) != self.lengths[index]:
-            raise DataError(f"shard {self.url}: member {self.names[index]} holds {len(tokens)} tokens, "
-                            f"its frame header says {self.lengths[index]}")
+            raise DataError(
+                f"shard {self.url}: member {self.names[index]} holds {len(tokens)} tokens, "
+                f"its frame header says {self.lengths[index]}"
+            )
         return tokens
 
     def decode_mask(self, index: int, decompressor: zstandard.ZstdDecompressor) -> np.ndarray:
@@ -112,15 +120,19 @@ class LoadedShard:
         except zstandard.ZstdError as error:
             raise DataError(f"shard {self.url}: member {name} is not valid zstd ({error})") from None
         if len(mask) != self.lengths[index]:
-            raise DataError(f"shard {self.url}: member {name} masks {len(mask)} tokens, the document has "
-                            f"{self.lengths[index]}")
+            raise DataError(
+                f"shard {self.url}: member {name} masks {len(mask)} tokens, the document has {self.lengths[index]}"
+            )
         return mask.astype(bool)
 
 
 def _split_masks(url: str, names: list[str], members: list[memoryview]):
     """Token members and, where the shard has them, the mask member of each document (same key)."""
-    masks = {name.removesuffix("." + MASK_EXTENSION): member for name, member in zip(names, members)
-             if name.endswith("." + MASK_EXTENSION)}
+    masks = {
+        name.removesuffix("." + MASK_EXTENSION): member
+        for name, member in zip(names, members)
+        if name.endswith("." + MASK_EXTENSION)
+    }
     kept = [(name, member) for name, member in zip(names, members) if not name.endswith("." + MASK_EXTENSION)]
     names, members = [name for name, _ in kept], [member for _, member in kept]
     if not masks:
@@ -154,7 +166,7 @@ def load_shard(url: str, info: ShardInfo, dtype: np.dtype, data: Optional[bytes]
         raise DataError(f"shard {url} is not a readable tar file ({error})") from error
     view = memoryview(data)
     names = [entry.name for entry in entries]
-    members = [view[entry.offset_data:entry.offset_data + entry.size] for entry in entries]
+    members = [view[entry.offset_data : entry.offset_data + entry.size] for entry in entries]
     if entries and entries[-1].offset_data + entries[-1].size > len(data):
         raise DataError(f"shard {url} is not a readable tar file (member {names[-1]} runs past its end)")
     names, members, masks = _split_masks(url, names, members)

@@ -39,19 +39,22 @@ class Task:
 def _example(record, where: str) -> Example:
     """One line's example, or a DataError naming ``where`` (file:line) and what is wrong."""
     if not isinstance(record, dict):
-        raise DataError(f"{where}: not a JSON object (a line is {{\"context\", \"choices\", \"answer\"}})")
+        raise DataError(f'{where}: not a JSON object (a line is {{"context", "choices", "answer"}})')
     missing = [name for name in FIELDS if name not in record]
     if missing:
-        raise DataError(f"{where}: missing field {', '.join(repr(name) for name in missing)} "
-                        "(a line is {\"context\", \"choices\", \"answer\"})")
+        raise DataError(
+            f"{where}: missing field {', '.join(repr(name) for name in missing)} "
+            '(a line is {"context", "choices", "answer"})'
+        )
     context, choices, answer = (record[name] for name in FIELDS)
     if not isinstance(context, str) or not context:
         raise DataError(f"{where}: 'context' must be a non-empty string")
     if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
         raise DataError(f"{where}: 'choices' must be a list of at least two non-empty strings")
     if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
-        raise DataError(f"{where}: 'answer' must be the index of the right choice, 0 to {len(choices) - 1}; "
-                        f"got {answer!r}")
+        raise DataError(
+            f"{where}: 'answer' must be the index of the right choice, 0 to {len(choices) - 1}; got {answer!r}"
+        )
     return Example(context, tuple(choices), answer)
 
 
@@ -91,10 +94,10 @@ def encode_choice(encode, context: str, choice: str) -> tuple[list[int], list[in
     """(context tokens, continuation tokens) of one choice, split as lm-eval-harness splits them."""
     continuation = DELIMITER + choice
     stripped = context.rstrip()
-    continuation = context[len(stripped):] + continuation
+    continuation = context[len(stripped) :] + continuation
     whole = encode(stripped + continuation)
     context_tokens = encode(stripped)
-    return context_tokens, whole[len(context_tokens):]
+    return context_tokens, whole[len(context_tokens) :]
 
 
 def scoring_sequence(context_tokens: list[int], continuation_tokens: list[int], seq_len: int) -> tuple[list[int], int]:
@@ -104,4 +107,4 @@ def scoring_sequence(context_tokens: list[int], continuation_tokens: list[int], 
         raise DataError("a choice tokenizes to no tokens after its context")
     if len(continuation_tokens) > seq_len:
         raise DataError(f"a choice of {len(continuation_tokens)} tokens does not fit train.seq_len={seq_len}")
-    return (context_tokens + continuation_tokens)[-(seq_len + 1):], len(continuation_tokens)
+    return (context_tokens + continuation_tokens)[-(seq_len + 1) :], len(continuation_tokens)

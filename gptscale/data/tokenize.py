@@ -65,8 +65,12 @@ def _encode_chunk(chunk: list[tuple[int, Document]]) -> list[tuple[int, bytes, i
     """Per document: its index, its token ids plus the end-of-document id compressed, its token count, and
     its compressed loss mask (fine-tuning records; None for text)."""
     texts = [(index, document) for index, document in chunk if isinstance(document, str)]
-    encodings = dict(zip([index for index, _ in texts], _worker["tokenizer"].encode_batch_fast(
-        [text for _, text in texts], add_special_tokens=False)))
+    encodings = dict(
+        zip(
+            [index for index, _ in texts],
+            _worker["tokenizer"].encode_batch_fast([text for _, text in texts], add_special_tokens=False),
+        )
+    )
     results = []
     for index, document in chunk:
         mask: Optional[bytes] = None
@@ -101,8 +105,11 @@ class _SplitWriter:
         self._writer: Optional[ShardWriter] = None
 
     def add(self, compressed: bytes, num_tokens: int, mask: Optional[bytes] = None) -> None:
-        if self._writer is not None and self._writer.samples and \
-                self._writer.size + len(compressed) + 1024 > self.shard_size:
+        if (
+            self._writer is not None
+            and self._writer.samples
+            and self._writer.size + len(compressed) + 1024 > self.shard_size
+        ):
             self.shards.append(self._writer.close())
             self._writer = None
         if self._writer is None:
@@ -117,8 +124,16 @@ class _SplitWriter:
         return self.shards
 
 
-def write_splits(texts: Iterator[tuple[int, Document]], info: TokenizerInfo, dtype: str, directory: Path,
-                  shard_size: int, val_fraction: float, workers: int, progress: bool) -> dict[str, list[ShardInfo]]:
+def write_splits(
+    texts: Iterator[tuple[int, Document]],
+    info: TokenizerInfo,
+    dtype: str,
+    directory: Path,
+    shard_size: int,
+    val_fraction: float,
+    workers: int,
+    progress: bool,
+) -> dict[str, list[ShardInfo]]:
     """The shards of both splits (either may be empty), written into ``directory``."""
     writers = {"train": _SplitWriter(directory, "train", shard_size), "val": _SplitWriter(directory, "val", shard_size)}
     bar = tqdm(unit="tok", unit_scale=True, desc="tokenize", disable=not progress, smoothing=0.1)
@@ -140,8 +155,9 @@ def check_splits(splits: dict[str, list[ShardInfo]], val_fraction: float) -> Non
         raise DataError(f"every document went to the validation split; lower --val-fraction {val_fraction}")
 
 
-def _write_results(results: Iterable[list[tuple[int, bytes, int, Optional[bytes]]]], writers: dict,
-                   val_fraction: float, bar: tqdm) -> None:
+def _write_results(
+    results: Iterable[list[tuple[int, bytes, int, Optional[bytes]]]], writers: dict, val_fraction: float, bar: tqdm
+) -> None:
     for chunk in results:
         for index, compressed, num_tokens, mask in chunk:
             writers["val" if is_validation(index, val_fraction) else "train"].add(compressed, num_tokens, mask)

@@ -46,8 +46,9 @@ def load_tokenizer(path: str | Path, eod_token: Optional[str] = None) -> Tokeniz
         eod = tokenizer.token_to_id(token)
         if eod is not None:
             return TokenizerInfo(tokenizer, file.read_bytes().decode("utf-8"), token, eod, str(path))
-    raise DataError(f"--tokenizer {file} has no end-of-document token among {list(candidates)}; "
-                    "name one with --eod-token")
+    raise DataError(
+        f"--tokenizer {file} has no end-of-document token among {list(candidates)}; name one with --eod-token"
+    )
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, eod_token: Optional[str] = None) -> TokenizerInfo:
@@ -58,10 +59,15 @@ def train_bpe(texts: Iterable[str], vocab_size: int, eod_token: Optional[str] = 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[eod_token], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[eod_token],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     eod = tokenizer.token_to_id(eod_token)
     assert eod is not None, "the trainer was given the end-of-document token as a special token"
-    return TokenizerInfo(tokenizer, tokenizer.to_str(), eod_token, eod,
-                         f"byte-level BPE of {vocab_size} trained on the input")
+    return TokenizerInfo(
+        tokenizer, tokenizer.to_str(), eod_token, eod, f"byte-level BPE of {vocab_size} trained on the input"
+    )

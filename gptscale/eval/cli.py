@@ -72,8 +72,14 @@ def evaluate(cfg: Config, log_likelihoods: bool = False) -> list[dict]:
         loss, results = trainer.evaluate()
         lines = []
         if loss is not None:
-            lines.append({"task": "heldout", "loss": loss, "perplexity": math.exp(loss),
-                          "tokens": trainer.tokens_per_step * cfg.train.eval_batches})
+            lines.append(
+                {
+                    "task": "heldout",
+                    "loss": loss,
+                    "perplexity": math.exp(loss),
+                    "tokens": trainer.tokens_per_step * cfg.train.eval_batches,
+                }
+            )
         for result in results:
             line = result.summary()
             if log_likelihoods:

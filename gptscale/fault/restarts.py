@@ -50,13 +50,20 @@ def record_start(faults_dir: Path, checkpoint: Optional[str], limit: int) -> Opt
     """Append this start (rank 0); returns why the job must stop (None: go on)."""
     faults_dir.mkdir(parents=True, exist_ok=True)
     path = faults_dir / STARTS
-    start = {"at": time.time(), "restart": restart_count(), "checkpoint": checkpoint, "host": socket.gethostname(),
-             "slurm_job": os.environ.get("SLURM_JOB_ID")}
+    start = {
+        "at": time.time(),
+        "restart": restart_count(),
+        "checkpoint": checkpoint,
+        "host": socket.gethostname(),
+        "slurm_job": os.environ.get("SLURM_JOB_ID"),
+    }
     with open(path, "a", encoding="utf-8") as file:
         file.write(json.dumps(start) + "\n")
     stalled = restarts_without_progress(read_starts(path))
     if stalled <= limit:
         return None
-    return (f"stopping: {stalled} restarts in a row found no new checkpoint (newest: {checkpoint or 'none'}; "
-            f"fault.max_restarts_without_progress={limit}); the run fails the same way again and again: see the "
-            f"log of its first failure and {faults_dir}")
+    return (
+        f"stopping: {stalled} restarts in a row found no new checkpoint (newest: {checkpoint or 'none'}; "
+        f"fault.max_restarts_without_progress={limit}); the run fails the same way again and again: see the "
+        f"log of its first failure and {faults_dir}"
+    )

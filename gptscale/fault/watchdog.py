@@ -42,7 +42,13 @@ from gptscale.files import replace_text
 log = logging.getLogger("gptscale")
 
 SETUP, CHECKPOINT_LOAD, STEP, DATA_WAIT, EVAL, CHECKPOINT_SAVE = (
-    "setup", "checkpoint_load", "step", "data_wait", "eval", "checkpoint_save")
+    "setup",
+    "checkpoint_load",
+    "step",
+    "data_wait",
+    "eval",
+    "checkpoint_save",
+)
 STORE_HEARTBEATS = 5  # a store operation may take this many heartbeats before the store counts as gone
 FAULTS_DIR = "faults"  # under RUN_DIR: hang reports, their stacks, the record of starts
 _current: list["Watchdog"] = []  # this process's watchdog: a new run's ends the one a failed start left running
@@ -70,8 +76,9 @@ class StepTimeout:
         if len(self.times) >= self.fault.step_warmup:
             ordered = sorted(self.times)
             p99 = ordered[math.ceil(0.99 * len(ordered)) - 1]
-            self.seconds = min(max(self.fault.step_timeout_factor * p99, self.fault.step_timeout_floor_s),
-                               self.fault.step_timeout_s)
+            self.seconds = min(
+                max(self.fault.step_timeout_factor * p99, self.fault.step_timeout_floor_s), self.fault.step_timeout_s
+            )
 
 
 def job_store(timeout_s: float) -> dist.Store:
@@ -79,16 +86,20 @@ def job_store(timeout_s: float) -> dist.Store:
     process has a store of its own."""
     if "MASTER_ADDR" not in os.environ:
         return dist.HashStore()
-    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                         timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+    return dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        is_master=False,
+        timeout=timedelta(seconds=timeout_s),
+        wait_for_workers=False,
+    )
 
 
 def _where(frame) -> str:
     """The innermost gptscale frame and the innermost frame of a stack, in one line."""
     frames = traceback.extract_stack(frame)
     ours = [f for f in frames if f"{os.sep}gptscale{os.sep}" in f.filename]
-    shown = ([ours[-1]] if ours else []) + ([frames[-1]] if frames and (not ours or frames[-1] is not ours[-1])
-                                            else [])
+    shown = ([ours[-1]] if ours else []) + ([frames[-1]] if frames and (not ours or frames[-1] is not ours[-1]) else [])
     return " > ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in shown)
 
 
@@ -114,9 +125,13 @@ class Watchdog:
             dist.broadcast_object_list(nonce, src=0)
         self.nonce = nonce[0]
         self.prefix = f"gptscale/fault/{self.nonce}"
-        self.timeouts = {SETUP: fault.setup_timeout_s, CHECKPOINT_LOAD: fault.checkpoint_timeout_s,
-                         CHECKPOINT_SAVE: fault.checkpoint_timeout_s, EVAL: fault.eval_timeout_s,
-                         DATA_WAIT: fault.data_timeout_s}
+        self.timeouts = {
+            SETUP: fault.setup_timeout_s,
+            CHECKPOINT_LOAD: fault.checkpoint_timeout_s,
+            CHECKPOINT_SAVE: fault.checkpoint_timeout_s,
+            EVAL: fault.eval_timeout_s,
+            DATA_WAIT: fault.data_timeout_s,
+        }
         self.step_timeout = StepTimeout(fault)
         now = time.monotonic()
         # (phase, step, when it began (a step's data waits are part of the step), when its current segment
@@ -178,8 +193,16 @@ class Watchdog:
         phase, step, began, _, _ = state
         elapsed = self._elapsed(state, time.monotonic())
         self.beats += 1
-        beat = {"n": self.beats, "phase": phase, "step": step, "elapsed": elapsed, "timeout": self.timeout(phase),
-                "started": self.started_wall + began, "host": self.host, "pid": os.getpid()}
+        beat = {
+            "n": self.beats,
+            "phase": phase,
+            "step": step,
+            "elapsed": elapsed,
+            "timeout": self.timeout(phase),
+            "started": self.started_wall + began,
+            "host": self.host,
+            "pid": os.getpid(),
+        }
         self.store.set(f"{self.prefix}/beat/{self.rank}", json.dumps(beat))
         self.published = phase
         return beat
@@ -237,8 +260,11 @@ class Watchdog:
         deadline = time.monotonic() + 2 * self.fault.heartbeat_s
         while int(self.store.add(f"{self.prefix}/dumped", 0)) < len(live) and time.monotonic() < deadline:
             time.sleep(0.05)
-        doing = {rank: self.store.get(f"{self.prefix}/doing/{rank}").decode() for rank in live
-                 if self.store.check([f"{self.prefix}/doing/{rank}"])}
+        doing = {
+            rank: self.store.get(f"{self.prefix}/doing/{rank}").decode()
+            for rank in live
+            if self.store.check([f"{self.prefix}/doing/{rank}"])
+        }
         named = [second[rank] or first[rank] for rank in stuck]
         seen = [beat for beat in named if beat is not None]
         report = {
@@ -251,17 +277,27 @@ class Watchdog:
             "detected_by": self.rank,
             "restart": self.restart,
             "stacks": f"{FAULTS_DIR}/{hang_id}/",
-            "rank_states": {str(rank): {**(second[rank] or first[rank] or {}),
-                                        "heartbeat": "silent" if rank in silent else "live",
-                                        **({"doing": doing[rank]} if rank in doing else {})}
-                            for rank in range(self.world_size)},
+            "rank_states": {
+                str(rank): {
+                    **(second[rank] or first[rank] or {}),
+                    "heartbeat": "silent" if rank in silent else "live",
+                    **({"doing": doing[rank]} if rank in doing else {}),
+                }
+                for rank in range(self.world_size)
+            },
         }
         replace_text(self.dir / f"{hang_id}.json", json.dumps(report, indent=1) + "\n")
-        where = ", ".join(f"rank {rank} on {beat['host']} ({_in(beat['phase'], beat['step'])}, heartbeat "
-                          f"{'silent' if rank in silent else 'live'})" for rank, beat in zip(stuck, named) if beat)
-        self._exit(f"hang: no progress for {self.timeout(stuck_state[0]):.0f} s in {_in(*stuck_state[:2])}; "
-                   f"stuck: {where or ', '.join(map(str, stuck))}; report "
-                   f"{self.dir / (hang_id + '.json')}, stacks in {self.dir / hang_id}")
+        where = ", ".join(
+            f"rank {rank} on {beat['host']} ({_in(beat['phase'], beat['step'])}, heartbeat "
+            f"{'silent' if rank in silent else 'live'})"
+            for rank, beat in zip(stuck, named)
+            if beat
+        )
+        self._exit(
+            f"hang: no progress for {self.timeout(stuck_state[0]):.0f} s in {_in(*stuck_state[:2])}; "
+            f"stuck: {where or ', '.join(map(str, stuck))}; report "
+            f"{self.dir / (hang_id + '.json')}, stacks in {self.dir / hang_id}"
+        )
 
     def _join(self, hang: dict) -> None:
         """Another rank found a hang: dump this rank's stacks and exit."""
@@ -300,13 +336,24 @@ class Watchdog:
             os.close(os.open(directory / "claimed", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
             self._exit(f"hang, and the job's store is unreachable ({error}); stacks in {directory}", quiet=True)
-        report = {"detected_at": detected_at, "last_progress_at": self.started_wall + began, "ranks": host_rank,
-                  "hosts": [], "phase": phase, "step": step, "detected_by": self.rank, "restart": self.restart,
-                  "stacks": f"{FAULTS_DIR}/{directory.name}/", "store_unreachable": str(error)}
+        report = {
+            "detected_at": detected_at,
+            "last_progress_at": self.started_wall + began,
+            "ranks": host_rank,
+            "hosts": [],
+            "phase": phase,
+            "step": step,
+            "detected_by": self.rank,
+            "restart": self.restart,
+            "stacks": f"{FAULTS_DIR}/{directory.name}/",
+            "store_unreachable": str(error),
+        }
         replace_text(self.dir / f"{hang_id}.json", json.dumps(report, indent=1) + "\n")
-        self._exit(f"hang: no progress for {self.timeout(phase):.0f} s in {_in(phase, step)}, and the job's "
-                   f"store does not answer ({error}): the process that hosts it (rank 0, unless torchrun's agent "
-                   f"does) stopped; report {self.dir / (hang_id + '.json')}, stacks in {directory}")
+        self._exit(
+            f"hang: no progress for {self.timeout(phase):.0f} s in {_in(phase, step)}, and the job's "
+            f"store does not answer ({error}): the process that hosts it (rank 0, unless torchrun's agent "
+            f"does) stopped; report {self.dir / (hang_id + '.json')}, stacks in {directory}"
+        )
 
     def _exit(self, message: str, quiet: bool = False) -> None:
         (log.info if quiet else log.error)("rank %d: %s", self.rank, message)

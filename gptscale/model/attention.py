@@ -40,16 +40,20 @@ class SDPAttention(MegatronModule):
         head_dim = config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
 
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None):
+    def forward(
+        self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None
+    ):
         if packed_seq_params is not None or attention_bias is not None:
             raise NotImplementedError("SDPAttention supports neither packed sequences nor attention bias")
         if self.config.context_parallel_size > 1:
             return ContextParallelAttention.apply(query, key, value, attention_mask, self.softmax_scale)
         mask = None if attention_mask is None else _additive(attention_mask, query.dtype)
         dropout = self.dropout if self.training else 0.0
-        rng = tensor_parallel.get_cuda_rng_tracker().fork() if dropout and not self.config.sequence_parallel \
+        rng = (
+            tensor_parallel.get_cuda_rng_tracker().fork()
+            if dropout and not self.config.sequence_parallel
             else contextlib.nullcontext()
+        )
         with rng:
             return _attend(query, key, value, mask, self.softmax_scale, dropout)
 
@@ -58,8 +62,9 @@ def _attend(query, key, value, mask: Optional[torch.Tensor], scale: float, dropo
     """SDPA of ``[s, b, heads, d]`` tensors (causal where ``mask`` is None); ``[s_q, b, heads * d]``."""
     seq, batch, heads, head_dim = query.shape
     q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
-                                         scale=scale, enable_gqa=k.shape[1] != heads)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=scale, enable_gqa=k.shape[1] != heads
+    )
     return out.permute(2, 0, 1, 3).reshape(seq, batch, heads * head_dim)
 
 
@@ -147,8 +152,10 @@ def _whole_sequence(key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tenso
     group = parallel_state.get_context_parallel_group()
     order = torch.argsort(_gathered_positions(key.shape[0], key.device))
     with torch.no_grad():
-        return tuple(tensor_parallel.gather_from_sequence_parallel_region(t, group=group).index_select(0, order)
-                     for t in (key, value))
+        return tuple(
+            tensor_parallel.gather_from_sequence_parallel_region(t, group=group).index_select(0, order)
+            for t in (key, value)
+        )
 
 
 def _own_shares(*grads: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -156,5 +163,9 @@ def _own_shares(*grads: torch.Tensor) -> tuple[torch.Tensor, ...]:
     group = parallel_state.get_context_parallel_group()
     local = grads[0].shape[0] // group.size()
     positions = _gathered_positions(local, grads[0].device)
-    return tuple(tensor_parallel.reduce_scatter_to_sequence_parallel_region(g.index_select(0, positions).contiguous(),
-                                                                            group=group) for g in grads)
+    return tuple(
+        tensor_parallel.reduce_scatter_to_sequence_parallel_region(
+            g.index_select(0, positions).contiguous(), group=group
+        )
+        for g in grads
+    )

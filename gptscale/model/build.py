@@ -30,8 +30,9 @@ from gptscale.model.rope import position_embedding_type, scale_llama3, set_yarn_
 from gptscale.model.spec import decoder_block_spec
 
 
-def transformer_config(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig,
-                       on_gpu: bool, backend: Backend = Backend.local) -> TransformerConfig:
+def transformer_config(
+    model: ModelConfig, parallel: ParallelConfig, train: TrainConfig, on_gpu: bool, backend: Backend = Backend.local
+) -> TransformerConfig:
     """megatron-core's TransformerConfig for this model, layout and precision (CPU: no fused kernels).
 
     Transformer Engine's FP8 is switched on here; the local backend's FP8 lives in the layer spec.
@@ -138,8 +139,14 @@ class ModelChunks(torch.nn.Module):
         return self.chunks[0](*args, **kwargs)
 
 
-def build_model(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig, vocab_size: int,
-                backend: Backend, device: torch.device) -> ModelChunks:
+def build_model(
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    train: TrainConfig,
+    vocab_size: int,
+    backend: Backend,
+    device: torch.device,
+) -> ModelChunks:
     """Build this rank's share of the model (uninitialised: call ``gptscale.model.init.initialize``).
 
     On the meta device (``gptscale.plan``, inside ``with torch.device("meta")``) weights get shapes and

@@ -49,23 +49,30 @@ def check_fp8(model: ModelConfig, train: TrainConfig, backend: Backend, device: 
     problems = []
     if backend == Backend.te:
         if train.fp8_emulate:
-            problems.append("train.fp8_emulate=true is torchao's emulation; Transformer Engine (model.backend=te) "
-                            "has none: use model.backend=local")
+            problems.append(
+                "train.fp8_emulate=true is torchao's emulation; Transformer Engine (model.backend=te) "
+                "has none: use model.backend=local"
+            )
     else:
         if not torchao_available():
-            problems.append(f"{fp8} with model.backend={model.backend.value} (local layers) runs through torchao, "
-                            "which is not installed: pip install torchao")
+            problems.append(
+                f"{fp8} with model.backend={model.backend.value} (local layers) runs through torchao, "
+                "which is not installed: pip install torchao"
+            )
         if train.fp8_recipe == Fp8Recipe.delayed:
-            problems.append("train.fp8_recipe=delayed needs Transformer Engine (model.backend=te); torchao "
-                            "(model.backend=local) scales tensorwise: use train.fp8_recipe=tensorwise")
+            problems.append(
+                "train.fp8_recipe=delayed needs Transformer Engine (model.backend=te); torchao "
+                "(model.backend=local) scales tensorwise: use train.fp8_recipe=tensorwise"
+            )
     if not train.fp8_emulate:
         capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
         if capability is None or capability < FP8_COMPUTE_CAPABILITY:
             where = f"compute capability {capability[0]}.{capability[1]}" if capability else device.type
             problems.append(
                 f"{fp8} needs a GPU with FP8 tensor cores (compute capability 8.9+: H100, H200, L40S; this device: "
-                f"{where})" + ("; set train.fp8_emulate=true to check FP8 numerics (no speed-up)"
-                               if backend != Backend.te else ""))
+                f"{where})"
+                + ("; set train.fp8_emulate=true to check FP8 numerics (no speed-up)" if backend != Backend.te else "")
+            )
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
@@ -114,12 +121,21 @@ class _Float8Matmul:
             return ScaledMMConfig(config.emulate, fast_accum, False, config.pad_inner_dim)
 
         self.config = config
-        self.mm_config = LinearMMConfig(gemm(config.gemm_config_output.use_fast_accum),
-                                        gemm(config.gemm_config_grad_input.use_fast_accum),
-                                        gemm(config.gemm_config_grad_weight.use_fast_accum))
+        self.mm_config = LinearMMConfig(
+            gemm(config.gemm_config_output.use_fast_accum),
+            gemm(config.gemm_config_grad_input.use_fast_accum),
+            gemm(config.gemm_config_grad_weight.use_fast_accum),
+        )
 
-    def __call__(self, input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                 allreduce_dgrad: bool, sequence_parallel: bool, tp_group) -> torch.Tensor:
+    def __call__(
+        self,
+        input: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        allreduce_dgrad: bool,
+        sequence_parallel: bool,
+        tp_group,
+    ) -> torch.Tensor:
         from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
 
         if sequence_parallel:
@@ -130,8 +146,18 @@ class _Float8Matmul:
         return output if bias is None else output + bias
 
 
-def _float8_forward_impl(self, input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad,
-                         sequence_parallel, tp_group=None, grad_output_buffer=None, **_unused):
+def _float8_forward_impl(
+    self,
+    input,
+    weight,
+    bias,
+    gradient_accumulation_fusion,
+    allreduce_dgrad,
+    sequence_parallel,
+    tp_group=None,
+    grad_output_buffer=None,
+    **_unused,
+):
     if gradient_accumulation_fusion or grad_output_buffer is not None:
         raise NotImplementedError("float8 linears support neither gradient_accumulation_fusion nor deferred wgrad")
     return self.float8_matmul(input, weight, bias, allreduce_dgrad, sequence_parallel, tp_group)

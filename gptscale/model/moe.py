@@ -42,8 +42,9 @@ def prepare_routers(model: torch.nn.Module) -> int:
     found = routers(model)
     for router in found:
         router.calculate_per_token_loss = False
-        router.register_buffer(ROUTED_TOKENS, torch.zeros(router.config.num_moe_experts,
-                                                          device=router.weight.device), persistent=False)
+        router.register_buffer(
+            ROUTED_TOKENS, torch.zeros(router.config.num_moe_experts, device=router.weight.device), persistent=False
+        )
         router.register_forward_hook(_count_routed_tokens)
     return len(found)
 

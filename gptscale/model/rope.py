@@ -51,12 +51,17 @@ def frequencies(model: ModelConfig) -> torch.Tensor:
     rotary = RotaryEmbedding(dim, rotary_percent=1.0, rotary_base=base, use_cpu_initialization=True)
     scaling = model.rope_scaling
     if scaling.type == RopeScaling.llama3:
-        return rotary._apply_scaling(rotary.inv_freq, factor=scaling.factor, low_freq_factor=scaling.low_freq_factor,
-                                     high_freq_factor=scaling.high_freq_factor,
-                                     original_max_position_embeddings=scaling.original_max_position_embeddings)
+        return rotary._apply_scaling(
+            rotary.inv_freq,
+            factor=scaling.factor,
+            low_freq_factor=scaling.low_freq_factor,
+            high_freq_factor=scaling.high_freq_factor,
+            original_max_position_embeddings=scaling.original_max_position_embeddings,
+        )
     if scaling.type == RopeScaling.yarn:
-        low, high = _yarn_find_correction_range(scaling.beta_fast, scaling.beta_slow, dim, base,
-                                                scaling.original_max_position_embeddings)
+        low, high = _yarn_find_correction_range(
+            scaling.beta_fast, scaling.beta_slow, dim, base, scaling.original_max_position_embeddings
+        )
         kept = 1.0 - _yarn_linear_ramp_mask(low, high, dim // 2, device=rotary.inv_freq.device)
         return rotary.inv_freq / scaling.factor * (1 - kept) + rotary.inv_freq * kept
     return rotary.inv_freq

@@ -59,8 +59,9 @@ def _local_layer_spec(model: ModelConfig, float8, num_experts: int | None = None
     return spec
 
 
-def decoder_block_spec(model: ModelConfig, config: TransformerConfig, backend: Backend,
-                       vp_stage: int | None, float8=None) -> ModuleSpec:
+def decoder_block_spec(
+    model: ModelConfig, config: TransformerConfig, backend: Backend, vp_stage: int | None, float8=None
+) -> ModuleSpec:
     """The decoder of one pipeline stage (or one virtual stage): its layers and the final norm.
 
     ``float8``: torchao's Float8LinearConfig for the local spec's linears (None: bf16/fp32 matmuls).

@@ -20,13 +20,13 @@ OPTIMIZERS: dict[str, OptimizerKind] = {kind.name: kind for kind in (adamw.KIND,
 # Names users will try that the installed DeepSpeed (0.19) would run wrongly without saying so.
 REFUSED = {
     "muon": "DeepSpeed releases ran Muon silently as plain SGD at ZeRO-0 (DeepSpeed issue 8441) and under bf16 "
-            "ZeRO-1 with fp32 gradient accumulation, gptscale's bf16 setting (PR 8442), and silently on its "
-            "AdamW branch under ZeRO-3 (PR 8438); it is not offered until the installed DeepSpeed is verified "
-            "at every stage",
+    "ZeRO-1 with fp32 gradient accumulation, gptscale's bf16 setting (PR 8442), and silently on its "
+    "AdamW branch under ZeRO-3 (PR 8438); it is not offered until the installed DeepSpeed is verified "
+    "at every stage",
     "adafactor": "Adafactor factors each matrix's second moment into row and column statistics, but ZeRO >= 1 "
-                 "hands the optimizer flat 1-D partitions (the factored moment silently becomes unfactored) "
-                 "and a tensor-parallel shard's statistics are not the whole matrix's, so results would "
-                 "depend on the layout",
+    "hands the optimizer flat 1-D partitions (the factored moment silently becomes unfactored) "
+    "and a tensor-parallel shard's statistics are not the whole matrix's, so results would "
+    "depend on the layout",
 }
 
 

@@ -21,8 +21,9 @@ def held_positions(seq_len: int, cp: int, cp_rank: int, device: torch.device | N
 
 def this_rank_positions(seq_len: int, device: torch.device | None = None) -> torch.Tensor:
     """``held_positions`` of this process's context-parallel rank."""
-    return held_positions(seq_len, parallel_state.get_context_parallel_world_size(),
-                          parallel_state.get_context_parallel_rank(), device)
+    return held_positions(
+        seq_len, parallel_state.get_context_parallel_world_size(), parallel_state.get_context_parallel_rank(), device
+    )
 
 
 def split_batch(batch: dict) -> dict:
@@ -31,8 +32,9 @@ def split_batch(batch: dict) -> dict:
     if parallel_state.get_context_parallel_world_size() == 1:
         return batch
     positions = this_rank_positions(batch["tokens"].shape[1], batch["tokens"].device)
-    return {name: tensor if name == "document_ids" else tensor.index_select(1, positions)
-            for name, tensor in batch.items()}
+    return {
+        name: tensor if name == "document_ids" else tensor.index_select(1, positions) for name, tensor in batch.items()
+    }
 
 
 def future_mask(queries: torch.Tensor, length: int) -> torch.Tensor:

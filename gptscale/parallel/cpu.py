@@ -93,7 +93,8 @@ def _patch_megatron_rng() -> None:
     from megatron.core.tensor_parallel import random as mcore_random
 
     logging.getLogger(mcore_random.__name__).addFilter(
-        lambda record: "CPU RNG state changed within GPU RNG context" not in record.getMessage())
+        lambda record: "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+    )
     mcore_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
     mcore_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
 
@@ -124,7 +125,7 @@ def _patch_megatron_uneven_collectives() -> None:
             return gather(input_, group, output_split_sizes, use_global_buffer)
         largest = max(output_split_sizes)
         padded = input_.new_zeros((largest, *input_.shape[1:]))
-        padded[:input_.shape[0]] = input_
+        padded[: input_.shape[0]] = input_
         blocks = [torch.empty_like(padded) for _ in output_split_sizes]
         torch.distributed.all_gather(blocks, padded.contiguous(), group=group)
         return torch.cat([block[:size] for block, size in zip(blocks, output_split_sizes)])

@@ -70,8 +70,9 @@ def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> None:
     if "MASTER_ADDR" not in os.environ:  # not started by torchrun or a cluster launcher: a lone process
         # An in-memory store: no port to pick, so concurrent lone runs cannot race for one. No environment
         # variable is set either, so processes it starts do not take themselves for ranks of a job.
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
-                                timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timedelta(seconds=timeout_s)
+        )
         return
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
 

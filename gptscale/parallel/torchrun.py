@@ -89,8 +89,9 @@ class StopForwarder:
         _stop_signals.append(name)
         _signal_ranks(signum)
         if self.deadline is None:
-            self.deadline = threading.Timer(float(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30")),
-                                            _signal_ranks, args=(signal.SIGKILL,))
+            self.deadline = threading.Timer(
+                float(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30")), _signal_ranks, args=(signal.SIGKILL,)
+            )
             self.deadline.daemon = True
             self.deadline.start()
 
@@ -99,8 +100,9 @@ def _first(failures: dict[int, ProcessFailure]) -> tuple[int, ProcessFailure]:
     """The rank that failed first and its failure."""
     # torchrun ends the other ranks with SIGTERM once one fails, and the agent kills stopped ones: those are
     # not what failed first, whatever their timestamps (whole seconds, so a tie could name one of them).
-    causes = {rank: f for rank, f in failures.items()
-              if f.exitcode != -signal.SIGTERM and f.pid not in _killed_when_stopped} or failures
+    causes = {
+        rank: f for rank, f in failures.items() if f.exitcode != -signal.SIGTERM and f.pid not in _killed_when_stopped
+    } or failures
     return min(causes.items(), key=lambda item: (item[1].timestamp, _recorded_ns(item[1]), item[0]))
 
 
@@ -146,9 +148,11 @@ class RestartingAgent(LocalElasticAgent):
                 self._remaining_restarts = 0
             elif self._remaining_restarts > 0:
                 restart = worker_group.spec.max_restarts - self._remaining_restarts + 1
-                print(f"{first_failure(result.failures)}\ngptscale: restarting the ranks (restart {restart} of "
-                      f"{worker_group.spec.max_restarts}); they resume from the newest complete checkpoint",
-                      file=sys.stderr)
+                print(
+                    f"{first_failure(result.failures)}\ngptscale: restarting the ranks (restart {restart} of "
+                    f"{worker_group.spec.max_restarts}); they resume from the newest complete checkpoint",
+                    file=sys.stderr,
+                )
         return result
 
     def _stop_workers(self, worker_group: WorkerGroup) -> None:
@@ -181,11 +185,15 @@ def main(argv: list[str] | None = None) -> None:
         torchrun(argv)
     except RendezvousConnectionError as error:
         cause = str(error.__cause__ or error).splitlines()[0]
-        sys.exit(f"gptscale: cannot reach {where}: {cause}\n"
-                 "Is node 0 running, and is the master address node 0's address as this node sees it?")
+        sys.exit(
+            f"gptscale: cannot reach {where}: {cause}\n"
+            "Is node 0 running, and is the master address node 0's address as this node sees it?"
+        )
     except RendezvousTimeoutError:
-        sys.exit(f"gptscale: {where} timed out after {_rdzv_timeout(args.rdzv_conf)} s before every node joined.\n"
-                 "Did every node start, with the same --nnodes, master address, port and rendezvous id?")
+        sys.exit(
+            f"gptscale: {where} timed out after {_rdzv_timeout(args.rdzv_conf)} s before every node joined.\n"
+            "Did every node start, with the same --nnodes, master address, port and rendezvous id?"
+        )
     except ChildFailedError as error:
         print(first_failure(error.failures), file=sys.stderr)
         code = _first(error.failures)[1].exitcode

@@ -62,8 +62,14 @@ def _storage_key(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage()._cdata
 
 
-def forward_saved_bytes(chunk: torch.nn.Module, micro_batch: int, seq_len: int, vocab_size: int,
-                        device: torch.device, tokens: torch.Tensor | None = None) -> int:
+def forward_saved_bytes(
+    chunk: torch.nn.Module,
+    micro_batch: int,
+    seq_len: int,
+    vocab_size: int,
+    device: torch.device,
+    tokens: torch.Tensor | None = None,
+) -> int:
     """Bytes autograd saves in one forward of one micro-batch through ``chunk`` (a megatron-core GPTModel).
 
     A chunk that does not start the model gets its input as the pipeline schedule gives it (sequence-first
@@ -78,8 +84,14 @@ def forward_saved_bytes(chunk: torch.nn.Module, micro_batch: int, seq_len: int, 
     positions = held.expand(micro_batch, len(held))
     if not chunk.pre_process:
         tp = parallel_state.get_tensor_model_parallel_world_size() if config.sequence_parallel else 1
-        hidden = torch.zeros(len(held) // tp, micro_batch, config.hidden_size, dtype=config.params_dtype,
-                             device=device, requires_grad=True)
+        hidden = torch.zeros(
+            len(held) // tp,
+            micro_batch,
+            config.hidden_size,
+            dtype=config.params_dtype,
+            device=device,
+            requires_grad=True,
+        )
         chunk.set_input_tensor(hidden)
     with SavedBytes(chunk.parameters()) as saved:
         chunk(tokens, positions, None, labels=tokens if chunk.post_process else None)
@@ -129,8 +141,9 @@ def _stage_bytes(cfg: Config, tp: int, cp: int, vocab_size: int, num_layers: int
                 chunks.train()
                 if cfg.train.precision == Precision.bf16:
                     chunks.bfloat16()  # as DeepSpeed's bf16 engine casts the module (learned positions are fp32)
-                saved.append(forward_saved_bytes(chunks.chunks[0], 1, cfg.train.seq_len, vocab_size,
-                                                 torch.device("meta")))
+                saved.append(
+                    forward_saved_bytes(chunks.chunks[0], 1, cfg.train.seq_len, vocab_size, torch.device("meta"))
+                )
     return saved
 
 

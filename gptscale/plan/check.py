@@ -45,25 +45,43 @@ def _activations(cfg: Config, layout: Layout, vocab_size: int, pp_rank: int) -> 
 class MemoryCheck:
     """Built after the model and before the engine (ZeRO-3 would hide the parameters' sizes)."""
 
-    def __init__(self, cfg: Config, layout: Layout, pp_rank: int, model: torch.nn.Module, vocab_size: int,
-                 device: torch.device, rank: int):
-        dp_rank = parallel_state.get_expert_data_parallel_rank() if layout.ep > 1 else \
-            parallel_state.get_data_parallel_rank(with_context_parallel=True)
+    def __init__(
+        self,
+        cfg: Config,
+        layout: Layout,
+        pp_rank: int,
+        model: torch.nn.Module,
+        vocab_size: int,
+        device: torch.device,
+        rank: int,
+    ):
+        dp_rank = (
+            parallel_state.get_expert_data_parallel_rank()
+            if layout.ep > 1
+            else parallel_state.get_data_parallel_rank(with_context_parallel=True)
+        )
         self.predicted: StateBytes = states_of(from_module(model), cfg, layout, dp_rank)
         self.device, self.rank, self.model = device, rank, model
         self.done = False
         self._gradients: dict[int, int] = {}
         self._activations = None
         if device.type == "cuda":
-            pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                                          initializer=_hide_gpus)
+            pool = concurrent.futures.ProcessPoolExecutor(
+                1, mp_context=multiprocessing.get_context("spawn"), initializer=_hide_gpus
+            )
             self._activations = pool.submit(_activations, cfg, layout, vocab_size, pp_rank)
             pool.shutdown(wait=False)
         if rank == 0:
             p = self.predicted
-            log.info("plan: rank 0 is predicted to hold %.3f GiB of model states (parameters %.3f, gradients %.3f, "
-                     "optimizer %.3f)%s", p.total / GiB, p.parameters / GiB, p.gradients / GiB, p.optimizer / GiB,
-                     "; activations follow after the first step" if self._activations else "")
+            log.info(
+                "plan: rank 0 is predicted to hold %.3f GiB of model states (parameters %.3f, gradients %.3f, "
+                "optimizer %.3f)%s",
+                p.total / GiB,
+                p.parameters / GiB,
+                p.gradients / GiB,
+                p.optimizer / GiB,
+                "; activations follow after the first step" if self._activations else "",
+            )
 
     def watch(self, engine) -> None:
         """Record the gradient buffers just before the first update (they are freed after it)."""
@@ -93,8 +111,19 @@ class MemoryCheck:
                 log.debug("plan: rank %d predicted %s, holds %s", self.rank, self.predicted, held)
         off = abs(predicted - measured) / max(measured, 1)
         if off > TOLERANCE:
-            log.warning("plan: rank %d %s %.3f GiB, predicted %.3f GiB (%.0f%% off; docs/planning.md)",
-                        self.rank, what, measured / GiB, predicted / GiB, 100 * off)
+            log.warning(
+                "plan: rank %d %s %.3f GiB, predicted %.3f GiB (%.0f%% off; docs/planning.md)",
+                self.rank,
+                what,
+                measured / GiB,
+                predicted / GiB,
+                100 * off,
+            )
         elif self.rank == 0:
-            log.info("plan: rank 0 %s %.3f GiB, predicted %.3f GiB (%.1f%% off)", what, measured / GiB,
-                     predicted / GiB, 100 * off)
+            log.info(
+                "plan: rank 0 %s %.3f GiB, predicted %.3f GiB (%.1f%% off)",
+                what,
+                measured / GiB,
+                predicted / GiB,
+                100 * off,
+            )

@@ -63,8 +63,9 @@ class Cluster:
 def cluster_of(config: ClusterConfig) -> Cluster:
     """The cluster ``cluster.*`` describes, or a ValueError naming the field."""
     if config.gpu not in GPUS:
-        raise ValueError(f"cluster.gpu={config.gpu!r} is not a known GPU; choose one of {', '.join(GPUS)} "
-                         "(gptscale/plan/cluster.py)")
+        raise ValueError(
+            f"cluster.gpu={config.gpu!r} is not a known GPU; choose one of {', '.join(GPUS)} (gptscale/plan/cluster.py)"
+        )
     for name in ("nodes", "gpus_per_node"):
         if getattr(config, name) < 1:
             raise ValueError(f"cluster.{name}={getattr(config, name)} must be at least 1")

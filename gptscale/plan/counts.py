@@ -52,8 +52,10 @@ def fake_groups(layout: Layout, rank: int):
     from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
 
     if dist.is_initialized():
-        raise RuntimeError("gptscale.plan builds models in a fake process group and must run outside a "
-                           "distributed job (torch.distributed is already initialised)")
+        raise RuntimeError(
+            "gptscale.plan builds models in a fake process group and must run outside a "
+            "distributed job (torch.distributed is already initialised)"
+        )
     if not torch.cuda.is_available():
         cpu.install()  # megatron-core asks for CUDA streams and RNG states while it builds and runs layers
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=layout.world_size)
@@ -131,14 +133,24 @@ def _pattern_model(cfg: Config, layout: Layout, vocab_size: int) -> torch.nn.Mod
     if key not in _built:
         period = cfg.model.moe.layer_freq if cfg.model.moe.num_experts else 1
         model = replace(cfg.model, num_layers=min(period, cfg.model.num_layers))
-        parallel = replace(cfg.parallel, tp=layout.tp, cp=1, pp=1, vpp=None, ep=layout.ep, zero=0, micro_batch=1,
-                           global_batch=layout.ep)
+        parallel = replace(
+            cfg.parallel,
+            tp=layout.tp,
+            cp=1,
+            pp=1,
+            vpp=None,
+            ep=layout.ep,
+            zero=0,
+            micro_batch=1,
+            global_batch=layout.ep,
+        )
         train = replace(cfg.train, activation_checkpointing=Recompute.none, steps=0)
         world = layout.tp * layout.ep
         with fake_groups(Layout(world, layout.tp, 1, 1, layout.ep, 1, layout.ep, layout.ep), 0):
             with on_meta():
-                _built[key] = build_model(model, parallel, train, vocab_size, Backend.local,
-                                          torch.device("meta")).chunks[0]
+                _built[key] = build_model(
+                    model, parallel, train, vocab_size, Backend.local, torch.device("meta")
+                ).chunks[0]
     return _built[key]
 
 

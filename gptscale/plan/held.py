@@ -45,8 +45,12 @@ def _storages(tensors, exclude: set) -> dict[int, int]:
 def optimizer_state_bytes(optimizer) -> int:
     """Bytes of the base optimizer's per-parameter state (moments and step counts)."""
     base = getattr(optimizer, "optimizer", optimizer)
-    return sum(t.untyped_storage().nbytes() for state in base.state.values() for t in state.values()
-               if isinstance(t, torch.Tensor))
+    return sum(
+        t.untyped_storage().nbytes()
+        for state in base.state.values()
+        for t in state.values()
+        if isinstance(t, torch.Tensor)
+    )
 
 
 def held_bytes(model: torch.nn.Module, optimizer, gradients_before_step: dict[int, int]) -> StateBytes:
@@ -55,11 +59,18 @@ def held_bytes(model: torch.nn.Module, optimizer, gradients_before_step: dict[in
     weights = _storages(model.parameters(), set())
     found: list = []
     _tensors(optimizer, found, set())
-    state = {t.untyped_storage().data_ptr() for s in getattr(optimizer, "optimizer", optimizer).state.values()
-             for t in s.values() if isinstance(t, torch.Tensor)}
+    state = {
+        t.untyped_storage().data_ptr()
+        for s in getattr(optimizer, "optimizer", optimizer).state.values()
+        for t in s.values()
+        if isinstance(t, torch.Tensor)
+    }
     others = _storages(found, set(weights) | set(gradients_before_step) | state)
-    return StateBytes(sum(weights.values()), sum(gradients_before_step.values()),
-                      sum(others.values()) + optimizer_state_bytes(optimizer))
+    return StateBytes(
+        sum(weights.values()),
+        sum(gradients_before_step.values()),
+        sum(others.values()) + optimizer_state_bytes(optimizer),
+    )
 
 
 def gradient_storages(model: torch.nn.Module, optimizer) -> dict[int, int]:

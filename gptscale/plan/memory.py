@@ -18,20 +18,35 @@ def states_of(params: RankParameters, cfg: Config, layout: Layout, dp_rank: int 
     expert-data-parallel group, which is the data-parallel group without expert parallelism)."""
     engine = engine_config(layout, cfg.optim, cfg.train)
     moment_bytes = OPTIMIZERS[cfg.optim.name].state_bytes_per_parameter
-    key = (params, layout.expert_dp, cfg.parallel.zero, cfg.train.precision, dp_rank, repr(engine["zero_optimization"]),
-           moment_bytes)
+    key = (
+        params,
+        layout.expert_dp,
+        cfg.parallel.zero,
+        cfg.train.precision,
+        dp_rank,
+        repr(engine["zero_optimization"]),
+        moment_bytes,
+    )
     if key not in _states:
-        _states[key] = state_bytes([list(group) for group in params.groups], layout.expert_dp, cfg.parallel.zero,
-                                   cfg.train.precision == Precision.bf16, dp_rank, zero_settings(engine),
-                                   list(params.numels), moment_bytes=moment_bytes)
+        _states[key] = state_bytes(
+            [list(group) for group in params.groups],
+            layout.expert_dp,
+            cfg.parallel.zero,
+            cfg.train.precision == Precision.bf16,
+            dp_rank,
+            zero_settings(engine),
+            list(params.numels),
+            moment_bytes=moment_bytes,
+        )
     return _states[key]
 
 
 _states: dict[tuple, StateBytes] = {}
 
 
-def rank_states(cfg: Config, layout: Layout, vocab_size: int, pp_rank: int, ep_rank: int = 0,
-                dp_rank: int = 0) -> StateBytes:
+def rank_states(
+    cfg: Config, layout: Layout, vocab_size: int, pp_rank: int, ep_rank: int = 0, dp_rank: int = 0
+) -> StateBytes:
     """Model-state bytes of the rank at (pipeline stage, expert rank, data-parallel rank) of ``layout``."""
     return states_of(rank_parameters(cfg, layout, vocab_size, pp_rank, ep_rank), cfg, layout, dp_rank)
 

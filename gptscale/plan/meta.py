@@ -78,8 +78,9 @@ class _OnMeta(TorchFunctionMode):
         rank (where the plan measures) each is what one rank routes, its token-expert pairs."""
         pairs, _ = self._last_routing(splits)
         if parallel_state.get_expert_model_parallel_world_size() != 1:
-            raise RuntimeError("gptscale.plan: balanced routing on the meta device is measured at one "
-                               "expert-parallel rank")
+            raise RuntimeError(
+                "gptscale.plan: balanced routing on the meta device is measured at one expert-parallel rank"
+            )
         return np.full(tuple(splits.shape), pairs, dtype=np.int64)
 
     def _last_routing(self, read: torch.Tensor) -> tuple[int, int]:

@@ -48,8 +48,17 @@ def with_settings(cfg: Config, settings: dict) -> Config:
 
 def settings_of(cfg: Config) -> dict:
     par = cfg.parallel
-    return {"tp": par.tp, "cp": par.cp, "pp": par.pp, "vpp": par.vpp, "sp": par.sp, "ep": par.ep, "zero": par.zero,
-            "micro_batch": par.micro_batch, "activation_checkpointing": cfg.train.activation_checkpointing}
+    return {
+        "tp": par.tp,
+        "cp": par.cp,
+        "pp": par.pp,
+        "vpp": par.vpp,
+        "sp": par.sp,
+        "ep": par.ep,
+        "zero": par.zero,
+        "micro_batch": par.micro_batch,
+        "activation_checkpointing": cfg.train.activation_checkpointing,
+    }
 
 
 def plan(cfg: Config, cluster: Cluster, vocab_size: int) -> Planned:
@@ -65,8 +74,10 @@ def plan(cfg: Config, cluster: Cluster, vocab_size: int) -> Planned:
     fullest = max(rank.total for rank in ranks)
     refused = None
     if fullest > cluster.gpu.memory_bytes:
-        refused = (f"does not fit: {fullest / 2**30:.1f} GiB predicted on its fullest rank, "
-                   f"{cluster.gpu.memory_bytes / 2**30:.0f} GiB on a {cluster.gpu.name}")
+        refused = (
+            f"does not fit: {fullest / 2**30:.1f} GiB predicted on its fullest rank, "
+            f"{cluster.gpu.memory_bytes / 2**30:.0f} GiB on a {cluster.gpu.name}"
+        )
     tokens = layout.global_batch * cfg.train.seq_len / step.total_s
     return Planned(settings, refused, layout, ranks, step, tokens)
 
@@ -86,9 +97,17 @@ def candidates(cfg: Config, cluster: Cluster):
                         for zero in (0, 1, 2, 3):
                             for micro_batch in MICRO_BATCHES:
                                 for recompute in (Recompute.none, Recompute.full):
-                                    yield {"tp": tp, "cp": cp, "pp": pp, "vpp": vpp, "sp": tp > 1, "ep": ep,
-                                           "zero": zero, "micro_batch": micro_batch,
-                                           "activation_checkpointing": recompute}
+                                    yield {
+                                        "tp": tp,
+                                        "cp": cp,
+                                        "pp": pp,
+                                        "vpp": vpp,
+                                        "sp": tp > 1,
+                                        "ep": ep,
+                                        "zero": zero,
+                                        "micro_batch": micro_batch,
+                                        "activation_checkpointing": recompute,
+                                    }
 
 
 def search(cfg: Config, cluster: Cluster, vocab_size: int) -> list[Planned]:

@@ -52,9 +52,17 @@ def zero_settings(engine_json: dict) -> DeepSpeedZeroConfig:
     return DeepSpeedZeroConfig(**engine_json["zero_optimization"])
 
 
-def state_bytes(groups: list[list[int]], dp: int, zero: int, bf16: bool, dp_rank: int = 0,
-                settings: DeepSpeedZeroConfig | None = None, numels: list[int] | None = None, *,
-                moment_bytes: int) -> StateBytes:
+def state_bytes(
+    groups: list[list[int]],
+    dp: int,
+    zero: int,
+    bf16: bool,
+    dp_rank: int = 0,
+    settings: DeepSpeedZeroConfig | None = None,
+    numels: list[int] | None = None,
+    *,
+    moment_bytes: int,
+) -> StateBytes:
     """Bytes data-parallel rank ``dp_rank`` of ``dp`` holds for parameter ``groups`` (each a list of tensor
     sizes in the optimizer's order; ``numels``: the same tensors in module order) under ZeRO stage ``zero``,
     for an optimizer keeping ``moment_bytes`` of state per parameter."""
@@ -81,8 +89,9 @@ def state_bytes(groups: list[list[int]], dp: int, zero: int, bf16: bool, dp_rank
             gradients = shard
         return StateBytes(4 * flat, 4 * gradients, optimizer)
     if zero == 3:
-        return _zero3_bytes(groups, numels or [n for group in groups for n in group], dp, weight, settings,
-                            moment_bytes)
+        return _zero3_bytes(
+            groups, numels or [n for group in groups for n in group], dp, weight, settings, moment_bytes
+        )
     raise ValueError(f"parallel.zero={zero} is not a ZeRO stage")
 
 
@@ -101,8 +110,9 @@ def _contiguous_gradient_numel(group: list[int], partition: int, dp_rank: int) -
     return whole + (padding if padding > 1 else 0)
 
 
-def _zero3_bytes(groups: list[list[int]], numels: list[int], dp: int, weight: int,
-                 settings: DeepSpeedZeroConfig, moment_bytes: int) -> StateBytes:
+def _zero3_bytes(
+    groups: list[list[int]], numels: list[int], dp: int, weight: int, settings: DeepSpeedZeroConfig, moment_bytes: int
+) -> StateBytes:
     persistent, persisted = 0, 0
     for size in numels:  # DeepSpeed walks the module's parameters in order
         if size + persisted > settings.model_persistence_threshold:
@@ -123,8 +133,12 @@ def _zero3_bytes(groups: list[list[int]], numels: list[int], dp: int, weight: in
             else:
                 flat_partitions += flat
     parameters = weight * (flat_weights if dp == 1 else persistent)
-    optimizer = (weight * flat_partitions + (4 + moment_bytes) * partition + 4 * sub_groups
-                 + weight * settings.reduce_bucket_size)
+    optimizer = (
+        weight * flat_partitions
+        + (4 + moment_bytes) * partition
+        + 4 * sub_groups
+        + weight * settings.reduce_bucket_size
+    )
     return StateBytes(parameters, 4 * partition, optimizer)
 
 

@@ -74,8 +74,10 @@ def estimate(cfg: Config, layout: Layout, cluster: Cluster, vocab_size: int, ran
     cp = layout.cp
     activation = train.seq_len // cp * layout.micro_batch * model.hidden_size * w
     layers = model.num_layers // layout.pp
-    bandwidth = {"intra-node": cluster.gpu.intra_node_gbps * 1e9 * BANDWIDTH_EFFICIENCY,
-                 "inter-node": cluster.gpu.inter_node_gbps * 1e9 * BANDWIDTH_EFFICIENCY}
+    bandwidth = {
+        "intra-node": cluster.gpu.intra_node_gbps * 1e9 * BANDWIDTH_EFFICIENCY,
+        "inter-node": cluster.gpu.inter_node_gbps * 1e9 * BANDWIDTH_EFFICIENCY,
+    }
     collectives = []
 
     def add(kind: str, stride: int, size: int, volume: float) -> None:
@@ -86,8 +88,12 @@ def estimate(cfg: Config, layout: Layout, cluster: Cluster, vocab_size: int, ran
 
     tp = layout.tp
     passes = 6 if train.activation_checkpointing == Recompute.full else 4
-    add("TP all-gather/reduce-scatter" if cfg.parallel.sp else "TP all-reduce", 1, tp,
-        micro * layers * passes * 2 * (tp - 1) / tp * activation)
+    add(
+        "TP all-gather/reduce-scatter" if cfg.parallel.sp else "TP all-reduce",
+        1,
+        tp,
+        micro * layers * passes * 2 * (tp - 1) / tp * activation,
+    )
     head_dim = model.hidden_size // model.num_attention_heads
     keys_values = 2 * train.seq_len * layout.micro_batch * model.query_groups // tp * head_dim * w
     gathers = 4 if train.activation_checkpointing != Recompute.none else 3

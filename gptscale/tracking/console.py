@@ -42,8 +42,11 @@ def format_line(step: int, metrics: dict, total_steps: Optional[int] = None) -> 
         if key in metrics:
             value = metrics[key]
             parts.append(f"{label} {'n/a' if value is None else fmt.format(value)}")
-    parts += [f"{key.split('/')[1]} acc {value:.3f}" for key, value in metrics.items()
-              if key.startswith("eval/") and key.endswith("/acc")]
+    parts += [
+        f"{key.split('/')[1]} acc {value:.3f}"
+        for key, value in metrics.items()
+        if key.startswith("eval/") and key.endswith("/acc")
+    ]
     return " | ".join(parts)
 
 
@@ -83,13 +86,18 @@ class ConsoleSink:
         if "loss" not in self.last or self.start is None:
             return
         first, began = self.start
-        parts = [f"run ended at step {self.step}" + (f"/{self.total_steps}" if self.total_steps else ""),
-                 f"{duration(time.monotonic() - began)} since step {first}",
-                 f"loss {self.last['loss']:.4f}"]
+        parts = [
+            f"run ended at step {self.step}" + (f"/{self.total_steps}" if self.total_steps else ""),
+            f"{duration(time.monotonic() - began)} since step {first}",
+            f"loss {self.last['loss']:.4f}",
+        ]
         if "eval_loss" in self.last:
             parts.append(f"eval_loss {self.last['eval_loss']:.4f}")
-        parts += [f"{key.split('/')[1]} acc {value:.3f}" for key, value in self.last.items()
-                  if key.startswith("eval/") and key.endswith("/acc")]
+        parts += [
+            f"{key.split('/')[1]} acc {value:.3f}"
+            for key, value in self.last.items()
+            if key.startswith("eval/") and key.endswith("/acc")
+        ]
         if "consumed_tokens" in self.last:
             parts.append(f"{self.last['consumed_tokens']:,} tokens")
         if "goodput" in self.last:

@@ -186,8 +186,11 @@ class Goodput:
         """``goodput/<part>_s`` for each part, the wall time and ``goodput``: productive / wall time."""
         parts = self.parts()
         wall = self.wall
-        return {**{f"goodput/{name}_s": seconds for name, seconds in parts.items()}, "goodput/wall_s": wall,
-                "goodput": parts["productive"] / wall if wall > 0 else None}
+        return {
+            **{f"goodput/{name}_s": seconds for name, seconds in parts.items()},
+            "goodput/wall_s": wall,
+            "goodput": parts["productive"] / wall if wall > 0 else None,
+        }
 
 
 def replay(run_dir: Path) -> Goodput:
@@ -230,8 +233,15 @@ class GoodputLog:
             self.file.seek(-1, os.SEEK_END)
             if self.file.read(1) != b"\n":
                 self.file.write(b"\n")
-        self._append({"phase": "start", "at": _attempt_start(), "host": socket.gethostname(), "pid": os.getpid(),
-                      "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))})
+        self._append(
+            {
+                "phase": "start",
+                "at": _attempt_start(),
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+            }
+        )
 
     def started(self, resumed: Optional[int]) -> None:
         """Set-up is over; training goes on after checkpoint step ``resumed`` (None: from scratch)."""
@@ -262,31 +272,45 @@ def summary(goodput: Goodput, run_dir: Path) -> str:
     """The report ``gptscale-goodput`` prints: each part's seconds and share of the wall time, then each attempt."""
     wall, parts = goodput.wall, goodput.parts()
     share = (lambda seconds: seconds / wall) if wall > 0 else (lambda seconds: 0.0)
-    lines = [f"{run_dir}: wall time {duration(wall)} over {len(goodput.attempts)} attempt(s), "
-             f"goodput {share(parts['productive']):.1%} (productive training / wall time)"]
+    lines = [
+        f"{run_dir}: wall time {duration(wall)} over {len(goodput.attempts)} attempt(s), "
+        f"goodput {share(parts['productive']):.1%} (productive training / wall time)"
+    ]
     notes = {"productive": f"{len(goodput.kept)} steps", "lost": f"{goodput.lost_steps} steps"}
     for name, label in PARTS.items():
-        lines.append(f"  {label:<34}{parts[name]:>10.1f} s {share(parts[name]):>7.1%}"
-                     + (f"   {notes[name]}" if name in notes else ""))
+        lines.append(
+            f"  {label:<34}{parts[name]:>10.1f} s {share(parts[name]):>7.1%}"
+            + (f"   {notes[name]}" if name in notes else "")
+        )
     for number, attempt in enumerate(goodput.attempts, start=1):
         start = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(attempt.started_at))
         origin = "from scratch" if attempt.resumed_from is None else f"resumed from step {attempt.resumed_from}"
         steps = f"steps {attempt.first_step}-{attempt.last_step}" if attempt.first_step else "no step"
         end = "finished" if attempt.finished else "ended without finishing"
-        lines.append(f"  attempt {number}: started {start} on {attempt.host}, {origin}, {steps}, {end} after "
-                     f"{duration(attempt.ended_at - attempt.started_at)}")
+        lines.append(
+            f"  attempt {number}: started {start} on {attempt.host}, {origin}, {steps}, {end} after "
+            f"{duration(attempt.ended_at - attempt.started_at)}"
+        )
     return "\n".join(lines)
 
 
 def as_json(goodput: Goodput) -> dict:
-    return {"wall_s": goodput.wall, "parts_s": goodput.parts(), "goodput": goodput.metrics()["goodput"],
-            "kept_steps": len(goodput.kept), "lost_steps": goodput.lost_steps,
-            "attempts": [asdict(attempt) for attempt in goodput.attempts]}
+    return {
+        "wall_s": goodput.wall,
+        "parts_s": goodput.parts(),
+        "goodput": goodput.metrics()["goodput"],
+        "kept_steps": len(goodput.kept),
+        "lost_steps": goodput.lost_steps,
+        "attempts": [asdict(attempt) for attempt in goodput.attempts],
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="gptscale-goodput", description="Where a gptscale run's wall time went, "
-                                     f"from RUN_DIR/{GOODPUT} and RUN_DIR/{HANG_REPORTS} (docs/goodput.md).")
+    parser = argparse.ArgumentParser(
+        prog="gptscale-goodput",
+        description="Where a gptscale run's wall time went, "
+        f"from RUN_DIR/{GOODPUT} and RUN_DIR/{HANG_REPORTS} (docs/goodput.md).",
+    )
     parser.add_argument("run_dir", type=Path, help="the run directory of a gptscale run")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     args = parser.parse_args(argv)

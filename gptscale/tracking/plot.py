@@ -47,8 +47,9 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 def spike_marks(records: list[dict]) -> tuple[tuple[list[int], list[float]], list[tuple[int, int]]]:
     """Steps skipped as spikes with the loss they had, and rewinds as (from step, step resumed at)."""
     skipped = _series([record for record in records if record.get("spike/skipped_step")], "spike/loss")
-    rewinds = [(record["rewind/from_step"], record["step"]) for record in records
-               if record.get("rewind/from_step") is not None]
+    rewinds = [
+        (record["rewind/from_step"], record["step"]) for record in records if record.get("rewind/from_step") is not None
+    ]
     return skipped, rewinds
 
 
@@ -65,13 +66,25 @@ def smoothed(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot(runs: dict[str, list[dict]], out: Path, title: str, smooth: int = 1,
-         goodputs: Optional[dict[str, dict[str, float]]] = None) -> None:
+def plot(
+    runs: dict[str, list[dict]],
+    out: Path,
+    title: str,
+    smooth: int = 1,
+    goodputs: Optional[dict[str, dict[str, float]]] = None,
+) -> None:
     """Draw every run on the same axes (one colour each), and below them where each run's wall time went when
     ``goodputs`` has the runs' parts; write the PNG under a temporary name, then rename it into place, so a
     reader never sees half a file."""
-    accuracies = sorted({key for records in runs.values() for record in records for key in record
-                         if key.startswith("eval/") and key.endswith("/acc")})
+    accuracies = sorted(
+        {
+            key
+            for records in runs.values()
+            for record in records
+            for key in record
+            if key.startswith("eval/") and key.endswith("/acc")
+        }
+    )
     rows = 5 if accuracies else 4
     bars = 1 + len(goodputs) // 2 if goodputs else 0
     figure = Figure(figsize=(8, 3 * rows + bars), layout="constrained")
@@ -91,24 +104,42 @@ def plot(runs: dict[str, list[dict]], out: Path, title: str, smooth: int = 1,
         steps, losses = _series(records, "loss")
         loss_axes.plot(steps, smoothed(losses, smooth), color=colour, label=f"{label}train")
         if any("eval_loss" in record for record in records):
-            loss_axes.plot(*_series(records, "eval_loss"), color=colour, marker="o", linestyle=":",
-                           label=f"{label}eval")
+            loss_axes.plot(
+                *_series(records, "eval_loss"), color=colour, marker="o", linestyle=":", label=f"{label}eval"
+            )
         skipped, rewinds = spike_marks(records)
         if skipped[0]:
-            loss_axes.scatter(*skipped, marker="x", color="red", zorder=3,
-                              label=f"{label}skipped spike ({len(skipped[0])})")
+            loss_axes.scatter(
+                *skipped, marker="x", color="red", zorder=3, label=f"{label}skipped spike ({len(skipped[0])})"
+            )
         for number, (from_step, to_step) in enumerate(rewinds):
-            loss_axes.axvline(to_step, color=colour, linestyle="--", alpha=0.7,
-                              label=f"{label}rewind (from step → to here)" if number == 0 else None)
-            loss_axes.annotate(f"{from_step}→{to_step}", (to_step, 1.0), xycoords=("data", "axes fraction"),
-                               va="top", fontsize=8, color=colour)
+            loss_axes.axvline(
+                to_step,
+                color=colour,
+                linestyle="--",
+                alpha=0.7,
+                label=f"{label}rewind (from step → to here)" if number == 0 else None,
+            )
+            loss_axes.annotate(
+                f"{from_step}→{to_step}",
+                (to_step, 1.0),
+                xycoords=("data", "axes fraction"),
+                va="top",
+                fontsize=8,
+                color=colour,
+            )
         steps, norms = _series(records, "grad_norm")
         norm_axes.plot(steps, smoothed(norms, smooth), color=colour, label=name)
         lr_axes.plot(*_series(records, "lr"), color=colour, label=name)
         speed_axes.plot(*_series(records, "tokens_per_s"), color=colour, label=name)
         for key_index, key in enumerate(accuracies):
-            panels[4].plot(*_series(records, key), marker="o", color=colour,
-                           linestyle=["-", "--", ":", "-."][key_index % 4], label=f"{label}{key.split('/')[1]}")
+            panels[4].plot(
+                *_series(records, key),
+                marker="o",
+                color=colour,
+                linestyle=["-", "--", ":", "-."][key_index % 4],
+                label=f"{label}{key.split('/')[1]}",
+            )
     loss_axes.set_ylabel("loss" + (f" (mean of {smooth})" if smooth > 1 else ""))
     loss_axes.legend(fontsize=8)
     norm_axes.set_ylabel("gradient norm")
@@ -128,8 +159,15 @@ def plot(runs: dict[str, list[dict]], out: Path, title: str, smooth: int = 1,
     os.replace(partial, out)
 
 
-PART_COLOURS = {"productive": "tab:green", "lost": "tab:red", "startup": "tab:gray", "checkpoint": "tab:blue",
-                "eval": "tab:purple", "hang": "black", "down": "lightgray"}
+PART_COLOURS = {
+    "productive": "tab:green",
+    "lost": "tab:red",
+    "startup": "tab:gray",
+    "checkpoint": "tab:blue",
+    "eval": "tab:purple",
+    "hang": "black",
+    "down": "lightgray",
+}
 
 
 def draw_goodput(axes, goodputs: dict[str, dict[str, float]]) -> None:
@@ -142,8 +180,7 @@ def draw_goodput(axes, goodputs: dict[str, dict[str, float]]) -> None:
         left = [start + width for start, width in zip(left, seconds)]
     for name, wall in zip(names, left):
         if wall > 0:
-            axes.annotate(f" goodput {goodputs[name]['productive'] / wall:.0%}", (wall, name), va="center",
-                          fontsize=8)
+            axes.annotate(f" goodput {goodputs[name]['productive'] / wall:.0%}", (wall, name), va="center", fontsize=8)
     axes.set_xlabel("wall time (s)")
     axes.set_title("where the wall time went (gptscale-goodput)", fontsize=10)
     axes.legend(fontsize=7, ncols=4, loc="upper center", bbox_to_anchor=(0.5, -0.35))
@@ -162,19 +199,33 @@ def run_dirs(paths: list[Path]) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="gptscale-plot", description=__doc__.split(":", 1)[1].strip())
-    parser.add_argument("run_dir", type=Path, nargs="+",
-                        help="gptscale run directories (each holds metrics.jsonl), or a sweep's directory of runs")
-    parser.add_argument("--out", type=Path, help="the PNG to write (default: metrics.png in the run directory, or "
-                                                 "in the directory the runs share)")
-    parser.add_argument("--smooth", type=int, default=1, metavar="N",
-                        help="draw loss and gradient norm as the mean of the last N logged points")
+    parser.add_argument(
+        "run_dir",
+        type=Path,
+        nargs="+",
+        help="gptscale run directories (each holds metrics.jsonl), or a sweep's directory of runs",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="the PNG to write (default: metrics.png in the run directory, or in the directory the runs share)",
+    )
+    parser.add_argument(
+        "--smooth",
+        type=int,
+        default=1,
+        metavar="N",
+        help="draw loss and gradient norm as the mean of the last N logged points",
+    )
     args = parser.parse_args(argv)
     if args.smooth < 1:
         parser.error(f"--smooth must be at least 1, got {args.smooth}")
     found = run_dirs(args.run_dir)
     if not found:
-        parser.error(f"no {METRICS} in {', '.join(map(str, args.run_dir))}: give the run_dir of a gptscale run "
-                     "(or a directory of runs)")
+        parser.error(
+            f"no {METRICS} in {', '.join(map(str, args.run_dir))}: give the run_dir of a gptscale run "
+            "(or a directory of runs)"
+        )
     shared = Path(os.path.commonpath([str(run) for run in found]))
     runs, goodputs = {}, {}
     for run in found:

@@ -21,8 +21,11 @@ log = logging.getLogger("gptscale")
 def choose_mode(requested: WandbMode, run_dir: Path) -> str:
     """``online`` needs an API key (WANDB_API_KEY, ~/.netrc, ``wandb login``); without one, log offline."""
     if requested is WandbMode.online and not wandb.login(verify=False, prompt=False):
-        log.warning("logging.wandb.mode=online but no W&B API key is set (WANDB_API_KEY or `wandb login`): "
-                    "logging offline under %s; upload it later with `wandb sync`", run_dir / "wandb")
+        log.warning(
+            "logging.wandb.mode=online but no W&B API key is set (WANDB_API_KEY or `wandb login`): "
+            "logging offline under %s; upload it later with `wandb sync`",
+            run_dir / "wandb",
+        )
         return WandbMode.offline.value
     return requested.value
 
@@ -38,10 +41,18 @@ class WandbSink:
 
     def _start(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(project=self.cfg.project, entity=self.cfg.entity, group=self.cfg.group,
-                              name=self.cfg.name, tags=list(self.cfg.tags), mode=self.mode,  # type: ignore[arg-type]
-                              id=self.run_id,
-                              resume="allow", dir=self.run_dir, config=self.config)
+        self.run = wandb.init(
+            project=self.cfg.project,
+            entity=self.cfg.entity,
+            group=self.cfg.group,
+            name=self.cfg.name,
+            tags=list(self.cfg.tags),
+            mode=self.mode,  # type: ignore[arg-type]
+            id=self.run_id,
+            resume="allow",
+            dir=self.run_dir,
+            config=self.config,
+        )
 
     def log(self, step: int, metrics: dict) -> None:
         if self.run is None:

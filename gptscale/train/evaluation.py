@@ -38,8 +38,15 @@ class TaskResult:
 class TaskScorer:
     """Tokenizes the tasks once; ``score`` runs their sequences through the model (a collective call)."""
 
-    def __init__(self, tasks: list[Task], tokenizer_file: Path | None, eod: int, vocab_size: int, seq_len: int,
-                 ctx: ParallelContext):
+    def __init__(
+        self,
+        tasks: list[Task],
+        tokenizer_file: Path | None,
+        eod: int,
+        vocab_size: int,
+        seq_len: int,
+        ctx: ParallelContext,
+    ):
         if tokenizer_file is None:
             raise DataError("eval.tasks: the training data names no tokenizer to tokenize the tasks with")
         tokenizer = Tokenizer.from_file(str(tokenizer_file))
@@ -54,7 +61,9 @@ class TaskScorer:
             for number, example in enumerate(task.examples, start=1):
                 for choice in example.choices:
                     try:
-                        self.sequences.append(scoring_sequence(*encode_choice(encode, example.context, choice), seq_len))
+                        self.sequences.append(
+                            scoring_sequence(*encode_choice(encode, example.context, choice), seq_len)
+                        )
                     except DataError as error:
                         raise DataError(f"{task.path}: example {number}: {error}") from None
 
@@ -65,14 +74,20 @@ class TaskScorer:
         for start in range(0, len(indices), size):
             windows = torch.full((size, self.seq_len + 1), self.eod, dtype=torch.long)
             loss_mask = torch.zeros((size, self.seq_len))
-            for row, index in enumerate(indices[start:start + size]):
+            for row, index in enumerate(indices[start : start + size]):
                 if index < 0:  # padding, so that every rank runs as many micro-batches
                     continue
                 tokens, scored = self.sequences[index]
-                windows[row, :len(tokens)] = torch.tensor(tokens)
-                loss_mask[row, len(tokens) - 1 - scored:len(tokens) - 1] = 1.0
-            batches.append({"tokens": windows[:, :-1], "labels": windows[:, 1:], "loss_mask": loss_mask,
-                            "position_ids": torch.arange(self.seq_len).expand(size, -1)})
+                windows[row, : len(tokens)] = torch.tensor(tokens)
+                loss_mask[row, len(tokens) - 1 - scored : len(tokens) - 1] = 1.0
+            batches.append(
+                {
+                    "tokens": windows[:, :-1],
+                    "labels": windows[:, 1:],
+                    "loss_mask": loss_mask,
+                    "position_ids": torch.arange(self.seq_len).expand(size, -1),
+                }
+            )
         return batches
 
     @torch.no_grad()
@@ -82,12 +97,20 @@ class TaskScorer:
         per_rank = math.ceil(math.ceil(total / layout.dp) / layout.micro_batch) * layout.micro_batch
         mine = list(range(self.ctx.dp_rank, total, layout.dp))
         mine += [-1] * (per_rank - len(mine))
-        values = sequence_log_likelihoods(engine, model, self._microbatches(mine), layout, self.seq_len,
-                                          self.vocab_size, self.device, self.ctx.is_last_stage)
+        values = sequence_log_likelihoods(
+            engine,
+            model,
+            self._microbatches(mine),
+            layout,
+            self.seq_len,
+            self.vocab_size,
+            self.device,
+            self.ctx.is_last_stage,
+        )
         result = torch.zeros(total, dtype=torch.float64, device=self.device)
         if values is not None:
             owned = [index for index in mine if index >= 0]  # the padding follows them
-            result[owned] = values[:len(owned)].double()
+            result[owned] = values[: len(owned)].double()
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(result)
         # Every tensor-parallel rank of the last stage added it; context-parallel ranks added their parts.
@@ -99,8 +122,13 @@ class TaskScorer:
         for task in self.tasks:
             per_example = [[next(values) for _ in example.choices] for example in task.examples]
             right = [int(np.argmax(lls)) == example.answer for lls, example in zip(per_example, task.examples)]
-            right_norm = [int(np.argmax(np.array(lls) / [len(choice) for choice in example.choices])) == example.answer
-                          for lls, example in zip(per_example, task.examples)]
-            results.append(TaskResult(task.name, len(task.examples), float(np.mean(right)), float(np.mean(right_norm)),
-                                      per_example))
+            right_norm = [
+                int(np.argmax(np.array(lls) / [len(choice) for choice in example.choices])) == example.answer
+                for lls, example in zip(per_example, task.examples)
+            ]
+            results.append(
+                TaskResult(
+                    task.name, len(task.examples), float(np.mean(right)), float(np.mean(right_norm)), per_example
+                )
+            )
         return results

@@ -61,8 +61,7 @@ class SpikeDetector:
     or, where none is possible, by ``restart`` (the loss level is the model's, not a batch's).
     """
 
-    def __init__(self, zscore: Optional[float], window: int, min_relative_std: float = 0.01,
-                 signal: str = "loss"):
+    def __init__(self, zscore: Optional[float], window: int, min_relative_std: float = 0.01, signal: str = "loss"):
         self.zscore = zscore or 0.0
         self.window = window
         self.min_relative_std = min_relative_std
@@ -100,18 +99,20 @@ class SpikeDetector:
     def zscores(self, loss: float, grad_norm: Optional[float]) -> tuple[Optional[float], Optional[float]]:
         """How many robust standard deviations above the window's median these values are (None before the
         window is full)."""
+
         def score(value, values):
             stats = self._center_scale(values)
             if value is None or stats is None or not math.isfinite(value):
                 return None
             return (_log(value) - stats[0]) / stats[1]
+
         return score(loss, self.losses), score(grad_norm, self.norms)
 
     def add(self, loss: float, grad_norm: Optional[float]) -> None:
         """Add an updated (not skipped) step; it ends a run of spikes."""
-        self.losses = (self.losses + [loss])[-self.window:]
+        self.losses = (self.losses + [loss])[-self.window :]
         if grad_norm is not None:
-            self.norms = (self.norms + [grad_norm])[-self.window:]
+            self.norms = (self.norms + [grad_norm])[-self.window :]
         self.consecutive, self.streak_start = 0, None
 
     def restart(self) -> None:
@@ -128,12 +129,17 @@ class SpikeDetector:
             self.streak_start = step
 
     def state_dict(self) -> dict:
-        return {"losses": list(self.losses), "norms": list(self.norms), "skipped": self.skipped,
-                "consecutive": self.consecutive, "streak_start": self.streak_start}
+        return {
+            "losses": list(self.losses),
+            "norms": list(self.norms),
+            "skipped": self.skipped,
+            "consecutive": self.consecutive,
+            "streak_start": self.streak_start,
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        self.losses = [float(v) for v in state["losses"]][-self.window:]
-        self.norms = [float(v) for v in state["norms"]][-self.window:]
+        self.losses = [float(v) for v in state["losses"]][-self.window :]
+        self.norms = [float(v) for v in state["norms"]][-self.window :]
         self.skipped = int(state["skipped"])
         self.consecutive = int(state.get("consecutive", 0))
         self.streak_start = state.get("streak_start")

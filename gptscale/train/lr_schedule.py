@@ -84,9 +84,15 @@ class LearningRateSchedule:
         self.step += 1
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "total_steps": self.total_steps, "warmup": self.warmup, "decay": self.decay,
-                "origin": self.origin, "tail": None if self.tail is None else asdict(self.tail),
-                "reshaped": self.reshaped}
+        return {
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "warmup": self.warmup,
+            "decay": self.decay,
+            "origin": self.origin,
+            "tail": None if self.tail is None else asdict(self.tail),
+            "reshaped": self.reshaped,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
@@ -106,7 +112,8 @@ class LearningRateSchedule:
                 f"train.steps is {self.total_steps}, but the checkpoint's schedule was made for {saved_total} steps: "
                 f"set optim.on_new_steps to keep (follow the old schedule), stretch (the new length's schedule; "
                 f"the lr jumps), restart (a new warm-up and decay from step {self.step}) or extend (hold today's lr, "
-                f"then decay to optim.min_lr)")
+                f"then decay to optim.min_lr)"
+            )
         saved = copy.copy(self)  # the saved shape, to read the lr the run had at this step
         saved._take_shape(state)
         current_lr = saved.lr_at(self.step)
@@ -120,9 +127,16 @@ class LearningRateSchedule:
             decay = max(int(round(self.wsd_fraction * (self.total_steps - self.step))), 1)
             self.tail = Tail(self.step, current_lr, self.total_steps - decay, self.total_steps)
         if not dist.is_initialized() or dist.get_rank() == 0:
-            log.warning("train.steps changed from %d to %d on resume: optim.on_new_steps=%s, the lr at step %d "
-                        "goes from %.3g to %.3g", saved_total, self.total_steps, choice.value, self.step,
-                        current_lr, self.lr_at(self.step))
+            log.warning(
+                "train.steps changed from %d to %d on resume: optim.on_new_steps=%s, the lr at step %d "
+                "goes from %.3g to %.3g",
+                saved_total,
+                self.total_steps,
+                choice.value,
+                self.step,
+                current_lr,
+                self.lr_at(self.step),
+            )
 
     def _take_shape(self, state: dict) -> None:
         self.warmup, self.decay, self.origin = state["warmup"], state["decay"], state["origin"]

@@ -21,8 +21,14 @@ class Throughput:
 class ThroughputMeter:
     """Times the steps between two log lines; reads the clock only there, so steps run without host syncs."""
 
-    def __init__(self, tokens_per_step: int, flops_per_token: float, world_size: int,
-                 peak_tflops: Optional[float], device: torch.device):
+    def __init__(
+        self,
+        tokens_per_step: int,
+        flops_per_token: float,
+        world_size: int,
+        peak_tflops: Optional[float],
+        device: torch.device,
+    ):
         self.tokens_per_step = tokens_per_step
         self.flops_per_token = flops_per_token
         self.world_size = world_size

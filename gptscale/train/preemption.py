@@ -31,8 +31,11 @@ class StopRequest:
         if signum == signal.SIGINT and self.received == signal.SIGINT:
             raise KeyboardInterrupt
         if signum == signal.SIGINT and os.environ.get("RANK", "0") == "0":
-            os.write(2, b"Ctrl-C: finishing this step, saving a checkpoint and stopping (Ctrl-C again: stop at once, "
-                        b"without saving)\n")
+            os.write(
+                2,
+                b"Ctrl-C: finishing this step, saving a checkpoint and stopping (Ctrl-C again: stop at once, "
+                b"without saving)\n",
+            )
         self.received = signum
 
     def agreed(self, save_due: bool = False) -> tuple[bool, bool]:

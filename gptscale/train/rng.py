@@ -18,8 +18,13 @@ class RngState:
         name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
         state = {
             "python": random.getstate(),
-            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss),
-                      float(cached_gaussian)],
+            "numpy": [
+                name,
+                torch.from_numpy(keys.astype(np.int64)),
+                int(position),
+                int(has_gauss),
+                float(cached_gaussian),
+            ],
             "torch": torch.get_rng_state(),
             "megatron": tensor_parallel.get_cuda_rng_tracker().get_states(),
         }

@@ -42,7 +42,7 @@ def aux_losses(model: ModelConfig, layout: Layout, device: torch.device) -> dict
     values = torch.zeros(len(LOSSES), model.num_layers, device=device)
     for row, name in enumerate(LOSSES):
         if name in tracker:
-            values[row] = tracker[name]["values"][:model.num_layers].float()
+            values[row] = tracker[name]["values"][: model.num_layers].float()
     clear_tracker()
     dist.all_reduce(values)
     values /= layout.num_microbatches * layout.dp
@@ -52,8 +52,9 @@ def aux_losses(model: ModelConfig, layout: Layout, device: torch.device) -> dict
 
 def weighted_aux_loss(model: ModelConfig, losses: dict[str, torch.Tensor]) -> torch.Tensor:
     """The router losses as they enter the training objective: every MoE layer's, times its coefficient."""
-    return (model.moe.aux_loss_coeff * losses["load_balancing_loss"].sum()
-            + model.moe.z_loss_coeff * losses["z_loss"].sum())
+    return (
+        model.moe.aux_loss_coeff * losses["load_balancing_loss"].sum() + model.moe.z_loss_coeff * losses["z_loss"].sum()
+    )
 
 
 def router_metrics(model: ModelConfig, losses: dict[str, torch.Tensor], trainable: torch.nn.Module) -> dict:

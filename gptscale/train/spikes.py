@@ -26,8 +26,18 @@ log = logging.getLogger("gptscale")
 
 
 class SpikeHandling:
-    def __init__(self, settings: SpikeConfig, detector: SpikeDetector, record: SpikeRecord, loader,
-                 checkpointer: Checkpointer, tracker: Tracker, step: Callable[[], int], rank: int, world_size: int):
+    def __init__(
+        self,
+        settings: SpikeConfig,
+        detector: SpikeDetector,
+        record: SpikeRecord,
+        loader,
+        checkpointer: Checkpointer,
+        tracker: Tracker,
+        step: Callable[[], int],
+        rank: int,
+        world_size: int,
+    ):
         self.settings, self.detector, self.record, self.loader = settings, detector, record, loader
         self.checkpointer, self.tracker, self.step = checkpointer, tracker, step
         self.rank, self.world_size = rank, world_size
@@ -37,12 +47,27 @@ class SpikeHandling:
         step = self.step()
         self.detector.count_skip(step)
         documents = self._exclude_batch(step)
-        log.warning("step %d skipped as a spike: loss %.4f (z-score %s), gradient norm %s (z-score %s); "
-                    "%d spikes skipped in all", step, loss, _score(zscores[0]), grad_norm, _score(zscores[1]),
-                    self.detector.skipped)
-        self.tracker.log(step, {"spike/skipped_step": 1, "spike/loss": loss, "spike/zscore_loss": zscores[0],
-                                "spike/zscore_grad_norm": zscores[1], "spike/skipped": self.detector.skipped,
-                                "spike/documents": len(documents)})
+        log.warning(
+            "step %d skipped as a spike: loss %.4f (z-score %s), gradient norm %s (z-score %s); "
+            "%d spikes skipped in all",
+            step,
+            loss,
+            _score(zscores[0]),
+            grad_norm,
+            _score(zscores[1]),
+            self.detector.skipped,
+        )
+        self.tracker.log(
+            step,
+            {
+                "spike/skipped_step": 1,
+                "spike/loss": loss,
+                "spike/zscore_loss": zscores[0],
+                "spike/zscore_grad_norm": zscores[1],
+                "spike/skipped": self.detector.skipped,
+                "spike/documents": len(documents),
+            },
+        )
 
     def _exclude_batch(self, step: int) -> list:
         """The documents of the skipped step's whole global batch (rank 0 names them from the order; every
@@ -56,8 +81,12 @@ class SpikeHandling:
         self.record.add(documents, f"step {step}")
         self.loader.exclude(documents)
         if self.rank == 0:
-            log.warning("step %d: its %d documents are excluded from now on and listed in %s", step, len(documents),
-                        self.record.documents_file)
+            log.warning(
+                "step %d: its %d documents are excluded from now on and listed in %s",
+                step,
+                len(documents),
+                self.record.documents_file,
+            )
         return documents
 
     def streak_too_long(self) -> bool:
@@ -72,11 +101,15 @@ class SpikeHandling:
         spike, start = self.settings, self.detector.streak_start
         if start is None:  # no streak
             return False
-        what = (f"{self.detector.consecutive} steps in a row since step {start} were skipped "
-                f"as loss spikes (train.spike.max_consecutive={spike.max_consecutive})")
+        what = (
+            f"{self.detector.consecutive} steps in a row since step {start} were skipped "
+            f"as loss spikes (train.spike.max_consecutive={spike.max_consecutive})"
+        )
         if self.record.automatic_rewinds() >= spike.max_rewinds:
-            why_not = (f"the run has rewound train.spike.max_rewinds={spike.max_rewinds} times already "
-                       f"({self.record.rewinds_file})")
+            why_not = (
+                f"the run has rewound train.spike.max_rewinds={spike.max_rewinds} times already "
+                f"({self.record.rewinds_file})"
+            )
         else:
             try:
                 self.rewind(start - 1, what)
@@ -84,9 +117,14 @@ class SpikeHandling:
             except CheckpointError as error:
                 why_not = f"the run cannot rewind: {error}"
         if self.rank == 0:
-            log.warning("step %d: %s, and %s; training goes on from this loss level, which the spike detector "
-                        "takes as the new normal once %d updated steps fill its window again", self.step(), what,
-                        why_not, spike.window)
+            log.warning(
+                "step %d: %s, and %s; training goes on from this loss level, which the spike detector "
+                "takes as the new normal once %d updated steps fill its window again",
+                self.step(),
+                what,
+                why_not,
+                spike.window,
+            )
         self.detector.restart()
         self.tracker.log(self.step(), {"spike/restarted": 1})
         return False
@@ -97,12 +135,26 @@ class SpikeHandling:
         from_step = self.step()
         path = self.checkpointer.rewind(target)
         new = self.loader.exclude(self.record.documents) if hasattr(self.loader, "exclude") else []
-        self.record.add_rewind({"from_step": from_step, "to_step": target, "checkpoint": str(path),
-                                "resumed_step": self.step(), "reason": reason, "excluded": len(new)})
+        self.record.add_rewind(
+            {
+                "from_step": from_step,
+                "to_step": target,
+                "checkpoint": str(path),
+                "resumed_step": self.step(),
+                "reason": reason,
+                "excluded": len(new),
+            }
+        )
         if self.rank == 0:
             what = "at start" if reason == AT_START else f"from step {from_step}"
-            log.warning("rewound %s to the checkpoint of step %d (%s; %s): %d more documents excluded", what,
-                        self.step(), path, reason, len(new))
+            log.warning(
+                "rewound %s to the checkpoint of step %d (%s; %s): %d more documents excluded",
+                what,
+                self.step(),
+                path,
+                reason,
+                len(new),
+            )
         self.tracker.log(self.step(), {"rewind/from_step": from_step, "rewind/excluded": len(new)})
 
     def rewind_at_start(self, target) -> bool:
@@ -112,8 +164,9 @@ class SpikeHandling:
             return False
         if self.record.rewound_at_start_to(target):
             if self.rank == 0:
-                log.info("checkpoint.rewind=%d was done before (%s): resuming as usual", target,
-                         self.record.rewinds_file)
+                log.info(
+                    "checkpoint.rewind=%d was done before (%s): resuming as usual", target, self.record.rewinds_file
+                )
             return False
         self.rewind(target, AT_START)
         return True

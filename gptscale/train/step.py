@@ -86,8 +86,11 @@ def attention_mask(batch: dict) -> Optional[torch.Tensor]:
     if "document_ids" not in batch:
         return None
     document_ids = batch["document_ids"]
-    queries = this_rank_positions(document_ids.shape[1], document_ids.device) \
-        if parallel_state.get_context_parallel_world_size() > 1 else None
+    queries = (
+        this_rank_positions(document_ids.shape[1], document_ids.device)
+        if parallel_state.get_context_parallel_world_size() > 1
+        else None
+    )
     return document_attention_mask(document_ids, queries)
 
 
@@ -106,8 +109,9 @@ def _loss_share(per_token_loss: torch.Tensor, loss_mask: torch.Tensor, global_to
     return (per_token_loss.float() * loss_mask).sum() / global_tokens
 
 
-def _schedule(model: ModelChunks, microbatches: list[dict], forward_step, layout: Layout, seq_len: int,
-              forward_only: bool) -> list[dict]:
+def _schedule(
+    model: ModelChunks, microbatches: list[dict], forward_step, layout: Layout, seq_len: int, forward_only: bool
+) -> list[dict]:
     """megatron-core's pipeline schedule of ``forward_step`` over ``microbatches``; the last stage's loss
     functions' output dicts (empty elsewhere)."""
     chunks = list(model.chunks)
@@ -122,8 +126,15 @@ def _schedule(model: ModelChunks, microbatches: list[dict], forward_step, layout
     )
 
 
-def _run_pipeline(model: ModelChunks, microbatches: list[dict], global_tokens: torch.Tensor, layout: Layout,
-                  seq_len: int, forward_only: bool, times: RankTimes = UNTIMED) -> torch.Tensor:
+def _run_pipeline(
+    model: ModelChunks,
+    microbatches: list[dict],
+    global_tokens: torch.Tensor,
+    layout: Layout,
+    seq_len: int,
+    forward_only: bool,
+    times: RankTimes = UNTIMED,
+) -> torch.Tensor:
     """Forward (and backward) of all micro-batches through the pipeline; this rank's loss share on the last stage.
 
     The data-parallel gradient reduction averages over ranks (the expert-data-parallel ranks under expert
@@ -171,9 +182,18 @@ def _aux_loss_scale(layout: Layout) -> float:
     return layout.cp / (layout.num_microbatches * layout.ep)
 
 
-def train_step(engine: Engine, model: ModelChunks, batches: Iterator[dict], layout: Layout, seq_len: int,
-               device: torch.device, is_last_stage: bool, limits: UpdateLimits, moe_model=None,
-               times: RankTimes = UNTIMED) -> StepResult:
+def train_step(
+    engine: Engine,
+    model: ModelChunks,
+    batches: Iterator[dict],
+    layout: Layout,
+    seq_len: int,
+    device: torch.device,
+    is_last_stage: bool,
+    limits: UpdateLimits,
+    moe_model=None,
+    times: RankTimes = UNTIMED,
+) -> StepResult:
     """Forward and backward over one global batch, then one optimizer update unless the loss or gradient norm
     is not finite or is above ``limits`` (``result.skipped`` says which happened).
 
@@ -213,8 +233,15 @@ def train_step(engine: Engine, model: ModelChunks, batches: Iterator[dict], layo
 
 
 @torch.no_grad()
-def eval_step(engine, model: ModelChunks, batches: Iterator[dict], layout: Layout, seq_len: int,
-              device: torch.device, is_last_stage: bool) -> torch.Tensor:
+def eval_step(
+    engine,
+    model: ModelChunks,
+    batches: Iterator[dict],
+    layout: Layout,
+    seq_len: int,
+    device: torch.device,
+    is_last_stage: bool,
+) -> torch.Tensor:
     """Mean loss per token of one global batch, without updating anything."""
     microbatches = _load(batches, layout, device)
     global_tokens = _global_tokens(microbatches, layout, is_last_stage)
@@ -238,8 +265,16 @@ def _log_likelihoods(logits: torch.Tensor, batch: dict, vocab_size: int) -> torc
 
 
 @torch.no_grad()
-def sequence_log_likelihoods(engine, model: ModelChunks, microbatches: list[dict], layout: Layout, seq_len: int,
-                             vocab_size: int, device: torch.device, is_last_stage: bool) -> Optional[torch.Tensor]:
+def sequence_log_likelihoods(
+    engine,
+    model: ModelChunks,
+    microbatches: list[dict],
+    layout: Layout,
+    seq_len: int,
+    vocab_size: int,
+    device: torch.device,
+    is_last_stage: bool,
+) -> Optional[torch.Tensor]:
     """Each sequence's summed log-probability of its unmasked labels (multiple-choice scoring), ``[n]`` on the
     last pipeline stage and None elsewhere; under context parallelism the sum over this rank's tokens (the
     caller adds the ranks' parts). Every micro-batch holds ``layout.micro_batch`` sequences."""

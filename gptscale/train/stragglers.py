@@ -79,8 +79,9 @@ class RankTimes:
 class Stragglers:
     """Compares every rank's times at log steps and names persistent stragglers (collective; rank 0 logs)."""
 
-    def __init__(self, settings: StragglerConfig, times: RankTimes, rank: int, world_size: int, stage: int,
-                 device: torch.device):
+    def __init__(
+        self, settings: StragglerConfig, times: RankTimes, rank: int, world_size: int, stage: int, device: torch.device
+    ):
         self.factor, self.patience = settings.factor, settings.patience
         self.times, self.rank, self.stage, self.device = times, rank, stage, device
         self.enabled = bool(self.factor) and world_size > 1
@@ -119,7 +120,9 @@ class Stragglers:
 
     def _ratio(self, rank: int, totals: list[float], figures: list[list[float]]) -> Optional[float]:
         """``rank``'s time per step over the median of the other ranks of its pipeline stage (None: it has none)."""
-        others = [total for other, total in enumerate(totals) if other != rank and figures[other][2] == figures[rank][2]]
+        others = [
+            total for other, total in enumerate(totals) if other != rank and figures[other][2] == figures[rank][2]
+        ]
         if not others or statistics.median(others) <= 0:
             return None
         return totals[rank] / statistics.median(others)
@@ -128,10 +131,18 @@ class Stragglers:
         if self.rank == 0:
             for rank in sorted(set(named) - set(self.named)):
                 compute, data, _ = figures[rank]
-                log.warning("straggler: rank %d on %s is %.1fx slower than the median of the other ranks of its "
-                            "stage for %d log intervals (per step: compute %.3f s, data wait %.3f s; others' median "
-                            "%.3f s)", rank, self.hosts[rank], ratios[rank], self.slow_for[rank], compute, data,
-                            totals[rank] / ratios[rank])
+                log.warning(
+                    "straggler: rank %d on %s is %.1fx slower than the median of the other ranks of its "
+                    "stage for %d log intervals (per step: compute %.3f s, data wait %.3f s; others' median "
+                    "%.3f s)",
+                    rank,
+                    self.hosts[rank],
+                    ratios[rank],
+                    self.slow_for[rank],
+                    compute,
+                    data,
+                    totals[rank] / ratios[rank],
+                )
             for rank in sorted(set(self.named) - set(named)):
                 log.info("rank %d on %s is no longer a straggler", rank, self.hosts[rank])
         self.named = named

@@ -87,8 +87,13 @@ class Trainer:
         # The model reads the data's vocabulary: the saved config says so (not the preset's vocab_size).
         self.cfg = cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=self.data.vocab_size))
         tasks = read_tasks(cfg.eval.tasks, cfg.eval.max_examples)
-        self.tasks = TaskScorer(tasks, self.data.tokenizer_file, self.data.eod, self.data.vocab_size,
-                                cfg.train.seq_len, self.ctx) if tasks else None
+        self.tasks = (
+            TaskScorer(
+                tasks, self.data.tokenizer_file, self.data.eod, self.data.vocab_size, cfg.train.seq_len, self.ctx
+            )
+            if tasks
+            else None
+        )
 
         # Model: this rank's chunks of megatron-core's GPTModel, initialised the same under every layout.
         self.model = build_model(cfg.model, cfg.parallel, cfg.train, self.data.vocab_size, backend, self.device)
@@ -99,8 +104,9 @@ class Trainer:
         register_sequence_parallel_hooks(self.model)
         register_expert_parallel_hooks(self.model, expert_parameters(self.model))
         mark_pipeline_replicas(self.model)
-        self.memory_check = MemoryCheck(cfg, self.layout, self.ctx.pp_rank, self.model, self.data.vocab_size,
-                                        self.device, self.ctx.rank)  # the plan's prediction, checked after step 1
+        self.memory_check = MemoryCheck(
+            cfg, self.layout, self.ctx.pp_rank, self.model, self.data.vocab_size, self.device, self.ctx.rank
+        )  # the plan's prediction, checked after step 1
         self.engine = Engine(self.model, self.layout, cfg.optim, cfg.train)
         self.memory_check.watch(self.engine)
 
@@ -125,26 +131,58 @@ class Trainer:
         )
         # Stragglers: each rank's forward compute and data wait, compared across ranks at log steps.
         self.rank_times = RankTimes(self.device)
-        self.stragglers = Stragglers(cfg.train.straggler, self.rank_times, self.ctx.rank, self.layout.world_size,
-                                     self.ctx.pp_rank, self.device)
+        self.stragglers = Stragglers(
+            cfg.train.straggler, self.rank_times, self.ctx.rank, self.layout.world_size, self.ctx.pp_rank, self.device
+        )
         if self.ctx.rank == 0:
             params = sum(p.numel() for p in self.model.parameters())
-            log.info("%s: %d ranks (%s), %s backend, %.2fM parameters on rank 0, device %s", cfg.model.name,
-                     self.layout.world_size, self.layout.describe(), backend.value, params / 1e6, self.device)
+            log.info(
+                "%s: %d ranks (%s), %s backend, %.2fM parameters on rank 0, device %s",
+                cfg.model.name,
+                self.layout.world_size,
+                self.layout.describe(),
+                backend.value,
+                params / 1e6,
+                self.device,
+            )
 
         # Checkpoint: model and optimizer under layout-independent keys, plus the components above; resume.
-        self.checkpointer = Checkpointer(cfg, self.run_dir, self.ctx, self.model, self.engine.state, components={
-            "progress": self.progress, "schedule": self.schedule, "rng": self.rng, "guard": self.guard,
-            "spikes": self.spikes,
-            "train_data": self.data.train, "valid_data": self.data.valid, "tracker": self.tracker,
-        }, tokenizer_file=self.data.tokenizer_file)
+        self.checkpointer = Checkpointer(
+            cfg,
+            self.run_dir,
+            self.ctx,
+            self.model,
+            self.engine.state,
+            components={
+                "progress": self.progress,
+                "schedule": self.schedule,
+                "rng": self.rng,
+                "guard": self.guard,
+                "spikes": self.spikes,
+                "train_data": self.data.train,
+                "valid_data": self.data.valid,
+                "tracker": self.tracker,
+            },
+            tokenizer_file=self.data.tokenizer_file,
+        )
         # Spikes: skipped batches' documents excluded and recorded, streaks rewound (or accepted), rewind at start.
-        self.spike_handling = SpikeHandling(spike, self.spikes, SpikeRecord(self.run_dir, self.ctx.rank == 0),
-                                            self.data.train, self.checkpointer, self.tracker, lambda: self.step,
-                                            self.ctx.rank, self.layout.world_size)
+        self.spike_handling = SpikeHandling(
+            spike,
+            self.spikes,
+            SpikeRecord(self.run_dir, self.ctx.rank == 0),
+            self.data.train,
+            self.checkpointer,
+            self.tracker,
+            lambda: self.step,
+            self.ctx.rank,
+            self.layout.world_size,
+        )
         self.watchdog.enter(CHECKPOINT_LOAD, self.step)
-        if not self.spike_handling.rewind_at_start(cfg.checkpoint.rewind) and self.checkpointer.resume() is None \
-                and cfg.task.init:
+        if (
+            not self.spike_handling.rewind_at_start(cfg.checkpoint.rewind)
+            and self.checkpointer.resume() is None
+            and cfg.task.init
+        ):
             self.checkpointer.initialize_from(cfg.task.init)  # fine-tuning: weights only
         self.reported_checkpoint = self.checkpointer.saved_step
         self.stop_request = StopRequest(self.device)  # SIGTERM / SIGUSR1 / first Ctrl-C: checkpoint and exit 0
@@ -160,8 +198,13 @@ class Trainer:
         verdict = [None]
         if self.ctx.rank == 0:
             newest = latest(self.run_dir / "checkpoints")
-            verdict = [record_start(self.run_dir / FAULTS_DIR, newest.name if newest else None,
-                                    self.cfg.fault.max_restarts_without_progress)]
+            verdict = [
+                record_start(
+                    self.run_dir / FAULTS_DIR,
+                    newest.name if newest else None,
+                    self.cfg.fault.max_restarts_without_progress,
+                )
+            ]
         if self.layout.world_size > 1:
             dist.broadcast_object_list(verdict, src=0)
         if verdict[0] is not None:
@@ -169,15 +212,30 @@ class Trainer:
 
     def make_data(self) -> Data:
         """This data-parallel rank's loaders (gptscale-bench overrides it with synthetic tokens)."""
-        return build_data(self.cfg.data, self.layout, self.ctx.dp_rank, self.cfg.train.seq_len,
-                          serves_tokens=self.ctx.is_first_stage or self.ctx.is_last_stage)
+        return build_data(
+            self.cfg.data,
+            self.layout,
+            self.ctx.dp_rank,
+            self.cfg.train.seq_len,
+            serves_tokens=self.ctx.is_first_stage or self.ctx.is_last_stage,
+        )
 
     def train_one_step(self):
         lr = self.schedule.apply(self.engine.optimizer)
         limits = UpdateLimits(*self.spikes.limits(), require_both=self.spikes.require_both)
         batches = self.watchdog.waiting_for_data(self.data.train, self.step + 1)
-        result = train_step(self.engine, self.model, batches, self.layout, self.cfg.train.seq_len,
-                            self.device, self.ctx.is_last_stage, limits, self.moe_model, self.rank_times)
+        result = train_step(
+            self.engine,
+            self.model,
+            batches,
+            self.layout,
+            self.cfg.train.seq_len,
+            self.device,
+            self.ctx.is_last_stage,
+            limits,
+            self.moe_model,
+            self.rank_times,
+        )
         update_expert_bias(self.model)
         self.schedule.advance()
         self.progress.advance(self.tokens_per_step)
@@ -192,8 +250,18 @@ class Trainer:
         self.engine.eval()
         loss = None
         if self.data.valid is not None:
-            losses = [eval_step(self.engine, self.model, self.data.valid, self.layout, self.cfg.train.seq_len,
-                                self.device, self.ctx.is_last_stage) for _ in range(self.cfg.train.eval_batches)]
+            losses = [
+                eval_step(
+                    self.engine,
+                    self.model,
+                    self.data.valid,
+                    self.layout,
+                    self.cfg.train.seq_len,
+                    self.device,
+                    self.ctx.is_last_stage,
+                )
+                for _ in range(self.cfg.train.eval_batches)
+            ]
             loss = torch.stack(losses).mean().item()
         results = self.tasks.score(self.engine, self.model) if self.tasks is not None else []
         self.engine.train()
@@ -208,8 +276,15 @@ class Trainer:
         skipped = result.skipped is None or bool(rest[0])  # None: DeepSpeed skipped before the gate
         zscores = self.spikes.zscores(loss, grad_norm)
         if self.guard.record(self.step, loss, grad_norm):
-            log.warning("step %d skipped: loss %s, gradient norm %s (%d skipped in the last %d steps, %d in all)",
-                        self.step, loss, grad_norm, len(self.guard.recent), self.guard.window, self.guard.skipped)
+            log.warning(
+                "step %d skipped: loss %s, gradient norm %s (%d skipped in the last %d steps, %d in all)",
+                self.step,
+                loss,
+                grad_norm,
+                len(self.guard.recent),
+                self.guard.window,
+                self.guard.skipped,
+            )
         elif skipped:
             self.spike_handling.skipped(loss, grad_norm, zscores)
         else:
@@ -221,7 +296,8 @@ class Trainer:
         return TooManyBadSteps(
             f"stopping at step {self.step}: {len(self.guard.recent)} steps in the last {self.guard.window} had a "
             f"non-finite loss or gradient norm (train.max_bad_steps={self.guard.max_bad_steps}); last good "
-            f"checkpoint: {self.checkpointer.last_complete or 'none'}")
+            f"checkpoint: {self.checkpointer.last_complete or 'none'}"
+        )
 
     def report_checkpoint(self) -> None:
         """Log the step of a checkpoint once, when it is saved (trackers show where a run can resume)."""
@@ -239,7 +315,8 @@ class Trainer:
             raise CheckpointError(
                 f"stop requested by signal, but the checkpoint of step {self.step} could not be saved "
                 f"({type(error).__name__}: {error}); the run resumes from "
-                f"{self.checkpointer.last_complete or 'the start (no complete checkpoint)'}") from error
+                f"{self.checkpointer.last_complete or 'the start (no complete checkpoint)'}"
+            ) from error
 
     def fit(self, on_step: Optional[Callable[[int, StepResult], None]] = None) -> None:
         """Train until ``train.steps`` or a stop signal. Too many non-finite steps stop the run; spikes in a row

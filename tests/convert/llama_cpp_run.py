@@ -11,8 +11,9 @@ F32 = 0  # GGML_TYPE_F32, for the KV cache
 
 def load(path, n_ctx=512):
     """A GGUF model in llama.cpp with an f32 KV cache, logits for every position, one thread."""
-    return llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=True, type_k=F32, type_v=F32, n_threads=1,
-                           n_batch=n_ctx, verbose=False)
+    return llama_cpp.Llama(
+        str(path), n_ctx=n_ctx, logits_all=True, type_k=F32, type_v=F32, n_threads=1, n_batch=n_ctx, verbose=False
+    )
 
 
 def load_vocab(path):
@@ -23,7 +24,7 @@ def load_vocab(path):
 def logits(llm, ids) -> np.ndarray:
     llm.reset()
     llm.eval(ids)
-    return np.array(llm.scores[:len(ids)])
+    return np.array(llm.scores[: len(ids)])
 
 
 def greedy(llm, ids, count: int) -> list[int]:

@@ -46,8 +46,9 @@ def build_one_rank_model(cfg: Config, vocab_rows: int, device: torch.device) -> 
     cfg = one_rank_config(cfg)
     layout = check(cfg, 1)
     context = init_parallel(layout, device, cfg.train.seed)
-    return build_model(cfg.model, cfg.parallel, cfg.train, vocab_rows, resolve_backend(cfg.model, context.on_gpu),
-                       device)
+    return build_model(
+        cfg.model, cfg.parallel, cfg.train, vocab_rows, resolve_backend(cfg.model, context.on_gpu), device
+    )
 
 
 def stdlib_text(names: list[str]) -> str:
@@ -64,8 +65,12 @@ def train_tokenizer(path: Path, vocab: int = 400) -> Path:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=[EOD],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=[EOD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator([stdlib_text(TRAIN_FILES)], trainer)
     tokenizer.save(str(path))
     return path
@@ -78,8 +83,13 @@ def tiny_config(model: str, *overrides: str) -> Config:
 def scaled_config(scaling: str) -> Config:
     """llama-tiny as if trained at 32 tokens, its RoPE stretched 4x by ``scaling`` (llama3 | yarn): every
     llama3 band and the YaRN ramp are in use."""
-    return tiny_config("llama-tiny", f"model.rope_scaling.type={scaling}", "model.rope_scaling.factor=4",
-                       "model.rope_scaling.original_max_position_embeddings=32", "model.max_position_embeddings=128")
+    return tiny_config(
+        "llama-tiny",
+        f"model.rope_scaling.type={scaling}",
+        "model.rope_scaling.factor=4",
+        "model.rope_scaling.original_max_position_embeddings=32",
+        "model.max_position_embeddings=128",
+    )
 
 
 def perturbed_state(cfg: Config, vocab_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -106,8 +116,9 @@ def megatron_logits(cfg: Config, state: dict[str, torch.Tensor], tokens: torch.T
     return model(tokens, positions, None).float()
 
 
-def train_state(cfg: Config, tokenizer_file: Path, steps: int = 400, seq_len: int = 64, batch: int = 8,
-                seed: int = 0) -> dict[str, torch.Tensor]:
+def train_state(
+    cfg: Config, tokenizer_file: Path, steps: int = 400, seq_len: int = 64, batch: int = 8, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """gptscale's model trained briefly on text encoded by ``tokenizer_file`` (so perplexity and greedy
     continuations mean something)."""
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
@@ -121,7 +132,7 @@ def train_state(cfg: Config, tokenizer_file: Path, steps: int = 400, seq_len: in
     model.train()
     for _ in range(steps):
         starts = torch.randint(0, len(ids) - seq_len - 1, (batch,), generator=generator)
-        windows = torch.stack([ids[s:s + seq_len + 1] for s in starts.tolist()])
+        windows = torch.stack([ids[s : s + seq_len + 1] for s in starts.tolist()])
         loss = model(windows[:, :-1], positions, None, labels=windows[:, 1:]).float().mean()
         optimizer.zero_grad()
         loss.backward()

@@ -24,14 +24,26 @@ from tests.convert.models import megatron_logits
 from tests.helpers import run_jobs
 
 STEPS = 8
-COMMON = ["train.seq_len=32", "train.eval_interval=0", "train.log_interval=2", "parallel.global_batch=8",
-          "parallel.micro_batch=2", "optim.warmup_steps=1", "data.embedded_max_bytes=200000",
-          "data.embedded_vocab_size=300", "checkpoint.async_save=false"]
+COMMON = [
+    "train.seq_len=32",
+    "train.eval_interval=0",
+    "train.log_interval=2",
+    "parallel.global_batch=8",
+    "parallel.micro_batch=2",
+    "optim.warmup_steps=1",
+    "data.embedded_max_bytes=200000",
+    "data.embedded_vocab_size=300",
+    "checkpoint.async_save=false",
+]
 LAYOUTS = {"tp2-pp2": (4, ["parallel.tp=2", "parallel.pp=2"]), "dp2-zero3": (2, ["parallel.zero=3"])}
 MODELS = ["gpt2-tiny", "llama-tiny"]
 PROMPT = "def main(argv):\n"
-SAMPLES = ["import os\nclass Foo(Bar):\n    pass", "  \n\n\tx = {'a': 1}  # ok", "Hello  world!  123 éà ✓",
-           "<|endoftext|>next document"]
+SAMPLES = [
+    "import os\nclass Foo(Bar):\n    pass",
+    "  \n\n\tx = {'a': 1}  # ok",
+    "Hello  world!  123 éà ✓",
+    "<|endoftext|>next document",
+]
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +52,21 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("runs")
     found = {}
     for layout, (ranks, overrides) in LAYOUTS.items():
-        jobs = [[f"model={model}", f"run_dir={tmp}/{model}-{layout}", f"train.steps={STEPS}", "optim.lr=3e-3",
-                 *COMMON, *overrides] for model in MODELS]
+        jobs = [
+            [
+                f"model={model}",
+                f"run_dir={tmp}/{model}-{layout}",
+                f"train.steps={STEPS}",
+                "optim.lr=3e-3",
+                *COMMON,
+                *overrides,
+            ]
+            for model in MODELS
+        ]
         results = run_jobs(ranks, jobs, tmp)
-        found.update({(model, layout): (tmp / f"{model}-{layout}", result["loss"])
-                      for model, result in zip(MODELS, results)})
+        found.update(
+            {(model, layout): (tmp / f"{model}-{layout}", result["loss"]) for model, result in zip(MODELS, results)}
+        )
     for run_dir, _ in found.values():  # issue 4's layout: RUN_DIR/checkpoints/step_NNNNNN, latest names it
         assert (run_dir / "checkpoints" / "latest").read_text().strip() == step_dir(run_dir, STEPS).name
     return found
@@ -69,10 +91,12 @@ def test_hf_export_and_generation_equal_gptscale(runs, model, layout, tmp_path, 
 
     ids = Tokenizer.from_file(str(tokenizer_file)).encode(PROMPT).ids
     capsys.readouterr()
-    assert generate_main(["--checkpoint", str(path), "--prompt", PROMPT, "--max-new-tokens", "32", "--greedy",
-                          "--ids"]) == 0
+    assert (
+        generate_main(["--checkpoint", str(path), "--prompt", PROMPT, "--max-new-tokens", "32", "--greedy", "--ids"])
+        == 0
+    )
     ours = [int(i) for i in capsys.readouterr().out.rsplit("ids: ", 1)[1].split()]
-    theirs = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
+    theirs = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids) :].tolist()
     assert ours == theirs and len(ours) == 32
 
 
@@ -107,8 +131,16 @@ def test_hf_round_trip_through_a_tp2_run_is_bit_identical(runs, tmp_path, capsys
         command = shlex.split(capsys.readouterr().out.rsplit("\n  ", 1)[1])
         assert command[0] == "gptscale-train" and command[-1] == "parallel.tp=2"
         assert load_model_state(imported)[0].parallel.tp == 2
-        jobs.append([*command[1:], f"run_dir={tmp_path}/{model}-resumed", "train.steps=1", "optim.lr=0",
-                     "optim.min_lr=0", *COMMON])
+        jobs.append(
+            [
+                *command[1:],
+                f"run_dir={tmp_path}/{model}-resumed",
+                "train.steps=1",
+                "optim.lr=0",
+                "optim.min_lr=0",
+                *COMMON,
+            ]
+        )
         exported[model] = hf
     resumed = run_jobs(2, jobs, tmp_path)
 

@@ -23,8 +23,12 @@ def test_hf_and_gguf_with_summary(trained, tokenizer_file, tmp_path, capsys):
     assert "LlamaForCausalLM" in out and "M parameters" in out and "model.safetensors" in out and "f32" in out
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf").config.num_key_value_heads == 2
 
-    assert convert_main(["--checkpoint", str(ckpt), "--to", "gguf", "--dtype", "q8_0",
-                         "--out", str(tmp_path / "model.gguf")]) == 0
+    assert (
+        convert_main(
+            ["--checkpoint", str(ckpt), "--to", "gguf", "--dtype", "q8_0", "--out", str(tmp_path / "model.gguf")]
+        )
+        == 0
+    )
     assert "GGUF: llama" in capsys.readouterr().out and (tmp_path / "model.gguf").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging leftovers
 
@@ -32,9 +36,23 @@ def test_hf_and_gguf_with_summary(trained, tokenizer_file, tmp_path, capsys):
 def test_the_command_line_tool_runs_from_a_source_checkout(trained, tokenizer_file, tmp_path):
     cfg, state = trained("gpt2-tiny")
     ckpt = save_model_state(tmp_path / "ckpt", cfg, state, tokenizer_file)
-    proc = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "--checkpoint", str(ckpt), "--to", "hf",
-                           "--out", str(tmp_path / "hf")], cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "tools/convert_checkpoint.py",
+            "--checkpoint",
+            str(ckpt),
+            "--to",
+            "hf",
+            "--out",
+            str(tmp_path / "hf"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "GPT2LMHeadModel" in proc.stdout and (tmp_path / "hf" / "model.safetensors").is_file()
     assert "INFO" not in proc.stderr  # megatron-core's import notices are not the user's business
@@ -95,7 +113,8 @@ def test_shards_instead_of_gathered_tensors_are_refused(trained, tokenizer_file,
     cfg, state = trained("llama-tiny")
     sharded = dict(state)
     sharded["decoder.layers.self_attention.linear_qkv.weight"] = state[
-        "decoder.layers.self_attention.linear_qkv.weight"].chunk(2, dim=1)[0]
+        "decoder.layers.self_attention.linear_qkv.weight"
+    ].chunk(2, dim=1)[0]
     ckpt = save_model_state(tmp_path / "ckpt", cfg, sharded, tokenizer_file)
     assert convert_main(["--checkpoint", str(ckpt), "--to", "gguf", "--out", str(tmp_path / "m.gguf")]) == 2
     assert "linear_qkv.weight has shape (4, 64, 64), expected (4, 128, 64)" in capsys.readouterr().err
@@ -112,7 +131,9 @@ def test_architecture_without_an_inference_format_is_refused(trained, tokenizer_
 def test_q8_0_is_gguf_only(trained, tokenizer_file, tmp_path, capsys):
     cfg, state = trained("gpt2-tiny")
     ckpt = save_model_state(tmp_path / "ckpt", cfg, state, tokenizer_file)
-    assert convert_main(["--checkpoint", str(ckpt), "--to", "hf", "--dtype", "q8_0", "--out", str(tmp_path / "hf")]) == 2
+    assert (
+        convert_main(["--checkpoint", str(ckpt), "--to", "hf", "--dtype", "q8_0", "--out", str(tmp_path / "hf")]) == 2
+    )
     assert "not a Hugging Face weight type" in capsys.readouterr().err
 
 
@@ -129,8 +150,12 @@ def test_import_from_hf_writes_a_checkpoint(trained, tokenizer_file, tmp_path, c
     ckpt = save_model_state(tmp_path / "ckpt", cfg, state, tokenizer_file)
     assert convert_main(["--checkpoint", str(ckpt), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
     capsys.readouterr()
-    assert convert_main(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "imported"),
-                         "parallel.tp=2", "parallel.pp=2"]) == 0
+    assert (
+        convert_main(
+            ["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "imported"), "parallel.tp=2", "parallel.pp=2"]
+        )
+        == 0
+    )
     command = shlex.split(capsys.readouterr().out.rsplit("\n  ", 1)[1])
     assert command[:2] == ["gptscale-train", f"checkpoint.resume={(tmp_path / 'imported').resolve()}"]
     assert command[-2:] == ["parallel.tp=2", "parallel.pp=2"] and "model.name=hf" in command
@@ -144,8 +169,9 @@ def test_import_from_hf_writes_a_checkpoint(trained, tokenizer_file, tmp_path, c
         else:
             assert torch.equal(imported[key], state[key]), key
     tokens = torch.arange(30)[None]
-    assert torch.equal(megatron_logits(imported_cfg, imported, tokens)[..., :400],
-                       megatron_logits(cfg, state, tokens)[..., :400])
+    assert torch.equal(
+        megatron_logits(imported_cfg, imported, tokens)[..., :400], megatron_logits(cfg, state, tokens)[..., :400]
+    )
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging leftovers
 
     assert convert_main(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "imported")]) == 2

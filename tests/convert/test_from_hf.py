@@ -18,13 +18,32 @@ def hf_model(arch: str, vocab: int, rope: dict | None = None):
     rope_parameters (default: unscaled, base 20000)."""
     torch.manual_seed(0)
     if arch == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=128, n_embd=64, n_layer=2, n_head=4,
-                                           activation_function="gelu", eos_token_id=0, bos_token_id=0))
+        model = GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=vocab,
+                n_positions=128,
+                n_embd=64,
+                n_layer=2,
+                n_head=4,
+                activation_function="gelu",
+                eos_token_id=0,
+                bos_token_id=0,
+            )
+        )
     else:
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96,
-                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                             max_position_embeddings=256, rms_norm_eps=1e-5,
-                                             rope_parameters=rope or {"rope_type": "default", "rope_theta": 20000.0}))
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=vocab,
+                hidden_size=64,
+                intermediate_size=96,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=256,
+                rms_norm_eps=1e-5,
+                rope_parameters=rope or {"rope_type": "default", "rope_theta": 20000.0},
+            )
+        )
     with torch.no_grad():
         for param in model.parameters():
             param.add_(0.05 * torch.randn_like(param))
@@ -47,8 +66,10 @@ def test_round_trip_is_bit_identical_and_computes_the_same(arch, tokenizer_file,
     assert (megatron_logits(cfg, state, tokens)[..., :400] - expected).abs().max() <= 1e-4
 
     export_hf(cfg, state, tokenizer, tmp_path / "back")
-    before, after = load_file(tmp_path / "source" / "model.safetensors"), load_file(tmp_path / "back" /
-                                                                                      "model.safetensors")
+    before, after = (
+        load_file(tmp_path / "source" / "model.safetensors"),
+        load_file(tmp_path / "back" / "model.safetensors"),
+    )
     assert before.keys() == after.keys()
     for name in before:
         assert before[name].dtype == after[name].dtype and torch.equal(before[name], after[name]), name
@@ -56,10 +77,23 @@ def test_round_trip_is_bit_identical_and_computes_the_same(arch, tokenizer_file,
 
 
 SCALED_ROPE = {
-    "llama3": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
-    "yarn": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
-             "beta_fast": 16.0, "mscale": 0.8, "mscale_all_dim": 0.5},
+    "llama3": {
+        "rope_type": "llama3",
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+    },
+    "yarn": {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 32,
+        "beta_fast": 16.0,
+        "mscale": 0.8,
+        "mscale_all_dim": 0.5,
+    },
 }
 
 
@@ -68,7 +102,9 @@ def test_rope_scaling_is_imported_and_exported_back(scaling, tmp_path):
     source = hf_model("llama", 400, SCALED_ROPE[scaling])
     source.save_pretrained(tmp_path / "source")
     cfg, state, _ = import_hf(tmp_path / "source")
-    assert cfg.model.rope_scaling.type.value == scaling and cfg.model.rope_scaling.original_max_position_embeddings == 32
+    assert (
+        cfg.model.rope_scaling.type.value == scaling and cfg.model.rope_scaling.original_max_position_embeddings == 32
+    )
     tokens = torch.randint(0, 400, (1, 100), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = source(tokens).logits
@@ -81,8 +117,9 @@ def test_rope_scaling_is_imported_and_exported_back(scaling, tmp_path):
 
 
 def test_unsupported_architecture_is_refused(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["MistralForCausalLM"],
-                                                      "model_type": "mistral"}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"architectures": ["MistralForCausalLM"], "model_type": "mistral"})
+    )
     with pytest.raises(ConversionError, match="MistralForCausalLM.*not supported.*GPT2LMHeadModel"):
         import_hf(tmp_path)
 

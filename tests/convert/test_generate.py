@@ -20,8 +20,9 @@ def test_cached_decoding_equals_megatron_core(model):
     expected = megatron_logits(cfg, state, tokens)[..., :400]
     decoder = Decoder(cfg.model, state, 400)
     cache = decoder.new_cache()
-    pieces = [decoder.forward(tokens[:, :17], cache)] + [decoder.forward(tokens[:, i:i + 1], cache)
-                                                         for i in range(17, 40)]
+    pieces = [decoder.forward(tokens[:, :17], cache)] + [
+        decoder.forward(tokens[:, i : i + 1], cache) for i in range(17, 40)
+    ]
     assert (torch.cat(pieces, dim=1) - expected).abs().max() <= 1e-4
 
 
@@ -30,11 +31,13 @@ def test_sampling_options():
     assert next_token(logits, Sampling(), None) == 1
     assert next_token(logits, Sampling(temperature=5.0, top_k=1), torch.Generator().manual_seed(0)) == 1
     assert next_token(logits, Sampling(temperature=1.0, top_p=0.01), torch.Generator().manual_seed(0)) == 1
-    top2 = {next_token(logits, Sampling(temperature=10.0, top_k=2), torch.Generator().manual_seed(s))
-            for s in range(50)}
+    top2 = {
+        next_token(logits, Sampling(temperature=10.0, top_k=2), torch.Generator().manual_seed(s)) for s in range(50)
+    }
     assert top2 == {1, 2}
-    nucleus = {next_token(logits, Sampling(temperature=1.0, top_p=0.8), torch.Generator().manual_seed(s))
-               for s in range(50)}
+    nucleus = {
+        next_token(logits, Sampling(temperature=1.0, top_p=0.8), torch.Generator().manual_seed(s)) for s in range(50)
+    }
     assert nucleus == {1, 2}  # p(1) + p(2) = 0.84 reaches 0.8 only with both
 
 
@@ -51,17 +54,34 @@ def test_command_prints_the_greedy_continuation(trained, tokenizer_file, tmp_pat
     path = save_model_state(tmp_path / "ckpt", cfg, state, tokenizer_file)
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     prompt = "def parse_args(self, args=None"
-    expected = generate(Decoder(cfg.model, state, 400), tokenizer.encode(prompt).ids, 12,
-                        stop=tokenizer.token_to_id(EOD))
+    expected = generate(
+        Decoder(cfg.model, state, 400), tokenizer.encode(prompt).ids, 12, stop=tokenizer.token_to_id(EOD)
+    )
 
-    assert generate_main(["--checkpoint", str(path), "--prompt", prompt, "--max-new-tokens", "12", "--greedy",
-                          "--ids"]) == 0
+    assert (
+        generate_main(["--checkpoint", str(path), "--prompt", prompt, "--max-new-tokens", "12", "--greedy", "--ids"])
+        == 0
+    )
     text, ids = capsys.readouterr().out.rsplit("ids: ", 1)
     assert [int(i) for i in ids.split()] == expected
     assert text.rstrip("\n") == tokenizer.decode(expected)
 
-    sampled = ["--checkpoint", str(path), "--prompt", prompt, "--max-new-tokens", "12", "--temperature", "0.9",
-               "--top-k", "40", "--top-p", "0.9", "--seed", "3"]
+    sampled = [
+        "--checkpoint",
+        str(path),
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "0.9",
+        "--top-k",
+        "40",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "3",
+    ]
     outputs = []
     for _ in range(2):
         assert generate_main(sampled) == 0

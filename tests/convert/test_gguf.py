@@ -19,8 +19,12 @@ from tests.convert.models import (
     train_state,
 )
 
-SAMPLES = ["def f(x):\n    return x + 1", "Hello  world!  123 4567 éà ✓", "  \n\n\tclass Foo(Bar):  # ok",
-           "it's   we'll\r\n<|endoftext|>next document"]
+SAMPLES = [
+    "def f(x):\n    return x + 1",
+    "Hello  world!  123 4567 éà ✓",
+    "  \n\n\tclass Foo(Bar):  # ok",
+    "it's   we'll\r\n<|endoftext|>next document",
+]
 
 
 @pytest.fixture(scope="module", params=["gpt2-tiny", "llama-tiny"])
@@ -92,8 +96,13 @@ def test_rope_scaled_logits_match_past_the_original_context(scaling, tokenizer_f
 
 
 def test_yarn_temperature_llama_cpp_cannot_express_is_refused(tokenizer_file, tmp_path):
-    cfg = tiny_config("llama-tiny", "model.rope_scaling.type=yarn", "model.rope_scaling.factor=4",
-                      "model.rope_scaling.original_max_position_embeddings=32", "model.rope_scaling.mscale=0.5")
+    cfg = tiny_config(
+        "llama-tiny",
+        "model.rope_scaling.type=yarn",
+        "model.rope_scaling.factor=4",
+        "model.rope_scaling.original_max_position_embeddings=32",
+        "model.rope_scaling.mscale=0.5",
+    )
     with pytest.raises(ConversionError, match="model.rope_scaling.mscale=0.5"):
         export_gguf(cfg, perturbed_state(cfg, 400), tokenizer_file, tmp_path / "model.gguf")
     assert not (tmp_path / "model.gguf").exists()

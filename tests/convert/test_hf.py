@@ -15,8 +15,10 @@ VARIANTS = {
     "gpt2": ("gpt2-tiny", []),
     "gpt2-untied": ("gpt2-tiny", ["model.tie_embeddings=false"]),
     "llama-gqa": ("llama-tiny", []),  # 4 query heads in 2 groups
-    "llama-mqa-tied": ("llama-tiny", ["model.num_query_groups=1", "model.tie_embeddings=true",
-                                      "model.rotary_base=500000"]),
+    "llama-mqa-tied": (
+        "llama-tiny",
+        ["model.num_query_groups=1", "model.tie_embeddings=true", "model.rotary_base=500000"],
+    ),
 }
 SAMPLES = ["def f(x):\n    return x + 1", "Hello  world!  123 4567 éà ✓", "  \n\n\tclass Foo(Bar):  # ok"]
 
@@ -61,9 +63,8 @@ def test_greedy_generation_equals_transformers(model, tokenizer_file, trained, t
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     for prompt in ["def parse_args(self, args=None", "import os\n\nclass "]:
         ids = tokenizer.encode(prompt).ids
-        ours = generate(Decoder(cfg.model, state, tokenizer.get_vocab_size()), ids, 32,
-                        stop=tokenizer.token_to_id(EOD))
-        theirs = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
+        ours = generate(Decoder(cfg.model, state, tokenizer.get_vocab_size()), ids, 32, stop=tokenizer.token_to_id(EOD))
+        theirs = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids) :].tolist()
         assert ours == theirs
 
 

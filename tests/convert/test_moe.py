@@ -17,8 +17,13 @@ from tests.convert.models import megatron_logits, perturbed_state, tiny_config, 
 
 VARIANTS = {
     "mixtral": [],
-    "qwen2_moe": ["model.qkv_bias=true", "model.moe.shared_expert_size=96", "model.moe.shared_expert_gate=true",
-                  "model.moe.pre_softmax=true", "model.moe.layer_freq=2"],
+    "qwen2_moe": [
+        "model.qkv_bias=true",
+        "model.moe.shared_expert_size=96",
+        "model.moe.shared_expert_gate=true",
+        "model.moe.pre_softmax=true",
+        "model.moe.layer_freq=2",
+    ],
 }
 
 
@@ -34,15 +39,18 @@ def test_moe_logits_equal_gptscale(variant, tmp_path):
         theirs = hf(tokens).logits[..., :400]
     decoder = Decoder(cfg.model, state, 400)
     reference = decoder.forward(tokens, decoder.new_cache())
-    print(f"{variant}: max abs logit diff transformers {(theirs - ours).abs().max().item():.3g}, "
-          f"reference decoder {(reference - ours).abs().max().item():.3g}")
+    print(
+        f"{variant}: max abs logit diff transformers {(theirs - ours).abs().max().item():.3g}, "
+        f"reference decoder {(reference - ours).abs().max().item():.3g}"
+    )
     assert (theirs - ours).abs().max().item() <= 1e-5
     assert (reference - ours).abs().max().item() <= 1e-5
     hf.generation_config.eos_token_id = None  # random weights: run the full length on both sides
     prompt = tokens[0, :8].tolist()
     padding = list(range(400, hf.config.vocab_size))  # rows past the tokens in use, which our decoder leaves out
-    greedy_theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
-                                suppress_tokens=padding)[0, len(prompt):].tolist()
+    greedy_theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, suppress_tokens=padding)[
+        0, len(prompt) :
+    ].tolist()
     assert generate(decoder, prompt, 16) == greedy_theirs
 
 
@@ -52,8 +60,15 @@ def test_moe_import_gives_back_the_exported_model(variant, tmp_path):
     state = perturbed_state(cfg, 400)
     export_hf(cfg, state, None, tmp_path / "hf")
     imported, tensors, _ = import_hf(tmp_path / "hf")
-    for field in ("num_experts", "top_k", "ffn_hidden_size", "shared_expert_size", "shared_expert_gate",
-                  "pre_softmax", "layer_freq"):
+    for field in (
+        "num_experts",
+        "top_k",
+        "ffn_hidden_size",
+        "shared_expert_size",
+        "shared_expert_gate",
+        "pre_softmax",
+        "layer_freq",
+    ):
         assert getattr(imported.model.moe, field) == getattr(cfg.model.moe, field), field
     assert imported.model.qkv_bias == cfg.model.qkv_bias
     assert tensors.keys() == state.keys()
@@ -62,8 +77,10 @@ def test_moe_import_gives_back_the_exported_model(variant, tmp_path):
         assert torch.equal(tensors[key][:rows], tensor[:rows]), key
 
 
-@pytest.mark.parametrize("override, field", [("model.moe.expert_bias=true", "model.moe.expert_bias"),
-                                             ("model.moe.pre_softmax=true", "model.moe.pre_softmax")])
+@pytest.mark.parametrize(
+    "override, field",
+    [("model.moe.expert_bias=true", "model.moe.expert_bias"), ("model.moe.pre_softmax=true", "model.moe.pre_softmax")],
+)
 def test_unexpressible_moe_refused_by_field(override, field, tmp_path):
     cfg = tiny_config("moe-tiny", override)
     with pytest.raises(ConversionError, match=field):
@@ -89,5 +106,6 @@ def test_mixtral_gguf_runs_in_llama_cpp(tokenizer_file, tmp_path):
 
 def test_gguf_refuses_a_shared_expert_by_field(tmp_path):
     with pytest.raises(ConversionError, match="model.moe.shared_expert_size"):
-        export_gguf(tiny_config("moe-tiny", *VARIANTS["qwen2_moe"]), {}, tmp_path / "tokenizer.json",
-                    tmp_path / "m.gguf")
+        export_gguf(
+            tiny_config("moe-tiny", *VARIANTS["qwen2_moe"]), {}, tmp_path / "tokenizer.json", tmp_path / "m.gguf"
+        )

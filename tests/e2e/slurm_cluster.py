@@ -20,8 +20,17 @@ from tests.helpers import free_port
 from tests.processes import keep_running
 
 PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel", "sinfo")
-TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                   "DEADLINE", "PREEMPTED"}
+TERMINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 
 
 class SlurmCluster:
@@ -46,51 +55,66 @@ class SlurmCluster:
         key = munge / "munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o600)
-        self.conf.write_text("\n".join([
-            "ClusterName=gptscale-test",
-            f"SlurmctldHost={self.node}(127.0.0.1)",
-            f"SlurmctldPort={free_port()}",
-            f"SlurmdPort={free_port()}",
-            "AuthType=auth/munge",
-            "CredType=cred/munge",
-            # Requeued jobs wait for their credential to expire before they start again (default 120 s).
-            f"AuthInfo=socket={munge / 'munge.socket'},cred_expire=10",
-            "SlurmUser=root",
-            "SlurmdUser=root",
-            f"StateSaveLocation={self.root / 'state'}",
-            f"SlurmdSpoolDir={self.root / 'spool'}",
-            f"SlurmctldPidFile={self.root / 'slurmctld.pid'}",
-            f"SlurmdPidFile={self.root / 'slurmd.pid'}",
-            f"SlurmctldLogFile={self.root / 'slurmctld.log'}",
-            f"SlurmdLogFile={self.root / 'slurmd.log'}",
-            "ProctrackType=proctrack/linuxproc",
-            "TaskPlugin=task/none",
-            "SelectType=select/cons_tres",
-            "SelectTypeParameters=CR_CPU",
-            "MpiDefault=none",
-            "AccountingStorageType=accounting_storage/none",
-            "JobAcctGatherType=jobacct_gather/none",
-            "JobCompType=jobcomp/none",
-            "ReturnToService=2",
-            "SchedulerParameters=sched_interval=2",
-            "KillWait=10",
-            "MinJobAge=3600",
-            # The node counts as having `cpus` CPUs even on a smaller machine.
-            "SlurmdParameters=config_overrides",
-            f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN",
-            f"PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP",
-        ]) + "\n")
+        self.conf.write_text(
+            "\n".join(
+                [
+                    "ClusterName=gptscale-test",
+                    f"SlurmctldHost={self.node}(127.0.0.1)",
+                    f"SlurmctldPort={free_port()}",
+                    f"SlurmdPort={free_port()}",
+                    "AuthType=auth/munge",
+                    "CredType=cred/munge",
+                    # Requeued jobs wait for their credential to expire before they start again (default 120 s).
+                    f"AuthInfo=socket={munge / 'munge.socket'},cred_expire=10",
+                    "SlurmUser=root",
+                    "SlurmdUser=root",
+                    f"StateSaveLocation={self.root / 'state'}",
+                    f"SlurmdSpoolDir={self.root / 'spool'}",
+                    f"SlurmctldPidFile={self.root / 'slurmctld.pid'}",
+                    f"SlurmdPidFile={self.root / 'slurmd.pid'}",
+                    f"SlurmctldLogFile={self.root / 'slurmctld.log'}",
+                    f"SlurmdLogFile={self.root / 'slurmd.log'}",
+                    "ProctrackType=proctrack/linuxproc",
+                    "TaskPlugin=task/none",
+                    "SelectType=select/cons_tres",
+                    "SelectTypeParameters=CR_CPU",
+                    "MpiDefault=none",
+                    "AccountingStorageType=accounting_storage/none",
+                    "JobAcctGatherType=jobacct_gather/none",
+                    "JobCompType=jobcomp/none",
+                    "ReturnToService=2",
+                    "SchedulerParameters=sched_interval=2",
+                    "KillWait=10",
+                    "MinJobAge=3600",
+                    # The node counts as having `cpus` CPUs even on a smaller machine.
+                    "SlurmdParameters=config_overrides",
+                    f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN",
+                    f"PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP",
+                ]
+            )
+            + "\n"
+        )
 
     def start(self, timeout: float = 120) -> None:
         munge = self.root / "munge"
-        self._spawn("munged", "--foreground", "--force", f"--key-file={munge / 'munge.key'}",
-                    f"--socket={munge / 'munge.socket'}", f"--pid-file={munge / 'munged.pid'}",
-                    f"--log-file={munge / 'munged.log'}", f"--seed-file={munge / 'munged.seed'}")
+        self._spawn(
+            "munged",
+            "--foreground",
+            "--force",
+            f"--key-file={munge / 'munge.key'}",
+            f"--socket={munge / 'munge.socket'}",
+            f"--pid-file={munge / 'munged.pid'}",
+            f"--log-file={munge / 'munged.log'}",
+            f"--seed-file={munge / 'munged.seed'}",
+        )
         self._wait(lambda: (munge / "munge.socket").exists(), timeout, "munged to open its socket")
         self._spawn("slurmctld", "-D", "-f", str(self.conf))
         self._spawn("slurmd", "-D", "-f", str(self.conf))
-        self._wait(lambda: self.run("sinfo", "-h", "-o", "%T", check=False).stdout.strip() == "idle", timeout,
-                   "the node to become idle")
+        self._wait(
+            lambda: self.run("sinfo", "-h", "-o", "%T", check=False).stdout.strip() == "idle",
+            timeout,
+            "the node to become idle",
+        )
 
     @property
     def env(self) -> dict[str, str]:
@@ -99,8 +123,9 @@ class SlurmCluster:
 
     def _spawn(self, name: str, *args: str) -> None:
         with open(self.root / f"{name}.out", "w") as log:
-            self.daemons.append(subprocess.Popen([self.programs[name], *args], env=self.env, stdout=log,
-                                                 stderr=subprocess.STDOUT))
+            self.daemons.append(
+                subprocess.Popen([self.programs[name], *args], env=self.env, stdout=log, stderr=subprocess.STDOUT)
+            )
         keep_running(self.daemons[-1].pid)
 
     def _wait(self, condition, timeout: float, what: str) -> None:
@@ -108,17 +133,21 @@ class SlurmCluster:
         while not condition():
             for daemon in self.daemons:
                 if daemon.poll() is not None:
-                    raise RuntimeError(f"{Path(daemon.args[0]).name} exited {daemon.returncode} while waiting for {what}:\n"
-                                       f"{self.logs()}")
+                    raise RuntimeError(
+                        f"{Path(daemon.args[0]).name} exited {daemon.returncode} while waiting for {what}:\n"
+                        f"{self.logs()}"
+                    )
             if time.monotonic() > deadline:
                 raise TimeoutError(f"waited {timeout:.0f} s for {what}:\n{self.logs()}")
             time.sleep(0.5)
 
-    def run(self, *command: str, check: bool = True, cwd: Path | None = None,
-            timeout: float = 120) -> subprocess.CompletedProcess:
+    def run(
+        self, *command: str, check: bool = True, cwd: Path | None = None, timeout: float = 120
+    ) -> subprocess.CompletedProcess:
         program = self.programs.get(command[0], command[0])
-        proc = subprocess.run([program, *command[1:]], env=self.env, cwd=cwd, capture_output=True, text=True,
-                              timeout=timeout)
+        proc = subprocess.run(
+            [program, *command[1:]], env=self.env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+        )
         if check and proc.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} exited {proc.returncode}: {proc.stdout}{proc.stderr}")
         return proc

@@ -12,16 +12,28 @@ import pytest
 
 from tests.helpers import REPO, torchrun
 
-SMALL = ["bench.warmup=0", "bench.steps=3", "bench.repeats=1", "bench.host_syncs=true", "train.seq_len=64",
-         "parallel.micro_batch=4", "parallel.global_batch=8"]
+SMALL = [
+    "bench.warmup=0",
+    "bench.steps=3",
+    "bench.repeats=1",
+    "bench.host_syncs=true",
+    "train.seq_len=64",
+    "parallel.micro_batch=4",
+    "parallel.global_batch=8",
+]
 # megatron-core compares the CPU RNG state (a host tensor on every device) after each forked RNG region.
 HOST_TENSOR_READS = ("megatron/core/tensor_parallel/random.py",)
 
 
 def bench(args, timeout=900):
     with tempfile.TemporaryDirectory() as run_dir:
-        return subprocess.run([sys.executable, "-m", "gptscale.bench", f"run_dir={run_dir}", *args], cwd=REPO,
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [sys.executable, "-m", "gptscale.bench", f"run_dir={run_dir}", *args],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
 
 def records(path):
@@ -36,8 +48,12 @@ def device_syncs(record):
 @pytest.fixture(scope="module")
 def attention_runs(tmp_path_factory):
     output = tmp_path_factory.mktemp("bench") / "attention.jsonl"
-    variants = ["model=gpt2-tiny", "model=gpt2-tiny model.attention=unfused",
-                "model=llama-tiny", "model=llama-tiny model.attention=unfused"]
+    variants = [
+        "model=gpt2-tiny",
+        "model=gpt2-tiny model.attention=unfused",
+        "model=llama-tiny",
+        "model=llama-tiny model.attention=unfused",
+    ]
     proc = bench([*SMALL, f"bench.output={output}", "--compare", *variants])
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc, records(output)
@@ -97,8 +113,20 @@ def test_two_ranks_tensor_pipeline_and_data_parallel(tmp_path):
     """One torchrun launch, three layouts; fp32 TP and PP steps wait for the device nowhere, DeepSpeed's
     ZeRO only in its once-per-step check of the gradient norm."""
     output = tmp_path / "two.jsonl"
-    proc = torchrun(2, ["-m", "gptscale.bench", f"run_dir={tmp_path}", *SMALL, f"bench.output={output}",
-                        "--compare", "parallel.tp=2", "parallel.pp=2", "parallel.zero=1"])
+    proc = torchrun(
+        2,
+        [
+            "-m",
+            "gptscale.bench",
+            f"run_dir={tmp_path}",
+            *SMALL,
+            f"bench.output={output}",
+            "--compare",
+            "parallel.tp=2",
+            "parallel.pp=2",
+            "parallel.zero=1",
+        ],
+    )
     runs = records(output)
     assert [r["layout"].split(" zero")[0] for r in runs.values()] == ["tp2 pp1 dp1", "tp1 pp2 dp1", "tp1 pp1 dp2"]
     assert all(r["world_size"] == 2 for r in runs.values())
@@ -114,8 +142,17 @@ def test_two_ranks_tensor_pipeline_and_data_parallel(tmp_path):
 def test_compiled_layers_train_identically(tmp_path):
     """train.compile=true compiles each transformer layer; the numbers stay those of eager mode."""
     output = tmp_path / "compile.jsonl"
-    proc = bench([*SMALL, "bench.steps=2", "bench.host_syncs=false", f"bench.output={output}",
-                  "--compare", "train.compile=false", "train.compile=true"])
+    proc = bench(
+        [
+            *SMALL,
+            "bench.steps=2",
+            "bench.host_syncs=false",
+            f"bench.output={output}",
+            "--compare",
+            "train.compile=false",
+            "train.compile=true",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     runs = [json.loads(line) for line in output.read_text().splitlines()]
     assert runs[0]["losses"] == pytest.approx(runs[1]["losses"], rel=1e-5)
@@ -126,8 +163,19 @@ def test_repeated_windows_show_the_median_and_the_spread():
     from gptscale.bench.__main__ import format_row
     from gptscale.bench.measure import BenchResult
 
-    result = BenchResult(label="x", world_size=1, layout="tp1", tokens_per_step=1000, tokens_per_s=1000 / 0.2,
-                         tflops_per_device=0.0, mfu=None, step_time_s=0.2, window_step_times_s=[0.25, 0.2, 0.1],
-                         peak_memory_gib=1.0, memory_kind="max allocated", losses=[1.0])
+    result = BenchResult(
+        label="x",
+        world_size=1,
+        layout="tp1",
+        tokens_per_step=1000,
+        tokens_per_s=1000 / 0.2,
+        tflops_per_device=0.0,
+        mfu=None,
+        step_time_s=0.2,
+        window_step_times_s=[0.25, 0.2, 0.1],
+        peak_memory_gib=1.0,
+        memory_kind="max allocated",
+        losses=[1.0],
+    )
     row = format_row(result, result)
     assert "5,000" in row and "4,000-10,000" in row and row.rstrip().endswith("1.00x")

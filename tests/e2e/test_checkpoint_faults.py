@@ -24,8 +24,14 @@ from tests.helpers import REPO, free_port, torchrun
 from tests.processes import MARKER, session_processes
 
 COMMON = [
-    "model=gpt2-tiny", "train.seq_len=32", "train.eval_interval=0", "train.log_interval=1",
-    "parallel.global_batch=8", "parallel.micro_batch=2", "optim.warmup_steps=2", "optim.decay_steps=10",
+    "model=gpt2-tiny",
+    "train.seq_len=32",
+    "train.eval_interval=0",
+    "train.log_interval=1",
+    "parallel.global_batch=8",
+    "parallel.micro_batch=2",
+    "optim.warmup_steps=2",
+    "optim.decay_steps=10",
     "data.embedded_max_bytes=200000",
 ]
 
@@ -37,21 +43,33 @@ def logged(run_dir, field="loss"):
 
 
 def inspect(path):
-    return subprocess.run([sys.executable, "tools/ckpt.py", "inspect", str(path)], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "tools/ckpt.py", "inspect", str(path)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
 
 
 def launch_killed(args, tmp_path):
     """A launch (gptscale's torchrun) whose rank 0 is SIGKILLed in the save of step 6; returns its exit status
     and the processes of the launch still running 10 s after it ended (found by a marker in their environment,
     then killed)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", MARKER: f"killed-{tmp_path.name}",
-           **launch_env([{"at": "manifest", "step": 6, "rank": 0, "signal": "SIGKILL"}], str(REPO))}
-    command = [sys.executable, "-m", "gptscale.parallel.torchrun", "--nproc_per_node=2",
-               f"--master_port={free_port()}", *args]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        MARKER: f"killed-{tmp_path.name}",
+        **launch_env([{"at": "manifest", "step": 6, "rank": 0, "signal": "SIGKILL"}], str(REPO)),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "gptscale.parallel.torchrun",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        *args,
+    ]
     with open(tmp_path / "killed.log", "w") as output:
-        status = subprocess.run(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT,
-                                timeout=600).returncode
+        status = subprocess.run(
+            command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT, timeout=600
+        ).returncode
     deadline = time.monotonic() + 10
     while session_processes(env[MARKER]) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -68,8 +86,10 @@ def launch_killed(args, tmp_path):
 def killed(tmp_path_factory):
     """8 steps saving every 2 on 2 ranks; rank 0 is killed in the save of step 6; then resumed."""
     tmp = tmp_path_factory.mktemp("killed")
-    run, args = tmp / "run", ["-m", "gptscale.train", f"run_dir={tmp / 'run'}", "train.steps=8",
-                              "checkpoint.interval=2", *COMMON]
+    run, args = (
+        tmp / "run",
+        ["-m", "gptscale.train", f"run_dir={tmp / 'run'}", "train.steps=8", "checkpoint.interval=2", *COMMON],
+    )
     status, left = launch_killed(args, tmp)
     checkpoints = run / "checkpoints"
     after_kill = {
@@ -137,11 +157,20 @@ def worker_pids(launcher_pid):
 def stopped(tmp_path_factory):
     """A long run on 2 ranks; SIGTERM reaches rank 1 only once two steps are logged."""
     run = tmp_path_factory.mktemp("stopped") / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-               "-m", "gptscale.train", f"run_dir={run}", "train.steps=100000", *COMMON]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        "-m",
+        "gptscale.train",
+        f"run_dir={run}",
+        "train.steps=100000",
+        *COMMON,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    launcher = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
+    launcher = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 300
         while not ((run / "metrics.jsonl").exists() and len(logged(run)) >= 2):
@@ -200,8 +229,9 @@ def small_disks(tmp_path_factory, killed):
     mounted = []
     for directory, size in disks.values():
         directory.mkdir()
-        mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)],
-                               capture_output=True, text=True)
+        mount = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)], capture_output=True, text=True
+        )
         if mount.returncode != 0:
             break
         mounted.append(directory)
@@ -232,20 +262,36 @@ def outcomes(tmp_path_factory, killed, stopped, small_disks):
     run, _, _, stopped_at = stopped
     jobs = {
         "resumed-after-stop": [*COMMON, f"run_dir={run}", f"train.steps={stopped_at + 2}"],
-        "nan": [*COMMON, f"run_dir={tmp / 'nan'}", "train.steps=10", "checkpoint.interval=2",
-                "test.nan_steps=[3,4,5]", "train.max_bad_steps=2", "train.bad_step_window=10"],
-        **{name: [*COMMON, f"run_dir={tmp / ('resume-' + name)}", "train.steps=10", f"checkpoint.resume={path}"]
-           for name, (path, _) in cases.items()},
+        "nan": [
+            *COMMON,
+            f"run_dir={tmp / 'nan'}",
+            "train.steps=10",
+            "checkpoint.interval=2",
+            "test.nan_steps=[3,4,5]",
+            "train.max_bad_steps=2",
+            "train.bad_step_window=10",
+        ],
+        **{
+            name: [*COMMON, f"run_dir={tmp / ('resume-' + name)}", "train.steps=10", f"checkpoint.resume={path}"]
+            for name, (path, _) in cases.items()
+        },
         "fallback": [*COMMON, f"run_dir={tmp / 'fallback'}", "train.steps=10"],
     }
     if small_disks:
-        jobs["disk-full-before-writing"] = [*COMMON, f"run_dir={small_disks['roomy'] / 'run'}", "train.steps=6",
-                                            "checkpoint.interval=2"]
-        jobs["disk-full-while-writing"] = [*COMMON, f"run_dir={small_disks['tight'] / 'run'}", "train.steps=2",
-                                           "checkpoint.interval=2"]
+        jobs["disk-full-before-writing"] = [
+            *COMMON,
+            f"run_dir={small_disks['roomy'] / 'run'}",
+            "train.steps=6",
+            "checkpoint.interval=2",
+        ]
+        jobs["disk-full-while-writing"] = [
+            *COMMON,
+            f"run_dir={small_disks['tight'] / 'run'}",
+            "train.steps=2",
+            "checkpoint.interval=2",
+        ]
     (tmp / "jobs.json").write_text(json.dumps(jobs))
-    launch = torchrun(1, ["tests/dist/run_outcomes.py", str(tmp / "jobs.json"), str(tmp / "results.json")],
-                      timeout=900)
+    launch = torchrun(1, ["tests/dist/run_outcomes.py", str(tmp / "jobs.json"), str(tmp / "results.json")], timeout=900)
     return tmp, good, cases, before, launch.stdout + launch.stderr, json.loads((tmp / "results.json").read_text())
 
 
@@ -257,7 +303,7 @@ def damage(checkpoint, how):
     if how == "truncated":
         shard.write_bytes(data[:middle])
     elif how == "corrupted":
-        shard.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:])
+        shard.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :])
     else:
         shard.unlink()
     return shard
@@ -274,19 +320,23 @@ def test_too_many_nan_steps_stop_the_run_naming_the_last_good_checkpoint(outcome
     tmp, results = outcomes[0], outcomes[-1]
     assert results["nan"]["error"] == (
         "TooManyBadSteps: stopping at step 5: 3 steps in the last 10 had a non-finite loss or gradient norm "
-        f"(train.max_bad_steps=2); last good checkpoint: {step_dir(tmp / 'nan', 4)}")
+        f"(train.max_bad_steps=2); last good checkpoint: {step_dir(tmp / 'nan', 4)}"
+    )
     skipped = logged(tmp / "nan", "skipped_steps")
     assert skipped == [(1, 0), (2, 0), (3, 1), (4, 2), (5, 3)]
     assert all(loss != loss for step, loss in logged(tmp / "nan") if step >= 3)  # NaN
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("truncated", "is truncated or damaged"),
-    ("corrupted", "is corrupted: its CRC-32 differs"),
-    ("missing", "is missing"),
-    ("other-shape", "holds another model"),
-    ("other-norm-eps", "model.norm_eps: 0.001 in the checkpoint's config.yaml, 1e-05 here"),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("truncated", "is truncated or damaged"),
+        ("corrupted", "is corrupted: its CRC-32 differs"),
+        ("missing", "is missing"),
+        ("other-shape", "holds another model"),
+        ("other-norm-eps", "model.norm_eps: 0.001 in the checkpoint's config.yaml, 1e-05 here"),
+    ],
+)
 def test_bad_checkpoints_are_refused_naming_file_and_mismatch(outcomes, name, expected):
     """Named explicitly (checkpoint.resume=PATH), a damaged checkpoint is refused, never replaced."""
     tmp, _, cases, before, _, results = outcomes
@@ -295,8 +345,10 @@ def test_bad_checkpoints_are_refused_naming_file_and_mismatch(outcomes, name, ex
     assert error is not None, f"{name}: the resume went through"
     assert error.startswith("CheckpointError") and expected in error and str(culprit) in error, error
     if name == "other-shape":
-        assert "decoder.layers.self_attention.linear_qkv.weight: global shape (2, 192, 64) in the checkpoint, " \
-               "(4, 192, 64) in this model" in error
+        assert (
+            "decoder.layers.self_attention.linear_qkv.weight: global shape (2, 192, 64) in the checkpoint, "
+            "(4, 192, 64) in this model" in error
+        )
     assert fingerprint(path.parent.parent) == before[name], "a refused checkpoint's run directory changed"
     written = tmp / f"resume-{name}" / "checkpoints"
     assert not written.exists() or not list(written.iterdir()), "nothing is written after a refusal"
@@ -319,8 +371,10 @@ def test_other_shape_case_is_a_real_model(outcomes):
     _, full, _ = load_model_state(good)
     _, cut, _ = load_model_state(cases["other-shape"][0])
     assert full.keys() == cut.keys()
-    assert torch.equal(cut["decoder.layers.self_attention.linear_qkv.weight"],
-                       full["decoder.layers.self_attention.linear_qkv.weight"][:2])
+    assert torch.equal(
+        cut["decoder.layers.self_attention.linear_qkv.weight"],
+        full["decoder.layers.self_attention.linear_qkv.weight"][:2],
+    )
 
 
 def test_auto_resume_skips_damaged_checkpoints_saying_which_and_why(outcomes):
@@ -331,8 +385,10 @@ def test_auto_resume_skips_damaged_checkpoints_saying_which_and_why(outcomes):
     assert len(results["fallback"].get("loss", [])) == 4, results["fallback"]  # steps 7..10, from step 6
     assert f"checkpoint.resume=auto skips a damaged checkpoint: cannot resume from {newest}:" in output
     assert f"{newest}/shards/" in output and "is corrupted: its CRC-32 differs" in output
-    assert f"checkpoint.resume=auto skips a damaged checkpoint: cannot resume from {unlisted}:\n  - {unlisted} is " \
-           "damaged: checkpoint.json is missing" in output
+    assert (
+        f"checkpoint.resume=auto skips a damaged checkpoint: cannot resume from {unlisted}:\n  - {unlisted} is "
+        "damaged: checkpoint.json is missing" in output
+    )
     assert newest.is_dir() and unlisted.is_dir(), "skipped checkpoints are kept for a look"
 
 
@@ -343,8 +399,9 @@ def test_disk_full_before_writing_is_named_and_loses_nothing(outcomes, small_dis
     previous = step_dir(small_disks["roomy"] / "run", 2)
     needed = json.loads((previous / "checkpoint.json").read_text())["bytes"]
     error = outcomes[-1]["disk-full-before-writing"].get("error", "")
-    assert error.startswith(f"CheckpointError: no space left on device for the checkpoint of step 4: {checkpoints} "
-                            "has "), error
+    assert error.startswith(
+        f"CheckpointError: no space left on device for the checkpoint of step 4: {checkpoints} has "
+    ), error
     assert f"the checkpoint needs about {needed:,} bytes" in error and f"{previous}, is intact" in error, error
     assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_000002"]
     assert inspect(previous).returncode == 0
@@ -355,8 +412,9 @@ def test_disk_full_while_writing_is_named_and_the_half_written_save_removed(outc
         pytest.skip("mounting a small tmpfs needs root (CAP_SYS_ADMIN); this process may not mount")
     checkpoints = small_disks["tight"] / "run" / "checkpoints"
     error = outcomes[-1]["disk-full-while-writing"].get("error", "")
-    assert error.startswith(f"CheckpointError: no space left on device for the checkpoint of step 2: {checkpoints} "
-                            "has "), error
+    assert error.startswith(
+        f"CheckpointError: no space left on device for the checkpoint of step 2: {checkpoints} has "
+    ), error
     assert "the checkpoint needs about" in error and ".tmp-" in error and "was removed" in error, error
     assert "Worker failure" not in error
     assert list(checkpoints.iterdir()) == [], "the half-written save is left behind"
@@ -366,13 +424,13 @@ def stop_one_process(script, run_dir, tmp_path, signum=signal.SIGTERM, again=Fal
     """A 1-process run (in its own process group, with its checkpoint helpers) saving every 3 steps; ``signum``
     to the whole group once step 4 is logged (a save of step 3 may still be written), and with ``again`` once
     more when the run has said it is stopping. Returns its exit status and output."""
-    command = [sys.executable, *script, f"run_dir={run_dir}", "train.steps=100000", "checkpoint.interval=3",
-               *COMMON]
+    command = [sys.executable, *script, f"run_dir={run_dir}", "train.steps=100000", "checkpoint.interval=3", *COMMON]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     log = tmp_path / f"{run_dir.name}.log"
     with open(log, "w") as out:
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
     try:
         deadline = time.monotonic() + 300
         while not ((run_dir / "metrics.jsonl").exists() and any(step >= 4 for step, _ in logged(run_dir))):
@@ -420,8 +478,10 @@ def test_a_stop_save_that_cannot_be_written_names_the_checkpoint_to_resume_from(
     stopped_at = logged(run_dir)[-1][0]
     previous = step_dir(run_dir, (stopped_at - 1) // 3 * 3)  # the newest periodic save before the stop step
     assert status == 1, output[-5000:]
-    assert (f"stop requested by signal, but the checkpoint of step {stopped_at} could not be saved (CheckpointError: "
-            f"no space left on device for the checkpoint of step {stopped_at}: ") in output, output[-5000:]
+    assert (
+        f"stop requested by signal, but the checkpoint of step {stopped_at} could not be saved (CheckpointError: "
+        f"no space left on device for the checkpoint of step {stopped_at}: "
+    ) in output, output[-5000:]
     assert f"is intact); the run resumes from {previous}" in output, output[-5000:]
     assert "Traceback" not in output
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == previous.name

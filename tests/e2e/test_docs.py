@@ -14,11 +14,23 @@ from gptscale.config import load_config
 from tests.helpers import REPO
 
 DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-CONFIGURED = re.compile(r"^(gptscale-(train|bench|plan)|torchrun .*-m gptscale\.(train|bench|eval)|launch/torchrun\.sh|"
-                        r"sbatch .*launch/slurm\.sbatch|python tools/ckpt_bench\.py|torchrun .*tools/ckpt_bench\.py|"
-                        r"gptscale-eval|gptscale-convert --from-hf)")
-TOOLS = ("gptscale-train", "gptscale-prepare", "gptscale-convert", "gptscale-generate", "gptscale-plot",
-         "gptscale-ckpt", "gptscale-bench", "gptscale-eval", "gptscale-plan", "gptscale-goodput")
+CONFIGURED = re.compile(
+    r"^(gptscale-(train|bench|plan)|torchrun .*-m gptscale\.(train|bench|eval)|launch/torchrun\.sh|"
+    r"sbatch .*launch/slurm\.sbatch|python tools/ckpt_bench\.py|torchrun .*tools/ckpt_bench\.py|"
+    r"gptscale-eval|gptscale-convert --from-hf)"
+)
+TOOLS = (
+    "gptscale-train",
+    "gptscale-prepare",
+    "gptscale-convert",
+    "gptscale-generate",
+    "gptscale-plot",
+    "gptscale-ckpt",
+    "gptscale-bench",
+    "gptscale-eval",
+    "gptscale-plan",
+    "gptscale-goodput",
+)
 
 
 def documented_commands() -> list[tuple[str, str]]:
@@ -29,8 +41,11 @@ def documented_commands() -> list[tuple[str, str]]:
             for line in block.replace("\\\n", " ").splitlines():
                 line = re.sub(r"\s+#.*$", "", line).strip()
                 line = re.sub(r"^([A-Z_]+=\S+\s+)+", "", line)  # environment assignments before the command
-                if line.startswith(("gptscale-", "torchrun", "sbatch", "launch/", "python")) and "..." not in line \
-                        and "$" not in line:
+                if (
+                    line.startswith(("gptscale-", "torchrun", "sbatch", "launch/", "python"))
+                    and "..." not in line
+                    and "$" not in line
+                ):
                     found.append((document.name, line))
     return found
 
@@ -57,8 +72,11 @@ def test_the_documents_hold_commands():
     assert any(line.startswith("gptscale-plan") for _, line in COMMANDS)
 
 
-@pytest.mark.parametrize("document, line", [c for c in COMMANDS if CONFIGURED.match(c[1])],
-                         ids=lambda value: value if len(value) < 40 else value[:40])
+@pytest.mark.parametrize(
+    "document, line",
+    [c for c in COMMANDS if CONFIGURED.match(c[1])],
+    ids=lambda value: value if len(value) < 40 else value[:40],
+)
 def test_every_documented_key_composes(document, line):
     """A renamed or misspelt key in a guide fails here, not on a user's cluster."""
     keys = overrides(shlex.split(line))
@@ -74,8 +92,13 @@ def test_every_documented_flag_exists():
             used.setdefault(tool, set()).update(w.split("=")[0] for w in words if w.startswith("--"))
     for tool, flags in used.items():
         installed = Path(sys.executable).parent / tool  # the scripts beside this Python, else on PATH
-        text = subprocess.run([str(installed) if installed.exists() else tool, "--help"], cwd=REPO,
-                              capture_output=True, text=True, timeout=120).stdout
+        text = subprocess.run(
+            [str(installed) if installed.exists() else tool, "--help"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout
         missing = sorted(flag for flag in flags if flag not in text)
         assert not missing, f"{tool} does not offer {missing} (docs use them)"
 
@@ -83,7 +106,8 @@ def test_every_documented_flag_exists():
 @pytest.mark.parametrize("line", [line for _, line in COMMANDS if line.startswith("gptscale-plan")])
 def test_planner_commands_run_as_written(line):
     words = shlex.split(line)
-    proc = subprocess.run([sys.executable, "-m", "gptscale.plan", *words[1:]], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gptscale.plan", *words[1:]], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode in (0, 1), proc.stderr[-3000:]  # 1: the layout asked for does not fit
     assert "seq_len" in proc.stdout.splitlines()[0]

@@ -16,13 +16,28 @@ from tests.helpers import REPO, torchrun
 from tests.sft.data import prepare_pairs, sums, write_choices, write_pairs
 
 STEPS = 250
-TRAIN = ["task=sft", "model=gpt2-tiny", "train.seq_len=32", "parallel.global_batch=16", "parallel.micro_batch=16",
-         "optim.lr=3e-3", "optim.min_lr=3e-4", "optim.warmup_steps=10", "checkpoint.resume=none"]
+TRAIN = [
+    "task=sft",
+    "model=gpt2-tiny",
+    "train.seq_len=32",
+    "parallel.global_batch=16",
+    "parallel.micro_batch=16",
+    "optim.lr=3e-3",
+    "optim.min_lr=3e-4",
+    "optim.warmup_steps=10",
+    "checkpoint.resume=none",
+]
 
 
 def run(module: str, args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"})
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"},
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -40,8 +55,17 @@ def runs(tmp_path_factory):
     data = prepare_pairs(tmp / "data", write_pairs(tmp / "pairs.jsonl", train_pairs, repeat=4))
     task = write_choices(tmp / "sums.jsonl", held_out)
     run("gptscale.train", [*TRAIN, f"data.path={data}", f"run_dir={tmp}/untrained", "train.steps=0"])
-    run("gptscale.train", [*TRAIN, f"data.path={data}", f"run_dir={tmp}/tuned", f"train.steps={STEPS}",
-                           f"train.eval_interval={STEPS}", f"eval.tasks=[{task}]"])
+    run(
+        "gptscale.train",
+        [
+            *TRAIN,
+            f"data.path={data}",
+            f"run_dir={tmp}/tuned",
+            f"train.steps={STEPS}",
+            f"train.eval_interval={STEPS}",
+            f"eval.tasks=[{task}]",
+        ],
+    )
     return tmp, task, evaluate(tmp / "tuned", task, "--log-likelihoods")
 
 
@@ -62,17 +86,34 @@ def test_fine_tuning_learns_held_out_sums(runs):
     assert final["eval_loss"] == pytest.approx(after["heldout"]["loss"], rel=1e-6)
 
 
-@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.pp=2"], ["parallel.micro_batch=4"], ["parallel.cp=2"]],
-                         ids=["tp2", "pp2", "dp2", "cp2"])
+@pytest.mark.parametrize(
+    "layout",
+    [["parallel.tp=2"], ["parallel.pp=2"], ["parallel.micro_batch=4"], ["parallel.cp=2"]],
+    ids=["tp2", "pp2", "dp2", "cp2"],
+)
 def test_scores_do_not_depend_on_the_layout(runs, layout):
     tmp, task, one_rank = runs
-    proc = torchrun(2, ["-m", "gptscale.eval", "--checkpoint", str(tmp / "tuned"), f"eval.tasks=[{task}]",
-                        "--log-likelihoods", *layout], timeout=600)
+    proc = torchrun(
+        2,
+        [
+            "-m",
+            "gptscale.eval",
+            "--checkpoint",
+            str(tmp / "tuned"),
+            f"eval.tasks=[{task}]",
+            "--log-likelihoods",
+            *layout,
+        ],
+        timeout=600,
+    )
     two_ranks = lines(proc)
     assert two_ranks["sums"]["acc"] == one_rank["sums"]["acc"]
     assert two_ranks["sums"]["acc_norm"] == one_rank["sums"]["acc_norm"]
-    pairs = [(a, b) for x, y in zip(one_rank["sums"]["log_likelihoods"], two_ranks["sums"]["log_likelihoods"])
-             for a, b in zip(x, y)]
+    pairs = [
+        (a, b)
+        for x, y in zip(one_rank["sums"]["log_likelihoods"], two_ranks["sums"]["log_likelihoods"])
+        for a, b in zip(x, y)
+    ]
     assert len(pairs) == 80 and max(abs(a - b) for a, b in pairs) < 1e-4
     assert two_ranks["heldout"]["loss"] == pytest.approx(one_rank["heldout"]["loss"], rel=1e-5)
 
@@ -88,10 +129,17 @@ def test_lm_eval_harness_on_the_hf_export_agrees(runs, tmp_path, monkeypatch):
         "task: sums\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
         f"    test: {task}\ntest_split: test\noutput_type: multiple_choice\n"
         'doc_to_text: "{{context}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
-        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
-    result = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={tmp_path / 'hf'},dtype=float32",
-                                     tasks=["sums"], task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
-                                     device="cpu", batch_size=8, log_samples=True)
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
+    )
+    result = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={tmp_path / 'hf'},dtype=float32",
+        tasks=["sums"],
+        task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+        device="cpu",
+        batch_size=8,
+        log_samples=True,
+    )
     scores = result["results"]["sums"]
     assert abs(scores["acc,none"] - ours["acc"]) <= 1e-6 and abs(scores["acc_norm,none"] - ours["acc_norm"]) <= 1e-6
     theirs = {sample["doc_id"]: [ll for ll, _ in sample["filtered_resps"]] for sample in result["samples"]["sums"]}

@@ -9,9 +9,20 @@ import pytest
 
 from tests.helpers import REPO, torchrun
 
-JOB = ["train.steps=30", "train.seq_len=64", "parallel.micro_batch=8", "parallel.global_batch=8",
-       "optim.lr=2e-3", "optim.warmup_steps=5", "train.precision=bf16", "parallel.zero=1", "train.log_interval=5",
-       "train.eval_interval=0", "checkpoint.save_final=false", "data.embedded_max_bytes=200000"]
+JOB = [
+    "train.steps=30",
+    "train.seq_len=64",
+    "parallel.micro_batch=8",
+    "parallel.global_batch=8",
+    "optim.lr=2e-3",
+    "optim.warmup_steps=5",
+    "train.precision=bf16",
+    "parallel.zero=1",
+    "train.log_interval=5",
+    "train.eval_interval=0",
+    "checkpoint.save_final=false",
+    "data.embedded_max_bytes=200000",
+]
 FP8 = ["train.fp8=hybrid", "train.fp8_emulate=true"]
 
 BUILD = """
@@ -39,18 +50,31 @@ def losses(run_dir):
 
 
 def train(run_dir, overrides):
-    proc = subprocess.run([sys.executable, "-m", "gptscale.train", f"run_dir={run_dir}", *JOB, *overrides],
-                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gptscale.train", f"run_dir={run_dir}", *JOB, *overrides],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return losses(run_dir)
 
 
 def built(run_dir, overrides):
-    proc = subprocess.run([sys.executable, "-c", BUILD, f"run_dir={run_dir}", *overrides], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", BUILD, f"run_dir={run_dir}", *overrides],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return dict(line.split(" ", 1) for line in proc.stdout.splitlines() if line.split(" ", 1)[0] in
-                ("attention", "linears", "output"))
+    return dict(
+        line.split(" ", 1)
+        for line in proc.stdout.splitlines()
+        if line.split(" ", 1)[0] in ("attention", "linears", "output")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +85,11 @@ def one_rank(tmp_path_factory):
 
 def test_default_model_uses_sdpa_and_fp8_swaps_only_the_layer_linears(tmp_path):
     plain = built(tmp_path, ["train.precision=bf16"])
-    assert plain == {"attention": "{'SDPAttention'}", "linears": "['ColumnParallelLinear', 'RowParallelLinear']",
-                     "output": "ColumnParallelLinear"}
+    assert plain == {
+        "attention": "{'SDPAttention'}",
+        "linears": "['ColumnParallelLinear', 'RowParallelLinear']",
+        "output": "ColumnParallelLinear",
+    }
     fp8 = built(tmp_path, ["train.precision=bf16", *FP8])
     assert fp8["linears"] == "['Float8ColumnParallelLinear', 'Float8RowParallelLinear']"
     assert fp8["output"] == "ColumnParallelLinear"  # embedding and output layer stay bf16

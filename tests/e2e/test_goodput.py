@@ -18,16 +18,39 @@ from gptscale.tracking.goodput import replay
 from tests.e2e.test_launch import launcher_env, metrics, wait_for_step
 from tests.helpers import REPO
 
-JOB = ["train.steps=8", "train.log_interval=1", "train.eval_interval=0", "train.straggler.patience=2",
-       "checkpoint.interval=4", "checkpoint.async_save=false", "parallel.micro_batch=2", "parallel.global_batch=8"]
+JOB = [
+    "train.steps=8",
+    "train.log_interval=1",
+    "train.eval_interval=0",
+    "train.straggler.patience=2",
+    "checkpoint.interval=4",
+    "checkpoint.async_save=false",
+    "parallel.micro_batch=2",
+    "parallel.global_batch=8",
+]
 
 
 def slow_launch(run_dir, env, popen=False):
-    command = [sys.executable, "-m", "gptscale.parallel.torchrun", "--standalone", "--nproc_per_node=2",
-               "tests/e2e/slow_rank.py", f"run_dir={run_dir}", *JOB]
+    command = [
+        sys.executable,
+        "-m",
+        "gptscale.parallel.torchrun",
+        "--standalone",
+        "--nproc_per_node=2",
+        "tests/e2e/slow_rank.py",
+        f"run_dir={run_dir}",
+        *JOB,
+    ]
     if popen:
-        return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)
+        return subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -46,8 +69,14 @@ def killed_once(tmp_path_factory):
             process.kill()  # torchrun and both ranks (each in a session of its own) at once, as on a lost node
         first_output = first.communicate()[0]
     # The kill as a hang detector's: its report spans the last progress recorded to the kill.
-    hang = {"last_progress_at": replay(run_dir).ended_at, "detected_at": time.time(), "ranks": [1],
-            "hosts": [socket.gethostname()], "phase": "step", "step": 7}
+    hang = {
+        "last_progress_at": replay(run_dir).ended_at,
+        "detected_at": time.time(),
+        "ranks": [1],
+        "hosts": [socket.gethostname()],
+        "phase": "step",
+        "step": 7,
+    }
     (run_dir / "faults").mkdir(exist_ok=True)  # the watchdog keeps its record of starts there
     (run_dir / "faults" / "hang-test.json").write_text(json.dumps(hang))
     second = slow_launch(run_dir, env)
@@ -58,8 +87,13 @@ def killed_once(tmp_path_factory):
 
 
 def goodput(run_dir, *options):
-    proc = subprocess.run([sys.executable, "-m", "gptscale.tracking.goodput", str(run_dir), *options], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gptscale.tracking.goodput", str(run_dir), *options],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -78,8 +112,9 @@ def test_the_slowed_rank_is_named_as_the_straggler(killed_once):
         assert all(r["straggler/slowest_rank"] == 1 and r["straggler/slowest_ratio"] > 1.5 for r in launch[1:])
         named = [index for index, record in enumerate(launch) if "straggler/ranks" in record]
         assert named == list(range(named[0], len(launch))) and named[0] in (1, 2)  # by the third log step
-        assert all((launch[index]["straggler/ranks"], launch[index]["straggler/hosts"]) == ([1], [host])
-                   for index in named)
+        assert all(
+            (launch[index]["straggler/ranks"], launch[index]["straggler/hosts"]) == ([1], [host]) for index in named
+        )
 
 
 def test_goodput_of_the_killed_and_restarted_run_adds_up(killed_once):
@@ -87,7 +122,11 @@ def test_goodput_of_the_killed_and_restarted_run_adds_up(killed_once):
     report = json.loads(goodput(run_dir, "--json"))
     first, second = report["attempts"]
     assert (first["resumed_from"], first["finished"], second["resumed_from"], second["finished"]) == (
-        None, False, resumed, True)
+        None,
+        False,
+        resumed,
+        True,
+    )
     assert (second["first_step"], second["last_step"]) == (resumed + 1, 8)
     parts, wall = report["parts_s"], report["wall_s"]
     assert sum(parts.values()) == pytest.approx(wall, rel=0.01)
@@ -102,8 +141,11 @@ def test_goodput_of_the_killed_and_restarted_run_adds_up(killed_once):
     records = [json.loads(line) for line in (run_dir / "goodput.jsonl").read_text().splitlines()]
     second_start = max(index for index, record in enumerate(records) if record["phase"] == "start")
     attempt = records[second_start:]
-    second_steps = [after["end"] - before["end"] for before, after in zip(attempt, attempt[1:])
-                    if before["phase"] == "step" == after["phase"]]
+    second_steps = [
+        after["end"] - before["end"]
+        for before, after in zip(attempt, attempt[1:])
+        if before["phase"] == "step" == after["phase"]
+    ]
     assert parts["lost"] == pytest.approx(report["lost_steps"] * statistics.median(second_steps), rel=0.25)
 
 
@@ -118,11 +160,19 @@ def test_goodput_summary_and_plot_of_the_run(killed_once, tmp_path):
     assert f"resumed from step {resumed}, steps {resumed + 1}-8, finished" in lines[-1]
     assert re.search(r"run ended at step 8/8 \|.*\| goodput \d+\.\d%", second_output)
     final = metrics(run_dir)[-1]
-    assert final["goodput/lost_s"] > 0 and final["goodput/hang_s"] > 0 and final["goodput"] == pytest.approx(final["goodput/productive_s"]
-                                                                              / final["goodput/wall_s"])
+    assert (
+        final["goodput/lost_s"] > 0
+        and final["goodput/hang_s"] > 0
+        and final["goodput"] == pytest.approx(final["goodput/productive_s"] / final["goodput/wall_s"])
+    )
 
     out = tmp_path / "curves.png"
-    proc = subprocess.run([sys.executable, "-m", "gptscale.tracking.plot", str(run_dir), "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gptscale.tracking.plot", str(run_dir), "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert out.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")

@@ -15,17 +15,24 @@ STAGES = ["setup", "versions", "train", "ckpt", "speed-gpt2-tiny", "speed-llama-
 
 def test_dry_run_writes_every_stage(tmp_path, wheelhouse):  # noqa: F811
     out = tmp_path / "out"
-    env = {**os.environ, "GPU_PROOF_DRY": "1", "PYTHON": sys.executable, "OUT": str(out),
-           "GPU_WHEELS": str(wheelhouse), "GPU_PROOF_WORK": str(tmp_path / "work"), "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run(["bash", "tools/gpu_proof.sh"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=900)
+    env = {
+        **os.environ,
+        "GPU_PROOF_DRY": "1",
+        "PYTHON": sys.executable,
+        "OUT": str(out),
+        "GPU_WHEELS": str(wheelhouse),
+        "GPU_PROOF_WORK": str(tmp_path / "work"),
+        "OMP_NUM_THREADS": "2",
+    }
+    proc = subprocess.run(
+        ["bash", "tools/gpu_proof.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     status = dict(line.split(" rc=") for line in (out / "stages.txt").read_text().splitlines())
     assert list(status) == STAGES and all(s.startswith("0 ") for s in status.values()), status
     assert len(list(out.iterdir())) <= 8  # the device tool brings back at most 8 files
 
-    losses = [r["loss"] for r in map(json.loads, (out / "train-metrics.jsonl").read_text().splitlines())
-              if "loss" in r]
+    losses = [r["loss"] for r in map(json.loads, (out / "train-metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert len(losses) == 10 and losses[-1] < losses[0]
 
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
@@ -44,11 +51,19 @@ def test_a_stage_over_its_budget_is_cut_and_the_rest_still_run(tmp_path, wheelho
     """GPU_PROOF_TOTAL=20: the stage running at 20 s is killed and recorded as a timeout, the later ones are
     skipped, and the script still ends (with its summary) within the total and the kill's grace."""
     out = tmp_path / "out"
-    env = {**os.environ, "GPU_PROOF_DRY": "1", "PYTHON": sys.executable, "OUT": str(out),
-           "GPU_WHEELS": str(wheelhouse), "GPU_PROOF_WORK": str(tmp_path / "work"), "GPU_PROOF_TOTAL": "20"}
+    env = {
+        **os.environ,
+        "GPU_PROOF_DRY": "1",
+        "PYTHON": sys.executable,
+        "OUT": str(out),
+        "GPU_WHEELS": str(wheelhouse),
+        "GPU_PROOF_WORK": str(tmp_path / "work"),
+        "GPU_PROOF_TOTAL": "20",
+    }
     start = time.monotonic()
-    proc = subprocess.run(["bash", "tools/gpu_proof.sh"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        ["bash", "tools/gpu_proof.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     elapsed = time.monotonic() - start
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = (out / "stages.txt").read_text().splitlines()

@@ -21,9 +21,18 @@ from tests.faults import FAST_TIMEOUTS, launch_env
 from tests.helpers import REPO, free_port
 
 RUN = [
-    "model=gpt2-tiny", "train.seq_len=32", "train.log_interval=1", "parallel.global_batch=8", "parallel.micro_batch=2",
-    "optim.warmup_steps=2", "optim.decay_steps=10", "train.steps=10",
-    "checkpoint.interval=2", "checkpoint.keep_last=0", "checkpoint.async_save=false", "train.eval_interval=4",
+    "model=gpt2-tiny",
+    "train.seq_len=32",
+    "train.log_interval=1",
+    "parallel.global_batch=8",
+    "parallel.micro_batch=2",
+    "optim.warmup_steps=2",
+    "optim.decay_steps=10",
+    "train.steps=10",
+    "checkpoint.interval=2",
+    "checkpoint.keep_last=0",
+    "checkpoint.async_save=false",
+    "train.eval_interval=4",
     "train.eval_batches=2",
 ]
 FAULTS = [  # rank 1 each time; checkpoints every 2 steps, evaluations every 4
@@ -36,10 +45,21 @@ FAULTS = [  # rank 1 each time; checkpoints every 2 steps, evaluations every 4
 
 def launch(run_dir, faults, *options):
     """launch/torchrun.sh with 2 ranks whose rank processes meet ``faults``; its exit status and output."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "MASTER_PORT": str(free_port()),
-           **launch_env(faults, str(REPO))}
-    proc = subprocess.run(["launch/torchrun.sh", "--nproc-per-node", "2", *options, f"run_dir={run_dir}", *RUN, *FAST_TIMEOUTS],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHON": sys.executable,
+        "MASTER_PORT": str(free_port()),
+        **launch_env(faults, str(REPO)),
+    }
+    proc = subprocess.run(
+        ["launch/torchrun.sh", "--nproc-per-node", "2", *options, f"run_dir={run_dir}", *RUN, *FAST_TIMEOUTS],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -48,8 +68,10 @@ def records(path):
 
 
 def hang_reports(run_dir):
-    return sorted((json.loads(p.read_text()) for p in (run_dir / "faults").glob("hang-*.json")),
-                  key=lambda report: report["detected_at"])
+    return sorted(
+        (json.loads(p.read_text()) for p in (run_dir / "faults").glob("hang-*.json")),
+        key=lambda report: report["detected_at"],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +80,23 @@ def faulty(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hangs")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     straight = subprocess.Popen(  # beside it: the faulty run's processes wait much of the time
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-         "-m", "gptscale.train", f"run_dir={tmp / 'straight'}", *RUN], cwd=REPO, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={free_port()}",
+            "-m",
+            "gptscale.train",
+            f"run_dir={tmp / 'straight'}",
+            *RUN,
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         status, output = launch(tmp / "run", FAULTS, "--max-restarts", "4")
         straight_output, _ = straight.communicate(timeout=600)
@@ -75,7 +111,10 @@ def test_each_hang_is_named_with_its_rank_phase_and_step_within_the_timeout(faul
     assert status == 0, output[-6000:]
     reports = hang_reports(run_dir)
     assert [(r["ranks"], r["phase"], r["step"]) for r in reports] == [
-        ([1], "step", 5), ([1], "checkpoint_save", 6), ([1], "eval", 8)], output[-6000:]
+        ([1], "step", 5),
+        ([1], "checkpoint_save", 6),
+        ([1], "eval", 8),
+    ], output[-6000:]
     for report in reports:
         assert report["hosts"] == [socket.gethostname()] and report["detected_by"] == 0
         timeout = report["rank_states"]["0"]["timeout"]
@@ -93,7 +132,12 @@ def test_the_ranks_are_restarted_and_resume_from_the_newest_complete_checkpoint(
     run_dir, _, output, _ = faulty
     starts = records(run_dir / "faults" / "starts.jsonl")
     assert [(s["restart"], s["checkpoint"]) for s in starts] == [
-        (0, None), (1, "step_000004"), (2, "step_000004"), (3, "step_000006"), (4, "step_000008")]
+        (0, None),
+        (1, "step_000004"),
+        (2, "step_000004"),
+        (3, "step_000006"),
+        (4, "step_000008"),
+    ]
     assert output.count("gptscale: restarting the ranks (restart") == 4
     assert f"gptscale: rank 1 on {socket.gethostname()} failed first (killed by SIGKILL)" in output
     for step in (4, 4, 6, 8):
@@ -113,8 +157,12 @@ def test_a_rank_frozen_in_a_save_leaves_the_newest_complete_checkpoint_untouched
 def test_the_losses_equal_those_of_a_run_never_interrupted(faulty):
     run_dir, _, _, straight = faulty
     expected = {(r["step"], key): r[key] for r in straight for key in ("loss", "eval_loss") if key in r}
-    seen = [((r["step"], key), r[key]) for r in records(run_dir / "metrics.jsonl") for key in ("loss", "eval_loss")
-            if key in r]
+    seen = [
+        ((r["step"], key), r[key])
+        for r in records(run_dir / "metrics.jsonl")
+        for key in ("loss", "eval_loss")
+        if key in r
+    ]
     assert {at for at, _ in seen} == set(expected)
     for at, value in seen:
         assert value == expected[at], f"{at}: {value} after restarts, {expected[at]} straight"
@@ -124,7 +172,7 @@ def test_rank_0_frozen_whole_ends_the_launch_with_the_hang_code_without_restarts
     """Rank 0 hosts the job's store: frozen, it answers no heartbeat, and rank 1 judges alone."""
     status, output = launch(tmp_path / "run", [{"at": "step", "step": 5, "rank": 0}], "--max-restarts", "0")
     assert status == HANG_EXIT_CODE, output[-6000:]
-    report, = hang_reports(tmp_path / "run")
+    (report,) = hang_reports(tmp_path / "run")
     assert (report["ranks"], report["phase"], report["step"], report["detected_by"]) == ([0], "step", 5, 1)
     assert "store_unreachable" in report
     assert f"gptscale: rank 1 on {socket.gethostname()} failed first (exit code {HANG_EXIT_CODE})" in output

@@ -16,15 +16,31 @@ from tests.helpers import REPO, free_port, run_jobs
 from tests.wandb_file import read_run
 
 STEPS = 8
-JOB = ["train.steps=8", "train.log_interval=2", "train.eval_interval=4", "train.eval_batches=1",
-       "parallel.micro_batch=2", "parallel.global_batch=8"]
+JOB = [
+    "train.steps=8",
+    "train.log_interval=2",
+    "train.eval_interval=4",
+    "train.eval_batches=1",
+    "parallel.micro_batch=2",
+    "parallel.global_batch=8",
+]
 
 
 def launcher_env(tmp_path) -> dict:
     """One CPU thread per rank (two agents on one machine would otherwise oversubscribe) and a private W&B home."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    for name in ("WANDB_API_KEY", "WANDB_MODE", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK",
-                 "NPROC_PER_NODE", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+    for name in (
+        "WANDB_API_KEY",
+        "WANDB_MODE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "NNODES",
+        "NODE_RANK",
+        "NPROC_PER_NODE",
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+    ):
         env.pop(name, None)
     for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
         env[name] = str(tmp_path / "wandb-home")
@@ -34,8 +50,15 @@ def launcher_env(tmp_path) -> dict:
 def launch(args, env, timeout=600, popen=False):
     command = ["bash", str(REPO / "launch" / "torchrun.sh"), *map(str, args)]
     if popen:
-        return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)
+        return subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -48,8 +71,18 @@ def one_node_run(tmp_path_factory):
     """2 ranks on one node through the launcher, logging to metrics.jsonl, W&B (offline) and TensorBoard."""
     tmp_path = tmp_path_factory.mktemp("one_node")
     run_dir = tmp_path / "run"
-    proc = launch(["--nproc-per-node", 2, f"run_dir={run_dir}", *JOB, "logging.wandb.mode=offline",
-                   "logging.wandb.project=launch-test", "logging.tensorboard=true"], launcher_env(tmp_path))
+    proc = launch(
+        [
+            "--nproc-per-node",
+            2,
+            f"run_dir={run_dir}",
+            *JOB,
+            "logging.wandb.mode=offline",
+            "logging.wandb.project=launch-test",
+            "logging.tensorboard=true",
+        ],
+        launcher_env(tmp_path),
+    )
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     return run_dir
 
@@ -73,8 +106,20 @@ def test_a_healthy_run_names_no_straggler(one_node_run):
 def test_two_nodes_match_one_node_of_the_same_world_size(one_node_run, tmp_path):
     """Two torchrun agents (nnodes=2, one rank each) meeting by c10d on 127.0.0.1 train what one node does."""
     run_dir, port, env = tmp_path / "run", free_port(), launcher_env(tmp_path)
-    node_args = ["--nnodes", 2, "--nproc-per-node", 1, "--master-addr", "127.0.0.1", "--master-port", port,
-                 "--rdzv-timeout", 300, f"run_dir={run_dir}", *JOB]
+    node_args = [
+        "--nnodes",
+        2,
+        "--nproc-per-node",
+        1,
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        port,
+        "--rdzv-timeout",
+        300,
+        f"run_dir={run_dir}",
+        *JOB,
+    ]
     nodes = [launch(["--node-rank", rank, *node_args], env, popen=True) for rank in (1, 0)]
     try:
         outputs = [node.communicate(timeout=900)[0] for node in nodes]
@@ -117,29 +162,54 @@ def test_tensorboard_holds_the_training_curves(one_node_run):
 @pytest.mark.parametrize("command", [["-m", "gptscale.tracking.plot"], ["tools/plot.py"]])
 def test_plot_draws_a_finished_run(one_node_run, tmp_path, command):
     out = tmp_path / "curves.png"
-    proc = subprocess.run([sys.executable, *command, str(one_node_run), "--out", str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, *command, str(one_node_run), "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert out.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and out.stat().st_size > 10_000
 
 
 def test_more_ranks_than_the_node_has_is_refused(tmp_path):
-    proc = launch(["--nproc-per-node", (os.cpu_count() or 1) * 4 + 1, f"run_dir={tmp_path}"], launcher_env(tmp_path),
-                  timeout=60)
+    proc = launch(
+        ["--nproc-per-node", (os.cpu_count() or 1) * 4 + 1, f"run_dir={tmp_path}"], launcher_env(tmp_path), timeout=60
+    )
     assert proc.returncode == 2
     assert "ranks per node, but this node" in proc.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
-@pytest.mark.parametrize("node_rank, message", [
-    (1, "cannot reach the rendezvous at 127.0.0.1:"),  # nobody listens where node 0 should be
-    (0, "timed out after 5 s before every node joined"),  # node 0 waits for a node that never comes
-])
+@pytest.mark.parametrize(
+    "node_rank, message",
+    [
+        (1, "cannot reach the rendezvous at 127.0.0.1:"),  # nobody listens where node 0 should be
+        (0, "timed out after 5 s before every node joined"),  # node 0 waits for a node that never comes
+    ],
+)
 def test_failed_rendezvous_ends_with_a_clear_message(tmp_path, node_rank, message):
     start = time.monotonic()
-    proc = launch(["--nnodes", 2, "--node-rank", node_rank, "--nproc-per-node", 1, "--master-addr", "127.0.0.1",
-                   "--master-port", free_port(), "--rdzv-timeout", 5, f"run_dir={tmp_path}"], launcher_env(tmp_path),
-                  timeout=300)
+    proc = launch(
+        [
+            "--nnodes",
+            2,
+            "--node-rank",
+            node_rank,
+            "--nproc-per-node",
+            1,
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            free_port(),
+            "--rdzv-timeout",
+            5,
+            f"run_dir={tmp_path}",
+        ],
+        launcher_env(tmp_path),
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-3000:]
     assert "Did every node start" in proc.stderr or "Is node 0 running" in proc.stderr
@@ -148,27 +218,50 @@ def test_failed_rendezvous_ends_with_a_clear_message(tmp_path, node_rank, messag
 
 def test_launcher_options_are_checked(tmp_path):
     env = launcher_env(tmp_path)
-    for args, message in [(["--nnodes", 2], "--master-addr (or MASTER_ADDR) is required with 2 nodes"),
-                          (["--nnodes", 2, "--node-rank", 2, "--master-addr", "h"], "--node-rank must be in 0..1"),
-                          (["--nproc-per-node", 0], "--nproc-per-node must be a positive integer"),
-                          (["--tp=2"], "unknown option --tp=2")]:
+    for args, message in [
+        (["--nnodes", 2], "--master-addr (or MASTER_ADDR) is required with 2 nodes"),
+        (["--nnodes", 2, "--node-rank", 2, "--master-addr", "h"], "--node-rank must be in 0..1"),
+        (["--nproc-per-node", 0], "--nproc-per-node must be a positive integer"),
+        (["--tp=2"], "unknown option --tp=2"),
+    ]:
         proc = launch(args, env, timeout=60)
         assert (proc.returncode, message in proc.stderr) == (2, True), (args, proc.stderr)
 
 
 def test_sbatch_template_outside_slurm_names_the_missing_variables(tmp_path):
     env = {key: value for key, value in launcher_env(tmp_path).items() if not key.startswith("SLURM_")}
-    proc = subprocess.run(["bash", str(REPO / "launch" / "slurm.sbatch"), f"run_dir={tmp_path}"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["bash", str(REPO / "launch" / "slurm.sbatch"), f"run_dir={tmp_path}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert "SLURM_JOB_ID SLURM_JOB_NODELIST SLURM_JOB_NUM_NODES SLURM_SUBMIT_DIR not set" in proc.stderr
     assert "submit this script with sbatch" in proc.stderr
 
 
 def test_local_sweep_runs_each_config_in_its_own_directory(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "gptscale.train", "-m", f"run_dir={tmp_path}", "train.steps=2",
-                           "train.log_interval=2", "train.eval_interval=0", "optim.lr=1e-3,2e-3"], cwd=REPO,
-                          env=launcher_env(tmp_path), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gptscale.train",
+            "-m",
+            f"run_dir={tmp_path}",
+            "train.steps=2",
+            "train.log_interval=2",
+            "train.eval_interval=0",
+            "optim.lr=1e-3,2e-3",
+        ],
+        cwd=REPO,
+        env=launcher_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     first, second = ([r for r in metrics(tmp_path / "multirun" / str(number)) if "loss" in r] for number in (0, 1))
     assert [r["step"] for r in first] == [2] == [r["step"] for r in second]
@@ -191,8 +284,19 @@ def test_stop_signal_to_the_launcher_saves_the_stop_step_and_it_resumes_exactly(
     exits 0, and training resumed from that checkpoint gives the losses of a run never stopped."""
     run_dir, env = tmp_path / "run", launcher_env(tmp_path)
     job = ["train.log_interval=1", "train.eval_interval=0", "parallel.micro_batch=2", "parallel.global_batch=8"]
-    launcher = launch(["--nproc-per-node", 2, f"run_dir={run_dir}", "parallel.tp=2", "train.steps=100000",
-                       "checkpoint.interval=3", *job], env, popen=True)
+    launcher = launch(
+        [
+            "--nproc-per-node",
+            2,
+            f"run_dir={run_dir}",
+            "parallel.tp=2",
+            "train.steps=100000",
+            "checkpoint.interval=3",
+            *job,
+        ],
+        env,
+        popen=True,
+    )
     try:
         wait_for_step(run_dir, 5, launcher)
         os.kill(launcher.pid, signal.SIGUSR1)
@@ -211,10 +315,20 @@ def test_stop_signal_to_the_launcher_saves_the_stop_step_and_it_resumes_exactly(
     assert not list(checkpoints.glob("*.tmp-*"))
 
     steps = stopped_at + 2
-    resumed, fresh = run_jobs(2, [[f"run_dir={run_dir}", "parallel.tp=2", f"train.steps={steps}", *job,
-                                   "optim.on_new_steps=stretch"],  # the schedule of the fresh run's length
-                                  [f"run_dir={tmp_path / 'fresh'}", "parallel.tp=2", f"train.steps={steps}", *job]],
-                              tmp_path)
+    resumed, fresh = run_jobs(
+        2,
+        [
+            [
+                f"run_dir={run_dir}",
+                "parallel.tp=2",
+                f"train.steps={steps}",
+                *job,
+                "optim.on_new_steps=stretch",
+            ],  # the schedule of the fresh run's length
+            [f"run_dir={tmp_path / 'fresh'}", "parallel.tp=2", f"train.steps={steps}", *job],
+        ],
+        tmp_path,
+    )
     assert resumed["loss"] == fresh["loss"][stopped_at:]
     assert [r["loss"] for r in metrics(run_dir) if "loss" in r][:stopped_at] == fresh["loss"][:stopped_at]
 
@@ -222,11 +336,22 @@ def test_stop_signal_to_the_launcher_saves_the_stop_step_and_it_resumes_exactly(
 def test_the_rank_that_failed_first_is_named_with_its_error(tmp_path):
     """Rank 1 raises; rank 0 then fails too, in a collective without its peer, and is stopped by torchrun: the
     launch's last line names rank 1, its host and its error."""
-    command = [sys.executable, "-m", "gptscale.parallel.torchrun", "--standalone", "--nproc_per_node=2",
-               "tests/e2e/failing_rank.py", f"run_dir={tmp_path}", "train.steps=10", "train.eval_interval=0",
-               "parallel.micro_batch=2", "parallel.global_batch=8"]
-    proc = subprocess.run(command, cwd=REPO, env=launcher_env(tmp_path), capture_output=True, text=True,
-                          timeout=600)
+    command = [
+        sys.executable,
+        "-m",
+        "gptscale.parallel.torchrun",
+        "--standalone",
+        "--nproc_per_node=2",
+        "tests/e2e/failing_rank.py",
+        f"run_dir={tmp_path}",
+        "train.steps=10",
+        "train.eval_interval=0",
+        "parallel.micro_batch=2",
+        "parallel.global_batch=8",
+    ]
+    proc = subprocess.run(command, cwd=REPO, env=launcher_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1] == (f"gptscale: rank 1 on {socket.gethostname()} failed first "
-                                                   "(exit code 1): RuntimeError: injected failure in step 3 of rank 1")
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"gptscale: rank 1 on {socket.gethostname()} failed first "
+        "(exit code 1): RuntimeError: injected failure in step 3 of rank 1"
+    )

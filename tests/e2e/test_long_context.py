@@ -17,16 +17,31 @@ def recipe() -> list[list[str]]:
     """The gptscale-train commands of the recipe's code block, continuations joined, lengths shrunk."""
     block = re.search(r"```bash\n(.*?)```", (REPO / "docs" / "long-context.md").read_text(), re.S).group(1)
     lines = [line for line in block.replace("\\\n", " ").splitlines() if line.startswith("gptscale-train")]
-    return [[re.sub(r"=(2048|8192)$", lambda m: "=" + SHRUNK[m.group(1)], word) for word in shlex.split(line)[1:]]
-            for line in lines]
+    return [
+        [re.sub(r"=(2048|8192)$", lambda m: "=" + SHRUNK[m.group(1)], word) for word in shlex.split(line)[1:]]
+        for line in lines
+    ]
 
 
 def train(args: list[str], run_dir, steps: int) -> list[dict]:
     """Run ``args`` with its run directory, step count and batch replaced; the metrics it logged."""
     args = [word for word in args if not word.startswith(("run_dir=", "train.steps=", "parallel.global_batch="))]
-    proc = subprocess.run([sys.executable, "-m", "gptscale.train", *args, f"run_dir={run_dir}",
-                           f"train.steps={steps}", "train.log_interval=1", "parallel.global_batch=4"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gptscale.train",
+            *args,
+            f"run_dir={run_dir}",
+            f"train.steps={steps}",
+            "train.log_interval=1",
+            "parallel.global_batch=4",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

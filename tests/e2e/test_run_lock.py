@@ -14,9 +14,16 @@ import time
 
 from tests.helpers import REPO, torchrun
 
-COMMON = ["model=gpt2-tiny", "train.seq_len=32", "train.eval_interval=0", "train.log_interval=1",
-          "parallel.global_batch=8", "parallel.micro_batch=2", "data.embedded_max_bytes=200000",
-          "checkpoint.save_final=false"]
+COMMON = [
+    "model=gpt2-tiny",
+    "train.seq_len=32",
+    "train.eval_interval=0",
+    "train.log_interval=1",
+    "parallel.global_batch=8",
+    "parallel.micro_batch=2",
+    "data.embedded_max_bytes=200000",
+    "checkpoint.save_final=false",
+]
 
 
 def wait_for_training(proc, log_path, timeout=300):
@@ -35,14 +42,20 @@ def test_second_run_is_refused_and_a_dead_runs_lock_is_taken_over(tmp_path):
     log_path = tmp_path / "first.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     with open(log_path, "w") as output:
-        first = subprocess.Popen([sys.executable, "-m", "gptscale.train", f"run_dir={run_dir}", "train.steps=100000",
-                                  *COMMON], cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT)
+        first = subprocess.Popen(
+            [sys.executable, "-m", "gptscale.train", f"run_dir={run_dir}", "train.steps=100000", *COMMON],
+            cwd=REPO,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
     try:
         wait_for_training(first, log_path)
         lines_before = len((run_dir / "metrics.jsonl").read_text().splitlines())
 
-        second = torchrun(2, ["-m", "gptscale.train", f"run_dir={run_dir}", "train.steps=3", *COMMON],
-                          check=False, timeout=300)
+        second = torchrun(
+            2, ["-m", "gptscale.train", f"run_dir={run_dir}", "train.steps=3", *COMMON], check=False, timeout=300
+        )
         output = second.stdout + second.stderr
         assert second.returncode != 0, output[-4000:]
         holder = f"pid {first.pid} on host {socket.gethostname()}"
@@ -57,11 +70,26 @@ def test_second_run_is_refused_and_a_dead_runs_lock_is_taken_over(tmp_path):
         first.send_signal(signal.SIGKILL)
         first.wait()
 
-    third = subprocess.run([sys.executable, "-m", "gptscale.train", f"run_dir={run_dir}", "train.steps=2",
-                            "checkpoint.resume=none", *COMMON], cwd=REPO, env=env, capture_output=True, text=True,
-                           timeout=300)
+    third = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gptscale.train",
+            f"run_dir={run_dir}",
+            "train.steps=2",
+            "checkpoint.resume=none",
+            *COMMON,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert third.returncode == 0, third.stderr[-4000:]
-    assert (f"taking over {run_dir / '.lock'} from a run that ended without releasing it: pid {first.pid} on host "
-            f"{socket.gethostname()}") in third.stderr, third.stderr[-4000:]
+    assert (
+        f"taking over {run_dir / '.lock'} from a run that ended without releasing it: pid {first.pid} on host "
+        f"{socket.gethostname()}"
+    ) in third.stderr, third.stderr[-4000:]
     assert "step 2/2 | loss" in third.stderr
     assert (run_dir / ".lock").read_text() == ""  # released at the end: the next run starts without a warning

@@ -32,8 +32,16 @@ def job_env(tmp_path, monkeypatch):
 
 def submit(cluster, tmp_path, *overrides):
     """launch/slurm.sbatch as users submit it, for 2 CPU ranks on the cluster's node (no GPU there)."""
-    return cluster.sbatch("--gpus-per-node=0", "--cpus-per-task=2", "--time=15", f"--output={tmp_path}/slurm.out",
-                          "--export=ALL,NPROC_PER_NODE=2", "launch/slurm.sbatch", *overrides, cwd=REPO)
+    return cluster.sbatch(
+        "--gpus-per-node=0",
+        "--cpus-per-task=2",
+        "--time=15",
+        f"--output={tmp_path}/slurm.out",
+        "--export=ALL,NPROC_PER_NODE=2",
+        "launch/slurm.sbatch",
+        *overrides,
+        cwd=REPO,
+    )
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -60,9 +68,22 @@ def test_sbatch_template_trains_two_ranks(cluster, job_env, tmp_path):
 def test_hydra_sweep_through_the_slurm_launcher_runs_every_job(cluster, job_env, tmp_path):
     """2 configs, each one SLURM job of 2 tasks (ranks), named and placed by the config."""
     run_dir = tmp_path / "sweep"
-    proc = cluster.run(sys.executable, "-m", "gptscale.train", "-m", "hydra/launcher=slurm",
-                       "hydra.launcher.tasks_per_node=2", "hydra.launcher.cpus_per_task=1", f"run_dir={run_dir}",
-                       "train.steps=4", *JOB, "train.seed=1,2", cwd=REPO, check=False, timeout=900)
+    proc = cluster.run(
+        sys.executable,
+        "-m",
+        "gptscale.train",
+        "-m",
+        "hydra/launcher=slurm",
+        "hydra.launcher.tasks_per_node=2",
+        "hydra.launcher.cpus_per_task=1",
+        f"run_dir={run_dir}",
+        "train.steps=4",
+        *JOB,
+        "train.seed=1,2",
+        cwd=REPO,
+        check=False,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     job_dirs = sorted((run_dir / "multirun" / ".submitit").glob("*_[0-9]"))
     assert len(job_dirs) == 2
@@ -82,16 +103,33 @@ def test_job_signalled_before_its_time_limit_checkpoints_requeues_and_resumes(cl
     a checkpoint was saved: the ranks save the step they stop at, the job requeues itself, and the second run
     continues from that checkpoint, in the same W&B run, with the losses of a run never stopped."""
     run_dir, steps = tmp_path / "run", 40
-    job_id = submit(cluster, tmp_path, f"run_dir={run_dir}", f"train.steps={steps}", *JOB, "checkpoint.interval=4",
-                    "logging.wandb.mode=offline")
+    job_id = submit(
+        cluster,
+        tmp_path,
+        f"run_dir={run_dir}",
+        f"train.steps={steps}",
+        *JOB,
+        "checkpoint.interval=4",
+        "logging.wandb.mode=offline",
+    )
     out = tmp_path / "slurm.out"
-    running = cluster.wait_for(job_id, timeout=600, condition=lambda job: job["JobState"] in TERMINAL_STATES
-                               or (run_dir / "metrics.jsonl").exists() and len(log_lines(run_dir)) >= 3)
+    running = cluster.wait_for(
+        job_id,
+        timeout=600,
+        condition=lambda job: (
+            job["JobState"] in TERMINAL_STATES or (run_dir / "metrics.jsonl").exists() and len(log_lines(run_dir)) >= 3
+        ),
+    )
     assert running["JobState"] == "RUNNING", out.read_text()[-5000:]
     cluster.run("scancel", "--signal=USR1", "--full", job_id)
     # Done once it ended after its requeue, or ended without ever seeing the signal.
-    job = cluster.wait_for(job_id, timeout=900, condition=lambda job: job["JobState"] in TERMINAL_STATES
-                           and (job["Restarts"] != "0" or "SIGUSR1 ahead" not in out.read_text()))
+    job = cluster.wait_for(
+        job_id,
+        timeout=900,
+        condition=lambda job: (
+            job["JobState"] in TERMINAL_STATES and (job["Restarts"] != "0" or "SIGUSR1 ahead" not in out.read_text())
+        ),
+    )
     log = out.read_text()
     assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), log[-5000:]
     assert job["Restarts"] == "1"
@@ -106,8 +144,9 @@ def test_job_signalled_before_its_time_limit_checkpoints_requeues_and_resumes(cl
     runs = [read_run(path) for path in (run_dir / "wandb").glob("*/run-*.wandb") if path.parent.name != "latest-run"]
     assert len(runs) == 2 and runs[0].run_id == runs[1].run_id
     [never_stopped] = run_jobs(2, [[f"run_dir={tmp_path / 'never-stopped'}", f"train.steps={steps}", *JOB]], tmp_path)
-    assert {r["step"]: r["loss"] for r in log_lines(run_dir)} == \
-        {step: never_stopped["loss"][step - 1] for step in steps_logged}
+    assert {r["step"]: r["loss"] for r in log_lines(run_dir)} == {
+        step: never_stopped["loss"][step - 1] for step in steps_logged
+    }
 
 
 def give_faults(monkeypatch, faults):
@@ -119,8 +158,16 @@ def give_faults(monkeypatch, faults):
 def test_a_job_whose_rank_hangs_is_restarted_inside_the_job_and_completes(cluster, job_env, tmp_path, monkeypatch):
     give_faults(monkeypatch, [{"at": "step", "step": 5, "rank": 1}])
     run_dir = tmp_path / "run"
-    job_id = submit(cluster, tmp_path, f"run_dir={run_dir}", "train.steps=6", *JOB, "checkpoint.interval=2",
-                    "checkpoint.async_save=false", *FAST_TIMEOUTS)  # step 4's checkpoint is complete before step 5
+    job_id = submit(
+        cluster,
+        tmp_path,
+        f"run_dir={run_dir}",
+        "train.steps=6",
+        *JOB,
+        "checkpoint.interval=2",
+        "checkpoint.async_save=false",
+        *FAST_TIMEOUTS,
+    )  # step 4's checkpoint is complete before step 5
     job = cluster.wait_for(job_id, timeout=900)
     log = (tmp_path / "slurm.out").read_text()
     assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "0"), log[-5000:]
@@ -131,18 +178,30 @@ def test_a_job_whose_rank_hangs_is_restarted_inside_the_job_and_completes(cluste
     assert [r["step"] for r in log_lines(run_dir)][-1] == 6
 
 
-def test_a_job_failing_again_and_again_without_a_new_checkpoint_stops_and_is_not_requeued(cluster, job_env, tmp_path,
-                                                                                         monkeypatch):
-    give_faults(monkeypatch, [{"at": "step", "step": 2, "rank": 1, "signal": "SIGKILL", "restart": restart}
-                              for restart in range(3)])
+def test_a_job_failing_again_and_again_without_a_new_checkpoint_stops_and_is_not_requeued(
+    cluster, job_env, tmp_path, monkeypatch
+):
+    give_faults(
+        monkeypatch,
+        [{"at": "step", "step": 2, "rank": 1, "signal": "SIGKILL", "restart": restart} for restart in range(3)],
+    )
     run_dir = tmp_path / "run"
-    job_id = submit(cluster, tmp_path, f"run_dir={run_dir}", "train.steps=6", *JOB, "checkpoint.interval=0",
-                    "fault.max_restarts_without_progress=1")
+    job_id = submit(
+        cluster,
+        tmp_path,
+        f"run_dir={run_dir}",
+        "train.steps=6",
+        *JOB,
+        "checkpoint.interval=0",
+        "fault.max_restarts_without_progress=1",
+    )
     job = cluster.wait_for(job_id, timeout=900)
     log = (tmp_path / "slurm.out").read_text()
-    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == \
-        ("FAILED", f"{NO_PROGRESS_EXIT_CODE}:0", "0"), log[-5000:]
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("FAILED", f"{NO_PROGRESS_EXIT_CODE}:0", "0"), log[
+        -5000:
+    ]
     assert log.count("gptscale: restarting the ranks") == 2  # the third start stops before training
-    assert ("stopping: 2 restarts in a row found no new checkpoint (newest: none; "
-            "fault.max_restarts_without_progress=1)") in log
+    assert (
+        "stopping: 2 restarts in a row found no new checkpoint (newest: none; fault.max_restarts_without_progress=1)"
+    ) in log
     assert "the job ends here, it is not requeued" in log

@@ -9,8 +9,9 @@ from tests.helpers import REPO, torchrun
 
 
 def train(args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "gptscale.train", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "gptscale.train", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_default_job_learns(tmp_path):
@@ -53,13 +54,21 @@ def test_added_unknown_key_fails_with_the_nearest_known_key(tmp_path):
 
 def test_resuming_with_another_length_asks_how_the_schedule_should_change(tmp_path):
     """Raising train.steps on resume used to re-stretch the lr schedule silently (the lr jumped back up)."""
-    short = [f"run_dir={tmp_path}", "train.seq_len=32", "parallel.global_batch=4", "train.eval_interval=0",
-             "data.embedded_max_bytes=100000", "checkpoint.save_final=true"]
+    short = [
+        f"run_dir={tmp_path}",
+        "train.seq_len=32",
+        "parallel.global_batch=4",
+        "train.eval_interval=0",
+        "data.embedded_max_bytes=100000",
+        "checkpoint.save_final=true",
+    ]
     assert train([*short, "train.steps=4"]).returncode == 0
     proc = train([*short, "train.steps=8"])
     assert proc.returncode == 2
-    assert ("train.steps is 8, but the checkpoint's schedule was made for 4 steps: set optim.on_new_steps to keep"
-            in proc.stderr)
+    assert (
+        "train.steps is 8, but the checkpoint's schedule was made for 4 steps: set optim.on_new_steps to keep"
+        in proc.stderr
+    )
     assert "Traceback" not in proc.stderr
     proc = train([*short, "train.steps=8", "optim.on_new_steps=extend"])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -76,9 +85,20 @@ def test_help_is_one_page_of_the_keys_users_type():
 def test_checkpoints_by_wall_time(tmp_path):
     """checkpoint.interval_minutes saves without a step interval (on by default: 30 minutes), so a long run
     interrupted by hand does not lose everything."""
-    proc = train([f"run_dir={tmp_path}", "train.steps=12", "train.seq_len=32", "parallel.global_batch=4",
-                  "train.eval_interval=0", "data.embedded_max_bytes=100000", "checkpoint.interval=0",
-                  "checkpoint.interval_minutes=0.0001", "checkpoint.save_final=false", "checkpoint.keep_last=0"])
+    proc = train(
+        [
+            f"run_dir={tmp_path}",
+            "train.steps=12",
+            "train.seq_len=32",
+            "parallel.global_batch=4",
+            "train.eval_interval=0",
+            "data.embedded_max_bytes=100000",
+            "checkpoint.interval=0",
+            "checkpoint.interval_minutes=0.0001",
+            "checkpoint.save_final=false",
+            "checkpoint.keep_last=0",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = sorted(int(p.name.split("_")[1]) for p in (tmp_path / "checkpoints").glob("step_*"))
     assert len(saved) >= 2 and saved[0] < 12, saved
@@ -100,8 +120,14 @@ def test_cfg_job_resolve_prints_the_resolved_run_dir():
 def test_a_cpu_run_prints_no_dependency_noise_and_saves_the_datas_vocabulary(tmp_path):
     """DeepSpeed's accelerator notice, megatron-core's CUDA advice and torch's deprecations (on resume) said
     nothing about the user's run; config.yaml said vocab_size 50257 for a model built with the data's 4096."""
-    short = [f"run_dir={tmp_path}", "train.steps=2", "train.seq_len=32", "parallel.global_batch=4",
-             "train.eval_interval=0", "data.embedded_max_bytes=100000"]
+    short = [
+        f"run_dir={tmp_path}",
+        "train.steps=2",
+        "train.seq_len=32",
+        "parallel.global_batch=4",
+        "train.eval_interval=0",
+        "data.embedded_max_bytes=100000",
+    ]
     first = train(short)
     assert first.returncode == 0, first.stderr[-3000:]
     again = train([*short, "train.steps=3", "optim.on_new_steps=keep"])

@@ -29,9 +29,15 @@ SITE = Path(__file__).resolve().parent / "site"
 NAN_STEPS = "test.nan_steps="  # a test-only override of tests/dist/run_*.py: these steps get a NaN loss
 # Watchdog timeouts for tiny steps on a busy machine: steps learned after 2, at least 5 s; heartbeats every 0.25 s.
 FAST_TIMEOUTS = [
-    "fault.heartbeat_s=0.25", "fault.step_warmup=2", "fault.step_timeout_floor_s=5", "fault.step_timeout_s=60",
-    "fault.setup_timeout_s=300", "fault.checkpoint_timeout_s=15", "fault.eval_timeout_s=15",
-    "fault.data_timeout_s=60", "fault.collective_timeout_s=330",
+    "fault.heartbeat_s=0.25",
+    "fault.step_warmup=2",
+    "fault.step_timeout_floor_s=5",
+    "fault.step_timeout_s=60",
+    "fault.setup_timeout_s=300",
+    "fault.checkpoint_timeout_s=15",
+    "fault.eval_timeout_s=15",
+    "fault.data_timeout_s=60",
+    "fault.collective_timeout_s=330",
 ]
 
 
@@ -42,7 +48,9 @@ def launch_env(faults: list[dict], pythonpath: str = "") -> dict:
 
 def split_overrides(overrides: list[str]) -> tuple[list[str], list[int]]:
     """The Hydra overrides, and the steps a ``test.nan_steps=[...]`` item asks NaN losses for."""
-    nan_steps = [step for item in overrides if item.startswith(NAN_STEPS) for step in json.loads(item[len(NAN_STEPS):])]
+    nan_steps = [
+        step for item in overrides if item.startswith(NAN_STEPS) for step in json.loads(item[len(NAN_STEPS) :])
+    ]
     return [item for item in overrides if not item.startswith(NAN_STEPS)], nan_steps
 
 
@@ -60,8 +68,11 @@ def injected(faults: list[dict] = (), nan_steps: list[int] = ()):
     from gptscale.train import trainer
 
     rank, restart = int(os.environ.get("RANK", "0")), int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    pending = {(f["at"], f["step"]): getattr(signal, f.get("signal", "SIGSTOP")) for f in faults
-               if f["rank"] == rank and f.get("restart", 0) == restart}
+    pending = {
+        (f["at"], f["step"]): getattr(signal, f.get("signal", "SIGSTOP"))
+        for f in faults
+        if f["rank"] == rank and f.get("restart", 0) == restart
+    }
     where = {"phase": None, "step": 0, "losses": 0}
 
     def hit(at: str, step: int) -> None:
@@ -76,6 +87,7 @@ def injected(faults: list[dict] = (), nan_steps: list[int] = ()):
                 return method(self, *args, **kwargs)
             finally:
                 where["phase"] = None
+
         return run
 
     def global_loss(*args, **kwargs):
@@ -104,8 +116,10 @@ def injected(faults: list[dict] = (), nan_steps: list[int] = ()):
         for target, name, value in [
             (Trainer, "train_one_step", within("step", Trainer.train_one_step, lambda self: self.step + 1)),
             (Trainer, "evaluate", within("eval", Trainer.evaluate, lambda self: self.step)),
-            (step_module, "_global_loss", global_loss), (trainer, "train_step", train_step),
-            (checkpointer, "write_shards", write_shards), (save, "write_manifest", write_manifest),
+            (step_module, "_global_loss", global_loss),
+            (trainer, "train_step", train_step),
+            (checkpointer, "write_shards", write_shards),
+            (save, "write_manifest", write_manifest),
         ]:
             patches.enter_context(mock.patch.object(target, name, value))
         yield

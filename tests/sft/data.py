@@ -50,8 +50,10 @@ def write_pairs(path: Path, pairs, repeat: int = 1) -> Path:
 def write_parity(path: Path, numbers) -> Path:
     """Odd/even questions as prompt/completion pairs: a model only guesses (loss ln 2 on its answer) until it
     learns to read the last digit."""
-    lines = [json.dumps({"prompt": f"Is {n} odd or even? Answer:", "completion": " odd" if n % 2 else " even"})
-             for n in numbers]
+    lines = [
+        json.dumps({"prompt": f"Is {n} odd or even? Answer:", "completion": " odd" if n % 2 else " even"})
+        for n in numbers
+    ]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -64,20 +66,29 @@ def write_choices(path: Path, pairs, seed: int = 1) -> Path:
         wrong = rng.sample([n for n in range(19) if n != a + b], 3)
         choices = [str(n) for n in wrong + [a + b]]
         rng.shuffle(choices)
-        lines.append(json.dumps({"context": prompt(a, b), "choices": choices,
-                                 "answer": choices.index(str(a + b))}))
+        lines.append(json.dumps({"context": prompt(a, b), "choices": choices, "answer": choices.index(str(a + b))}))
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
 def prepare_chat(directory: Path, chat_file: Path, vocab_size: int = 300, val_fraction: float = 0.1) -> Path:
     template = load_template(TEMPLATE, None)
-    prepare_dataset(lambda: read_records(chat_file, "chat", template), directory, vocab_size=vocab_size,
-                    val_fraction=val_fraction, progress=False)
+    prepare_dataset(
+        lambda: read_records(chat_file, "chat", template),
+        directory,
+        vocab_size=vocab_size,
+        val_fraction=val_fraction,
+        progress=False,
+    )
     return directory
 
 
 def prepare_pairs(directory: Path, pairs_file: Path, vocab_size: int = 300, val_fraction: float = 0.1) -> Path:
-    prepare_dataset(lambda: read_records(pairs_file, "prompt-completion", None), directory, vocab_size=vocab_size,
-                    val_fraction=val_fraction, progress=False)
+    prepare_dataset(
+        lambda: read_records(pairs_file, "prompt-completion", None),
+        directory,
+        vocab_size=vocab_size,
+        val_fraction=val_fraction,
+        progress=False,
+    )
     return directory

@@ -14,9 +14,12 @@ from gptscale.model.build import build_model
 from gptscale.plan.counts import fake_groups, from_module, rank_parameters
 from gptscale.plan.meta import on_meta
 
-CASES = [("gpt2-tiny", ["parallel.pp=2", "parallel.vpp=2"], 2), ("llama-tiny", ["parallel.pp=4"], 4),
-         ("moe-tiny", ["parallel.pp=2", "parallel.vpp=2", "model.moe.layer_freq=2"], 2),
-         ("llama-tiny", ["parallel.tp=2", "parallel.pp=2"], 4)]
+CASES = [
+    ("gpt2-tiny", ["parallel.pp=2", "parallel.vpp=2"], 2),
+    ("llama-tiny", ["parallel.pp=4"], 4),
+    ("moe-tiny", ["parallel.pp=2", "parallel.vpp=2", "model.moe.layer_freq=2"], 2),
+    ("llama-tiny", ["parallel.tp=2", "parallel.pp=2"], 4),
+]
 
 for model, overrides, world in CASES:
     cfg = load_config([f"model={model}", *overrides])
@@ -24,6 +27,9 @@ for model, overrides, world in CASES:
     for stage in range(layout.pp):
         composed = rank_parameters(cfg, layout, 300, stage)
         with fake_groups(layout, layout.tp * stage), on_meta():
-            built = from_module(build_model(cfg.model, cfg.parallel, cfg.train, 300, Backend.local, torch.device("meta")))
-        print(json.dumps({"case": [model, *overrides], "stage": stage, "equal": composed == built,
-                          "numel": built.total}))
+            built = from_module(
+                build_model(cfg.model, cfg.parallel, cfg.train, 300, Backend.local, torch.device("meta"))
+            )
+        print(
+            json.dumps({"case": [model, *overrides], "stage": stage, "equal": composed == built, "numel": built.total})
+        )

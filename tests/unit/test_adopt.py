@@ -50,8 +50,13 @@ def test_from_checkpoint_needs_a_checkpoint(tmp_path):
 
 def test_a_rope_checkpoint_continues_at_a_longer_context_with_scaling(checkpoint):
     saved, path = checkpoint
-    overrides = [f"task.init={path}", "model.max_position_embeddings=8192", "model.rope_scaling.type=yarn",
-                 "model.rope_scaling.factor=4", f"model.rope_scaling.original_max_position_embeddings={2048}"]
+    overrides = [
+        f"task.init={path}",
+        "model.max_position_embeddings=8192",
+        "model.rope_scaling.type=yarn",
+        "model.rope_scaling.factor=4",
+        f"model.rope_scaling.original_max_position_embeddings={2048}",
+    ]
     model = adopt_model(load_config(overrides), overrides).model
     assert model.norm_eps == saved.norm_eps and model.max_position_embeddings == 8192
     assert model.rope_scaling.type.value == "yarn" and model.rope_scaling.original_max_position_embeddings == 2048

@@ -45,9 +45,19 @@ def fake_checkpoint(root, step, payload=b"weights" * 100, rank_state=None):
         torch.save(rank_state, staging / "ranks" / "rank_00000.pt")
     files = {name: describe_file(staging / name) for name in data_files(staging)}
     components = sorted(rank_state["components"]) if rank_state is not None else []
-    write_manifest(staging, {"step": step, "consumed_tokens": 0, "model": "m", "layout": None,
-                             "contents": {"optimizer": False, "components": components}, "saved_at": "now",
-                             "bytes": sum(f["bytes"] for f in files.values()), "files": files})
+    write_manifest(
+        staging,
+        {
+            "step": step,
+            "consumed_tokens": 0,
+            "model": "m",
+            "layout": None,
+            "contents": {"optimizer": False, "components": components},
+            "saved_at": "now",
+            "bytes": sum(f["bytes"] for f in files.values()),
+            "files": files,
+        },
+    )
     publish(staging, root / step_name(step))
     return root / step_name(step)
 
@@ -136,8 +146,9 @@ def test_model_state_round_trips_in_one_process(tmp_path):
     tensors = llama_like_tensors(cfg)
     tokenizer = tmp_path / "my-tokenizer.json"
     tokenizer.write_text('{"model": "bpe"}')
-    path = save_model_state(tmp_path / "imported", cfg, {k: v.to(torch.bfloat16) for k, v in tensors.items()},
-                            tokenizer)
+    path = save_model_state(
+        tmp_path / "imported", cfg, {k: v.to(torch.bfloat16) for k, v in tensors.items()}, tokenizer
+    )
     loaded_cfg, loaded, tokenizer_file = load_model_state(path)
     assert loaded_cfg == cfg
     assert tokenizer_file == path / "tokenizer.json" and tokenizer_file.read_text() == tokenizer.read_text()

@@ -6,8 +6,22 @@ from hydra.errors import ConfigCompositionException
 from gptscale.config import ConfigError, check, load_config
 from gptscale.config.schema import Activation, Normalization, PositionEmbedding
 
-PRESETS = ["gpt2-tiny", "gpt2-124m", "gpt2-350m", "gpt2-774m", "gpt2-1.5b", "gpt3-1.3b", "gpt3-2.7b",
-           "gpt3-6.7b", "gpt3-13b", "gpt3-175b", "llama-tiny", "llama-1b", "llama-7b", "llama-70b"]
+PRESETS = [
+    "gpt2-tiny",
+    "gpt2-124m",
+    "gpt2-350m",
+    "gpt2-774m",
+    "gpt2-1.5b",
+    "gpt3-1.3b",
+    "gpt3-2.7b",
+    "gpt3-6.7b",
+    "gpt3-13b",
+    "gpt3-175b",
+    "llama-tiny",
+    "llama-1b",
+    "llama-7b",
+    "llama-70b",
+]
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -32,11 +46,14 @@ def test_unknown_key_names_the_key():
         load_config(["train.stpes=3"])
 
 
-@pytest.mark.parametrize("override, message", [
-    ("+train.stpes=3", "train.stpes: unknown key (did you mean train.steps"),
-    ("+train.spike.zscor=2", "train.spike.zscor: unknown key (did you mean train.spike.zscore?)"),
-    ("+zzz=1", "zzz: unknown key (known keys here: run_dir, model,"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("+train.stpes=3", "train.stpes: unknown key (did you mean train.steps"),
+        ("+train.spike.zscor=2", "train.spike.zscor: unknown key (did you mean train.spike.zscore?)"),
+        ("+zzz=1", "zzz: unknown key (known keys here: run_dir, model,"),
+    ],
+)
 def test_added_unknown_key_names_it_and_the_nearest_known_key(override, message):
     with pytest.raises(ConfigError) as error:
         load_config([override])
@@ -65,17 +82,44 @@ BAD_LAYOUTS = [
     (["parallel.sp=true"], 1, ["parallel.sp", "parallel.tp"]),
     (["parallel.zero=4"], 1, ["parallel.zero=4"]),
     (["train.seq_len=2048"], 1, ["train.seq_len=2048", "model.max_position_embeddings"]),
-    (["model.rope_scaling.type=yarn"], 1, ["model.rope_scaling.type=yarn", "model.position_embedding=rope",
-                                           "original_max_position_embeddings=8192", "max_position_embeddings=1024"]),
-    (["model=llama-tiny", "model.rope_scaling.type=llama3", "model.rope_scaling.original_max_position_embeddings=512",
-      "model.rope_scaling.low_freq_factor=4"], 1, ["model.rope_scaling.low_freq_factor=4.0", "high_freq_factor=4.0"]),
-    (["model=llama-tiny", "model.rope_scaling.type=yarn", "model.rope_scaling.original_max_position_embeddings=512",
-      "model.rope_scaling.beta_slow=64"], 1, ["model.rope_scaling.beta_slow=64.0", "beta_fast=32.0"]),
+    (
+        ["model.rope_scaling.type=yarn"],
+        1,
+        [
+            "model.rope_scaling.type=yarn",
+            "model.position_embedding=rope",
+            "original_max_position_embeddings=8192",
+            "max_position_embeddings=1024",
+        ],
+    ),
+    (
+        [
+            "model=llama-tiny",
+            "model.rope_scaling.type=llama3",
+            "model.rope_scaling.original_max_position_embeddings=512",
+            "model.rope_scaling.low_freq_factor=4",
+        ],
+        1,
+        ["model.rope_scaling.low_freq_factor=4.0", "high_freq_factor=4.0"],
+    ),
+    (
+        [
+            "model=llama-tiny",
+            "model.rope_scaling.type=yarn",
+            "model.rope_scaling.original_max_position_embeddings=512",
+            "model.rope_scaling.beta_slow=64",
+        ],
+        1,
+        ["model.rope_scaling.beta_slow=64.0", "beta_fast=32.0"],
+    ),
     (["model.rope_scaling.factor=0.5"], 1, ["model.rope_scaling.factor=0.5 must be at least 1"]),
     (["parallel.cp=2"], 3, ["world size 3", "parallel.cp"]),
     (["parallel.cp=2", "train.seq_len=30"], 2, ["train.seq_len=30", "2 * parallel.cp = 4"]),
-    (["parallel.cp=2", "parallel.tp=2", "parallel.sp=true", "train.seq_len=36"], 4,
-     ["train.seq_len=36", "2 * parallel.cp * parallel.tp = 8"]),
+    (
+        ["parallel.cp=2", "parallel.tp=2", "parallel.sp=true", "train.seq_len=36"],
+        4,
+        ["train.seq_len=36", "2 * parallel.cp * parallel.tp = 8"],
+    ),
     (["parallel.cp=2", "model.attention=unfused"], 2, ["parallel.cp=2", "model.attention=sdpa"]),
     (["parallel.cp=2", "model.attention_dropout=0.1"], 2, ["parallel.cp=2", "model.attention_dropout=0.1"]),
     (["model=moe-tiny", "parallel.cp=2", "parallel.ep=2"], 2, ["parallel.ep=2", "data-parallel size 1"]),
@@ -108,24 +152,52 @@ def test_layout_arithmetic():
 def test_every_out_of_range_number_is_refused_at_once_with_its_field_and_value():
     """Values that used to crash late (ZeroDivisionError at the first log line or evaluation, an empty model)
     or train silently wrong are refused by check(), all in one message."""
-    cfg = load_config(["train.log_interval=0", "train.eval_batches=0", "model.hidden_size=0", "optim.lr=-1e-3",
-                       "optim.betas=[0.9,1.0]", "model.hidden_dropout=1.5", "checkpoint.keep_last=-1",
-                       "optim.warmup_steps=-5", "model.num_attention_heads=0", "train.seq_len=0",
-                       "train.straggler.factor=0.8"])
+    cfg = load_config(
+        [
+            "train.log_interval=0",
+            "train.eval_batches=0",
+            "model.hidden_size=0",
+            "optim.lr=-1e-3",
+            "optim.betas=[0.9,1.0]",
+            "model.hidden_dropout=1.5",
+            "checkpoint.keep_last=-1",
+            "optim.warmup_steps=-5",
+            "model.num_attention_heads=0",
+            "train.seq_len=0",
+            "train.straggler.factor=0.8",
+        ]
+    )
     message = str(pytest.raises(ConfigError, check, cfg, 1).value)
-    for expected in ["train.log_interval=0 must be positive", "train.eval_batches=0 must be positive",
-                     "model.hidden_size=0 must be positive", "optim.lr=-0.001 must not be negative",
-                     "optim.betas[1]=1.0 must be in [0, 1)", "model.hidden_dropout=1.5 must be in [0, 1)",
-                     "checkpoint.keep_last=-1 must not be negative", "optim.warmup_steps=-5 must not be negative",
-                     "model.num_attention_heads=0 must be positive", "train.seq_len=0 must be positive",
-                     "optim.min_lr=0.0001 must not exceed optim.lr=-0.001",
-                     "train.straggler.factor=0.8 must be 0 (off) or above 1"]:
+    for expected in [
+        "train.log_interval=0 must be positive",
+        "train.eval_batches=0 must be positive",
+        "model.hidden_size=0 must be positive",
+        "optim.lr=-0.001 must not be negative",
+        "optim.betas[1]=1.0 must be in [0, 1)",
+        "model.hidden_dropout=1.5 must be in [0, 1)",
+        "checkpoint.keep_last=-1 must not be negative",
+        "optim.warmup_steps=-5 must not be negative",
+        "model.num_attention_heads=0 must be positive",
+        "train.seq_len=0 must be positive",
+        "optim.min_lr=0.0001 must not exceed optim.lr=-0.001",
+        "train.straggler.factor=0.8 must be 0 (off) or above 1",
+    ]:
         assert expected in message, (expected, message)
 
 
-@pytest.mark.parametrize("override", ["optim.lr=0", "optim.min_lr=0", "train.eval_interval=0", "train.steps=0",
-                                      "checkpoint.keep_last=0", "optim.grad_clip=0", "optim.betas=[0.0,0.999]",
-                                      "train.straggler.factor=0"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "optim.lr=0",
+        "optim.min_lr=0",
+        "train.eval_interval=0",
+        "train.steps=0",
+        "checkpoint.keep_last=0",
+        "optim.grad_clip=0",
+        "optim.betas=[0.0,0.999]",
+        "train.straggler.factor=0",
+    ],
+)
 def test_boundary_values_that_mean_something_are_accepted(override):
     cfg = load_config([override, "optim.min_lr=0"] if override == "optim.lr=0" else [override])
     check(cfg, 1)
@@ -183,8 +255,12 @@ def test_help_page_names_every_key_with_its_default_and_meaning():
 
 def test_named_models_train_with_their_papers_recipe_and_tiny_ones_stay_fast():
     llama = load_config(["model=llama-7b"])
-    assert (llama.train.seq_len, llama.parallel.global_batch, llama.optim.lr, llama.train.precision.value) == \
-        (4096, 1024, 3e-4, "bf16")
+    assert (llama.train.seq_len, llama.parallel.global_batch, llama.optim.lr, llama.train.precision.value) == (
+        4096,
+        1024,
+        3e-4,
+        "bf16",
+    )
     gpt3 = load_config(["model=gpt3-175b"])
     assert gpt3.parallel.global_batch * gpt3.train.seq_len == 1536 * 2048 and gpt3.optim.lr == 6e-5
     assert load_config(["model=llama-7b", "recipe=none"]).train.seq_len == 128

@@ -31,19 +31,38 @@ def files(path):
 def test_export_over_its_own_run_is_refused_and_the_run_kept(run):
     """The issue's command: it used to delete the run's checkpoints and metrics and exit 0."""
     before = files(run)
-    proc = subprocess.run([sys.executable, "-m", "gptscale.convert", "--checkpoint", str(run), "--to", "hf",
-                           "--out", str(run), "--overwrite"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gptscale.convert",
+            "--checkpoint",
+            str(run),
+            "--to",
+            "hf",
+            "--out",
+            str(run),
+            "--overwrite",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-4000:]
     assert f"--out {run} is {run}, which this conversion reads" in proc.stderr
     assert "Traceback" not in proc.stderr and files(run) == before
 
 
-@pytest.mark.parametrize("source,to,out,message", [
-    ("x", "hf", "x/hf", "lies inside"),  # inside the run given
-    ("x", "gguf", "x/checkpoints/step_000005/m.gguf", "lies inside"),  # inside the checkpoint it resolves to
-    ("x/checkpoints/step_000005", "hf", "x/checkpoints", "contains"),
-    ("x", "hf", ".", "contains"),  # the directory of runs
-])
+@pytest.mark.parametrize(
+    "source,to,out,message",
+    [
+        ("x", "hf", "x/hf", "lies inside"),  # inside the run given
+        ("x", "gguf", "x/checkpoints/step_000005/m.gguf", "lies inside"),  # inside the checkpoint it resolves to
+        ("x/checkpoints/step_000005", "hf", "x/checkpoints", "contains"),
+        ("x", "hf", ".", "contains"),  # the directory of runs
+    ],
+)
 def test_output_around_or_inside_the_source_is_refused(run, source, to, out, message, capsys):
     before = files(run)
     out = run.parent / out

@@ -73,8 +73,9 @@ def test_parts_cut_jsonl_at_lines_and_parquet_at_row_groups(corpus):
 
 def run_until_a_part_is_being_written(command, work, timeout=60):
     """Start ``command`` in its own session and kill -9 the whole session while a part is half-written."""
-    proc = subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        command, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + timeout
     try:
         while not list((work / "parts").glob(".part-*.tmp-*/*.tar*")):
@@ -89,10 +90,29 @@ def run_until_a_part_is_being_written(command, work, timeout=60):
 def test_killed_job_leaves_no_complete_looking_part_and_a_rerun_finishes_it(tmp_path):
     texts = [f"line {i} " + "lorem ipsum dolor sit amet " * (20 + i % 30) for i in range(1500)]
     (tmp_path / "big.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    options = ["--vocab-size", "300", "--tokenizer-train-chars", "50k", "--shard-size", "100kB", "--part-size", "250kB",
-               "--quiet"]
-    command = [sys.executable, "-m", "gptscale.data.prepare", "--input", str(tmp_path / "big.jsonl"),
-               "--output", str(tmp_path / "out"), "--workers", "1", *options]
+    options = [
+        "--vocab-size",
+        "300",
+        "--tokenizer-train-chars",
+        "50k",
+        "--shard-size",
+        "100kB",
+        "--part-size",
+        "250kB",
+        "--quiet",
+    ]
+    command = [
+        sys.executable,
+        "-m",
+        "gptscale.data.prepare",
+        "--input",
+        str(tmp_path / "big.jsonl"),
+        "--output",
+        str(tmp_path / "out"),
+        "--workers",
+        "1",
+        *options,
+    ]
     work = array.work_dir(tmp_path / "out")
     run_until_a_part_is_being_written(command, work)
     with pytest.raises(DataError, match=r"part \d+ \(.*big.jsonl bytes \d+-\d+\) is not done"):
@@ -134,7 +154,7 @@ def test_corrupt_parquet_row_group_and_vanished_file_are_named(tmp_path):
     metadata = pq.ParquetFile(root / "c.parquet").metadata
     data = bytearray((root / "c.parquet").read_bytes())
     offset = metadata.row_group(2).column(0).data_page_offset
-    data[offset:offset + 64] = b"\xff" * 64  # the third row group's page header is garbage
+    data[offset : offset + 64] = b"\xff" * 64  # the third row group's page header is garbage
     (root / "c.parquet").write_bytes(bytes(data))
     with pytest.raises(SystemExit, match=r"c.parquet: row group 2 cannot be read"):
         prepare(root, tmp_path / "out", "--workers", "1", "--part-size", "100MB")
@@ -151,8 +171,19 @@ def test_merge_refuses_parts_of_another_tokenizer_naming_them(tmp_path):
     root = bad_corpus(tmp_path, "{not json")
     for name, vocab in (("a", "300"), ("b", "280")):
         with pytest.raises(SystemExit, match="failed"):
-            main(["--input", str(root), "--output", str(tmp_path / name), "--vocab-size", vocab, "--quiet",
-                  "--workers", "1"])
+            main(
+                [
+                    "--input",
+                    str(root),
+                    "--output",
+                    str(tmp_path / name),
+                    "--vocab-size",
+                    vocab,
+                    "--quiet",
+                    "--workers",
+                    "1",
+                ]
+            )
     work_a, work_b = array.work_dir(tmp_path / "a"), array.work_dir(tmp_path / "b")
     shutil.rmtree(work_a / "parts" / "part-000000")
     shutil.copytree(work_b / "parts" / "part-000000", work_a / "parts" / "part-000000")
@@ -190,17 +221,27 @@ def test_rerun_with_a_changed_tokenizer_file_is_refused(tmp_path):
         main(["--input", str(root), "--output", str(tmp_path / "out"), "--tokenizer", str(tokenizer), "--quiet"])
 
 
-HOLD = ("import sys, pathlib; from gptscale.data import array; "
-        "lock = array.hold_output(pathlib.Path(sys.argv[1])); print('held', flush=True); sys.stdin.read()")
+HOLD = (
+    "import sys, pathlib; from gptscale.data import array; "
+    "lock = array.hold_output(pathlib.Path(sys.argv[1])); print('held', flush=True); sys.stdin.read()"
+)
 
 
 def test_a_second_command_for_a_held_output_is_refused_and_a_killed_holders_lock_taken_over(corpus, tmp_path, caplog):
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "out")], cwd=REPO, stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(tmp_path / "out")],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline() == "held\n"
-        with pytest.raises(SystemExit, match=rf"^gptscale-prepare: --output .*out is being prepared by another "
-                                             rf"gptscale-prepare: pid {holder.pid} on host {socket.gethostname()}, "):
+        with pytest.raises(
+            SystemExit,
+            match=rf"^gptscale-prepare: --output .*out is being prepared by another "
+            rf"gptscale-prepare: pid {holder.pid} on host {socket.gethostname()}, ",
+        ):
             prepare(corpus, tmp_path / "out", "--workers", "1")
         assert not array.work_dir(tmp_path / "out").exists()
     finally:

@@ -21,8 +21,12 @@ LAYOUT = layout(1, 2, 4)
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("build") / "numbers", random_documents(150, 0, 1000, seed=9),
-                        shard_size=3000, val_fraction=0.2)
+    return make_dataset(
+        tmp_path_factory.mktemp("build") / "numbers",
+        random_documents(150, 0, 1000, seed=9),
+        shard_size=3000,
+        val_fraction=0.2,
+    )
 
 
 def first_batches(data, count=4):
@@ -59,8 +63,9 @@ def test_http_dataset_streams_and_its_tokenizer_is_fetched_into_the_cache(datase
 
 def test_sources_blend_datasets_sharing_a_tokenizer(dataset, tmp_path):
     other = make_dataset(tmp_path / "other", random_documents(60, 0, 1000, seed=10))
-    cfg = DataConfig(sources=[DataSourceConfig(str(dataset), 0.5), DataSourceConfig(str(other), 0.5)],
-                     cache_dir=str(tmp_path))
+    cfg = DataConfig(
+        sources=[DataSourceConfig(str(dataset), 0.5), DataSourceConfig(str(other), 0.5)], cache_dir=str(tmp_path)
+    )
     data = build_data(cfg, LAYOUT, 0, 16)
     assert [s["weight"] for s in data.train.state_dict()["sources"]] == [0.5, 0.5]
     different = make_dataset(tmp_path / "different", random_documents(60, 0, 500, seed=11), vocab=500)
@@ -78,18 +83,22 @@ def test_embedded_corpus_is_prepared_once_and_cached(tmp_path):
     assert os.stat(first / "manifest.json").st_mtime_ns == stamp
     assert embedded_dataset(50_000, 300, tmp_path) != first  # other content, other cache entry
     assert not [p for p in (tmp_path / "embedded").iterdir() if "tmp" in p.name]
-    data = build_data(DataConfig(embedded_max_bytes=60_000, embedded_vocab_size=300, cache_dir=str(tmp_path)),
-                      LAYOUT, 0, 16)
+    data = build_data(
+        DataConfig(embedded_max_bytes=60_000, embedded_vocab_size=300, cache_dir=str(tmp_path)), LAYOUT, 0, 16
+    )
     assert data.vocab_size == 300 and data.tokenizer_file == first / "tokenizer.json"
 
 
-@pytest.mark.parametrize("overrides,field", [
-    (["data.path=/a", "data.sources=[{path: /b, weight: 1.0}]"], "data.path and data.sources"),
-    (["data.sources=[{path: /b, weight: 0.0}]"], "data.sources[0].weight"),
-    (["data.on_error=ignore"], "data.on_error"),
-    (["data.workers=-1"], "data.workers"),
-    (["data.embedded_vocab_size=100"], "data.embedded_vocab_size"),
-])
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        (["data.path=/a", "data.sources=[{path: /b, weight: 1.0}]"], "data.path and data.sources"),
+        (["data.sources=[{path: /b, weight: 0.0}]"], "data.sources[0].weight"),
+        (["data.on_error=ignore"], "data.on_error"),
+        (["data.workers=-1"], "data.workers"),
+        (["data.embedded_vocab_size=100"], "data.embedded_vocab_size"),
+    ],
+)
 def test_bad_data_settings_name_the_field(overrides, field):
     overrides = [o.replace("data.sources", "data.sources") for o in overrides]
     with pytest.raises(ConfigError, match=field.replace("[", r"\[").replace("]", r"\]")):

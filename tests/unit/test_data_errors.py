@@ -131,18 +131,29 @@ def test_skipping_more_than_the_bound_stops_naming_the_share(dataset):
         data[600] ^= 0xFF
         path.write_bytes(bytes(data))
     manifest = read_manifest(str(dataset))
-    loader = StreamingLoader([Source(manifest, "train", 1.0)], layout(1, 4, 4), 0, SEQ_LEN, seed=0, on_error="skip",
-                             max_skipped_fraction=0.01)
-    with pytest.raises(DataError, match=r"data.on_error=skip has skipped \d+ shards, .* \(100.0%\), more than "
-                                        r"data.max_skipped_fraction=0.01"):
+    loader = StreamingLoader(
+        [Source(manifest, "train", 1.0)],
+        layout(1, 4, 4),
+        0,
+        SEQ_LEN,
+        seed=0,
+        on_error="skip",
+        max_skipped_fraction=0.01,
+    )
+    with pytest.raises(
+        DataError,
+        match=r"data.on_error=skip has skipped \d+ shards, .* \(100.0%\), more than "
+        r"data.max_skipped_fraction=0.01",
+    ):
         next(loader)
 
 
 def test_skipping_within_the_bound_goes_on(dataset):
     flip_a_byte(dataset)
     manifest = read_manifest(str(dataset))
-    loader = StreamingLoader([Source(manifest, "train", 1.0)], layout(1, 4, 4), 0, SEQ_LEN, seed=0, on_error="skip",
-                             max_skipped_fraction=1.0)
+    loader = StreamingLoader(
+        [Source(manifest, "train", 1.0)], layout(1, 4, 4), 0, SEQ_LEN, seed=0, on_error="skip", max_skipped_fraction=1.0
+    )
     for _ in range(loader.orders[0].rows):
         next(loader)
     assert loader.skipped["shards"] == 1

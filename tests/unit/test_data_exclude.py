@@ -22,8 +22,15 @@ def corpus(tmp_path_factory):
 
 
 def loader(manifest, exclude=(), dp=1, rank=0, workers=0):
-    return StreamingLoader([Source(manifest, "train", 1.0)], layout(dp, 1, GLOBAL_BATCH), rank, SEQ_LEN, seed=3,
-                           workers=workers, exclude=exclude)
+    return StreamingLoader(
+        [Source(manifest, "train", 1.0)],
+        layout(dp, 1, GLOBAL_BATCH),
+        rank,
+        SEQ_LEN,
+        seed=3,
+        workers=workers,
+        exclude=exclude,
+    )
 
 
 def epoch_labels(ranks) -> Counter:

@@ -24,8 +24,18 @@ def corpus(tmp_path_factory):
 
 
 def loaders(manifest, dp, micro_batch=2, workers=0, seed=7, split="train", **options):
-    return [StreamingLoader([Source(manifest, split, 1.0)], layout(dp, micro_batch, GLOBAL_BATCH), rank, SEQ_LEN,
-                            seed=seed, workers=workers, **options) for rank in range(dp)]
+    return [
+        StreamingLoader(
+            [Source(manifest, split, 1.0)],
+            layout(dp, micro_batch, GLOBAL_BATCH),
+            rank,
+            SEQ_LEN,
+            seed=seed,
+            workers=workers,
+            **options,
+        )
+        for rank in range(dp)
+    ]
 
 
 def run_steps(ranks, steps):
@@ -44,7 +54,9 @@ def served_labels(steps) -> Counter:
 
 def step_sequences(batches) -> list[tuple]:
     """The step's sequences as a sorted list: the global batch as a set, whatever the split."""
-    rows = [tuple(row.tolist()) for batch in batches for row in torch.cat([batch["tokens"], batch["labels"][:, -1:]], 1)]
+    rows = [
+        tuple(row.tolist()) for batch in batches for row in torch.cat([batch["tokens"], batch["labels"][:, -1:]], 1)
+    ]
     return sorted(rows)
 
 

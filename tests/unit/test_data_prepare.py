@@ -27,7 +27,9 @@ def inputs(tmp_path):
     (root / "text").mkdir(parents=True)
     for i, text in enumerate(TEXTS[:20]):
         (root / "text" / f"doc{i:02d}.txt").write_text(text)
-    (root / "part.jsonl").write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(TEXTS[20:70])))
+    (root / "part.jsonl").write_text(
+        "".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(TEXTS[20:70]))
+    )
     pq.write_table(pa.table({"text": TEXTS[70:]}), root / "part.parquet")
     return root
 
@@ -42,8 +44,23 @@ def documents_of(directory, split="train"):
 
 
 def test_trained_bpe_dataset_is_complete_and_decodes_back(inputs, tmp_path):
-    main(["--input", str(inputs), "--output", str(tmp_path / "out"), "--vocab-size", "300",
-          "--shard-size", "2kB", "--val-fraction", "0.1", "--workers", "2", "--quiet"])
+    main(
+        [
+            "--input",
+            str(inputs),
+            "--output",
+            str(tmp_path / "out"),
+            "--vocab-size",
+            "300",
+            "--shard-size",
+            "2kB",
+            "--val-fraction",
+            "0.1",
+            "--workers",
+            "2",
+            "--quiet",
+        ]
+    )
     manifest, train = documents_of(tmp_path / "out")
     _, val = documents_of(tmp_path / "out", "val")
     assert manifest.vocab_size == 300 and manifest.dtype == "uint16" and len(manifest.shards("train")) > 3
@@ -61,8 +78,22 @@ def test_trained_bpe_dataset_is_complete_and_decodes_back(inputs, tmp_path):
 def test_reruns_are_byte_identical_whatever_the_workers(inputs, tmp_path):
     outputs = []
     for name, workers in (("a", "1"), ("b", "2")):
-        main(["--input", str(inputs / "part.jsonl"), str(inputs / "text" / "*.txt"), "--output", str(tmp_path / name),
-              "--vocab-size", "280", "--shard-size", "3kB", "--workers", workers, "--quiet"])
+        main(
+            [
+                "--input",
+                str(inputs / "part.jsonl"),
+                str(inputs / "text" / "*.txt"),
+                "--output",
+                str(tmp_path / name),
+                "--vocab-size",
+                "280",
+                "--shard-size",
+                "3kB",
+                "--workers",
+                workers,
+                "--quiet",
+            ]
+        )
         outputs.append({p.name: p.read_bytes() for p in (tmp_path / name).iterdir()})
     assert outputs[0] == outputs[1]
     assert not list(tmp_path.glob(".*tmp*")), "temporary outputs left behind"
@@ -84,8 +115,14 @@ def test_vocabulary_overflowing_the_dtype_is_refused(tmp_path):
     tokenizer = number_tokenizer(tmp_path / "big.json", 70_000)
     with pytest.raises(DataError, match="70001 tokens overflows uint16"):
         prepare_dataset(lambda: ["1 2"], tmp_path / "out", tokenizer=tokenizer, dtype="uint16", progress=False)
-    manifest = {"format": "gptscale-tokens/1", "vocab_size": 70001, "eod": 0, "dtype": "uint16", "tokenizer": {},
-                "splits": {"train": {"shards": []}}}
+    manifest = {
+        "format": "gptscale-tokens/1",
+        "vocab_size": 70001,
+        "eod": 0,
+        "dtype": "uint16",
+        "tokenizer": {},
+        "splits": {"train": {"shards": []}},
+    }
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=r"bad/manifest.json: vocabulary of 70001 tokens overflows uint16"):
@@ -96,8 +133,18 @@ def test_empty_input_is_refused(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "blank.txt").write_text("  \n")
     with pytest.raises(SystemExit, match="no documents"):
-        main(["--input", str(tmp_path / "empty.jsonl"), str(tmp_path / "blank.txt"), "--output",
-              str(tmp_path / "out"), "--vocab-size", "300", "--quiet"])
+        main(
+            [
+                "--input",
+                str(tmp_path / "empty.jsonl"),
+                str(tmp_path / "blank.txt"),
+                "--output",
+                str(tmp_path / "out"),
+                "--vocab-size",
+                "300",
+                "--quiet",
+            ]
+        )
     with pytest.raises(SystemExit, match="nothing-here"):
         main(["--input", str(tmp_path / "nothing-here*"), "--output", str(tmp_path / "out"), "--vocab-size", "300"])
     assert not (tmp_path / "out").exists()
@@ -106,8 +153,9 @@ def test_empty_input_is_refused(tmp_path):
 def test_jsonl_without_the_text_field_names_file_and_line(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"text": "fine"}\n{"body": "no text"}\n')
     with pytest.raises(SystemExit, match=r"a.jsonl:2: .*--text-field"):
-        main(["--input", str(tmp_path / "a.jsonl"), "--output", str(tmp_path / "out"), "--vocab-size", "300",
-              "--quiet"])
+        main(
+            ["--input", str(tmp_path / "a.jsonl"), "--output", str(tmp_path / "out"), "--vocab-size", "300", "--quiet"]
+        )
 
 
 def test_existing_output_is_kept_unless_overwrite(inputs, tmp_path):
@@ -125,9 +173,24 @@ def test_sizes_parse():
 
 def test_command_line_tool_wrapper(inputs, tmp_path):
     """tools/prepare_data.py as users run it from a checkout."""
-    proc = subprocess.run([sys.executable, "tools/prepare_data.py", "--input", str(inputs / "text"), "--output",
-                           str(tmp_path / "out"), "--vocab-size", "300", "--workers", "1"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "tools/prepare_data.py",
+            "--input",
+            str(inputs / "text"),
+            "--output",
+            str(tmp_path / "out"),
+            "--vocab-size",
+            "300",
+            "--workers",
+            "1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "tok/s" in proc.stderr and "prepared" in proc.stderr
     assert np.dtype(read_manifest(str(tmp_path / "out")).numpy_dtype) == np.uint16

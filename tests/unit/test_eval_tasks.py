@@ -19,16 +19,19 @@ def write(path, *records):
     return path
 
 
-@pytest.mark.parametrize("record, message", [
-    ({"context": "c", "choices": ["a", "b"]}, "missing field 'answer'"),
-    ({"choices": ["a", "b"], "answer": 0}, "missing field 'context'"),
-    ({**GOOD, "answer": 2}, "'answer' must be the index of the right choice, 0 to 1; got 2"),
-    ({**GOOD, "answer": True}, "'answer' must be the index"),
-    ({**GOOD, "choices": ["only"]}, "'choices' must be a list of at least two non-empty strings"),
-    ({**GOOD, "context": ""}, "'context' must be a non-empty string"),
-    ("{not json", "not JSON"),
-    ("[1, 2]", "not a JSON object"),
-])
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"context": "c", "choices": ["a", "b"]}, "missing field 'answer'"),
+        ({"choices": ["a", "b"], "answer": 0}, "missing field 'context'"),
+        ({**GOOD, "answer": 2}, "'answer' must be the index of the right choice, 0 to 1; got 2"),
+        ({**GOOD, "answer": True}, "'answer' must be the index"),
+        ({**GOOD, "choices": ["only"]}, "'choices' must be a list of at least two non-empty strings"),
+        ({**GOOD, "context": ""}, "'context' must be a non-empty string"),
+        ("{not json", "not JSON"),
+        ("[1, 2]", "not a JSON object"),
+    ],
+)
 def test_a_bad_line_names_file_and_line(tmp_path, record, message):
     path = write(tmp_path / "task.jsonl", GOOD, "", record)
     with pytest.raises(DataError) as error:

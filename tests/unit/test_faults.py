@@ -44,15 +44,19 @@ def test_with_default_settings_a_frozen_rank_of_a_sub_second_step_run_ends_the_j
     assert fault.collective_timeout_s > detected  # the collective timeout does not end it first
 
 
-@pytest.mark.parametrize("checkpoints, restarts, stalled", [
-    (["a", "a", "a"], [0, 1, 2], 2),
-    (["a", "a", "b"], [0, 1, 2], 0),  # the last restart found a new checkpoint
-    ([None, None, "a", "a"], [0, 1, 2, 3], 1),
-    (["a", "a", "a"], [0, 1, 0], 0),  # a new launch (a requeued job) starts over
-    (["a"], [0], 0),
-])
-def test_restarts_without_progress_count_restarts_in_a_row_that_found_the_same_checkpoint(checkpoints, restarts,
-                                                                                          stalled):
+@pytest.mark.parametrize(
+    "checkpoints, restarts, stalled",
+    [
+        (["a", "a", "a"], [0, 1, 2], 2),
+        (["a", "a", "b"], [0, 1, 2], 0),  # the last restart found a new checkpoint
+        ([None, None, "a", "a"], [0, 1, 2, 3], 1),
+        (["a", "a", "a"], [0, 1, 0], 0),  # a new launch (a requeued job) starts over
+        (["a"], [0], 0),
+    ],
+)
+def test_restarts_without_progress_count_restarts_in_a_row_that_found_the_same_checkpoint(
+    checkpoints, restarts, stalled
+):
     starts = [{"checkpoint": c, "restart": r} for c, r in zip(checkpoints, restarts)]
     assert restarts_without_progress(starts) == stalled
 
@@ -73,6 +77,7 @@ def test_a_checkpoint_saved_with_the_retired_nan_hook_still_reads(tmp_path):
 def test_the_collective_timeout_must_exceed_the_watchdogs_timeouts():
     with pytest.raises(ConfigError) as error:
         check(load_config(["fault.collective_timeout_s=600", "fault.eval_timeout_s=900"]), 1)
-    assert ("fault.collective_timeout_s=600.0 must exceed fault.setup_timeout_s=1200.0 plus 11 "
-            "fault.heartbeat_s=2.0") in str(error.value)
+    assert (
+        "fault.collective_timeout_s=600.0 must exceed fault.setup_timeout_s=1200.0 plus 11 fault.heartbeat_s=2.0"
+    ) in str(error.value)
     check(load_config(["fault.collective_timeout_s=600", "fault.detect_hangs=false"]), 1)  # no watchdog, no rule

@@ -33,8 +33,11 @@ def test_unknown_format_names_the_key():
 
 def test_fp8_on_cpu_without_emulation_says_what_hardware_it_needs():
     cfg = load_config(BF16_FP8)
-    with pytest.raises(ConfigError, match=r"train.fp8=hybrid needs a GPU with FP8 tensor cores.*this device: cpu.*"
-                                          r"train.fp8_emulate=true"):
+    with pytest.raises(
+        ConfigError,
+        match=r"train.fp8=hybrid needs a GPU with FP8 tensor cores.*this device: cpu.*"
+        r"train.fp8_emulate=true",
+    ):
         check_fp8(cfg.model, cfg.train, Backend.local, CPU)
 
 

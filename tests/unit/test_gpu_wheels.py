@@ -23,9 +23,18 @@ from tests.helpers import REPO
 WHEELS = Path(os.environ.get("GPTSCALE_WHEEL_CACHE", Path.home() / ".cache/gptscale-wheels")) / "gpu-py312"
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
 # The device: python3 3.12.3 on Linux x86_64.
-DEVICE = {**default_environment(), "python_version": "3.12", "python_full_version": "3.12.3",
-          "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
-          "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": ""}
+DEVICE = {
+    **default_environment(),
+    "python_version": "3.12",
+    "python_full_version": "3.12.3",
+    "sys_platform": "linux",
+    "platform_system": "Linux",
+    "platform_machine": "x86_64",
+    "os_name": "posix",
+    "implementation_name": "cpython",
+    "platform_python_implementation": "CPython",
+    "extra": "",
+}
 DEVICE_LIMIT = 64 * 2**20  # what travels to the device: working tree and carried paths together
 
 
@@ -49,8 +58,14 @@ def pypi_reachable() -> bool:
 
 @pytest.fixture(scope="module")
 def wheelhouse() -> Path:
-    proc = subprocess.run(["bash", "tools/gpu_wheels.sh", "build"], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "GPU_WHEELS": str(WHEELS), "PYTHON": sys.executable}, timeout=600)
+    proc = subprocess.run(
+        ["bash", "tools/gpu_wheels.sh", "build"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "GPU_WHEELS": str(WHEELS), "PYTHON": sys.executable},
+        timeout=600,
+    )
     if proc.returncode != 0:
         if not pypi_reachable():
             pytest.skip(f"PyPI is unreachable and {WHEELS} holds no built wheelhouse")
@@ -63,14 +78,47 @@ def test_every_pin_has_a_wheel_for_the_device(wheelhouse, tmp_path):
     report = tmp_path / "report.json"
     platforms = [f"--platform={p}" for p in PLATFORMS]
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--no-deps", "--ignore-installed",
-         "--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp", "--abi", "cp312",
-         "--abi", "abi3", "--abi", "none", *platforms, "--platform=any", "--no-index", "--find-links",
-         str(wheelhouse), "--target", str(tmp_path / "site"), "--report", str(report),
-         "-r", str(REPO / "tools/gpu_wheels.txt")], capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--quiet",
+            "--no-deps",
+            "--ignore-installed",
+            "--only-binary=:all:",
+            "--python-version",
+            "3.12",
+            "--implementation",
+            "cp",
+            "--abi",
+            "cp312",
+            "--abi",
+            "abi3",
+            "--abi",
+            "none",
+            *platforms,
+            "--platform=any",
+            "--no-index",
+            "--find-links",
+            str(wheelhouse),
+            "--target",
+            str(tmp_path / "site"),
+            "--report",
+            str(report),
+            "-r",
+            str(REPO / "tools/gpu_wheels.txt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    chosen = {canonicalize_name(item["metadata"]["name"]): item["metadata"]["version"]
-              for item in json.loads(report.read_text())["install"]}
+    chosen = {
+        canonicalize_name(item["metadata"]["name"]): item["metadata"]["version"]
+        for item in json.loads(report.read_text())["install"]
+    }
     assert chosen == listed(REPO / "tools/gpu_wheels.txt")
 
 

@@ -19,8 +19,14 @@ print(sorted(k for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR") if k
 
 def test_lone_process_sets_no_rank_variables():
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env={**env, "PYTHONPATH": str(REPO)},
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT],
+        cwd=REPO,
+        env={**env, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "[]"
 
@@ -41,8 +47,13 @@ print(len(losses), "LOCAL_RANK" in os.environ)
 def test_lone_process_trains_with_zero3_and_unsets_local_rank_after(tmp_path):
     """DeepSpeed's ZeRO-3 reads LOCAL_RANK at every step: set while the trainer lives, gone once it closes."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")}
-    proc = subprocess.run([sys.executable, "-c", ZERO3, str(tmp_path)], cwd=REPO,
-                          env={**env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", ZERO3, str(tmp_path)],
+        cwd=REPO,
+        env={**env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "2 False"

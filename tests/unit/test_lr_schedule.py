@@ -56,8 +56,11 @@ def resumed(saved_steps, new_steps, at, choice, kind=LrSchedule.cosine):
 
 
 def test_another_length_on_resume_is_refused_until_the_user_chooses():
-    with pytest.raises(ConfigError, match=r"train.steps is 210, but the checkpoint's schedule was made for 110 steps: "
-                                          r"set optim.on_new_steps to keep"):
+    with pytest.raises(
+        ConfigError,
+        match=r"train.steps is 210, but the checkpoint's schedule was made for 110 steps: "
+        r"set optim.on_new_steps to keep",
+    ):
         resumed(110, 210, 60, None)
 
 

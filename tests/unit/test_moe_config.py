@@ -13,16 +13,19 @@ def test_presets_load_and_check(preset):
     assert cfg.model.moe.num_experts > 0 and check(cfg, 2).expert_dp == 1
 
 
-@pytest.mark.parametrize("overrides, world, fields", [
-    (["parallel.ep=3"], 3, ["model.moe.num_experts=8", "parallel.ep=3"]),
-    (["model.moe.top_k=9"], 1, ["model.moe.top_k=9"]),
-    (["parallel.ep=2"], 1, ["parallel.ep=2 does not divide"]),
-    (["parallel.tp=2"], 2, ["parallel.sp=true"]),
-    (["parallel.ep=2", "parallel.zero=3"], 2, ["parallel.zero=3"]),
-    (["model.moe.shared_expert_gate=true"], 1, ["model.moe.shared_expert_gate"]),
-    (["model.moe.expert_bias=true", "model.moe.pre_softmax=true"], 1, ["model.moe.pre_softmax"]),
-    (["model.moe.capacity_factor=0"], 1, ["model.moe.capacity_factor"]),
-])
+@pytest.mark.parametrize(
+    "overrides, world, fields",
+    [
+        (["parallel.ep=3"], 3, ["model.moe.num_experts=8", "parallel.ep=3"]),
+        (["model.moe.top_k=9"], 1, ["model.moe.top_k=9"]),
+        (["parallel.ep=2"], 1, ["parallel.ep=2 does not divide"]),
+        (["parallel.tp=2"], 2, ["parallel.sp=true"]),
+        (["parallel.ep=2", "parallel.zero=3"], 2, ["parallel.zero=3"]),
+        (["model.moe.shared_expert_gate=true"], 1, ["model.moe.shared_expert_gate"]),
+        (["model.moe.expert_bias=true", "model.moe.pre_softmax=true"], 1, ["model.moe.pre_softmax"]),
+        (["model.moe.capacity_factor=0"], 1, ["model.moe.capacity_factor"]),
+    ],
+)
 def test_refusals_name_the_fields(overrides, world, fields):
     cfg = load_config(["model=moe-tiny", "parallel.micro_batch=1", *overrides])
     with pytest.raises(ConfigError) as error:

@@ -17,8 +17,10 @@ BETAS, LR = (0.9, 0.99), 0.01
 
 def _params(seed: int):
     generator = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(4, 3, generator=generator)),
-            torch.nn.Parameter(torch.randn(3, generator=generator))]
+    return [
+        torch.nn.Parameter(torch.randn(4, 3, generator=generator)),
+        torch.nn.Parameter(torch.randn(3, generator=generator)),
+    ]
 
 
 def _grads(seed: int, count: int):
@@ -73,8 +75,11 @@ def test_every_optimizer_offered_asks_the_gate_at_each_step():
         params = _params(0)
         before = [p.detach().clone() for p in params]
         decisions = iter([1.0, 0.0])
-        optimizer = kind.build(load_config([f"optim={kind.name}"]).optim, [{"params": params}],
-                               decide=lambda: torch.tensor(next(decisions)))
+        optimizer = kind.build(
+            load_config([f"optim={kind.name}"]).optim,
+            [{"params": params}],
+            decide=lambda: torch.tensor(next(decisions)),
+        )
         assert isinstance(optimizer, GatedStep) and optimizer._step_supports_amp_scaling, kind.name
         for param, grad in zip(params, _grads(1, 1)[0]):
             param.grad = grad
@@ -86,8 +91,14 @@ def test_every_optimizer_offered_asks_the_gate_at_each_step():
         assert all(optimizer.state[p]["step"] == 1 for p in params), kind.name
 
 
-@pytest.mark.parametrize("name, reason", [("muon", "plain SGD at ZeRO-0 \\(DeepSpeed issue 8441\\)"),
-                                          ("adafactor", "flat 1-D"), ("sgd", "choose one of adamw, lion")])
+@pytest.mark.parametrize(
+    "name, reason",
+    [
+        ("muon", "plain SGD at ZeRO-0 \\(DeepSpeed issue 8441\\)"),
+        ("adafactor", "flat 1-D"),
+        ("sgd", "choose one of adamw, lion"),
+    ],
+)
 def test_config_refuses_optimizers_deepspeed_would_mishandle(name, reason):
     with pytest.raises(ConfigError, match=f"optim.name={name} is not offered: .*{reason}"):
         check(load_config([f"optim.name={name}", "parallel.zero=1"]), 2)
@@ -105,7 +116,9 @@ def test_optimizers_are_chosen_by_name_at_every_zero_stage():
 def test_planner_counts_the_optimizers_state(zero):
     """Lion keeps one fp32 moment per parameter, AdamW two: exactly 4 bytes less per parameter held."""
     groups = [[1000, 24], [8]]
-    held = {name: state_bytes(groups, 2, zero, False, moment_bytes=kind.state_bytes_per_parameter).optimizer
-            for name, kind in OPTIMIZERS.items()}
+    held = {
+        name: state_bytes(groups, 2, zero, False, moment_bytes=kind.state_bytes_per_parameter).optimizer
+        for name, kind in OPTIMIZERS.items()
+    }
     shard = {0: 1032, 1: 1024 // 2 + 8 // 2, 3: 500 + 12 + 4}[zero]  # this rank's elements of the groups
     assert held["adamw"] - held["lion"] == 4 * shard

@@ -31,8 +31,19 @@ def test_composed_stages_equal_megatron_stage_builds():
 
 
 def test_plan_json_of_one_layout():
-    proc = _run(["-m", "gptscale.plan", "model=llama-tiny", "cluster.gpus_per_node=4", "parallel.tp=2",
-                 "parallel.pp=2", "parallel.zero=1", "train.seq_len=64", "--json"])
+    proc = _run(
+        [
+            "-m",
+            "gptscale.plan",
+            "model=llama-tiny",
+            "cluster.gpus_per_node=4",
+            "parallel.tp=2",
+            "parallel.pp=2",
+            "parallel.zero=1",
+            "train.seq_len=64",
+            "--json",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
     assert out["refused"] is None and out["layout"]["dp"] == 1
@@ -75,8 +86,9 @@ def test_plan_header_names_what_a_step_trains():
     proc = _run(["-m", "gptscale.plan", "model=llama-70b", "cluster.nodes=8", "parallel.tp=8", "parallel.pp=4"])
     assert proc.returncode in (0, 1), proc.stderr[-3000:]  # 1: the layout does not fit
     assert "CUDA_DEVICE_MAX_CONNECTIONS" not in proc.stderr
-    assert proc.stdout.splitlines()[0] == ("llama-70b: seq_len 4096, global batch 1024 sequences (4,194,304 tokens), "
-                                           "bf16, activation checkpointing none")
+    assert proc.stdout.splitlines()[0] == (
+        "llama-70b: seq_len 4096, global batch 1024 sequences (4,194,304 tokens), bf16, activation checkpointing none"
+    )
 
 
 def _links(overrides: list[str]) -> dict[str, str]:
@@ -90,15 +102,36 @@ def _links(overrides: list[str]) -> dict[str, str]:
 def test_groups_are_priced_by_the_nodes_their_ranks_lie_on():
     """Megatron-core puts tensor parallelism innermost: tp=8 is one 8-GPU node, the data and pipeline groups
     around it cross nodes; a group crosses nodes only when its block of ranks outgrows or straddles a node."""
-    gpt3 = ["model=gpt3-175b", "cluster.nodes=8", "cluster.gpus_per_node=8", "cluster.gpu=a100", "parallel.sp=true",
-            "parallel.global_batch=1536", "parallel.micro_batch=1"]
+    gpt3 = [
+        "model=gpt3-175b",
+        "cluster.nodes=8",
+        "cluster.gpus_per_node=8",
+        "cluster.gpu=a100",
+        "parallel.sp=true",
+        "parallel.global_batch=1536",
+        "parallel.micro_batch=1",
+    ]
     assert _links([*gpt3, "parallel.tp=8", "parallel.pp=8"]) == {"TP": "intra-node", "PP": "inter-node"}
     assert _links([*gpt3, "parallel.tp=8", "parallel.pp=4", "parallel.zero=1"]) == {
-        "TP": "intra-node", "DP": "inter-node", "PP": "inter-node"}
+        "TP": "intra-node",
+        "DP": "inter-node",
+        "PP": "inter-node",
+    }
     assert _links([*gpt3, "parallel.tp=4", "parallel.pp=8", "parallel.zero=1"]) == {
-        "TP": "intra-node", "DP": "intra-node", "PP": "inter-node"}
-    straddling = ["model=gpt2-tiny", "cluster.nodes=2", "cluster.gpus_per_node=6", "parallel.global_batch=12",
-                  "parallel.micro_batch=1", "parallel.pp=3", "parallel.zero=1", "model.num_layers=6"]
+        "TP": "intra-node",
+        "DP": "intra-node",
+        "PP": "inter-node",
+    }
+    straddling = [
+        "model=gpt2-tiny",
+        "cluster.nodes=2",
+        "cluster.gpus_per_node=6",
+        "parallel.global_batch=12",
+        "parallel.micro_batch=1",
+        "parallel.pp=3",
+        "parallel.zero=1",
+        "model.num_layers=6",
+    ]
     assert _links([*straddling, "parallel.tp=2"]) == {"TP": "intra-node", "DP": "inter-node", "PP": "inter-node"}
     assert _links([*straddling, "parallel.tp=4", "parallel.pp=1", "model.num_attention_heads=4"])["TP"] == "inter-node"
 
@@ -108,7 +141,10 @@ def test_step_time_is_within_the_stated_factor_of_published_megatron_runs():
     planner once priced the node-local tensor-parallel group between nodes: 0.34 and 0.45 of published)."""
     proc = _run(["tools/plan_vs_published.py", "1.7", "18.4", "145.6"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ratios = {row.split("|")[1].strip(): float(row.split("|")[-2]) for row in proc.stdout.splitlines()
-              if row.startswith("| ") and row.split("|")[1].strip().endswith("B")}
+    ratios = {
+        row.split("|")[1].strip(): float(row.split("|")[-2])
+        for row in proc.stdout.splitlines()
+        if row.startswith("| ") and row.split("|")[1].strip().endswith("B")
+    }
     assert set(ratios) == {"1.7B", "18.4B", "145.6B"}
     assert all(1 / 1.3 <= ratio <= 1.3 for ratio in ratios.values()), ratios

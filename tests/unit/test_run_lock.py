@@ -14,8 +14,9 @@ TAKE = "import sys; from gptscale.checkpoint.run_lock import RunLock; RunLock.ta
 
 def test_held_lock_refuses_another_process_and_passes_within_this_one(tmp_path):
     lock = RunLock.take(tmp_path, True, 1)
-    other = subprocess.run([sys.executable, "-c", TAKE, str(tmp_path)], cwd=REPO, capture_output=True, text=True,
-                           timeout=120)
+    other = subprocess.run(
+        [sys.executable, "-c", TAKE, str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert other.returncode != 0
     assert f"is in use by another training run: pid {os.getpid()} on host {socket.gethostname()}" in other.stderr
 
@@ -30,4 +31,3 @@ def test_other_ranks_hold_nothing(tmp_path):
     lock = RunLock.take(tmp_path, False, 1)
     assert lock.file is None and not (tmp_path / ".lock").exists()
     lock.release()
-

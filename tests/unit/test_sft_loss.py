@@ -16,10 +16,22 @@ from tests.sft.data import prepare_chat, sums, write_chat
 def trainer(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sft-loss")
     data = prepare_chat(tmp / "data", write_chat(tmp / "chat.jsonl", sums()[0]), val_fraction=0.0)
-    trainer = Trainer(load_config([
-        "task=sft", "model=llama-tiny", f"data.path={data}", f"run_dir={tmp}/run", "train.seq_len=64",
-        "parallel.global_batch=4", "parallel.micro_batch=4", "train.steps=0", "checkpoint.resume=none",
-        "checkpoint.save_final=false"]))
+    trainer = Trainer(
+        load_config(
+            [
+                "task=sft",
+                "model=llama-tiny",
+                f"data.path={data}",
+                f"run_dir={tmp}/run",
+                "train.seq_len=64",
+                "parallel.global_batch=4",
+                "parallel.micro_batch=4",
+                "train.steps=0",
+                "checkpoint.resume=none",
+                "checkpoint.save_final=false",
+            ]
+        )
+    )
     yield trainer
     trainer.close()
 
@@ -53,8 +65,12 @@ def test_a_packed_sequence_costs_what_its_conversations_cost_alone(trainer):
     parts = []
     for shard, document, tokens in documents:
         shard = loader._shard(int(shard))
-        parts.append((shard.decode(int(document), loader.manifest.numpy_dtype, loader._decompressor)[:tokens],
-                      shard.decode_mask(int(document), loader._decompressor)[:tokens]))
+        parts.append(
+            (
+                shard.decode(int(document), loader.manifest.numpy_dtype, loader._decompressor)[:tokens],
+                shard.decode_mask(int(document), loader._decompressor)[:tokens],
+            )
+        )
     width = loader.seq_len + 1
 
     def rows(groups):
@@ -62,8 +78,8 @@ def test_a_packed_sequence_costs_what_its_conversations_cost_alone(trainer):
         valid, trained = np.zeros(windows.shape, dtype=bool), np.zeros(windows.shape, dtype=bool)
         for row, group in enumerate(groups):
             tokens = np.concatenate([t for t, _ in group])
-            windows[row, :len(tokens)], valid[row, :len(tokens)] = tokens, True
-            trained[row, :len(tokens)] = np.concatenate([m for _, m in group])
+            windows[row, : len(tokens)], valid[row, : len(tokens)] = tokens, True
+            trained[row, : len(tokens)] = np.concatenate([m for _, m in group])
         return [torch.from_numpy(a) for a in (windows, valid, trained)]
 
     packed = masked_micro_batch(*rows([parts]), loader.eod, keep_apart=True)

@@ -24,8 +24,10 @@ def documents(directory):
     out = []
     for info in manifest.shards("train"):
         shard = load_shard(manifest.url(info.name), info, manifest.numpy_dtype)
-        out += [(shard.decode(i, manifest.numpy_dtype, decompressor), shard.decode_mask(i, decompressor))
-                for i in range(info.samples)]
+        out += [
+            (shard.decode(i, manifest.numpy_dtype, decompressor), shard.decode_mask(i, decompressor))
+            for i in range(info.samples)
+        ]
     return manifest, out, Tokenizer.from_file(str(directory / "tokenizer.json"))
 
 
@@ -35,81 +37,189 @@ def write(path, records):
 
 
 CHATS = [
-    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
-                  {"role": "assistant", "content": "Paris"}]},
-    {"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"},
-                  {"role": "user", "content": "and 2+2?"}, {"role": "assistant", "content": "4"}]},
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Capital of France?"},
+            {"role": "assistant", "content": "Paris"},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "1+1?"},
+            {"role": "assistant", "content": "2"},
+            {"role": "user", "content": "and 2+2?"},
+            {"role": "assistant", "content": "4"},
+        ]
+    },
 ]
 
 
 def test_chat_masks_train_assistant_content_and_end_of_turn_only(tmp_path):
     source = write(tmp_path / "chat.jsonl", CHATS)
-    prepare_main(["--input", str(source), "--output", str(tmp_path / "out"), "--vocab-size", "300",
-                  "--format", "chat", "--val-fraction", "0", "--quiet"])
+    prepare_main(
+        [
+            "--input",
+            str(source),
+            "--output",
+            str(tmp_path / "out"),
+            "--vocab-size",
+            "300",
+            "--format",
+            "chat",
+            "--val-fraction",
+            "0",
+            "--quiet",
+        ]
+    )
     manifest, docs, tokenizer = documents(tmp_path / "out")
     assert manifest.format == SFT_FORMAT and manifest.shards("train")[0].lengths == [len(t) for t, _ in docs]
     (first, first_mask), (second, second_mask) = docs
     assert tokenizer.decode(first[first_mask].tolist()) == "Paris<|im_end|>\n"
     assert tokenizer.decode(first[~first_mask].tolist()) == (
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nCapital of France?<|im_end|>\n"
-        "<|im_start|>assistant\n")
+        "<|im_start|>assistant\n"
+    )
     assert tokenizer.decode(second[second_mask].tolist()) == "2<|im_end|>\n4<|im_end|>\n"
     assert first[-1] == manifest.eod and first_mask[-1], "the end of document after an answer is trained"
 
 
 def test_prompt_completion_trains_the_completion(tmp_path):
     source = write(tmp_path / "pairs.jsonl", [{"prompt": "Q: 2+2=", "completion": " 4"}] * 3)
-    prepare_main(["--input", str(source), "--output", str(tmp_path / "out"), "--vocab-size", "300",
-                  "--format", "prompt-completion", "--val-fraction", "0", "--quiet"])
+    prepare_main(
+        [
+            "--input",
+            str(source),
+            "--output",
+            str(tmp_path / "out"),
+            "--vocab-size",
+            "300",
+            "--format",
+            "prompt-completion",
+            "--val-fraction",
+            "0",
+            "--quiet",
+        ]
+    )
     _, docs, tokenizer = documents(tmp_path / "out")
     tokens, mask = docs[0]
     assert tokenizer.decode(tokens[mask].tolist()) == " 4" and tokenizer.decode(tokens[~mask].tolist()) == "Q: 2+2="
 
 
-@pytest.mark.parametrize("record, message", [
-    ({"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "x"}]}, "unknown role 'wizard'"),
-    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}, "empty assistant turn"),
-    ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant message"),
-    ({"messages": [{"role": "user"}]}, "lacks a 'role' or a 'content'"),
-    ({"text": "hi"}, "no 'messages' list"),
-])
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        (
+            {"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "x"}]},
+            "unknown role 'wizard'",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]},
+            "empty assistant turn",
+        ),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant message"),
+        ({"messages": [{"role": "user"}]}, "lacks a 'role' or a 'content'"),
+        ({"text": "hi"}, "no 'messages' list"),
+    ],
+)
 def test_bad_conversations_name_file_and_line(tmp_path, record, message):
     source = write(tmp_path / "chat.jsonl", [CHATS[0], record])
     with pytest.raises(SystemExit) as error:
-        prepare_main(["--input", str(source), "--output", str(tmp_path / "out"), "--vocab-size", "300",
-                      "--format", "chat", "--quiet"])
+        prepare_main(
+            [
+                "--input",
+                str(source),
+                "--output",
+                str(tmp_path / "out"),
+                "--vocab-size",
+                "300",
+                "--format",
+                "chat",
+                "--quiet",
+            ]
+        )
     assert f"{source}:2: " in str(error.value) and message in str(error.value)
 
 
 def test_on_error_skip_passes_over_bad_records_and_counts_them(tmp_path, caplog):
     source = tmp_path / "chat.jsonl"
-    source.write_text(json.dumps(CHATS[0]) + "\n{not json\n" + json.dumps({"messages": []}) + "\n"
-                      + json.dumps(CHATS[1]) + "\n")
-    prepare_main(["--input", str(source), "--output", str(tmp_path / "out"), "--vocab-size", "300", "--format", "chat",
-                  "--val-fraction", "0", "--on-error", "skip", "--quiet"])
+    source.write_text(
+        json.dumps(CHATS[0]) + "\n{not json\n" + json.dumps({"messages": []}) + "\n" + json.dumps(CHATS[1]) + "\n"
+    )
+    prepare_main(
+        [
+            "--input",
+            str(source),
+            "--output",
+            str(tmp_path / "out"),
+            "--vocab-size",
+            "300",
+            "--format",
+            "chat",
+            "--val-fraction",
+            "0",
+            "--on-error",
+            "skip",
+            "--quiet",
+        ]
+    )
     _, docs, tokenizer = documents(tmp_path / "out")
-    assert [tokenizer.decode(tokens[mask].tolist()) for tokens, mask in docs] == ["Paris<|im_end|>\n",
-                                                                                  "2<|im_end|>\n4<|im_end|>\n"]
+    assert [tokenizer.decode(tokens[mask].tolist()) for tokens, mask in docs] == [
+        "Paris<|im_end|>\n",
+        "2<|im_end|>\n4<|im_end|>\n",
+    ]
     assert "skipped 2 bad lines" in caplog.text and f"{source}:2: not JSON" in caplog.text
 
 
 def test_missing_completion_names_file_and_line(tmp_path):
     source = write(tmp_path / "pairs.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "a"}])
     with pytest.raises(SystemExit, match=r"pairs.jsonl:2: no string field 'completion'"):
-        prepare_main(["--input", str(source), "--output", str(tmp_path / "out"), "--vocab-size", "300",
-                      "--format", "prompt-completion", "--quiet"])
+        prepare_main(
+            [
+                "--input",
+                str(source),
+                "--output",
+                str(tmp_path / "out"),
+                "--vocab-size",
+                "300",
+                "--format",
+                "prompt-completion",
+                "--quiet",
+            ]
+        )
 
 
 @pytest.fixture(scope="module")
 def varied(tmp_path_factory):
     """Conversations of very different lengths, a few longer than a 64-token sequence."""
     rng = np.random.default_rng(0)
-    records = [{"messages": [{"role": "user", "content": "".join(rng.choice(list("abcdefgh"), int(n)))},
-                             {"role": "assistant", "content": "ok"}]} for n in rng.integers(1, 70, 60)]
+    records = [
+        {
+            "messages": [
+                {"role": "user", "content": "".join(rng.choice(list("abcdefgh"), int(n)))},
+                {"role": "assistant", "content": "ok"},
+            ]
+        }
+        for n in rng.integers(1, 70, 60)
+    ]
     tmp = tmp_path_factory.mktemp("varied")
-    prepare_main(["--input", str(write(tmp / "chat.jsonl", records)), "--output", str(tmp / "out"),
-                  "--vocab-size", "260", "--format", "chat", "--chat-template", "plain", "--val-fraction", "0",
-                  "--quiet"])
+    prepare_main(
+        [
+            "--input",
+            str(write(tmp / "chat.jsonl", records)),
+            "--output",
+            str(tmp / "out"),
+            "--vocab-size",
+            "260",
+            "--format",
+            "chat",
+            "--chat-template",
+            "plain",
+            "--val-fraction",
+            "0",
+            "--quiet",
+        ]
+    )
     return tmp / "out"
 
 
@@ -158,8 +268,19 @@ def test_a_blend_with_fine_tuning_data_names_the_fine_tuning_dataset(varied, tmp
 
     text = tmp_path / "text.txt"
     text.write_text("plain text for pretraining\n" * 200)
-    prepare_main(["--input", str(text), "--output", str(tmp_path / "plain"), "--tokenizer",
-                  str(varied / "tokenizer.json"), "--val-fraction", "0", "--quiet"])
+    prepare_main(
+        [
+            "--input",
+            str(text),
+            "--output",
+            str(tmp_path / "plain"),
+            "--tokenizer",
+            str(varied / "tokenizer.json"),
+            "--val-fraction",
+            "0",
+            "--quiet",
+        ]
+    )
     sources = [DataSourceConfig(str(tmp_path / "plain"), 0.5), DataSourceConfig(str(varied), 0.5)]
     with pytest.raises(DataError, match=rf"fine-tuning data \({varied}\) is read from one dataset, not blended"):
         build_data(DataConfig(sources=sources), layout(1, 4, 4), 0, 64)

@@ -14,10 +14,26 @@ from tests.helpers import REPO
 from tests.wandb_file import read_run
 
 STEPS = {
-    2: {"loss": 5.5, "lr": 1e-4, "grad_norm": 2.5, "tokens_per_s": 1000.0, "tflops_per_device": 0.01, "mfu": None,
-        "peak_memory_gib": None, "consumed_tokens": 4096},
-    4: {"loss": 5.25, "lr": 2e-4, "grad_norm": None, "tokens_per_s": 1100.0, "tflops_per_device": 0.02, "mfu": None,
-        "peak_memory_gib": None, "consumed_tokens": 8192},
+    2: {
+        "loss": 5.5,
+        "lr": 1e-4,
+        "grad_norm": 2.5,
+        "tokens_per_s": 1000.0,
+        "tflops_per_device": 0.01,
+        "mfu": None,
+        "peak_memory_gib": None,
+        "consumed_tokens": 4096,
+    },
+    4: {
+        "loss": 5.25,
+        "lr": 2e-4,
+        "grad_norm": None,
+        "tokens_per_s": 1100.0,
+        "tflops_per_device": 0.02,
+        "mfu": None,
+        "peak_memory_gib": None,
+        "consumed_tokens": 8192,
+    },
 }
 
 
@@ -48,8 +64,14 @@ def wandb_files(run_dir):
 
 
 def test_wandb_offline_holds_config_and_every_metric_at_its_step(tmp_path):
-    cfg = config(tmp_path, "logging.wandb.mode=offline", "logging.wandb.project=gptscale-test",
-                 "logging.wandb.group=sweep-a", "logging.wandb.tags=[tiny,cpu]", "train.steps=4")
+    cfg = config(
+        tmp_path,
+        "logging.wandb.mode=offline",
+        "logging.wandb.project=gptscale-test",
+        "logging.wandb.group=sweep-a",
+        "logging.wandb.tags=[tiny,cpu]",
+        "train.steps=4",
+    )
     tracker = build_tracker(cfg, is_logging_rank=True)
     log_steps(tracker, [2, 4])
     tracker.close()
@@ -109,8 +131,9 @@ def test_online_without_api_key_falls_back_to_offline_with_a_warning(tmp_path, c
 
 
 def test_other_ranks_log_nothing(tmp_path):
-    tracker = build_tracker(config(tmp_path, "logging.wandb.mode=offline", "logging.tensorboard=true"),
-                            is_logging_rank=False)
+    tracker = build_tracker(
+        config(tmp_path, "logging.wandb.mode=offline", "logging.tensorboard=true"), is_logging_rank=False
+    )
     tracker.log(2, STEPS[2])
     tracker.close()
     assert tracker.state_dict() == {}
@@ -136,8 +159,13 @@ def test_tensorboard_has_every_metric_and_the_config(tmp_path):
 
 
 def plot(*args):
-    return subprocess.run([sys.executable, "-m", "gptscale.tracking.plot", *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "gptscale.tracking.plot", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_plot_draws_a_png_and_tolerates_resumed_and_cut_lines(tmp_path):

@@ -60,8 +60,12 @@ class Engine:
             os.environ["LOCAL_RANK"] = "0"
         try:
             self.deepspeed, *_ = deepspeed.initialize(
-                model=model, optimizer=optimizer, config=engine_config(layout, optim, train),
-                mpu=ExpertParallelMpu() if layout.ep > 1 else MegatronMpu(), dist_init_required=False)
+                model=model,
+                optimizer=optimizer,
+                config=engine_config(layout, optim, train),
+                mpu=ExpertParallelMpu() if layout.ep > 1 else MegatronMpu(),
+                dist_init_required=False,
+            )
         finally:
             if self.lent_local_rank and layout.zero != 3:
                 self._return_local_rank()
@@ -100,8 +104,9 @@ class Engine:
             self.deepspeed.allreduce_gradients()
         self._norm = None
         if self.owns_clipping:
-            self._norm = clip_with_norm(self.deepspeed.module, self.grad_clip,
-                                        self.deepspeed.mpu.get_model_parallel_group())
+            self._norm = clip_with_norm(
+                self.deepspeed.module, self.grad_clip, self.deepspeed.mpu.get_model_parallel_group()
+            )
         while self._before_update:
             self._before_update.pop(0)()
         self._pending, self._decision = (loss, limits), None

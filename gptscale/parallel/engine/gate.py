@@ -17,8 +17,9 @@ class UpdateLimits:
     require_both: bool = False  # a spike needs both above their limits; false: either
 
 
-def skip_update(loss: Optional[torch.Tensor], norm: Optional[torch.Tensor], limits: UpdateLimits,
-                device: torch.device) -> torch.Tensor:
+def skip_update(
+    loss: Optional[torch.Tensor], norm: Optional[torch.Tensor], limits: UpdateLimits, device: torch.device
+) -> torch.Tensor:
     """1.0 when the update must be skipped: the loss or gradient norm is not finite, or the step is a spike (a
     value above its limit; both values with ``require_both``); else 0.0. The host never waits for it."""
     skip = torch.zeros((), dtype=torch.bool, device=device)

@@ -18,12 +18,15 @@ class MegatronMpu:
     own replicated parameters.
     """
 
-    get_data_parallel_group = staticmethod(functools.partial(parallel_state.get_data_parallel_group,
-                                                             with_context_parallel=True))
-    get_data_parallel_rank = staticmethod(functools.partial(parallel_state.get_data_parallel_rank,
-                                                            with_context_parallel=True))
-    get_data_parallel_world_size = staticmethod(functools.partial(parallel_state.get_data_parallel_world_size,
-                                                                  with_context_parallel=True))
+    get_data_parallel_group = staticmethod(
+        functools.partial(parallel_state.get_data_parallel_group, with_context_parallel=True)
+    )
+    get_data_parallel_rank = staticmethod(
+        functools.partial(parallel_state.get_data_parallel_rank, with_context_parallel=True)
+    )
+    get_data_parallel_world_size = staticmethod(
+        functools.partial(parallel_state.get_data_parallel_world_size, with_context_parallel=True)
+    )
     get_tensor_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
     get_tensor_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
     get_tensor_model_parallel_world_size = staticmethod(parallel_state.get_tensor_model_parallel_world_size)

@@ -35,8 +35,9 @@ class OptimizerState:
         # bf16 without ZeRO: DeepSpeed's fp16 wrapper keeps an fp32 copy of each parameter.
         self._copies = {
             id(low): high
-            for low_group, high_group in zip(getattr(self.optimizer, "fp16_groups", []),
-                                             getattr(self.optimizer, "fp32_groups", []))
+            for low_group, high_group in zip(
+                getattr(self.optimizer, "fp16_groups", []), getattr(self.optimizer, "fp32_groups", [])
+            )
             for low, high in zip(low_group, high_group)
         }
 

@@ -8,7 +8,8 @@ import sys
 
 argv = sys.orig_argv
 if os.environ.get("GPTSCALE_TEST_FAULTS") and any(
-        argv[i:i + 2] == ["-m", "gptscale.train"] for i in range(len(argv))):
+    argv[i : i + 2] == ["-m", "gptscale.train"] for i in range(len(argv))
+):
     from tests.faults import FAULTS_ENV, injected
 
     faults = injected(json.loads(os.environ[FAULTS_ENV]))  # kept: the patches last while it does
