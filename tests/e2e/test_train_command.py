@@ -32,7 +32,7 @@ def test_bad_layout_fails_before_work_and_names_fields(tmp_path):
     proc = torchrun(3, ["-m", "gptscale.train", f"run_dir={tmp_path}", "parallel.tp=2"], check=False, timeout=300)
     assert proc.returncode != 0
     output = proc.stdout + proc.stderr
-    assert "world size 3 is not divisible by parallel.tp * parallel.pp" in output
+    assert "world size 3 is not divisible by parallel.tp * parallel.cp * parallel.pp" in output
     assert not (tmp_path / "metrics.jsonl").exists()
     assert time.monotonic() - start < 120
 
