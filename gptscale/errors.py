@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import traceback
 
 DEBUG_ENV = "GPTSCALE_DEBUG"
@@ -27,22 +26,20 @@ class GptscaleError(Exception):
 
 
 def _first_on_this_node(message: str) -> bool:
-    """Whether this process is the first of its launch on this node to report ``message`` (a marker file per
-    torchrun launch and message; a process outside torchrun always reports)."""
-    job = os.environ.get("TORCHELASTIC_RUN_ID")
-    if not job:
+    """Whether this process is the first of its launch attempt on this node to report ``message``: a marker file
+    per message in the attempt's directory of torchrun's logs, which holds the ranks' error files (the gptscale
+    launcher removes it at the end). A process outside torchrun, or whose torchrun keeps no logs, always reports."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not error_file:
         return True
-    # The run id is "none" for every plain launch: the agent's pid and restart count tell this launch apart.
-    launch = f"{job}-{os.getppid()}-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-    digest = hashlib.sha256(f"{launch}\0{message}".encode()).hexdigest()[:16]
+    attempt = os.path.dirname(os.path.dirname(error_file))  # <log dir>/<run>/attempt_<n>/<local rank>/error.json
+    digest = hashlib.sha256(message.encode()).hexdigest()[:16]
     try:
-        os.close(
-            os.open(
-                os.path.join(tempfile.gettempdir(), f"gptscale-error-{digest}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY
-            )
-        )
+        os.close(os.open(os.path.join(attempt, f"gptscale-error-{digest}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except FileExistsError:
         return False
+    except OSError:  # no such directory: report rather than stay silent
+        return True
     return True
 
 

@@ -94,6 +94,9 @@ class Checkpointer:
         self.optimizer = optimizer
         self.host = HostCopies()
         self.writer = Writer(asynchronous=self.settings.async_save)
+        saves = self.settings.save_final or self.settings.interval > 0 or self.settings.interval_minutes > 0
+        if self.writer.asynchronous and saves:  # its helper takes seconds to start: at setup, not in the first save
+            self.writer.prepare()
         self.strategy = sharded_strategy(ctx.layout.dp * ctx.layout.cp)
         self.saved_step: Optional[int] = None  # the step of the newest checkpoint this run wrote or resumed
         self.saved_at = time.monotonic()  # when this process last saved (or started)
@@ -222,9 +225,9 @@ class Checkpointer:
     def save(self, step: int, consumed_tokens: int) -> None:
         """Write a checkpoint of this step. With ``async_save`` training goes on once the snapshot is in host
         memory, and the checkpoint is published when every rank's background write has finished."""
+        start = time.perf_counter()
         self.wait()  # one save at a time: it also frees the host buffers for this snapshot
         self.writer.prepare()
-        start = time.perf_counter()
         target = stage(self.root, step)
         state = snapshot(self.shards, self.optimizer, self.host)
         self.writing = (target, bytes_needed(state, self.last_complete))

@@ -20,9 +20,11 @@ grace. Everything else is torchrun.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 
 import torch.distributed.launcher.api as launcher
@@ -181,8 +183,10 @@ def main(argv: list[str] | None = None) -> None:
     # The agent's store outlives restarts, and the ranks of a restart would read the previous ranks' keys as
     # their own (pytorch/pytorch#135712): rank 0 hosts a fresh store for each start instead.
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    # torchrun keeps the ranks' error files in a temporary directory it never removes: one of ours, removed at the end.
+    logs = None if args.log_dir else tempfile.mkdtemp(prefix="gptscale-torchrun-")
     try:
-        torchrun(argv)
+        torchrun(argv if logs is None else ["--log-dir", logs, *argv])
     except RendezvousConnectionError as error:
         cause = str(error.__cause__ or error).splitlines()[0]
         sys.exit(
@@ -201,6 +205,9 @@ def main(argv: list[str] | None = None) -> None:
     except SignalException as error:
         print(f"gptscale: torchrun got {error.sigval.name} and ended the launch", file=sys.stderr)
         sys.exit(128 + int(error.sigval))
+    finally:
+        if logs is not None:
+            shutil.rmtree(logs, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -7,15 +7,14 @@ JOB.json: {"dataset", "global_batch", "micro_batch", "seq_len", "steps", "worker
 """
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from gptscale.config.schema import DataConfig
 from gptscale.config.layout import Layout
+from gptscale.config.schema import DataConfig
 from gptscale.data import build_data
 
 
@@ -24,8 +23,12 @@ def main(job_path: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     layout = Layout(world, 1, 1, 1, world, job["micro_batch"], job["global_batch"])
-    data = build_data(DataConfig(path=job["dataset"], workers=job["workers"], exclude=job.get("exclude", [])),
-                      layout, rank, job["seq_len"])
+    data = build_data(
+        DataConfig(path=job["dataset"], workers=job["workers"], exclude=job.get("exclude", [])),
+        layout,
+        rank,
+        job["seq_len"],
+    )
     if job["resume"]:
         data.train.load_state_dict(json.loads(Path(job["resume"]).read_text()))
     labels, first = [], None

@@ -81,12 +81,23 @@ def measure(overrides: list[str]) -> dict:
         saved = None
         if cfg.parallel.zero < 3:
             tokens = next(trainer.data.train)["tokens"].to(trainer.device)
-            saved = sum(forward_saved_bytes(chunk, cfg.parallel.micro_batch, cfg.train.seq_len, trainer.data.vocab_size,
-                                            trainer.device, tokens) for chunk in trainer.model.chunks)
-        return {"overrides": overrides, "vocab_size": trainer.data.vocab_size, "world_size": dist.get_world_size(),
-                "pp_rank": trainer.ctx.pp_rank, "ep_rank": trainer.ctx.ep_rank,
-                "dp_rank": trainer.engine.deepspeed.mpu.get_data_parallel_rank(), "held": vars(held), "saved": saved,
-                "peak_saved": live.peak if cfg.parallel.zero < 3 else None}
+            saved = sum(
+                forward_saved_bytes(
+                    chunk, cfg.parallel.micro_batch, cfg.train.seq_len, trainer.data.vocab_size, trainer.device, tokens
+                )
+                for chunk in trainer.model.chunks
+            )
+        return {
+            "overrides": overrides,
+            "vocab_size": trainer.data.vocab_size,
+            "world_size": dist.get_world_size(),
+            "pp_rank": trainer.ctx.pp_rank,
+            "ep_rank": trainer.ctx.ep_rank,
+            "dp_rank": trainer.engine.deepspeed.mpu.get_data_parallel_rank(),
+            "held": vars(held),
+            "saved": saved,
+            "peak_saved": live.peak if cfg.parallel.zero < 3 else None,
+        }
     finally:
         trainer.close()
 

@@ -20,8 +20,14 @@ from tests.checkpoint_helpers import all_tensors, assert_resumed_exactly, rank_s
 from tests.helpers import run_jobs
 
 COMMON = [
-    "train.seq_len=32", "train.eval_interval=0", "train.log_interval=6", "parallel.global_batch=8",
-    "parallel.micro_batch=2", "optim.warmup_steps=2", "optim.decay_steps=10", "optim.lr=1e-3",
+    "train.seq_len=32",
+    "train.eval_interval=0",
+    "train.log_interval=6",
+    "parallel.global_batch=8",
+    "parallel.micro_batch=2",
+    "optim.warmup_steps=2",
+    "optim.decay_steps=10",
+    "optim.lr=1e-3",
     "data.embedded_max_bytes=200000",
 ]
 RTOL = 1e-4
@@ -42,33 +48,46 @@ def resume_jobs(model, run_dir, overrides, steps=12):
 
 def nan_jobs(model, run_dir, overrides):
     """Three steps with a NaN planted in the third, and two clean steps: both save at the end."""
-    return [job(model, f"{run_dir}-nan", 3, "checkpoint.resume=none", "test.nan_steps=[3]", *overrides),
-            job(model, f"{run_dir}-clean", 2, "checkpoint.resume=none", *overrides)]
+    return [
+        job(model, f"{run_dir}-nan", 3, "checkpoint.resume=none", "test.nan_steps=[3]", *overrides),
+        job(model, f"{run_dir}-clean", 2, "checkpoint.resume=none", *overrides),
+    ]
 
 
 ONE_RANK = {"llama": ("llama-tiny", []), "gpt2-bf16": ("gpt2-tiny", ["train.precision=bf16"])}
-TWO_RANKS = {"tp2": ("llama-tiny", ["parallel.tp=2"]), "pp2": ("gpt2-tiny", ["parallel.pp=2"]),
-             "cp2": ("llama-tiny", ["parallel.cp=2"]),
-             "dp2-zero1": ("llama-tiny", ["parallel.zero=1"]), "dp2-zero3": ("gpt2-tiny", ["parallel.zero=3"]),
-             "dp2-zero1-bf16": ("gpt2-tiny", ["parallel.zero=1", "train.precision=bf16"])}
+TWO_RANKS = {
+    "tp2": ("llama-tiny", ["parallel.tp=2"]),
+    "pp2": ("gpt2-tiny", ["parallel.pp=2"]),
+    "cp2": ("llama-tiny", ["parallel.cp=2"]),
+    "dp2-zero1": ("llama-tiny", ["parallel.zero=1"]),
+    "dp2-zero3": ("gpt2-tiny", ["parallel.zero=3"]),
+    "dp2-zero1-bf16": ("gpt2-tiny", ["parallel.zero=1", "train.precision=bf16"]),
+}
 SHORT = {"gpt2-bf16": 6, "dp2-zero1-bf16": 6}  # extra precisions: 3 + 3 steps are enough
-RESHARD = {"tp2-to-pp2": ("tp2", ["parallel.pp=2"]), "tp2-to-dp2": ("tp2", ["parallel.zero=1"]),
-           "cp2-to-dp2": ("cp2", ["parallel.zero=1"]), "cp2-to-tp2": ("cp2", ["parallel.tp=2"])}
+RESHARD = {
+    "tp2-to-pp2": ("tp2", ["parallel.pp=2"]),
+    "tp2-to-dp2": ("tp2", ["parallel.zero=1"]),
+    "cp2-to-dp2": ("cp2", ["parallel.zero=1"]),
+    "cp2-to-tp2": ("cp2", ["parallel.tp=2"]),
+}
 NAN_TWO_RANKS = {"dp2-zero1": ("gpt2-tiny", ["parallel.zero=1"]), "dp2-zero3": ("gpt2-tiny", ["parallel.zero=3"])}
 
 
 def split(results, names, per_name):
-    return {name: results[i * per_name:(i + 1) * per_name] for i, name in enumerate(names)}
+    return {name: results[i * per_name : (i + 1) * per_name] for i, name in enumerate(names)}
 
 
 @pytest.fixture(scope="module")
 def one_rank(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("one-rank")
-    jobs = [j for name, (model, extra) in ONE_RANK.items()
-            for j in resume_jobs(model, tmp / name, extra, SHORT.get(name, 12))]
+    jobs = [
+        j
+        for name, (model, extra) in ONE_RANK.items()
+        for j in resume_jobs(model, tmp / name, extra, SHORT.get(name, 12))
+    ]
     jobs += nan_jobs("gpt2-tiny", tmp / "gpt2", [])
     results = run_jobs(1, jobs, tmp)
-    return tmp, split(results[:3 * len(ONE_RANK)], ONE_RANK, 3), results[3 * len(ONE_RANK):]
+    return tmp, split(results[: 3 * len(ONE_RANK)], ONE_RANK, 3), results[3 * len(ONE_RANK) :]
 
 
 @pytest.fixture(scope="module")
@@ -78,21 +97,35 @@ def two_ranks(tmp_path_factory, one_rank):
     tmp = tmp_path_factory.mktemp("two-ranks")
     cfg, tensors, _ = load_model_state(step_dir(one_rank[0] / "llama", 6))
     imported = save_model_state(tmp / "imported", cfg, tensors)
-    jobs = [j for name, (model, extra) in TWO_RANKS.items()
-            for j in resume_jobs(model, tmp / name, extra, SHORT.get(name, 12))]
-    jobs += [job("llama-tiny", tmp / f"reshard-{name}", 9, f"checkpoint.resume={step_dir(tmp / saved, 6)}", *extra)
-             for name, (saved, extra) in RESHARD.items()]
+    jobs = [
+        j
+        for name, (model, extra) in TWO_RANKS.items()
+        for j in resume_jobs(model, tmp / name, extra, SHORT.get(name, 12))
+    ]
+    jobs += [
+        job("llama-tiny", tmp / f"reshard-{name}", 9, f"checkpoint.resume={step_dir(tmp / saved, 6)}", *extra)
+        for name, (saved, extra) in RESHARD.items()
+    ]
     jobs += [j for name, (model, extra) in NAN_TWO_RANKS.items() for j in nan_jobs(model, tmp / name, extra)]
-    jobs += [job("llama-tiny", tmp / f"imported-{layout}", 1, f"checkpoint.resume={imported}",
-                 "checkpoint.save_final=false", f"parallel.{layout}=2") for layout in ("tp", "pp")]
+    jobs += [
+        job(
+            "llama-tiny",
+            tmp / f"imported-{layout}",
+            1,
+            f"checkpoint.resume={imported}",
+            "checkpoint.save_final=false",
+            f"parallel.{layout}=2",
+        )
+        for layout in ("tp", "pp")
+    ]
     jobs += [job("llama-tiny", tmp / "fresh", 1, "checkpoint.resume=none", "checkpoint.save_final=false")]
     results = run_jobs(2, jobs, tmp)
     n = 3 * len(TWO_RANKS)
     return {
         "dir": tmp,
         "resume": split(results[:n], TWO_RANKS, 3),
-        "reshard": dict(zip(RESHARD, results[n:n + len(RESHARD)])),
-        "nan": split(results[n + len(RESHARD):n + len(RESHARD) + 2 * len(NAN_TWO_RANKS)], NAN_TWO_RANKS, 2),
+        "reshard": dict(zip(RESHARD, results[n : n + len(RESHARD)])),
+        "nan": split(results[n + len(RESHARD) : n + len(RESHARD) + 2 * len(NAN_TWO_RANKS)], NAN_TWO_RANKS, 2),
         "imported": results[-3:-1],
         "fresh": results[-1],
     }

@@ -20,8 +20,9 @@ def test_exclude_at_two_ranks_resume_at_three(tmp_path):
     early = [identity for identity in whole.documents_at(2) if identity not in whole.documents_at(0)]
     excluded = early[:2] + whole.documents_at(rows - 3)[-2:]
     job = {"dataset": str(dataset), "global_batch": 6, "micro_batch": 1, "seq_len": 16}
-    first_part, state = launch(2, tmp_path, "dp2", steps=6, resume=None, workers=1,
-                               exclude=[str(identity) for identity in excluded], **job)
+    first_part, state = launch(
+        2, tmp_path, "dp2", steps=6, resume=None, workers=1, exclude=[str(identity) for identity in excluded], **job
+    )
     second_part, final_state = launch(3, tmp_path, "dp3", steps=rows - 6, resume=str(state), workers=2, **job)
     served = Counter(label for rank in first_part + second_part for label in rank["labels"])
     served[first_part[0]["first"]] += 1  # the epoch's first token is nobody's label

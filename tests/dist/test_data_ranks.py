@@ -4,8 +4,8 @@ saved state and finish it; together every token of the epoch is served exactly o
 import json
 from collections import Counter
 
-from gptscale.data.manifest import read_manifest
 from gptscale.data.loader import Source, StreamingLoader
+from gptscale.data.manifest import read_manifest
 from tests.datasets import layout, make_dataset, random_documents, split_tokens
 from tests.helpers import torchrun
 

@@ -15,9 +15,18 @@ from tests.checkpoint_helpers import all_tensors, assert_resumed_exactly, step_d
 from tests.helpers import run_jobs
 
 COMMON = [
-    "model=moe-tiny", "train.steps=5", "train.seq_len=32", "train.log_interval=5", "parallel.global_batch=8",
-    "optim.warmup_steps=2", "optim.lr=1e-3", "data.embedded_max_bytes=200000", "data.embedded_vocab_size=300",
-    "checkpoint.save_final=false", "model.moe.aux_loss_coeff=1.0", "model.moe.z_loss_coeff=0.1",
+    "model=moe-tiny",
+    "train.steps=5",
+    "train.seq_len=32",
+    "train.log_interval=5",
+    "parallel.global_batch=8",
+    "optim.warmup_steps=2",
+    "optim.lr=1e-3",
+    "data.embedded_max_bytes=200000",
+    "data.embedded_vocab_size=300",
+    "checkpoint.save_final=false",
+    "model.moe.aux_loss_coeff=1.0",
+    "model.moe.z_loss_coeff=0.1",
 ]
 REFERENCE = {"mb2": ["parallel.micro_batch=2"], "mb1": ["parallel.micro_batch=1"]}
 TWO_RANKS = {
@@ -36,8 +45,14 @@ FOUR_RANKS = {
 }
 RTOL = 1e-4
 
-BALANCED = ["train.steps=12", "checkpoint.save_final=true", "parallel.micro_batch=2", "optim.decay_steps=12",
-            "model.moe.expert_bias=true", "model.moe.expert_bias_update_rate=1e-2"]
+BALANCED = [
+    "train.steps=12",
+    "checkpoint.save_final=true",
+    "parallel.micro_batch=2",
+    "optim.decay_steps=12",
+    "model.moe.expert_bias=true",
+    "model.moe.expert_bias_update_rate=1e-2",
+]
 
 
 def jobs(layouts, tmp_path):
@@ -46,10 +61,18 @@ def jobs(layouts, tmp_path):
 
 def resume_jobs(run_dir):
     """EP=2: 12 steps straight; 6 steps saved; the same run directory resumed (auto) to step 12."""
-    return [[f"run_dir={run_dir}-straight", *COMMON, *BALANCED, "parallel.ep=2", "checkpoint.resume=none",
-             "checkpoint.save_final=false"],
-            [f"run_dir={run_dir}", *COMMON, *BALANCED, "parallel.ep=2", "train.steps=6", "checkpoint.resume=none"],
-            [f"run_dir={run_dir}", *COMMON, *BALANCED, "parallel.ep=2"]]
+    return [
+        [
+            f"run_dir={run_dir}-straight",
+            *COMMON,
+            *BALANCED,
+            "parallel.ep=2",
+            "checkpoint.resume=none",
+            "checkpoint.save_final=false",
+        ],
+        [f"run_dir={run_dir}", *COMMON, *BALANCED, "parallel.ep=2", "train.steps=6", "checkpoint.resume=none"],
+        [f"run_dir={run_dir}", *COMMON, *BALANCED, "parallel.ep=2"],
+    ]
 
 
 def reference_for(name: str) -> str:
@@ -70,16 +93,40 @@ def runs(tmp_path_factory):
     two = run_jobs(2, jobs(TWO_RANKS, tmp / "two") + resume_jobs(tmp / "ep2-balanced"), tmp)
     ep2_checkpoint = step_dir(tmp / "ep2-balanced", 6)
     one_jobs = jobs(REFERENCE, tmp / "one") + [
-        [f"run_dir={tmp}/one-resumed", *COMMON, *BALANCED, f"checkpoint.resume={ep2_checkpoint}",
-         "checkpoint.save_final=false"]]
+        [
+            f"run_dir={tmp}/one-resumed",
+            *COMMON,
+            *BALANCED,
+            f"checkpoint.resume={ep2_checkpoint}",
+            "checkpoint.save_final=false",
+        ]
+    ]
     one = run_jobs(1, one_jobs, tmp)
-    four = run_jobs(4, jobs(FOUR_RANKS, tmp / "four") + [
-        [f"run_dir={tmp}/tp2-ep2-resumed", *COMMON, *BALANCED, "parallel.tp=2", "parallel.sp=true", "parallel.ep=2",
-         f"checkpoint.resume={ep2_checkpoint}", "checkpoint.save_final=false"]], tmp)
-    return {"dir": tmp, "reference": dict(zip(REFERENCE, one)), "one-resumed": one[len(REFERENCE)],
-            "tp2-ep2-resumed": four[len(FOUR_RANKS)],
-            "layouts": {**dict(zip(TWO_RANKS, two)), **dict(zip(FOUR_RANKS, four[:len(FOUR_RANKS)]))},
-            "ep2-resume": two[len(TWO_RANKS):]}
+    four = run_jobs(
+        4,
+        jobs(FOUR_RANKS, tmp / "four")
+        + [
+            [
+                f"run_dir={tmp}/tp2-ep2-resumed",
+                *COMMON,
+                *BALANCED,
+                "parallel.tp=2",
+                "parallel.sp=true",
+                "parallel.ep=2",
+                f"checkpoint.resume={ep2_checkpoint}",
+                "checkpoint.save_final=false",
+            ]
+        ],
+        tmp,
+    )
+    return {
+        "dir": tmp,
+        "reference": dict(zip(REFERENCE, one)),
+        "one-resumed": one[len(REFERENCE)],
+        "tp2-ep2-resumed": four[len(FOUR_RANKS)],
+        "layouts": {**dict(zip(TWO_RANKS, two)), **dict(zip(FOUR_RANKS, four[: len(FOUR_RANKS)]))},
+        "ep2-resume": two[len(TWO_RANKS) :],
+    }
 
 
 def test_router_losses_matter_in_the_reference(runs):

@@ -22,9 +22,17 @@ from tests.checkpoint_helpers import all_tensors, rank_state, step_dir
 from tests.helpers import run_jobs, torchrun
 
 COMMON = [
-    "optim=lion", "optim.lr=1e-3", "optim.warmup_steps=2", "optim.decay_steps=10", "train.seq_len=32",
-    "train.eval_interval=0", "train.log_interval=3", "parallel.global_batch=8", "parallel.micro_batch=2",
-    "data.embedded_max_bytes=200000", "data.embedded_vocab_size=300",
+    "optim=lion",
+    "optim.lr=1e-3",
+    "optim.warmup_steps=2",
+    "optim.decay_steps=10",
+    "train.seq_len=32",
+    "train.eval_interval=0",
+    "train.log_interval=3",
+    "parallel.global_batch=8",
+    "parallel.micro_batch=2",
+    "data.embedded_max_bytes=200000",
+    "data.embedded_vocab_size=300",
 ]
 MODELS = {"gpt2": "gpt2-tiny", "llama": "llama-tiny"}
 LAYOUTS = {"tp2": ["parallel.tp=2"], "dp2-zero1": ["parallel.zero=1"], "dp2-zero3": ["parallel.zero=3"]}
@@ -44,8 +52,13 @@ def one_rank(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("one-rank")
     jobs = {model: job(model, tmp / model, STEPS) for model in MODELS}
     jobs["adamw"] = job("llama", tmp / "adamw", STEPS, "checkpoint.save_final=false", "optim.name=adamw")
-    jobs["adamw-resumes-lion"] = job("llama", tmp / "adamw-resumes-lion", STEPS + 1, "optim.name=adamw",
-                                     f"checkpoint.resume={step_dir(tmp / 'llama', STEPS)}")
+    jobs["adamw-resumes-lion"] = job(
+        "llama",
+        tmp / "adamw-resumes-lion",
+        STEPS + 1,
+        "optim.name=adamw",
+        f"checkpoint.resume={step_dir(tmp / 'llama', STEPS)}",
+    )
     (tmp / "jobs.json").write_text(json.dumps({name: [str(o) for o in overrides] for name, overrides in jobs.items()}))
     torchrun(1, ["tests/dist/run_outcomes.py", str(tmp / "jobs.json"), str(tmp / "results.json")], timeout=900)
     return tmp, json.loads((tmp / "results.json").read_text())
@@ -64,8 +77,15 @@ def two_ranks(tmp_path_factory):
                 jobs.append(job(model, tmp / f"{model}-{name}", STEPS, "checkpoint.save_final=false", *overrides))
             names.append((model, name))
     for name, overrides in RESUMED.items():
-        jobs.append(job("llama", tmp / f"resumed-{name}", TOTAL,
-                        f"checkpoint.resume={step_dir(tmp / 'llama-tp2', SAVED)}", *overrides))
+        jobs.append(
+            job(
+                "llama",
+                tmp / f"resumed-{name}",
+                TOTAL,
+                f"checkpoint.resume={step_dir(tmp / 'llama-tp2', SAVED)}",
+                *overrides,
+            )
+        )
         names.append(("resumed", name))
     for name, overrides in NAN.items():
         jobs.append(job("gpt2", tmp / f"nan-{name}", 3, "test.nan_steps=[3]", *overrides))
@@ -95,9 +115,11 @@ def test_lion_trains_and_is_not_adamw(one_rank):
 def test_lion_state_does_not_resume_under_adamw(one_rank):
     tmp, results = one_rank
     error = results["adamw-resumes-lion"].get("error")
-    assert error == (f"CheckpointError: {step_dir(tmp / 'llama', STEPS)} holds the state of optim.name=lion, this "
-                     "run uses optim.name=adamw: its state cannot continue it (to start a new optimizer from these "
-                     "weights, give the checkpoint as task.init)"), error
+    assert error == (
+        f"CheckpointError: {step_dir(tmp / 'llama', STEPS)} holds the state of optim.name=lion, this "
+        "run uses optim.name=adamw: its state cannot continue it (to start a new optimizer from these "
+        "weights, give the checkpoint as task.init)"
+    ), error
 
 
 @pytest.mark.parametrize("model", list(MODELS))
@@ -116,8 +138,9 @@ def test_lion_checkpoint_of_tp2_resumes_at_other_layouts(two_ranks, name):
     resumed = results[("resumed", name)]
     assert len(resumed["loss"]) == TOTAL - SAVED
     for metric in ("loss", "grad_norm"):
-        assert_close(resumed[metric], results[("llama", "tp2")][metric][SAVED:], f"resumed at {name} {metric}",
-                     first=SAVED + 1)
+        assert_close(
+            resumed[metric], results[("llama", "tp2")][metric][SAVED:], f"resumed at {name} {metric}", first=SAVED + 1
+        )
 
 
 @pytest.mark.parametrize("name", list(RESUMED))
@@ -128,8 +151,9 @@ def test_lion_state_is_saved_and_carried_across_layouts(two_ranks, name):
     saved = all_tensors(step_dir(tmp / "llama-tp2", SAVED))
     moments = {k for k in saved if k.startswith("optimizer.exp_avg.")}
     assert moments and not any(k.startswith("optimizer.exp_avg_sq.") for k in saved)
-    assert {k.removeprefix("optimizer.exp_avg.") for k in moments} == {k for k in saved if "." in k and
-                                                                       not k.startswith("optimizer.")}
+    assert {k.removeprefix("optimizer.exp_avg.") for k in moments} == {
+        k for k in saved if "." in k and not k.startswith("optimizer.")
+    }
     assert all(saved[k].abs().sum() > 0 for k in moments) and int(saved["step"]) == SAVED
     straight = all_tensors(step_dir(tmp / "llama-tp2", TOTAL))
     resumed = all_tensors(step_dir(tmp / f"resumed-{name}", TOTAL))

@@ -17,8 +17,16 @@ import pytest
 
 from tests.helpers import REPO, torchrun
 
-COMMON = ["train.steps=1", "train.seq_len=32", "train.log_interval=1", "parallel.global_batch=4", "parallel.micro_batch=1",
-          "data.embedded_max_bytes=200000", "data.embedded_vocab_size=300", "checkpoint.save_final=false"]
+COMMON = [
+    "train.steps=1",
+    "train.seq_len=32",
+    "train.log_interval=1",
+    "parallel.global_batch=4",
+    "parallel.micro_batch=1",
+    "data.embedded_max_bytes=200000",
+    "data.embedded_vocab_size=300",
+    "checkpoint.save_final=false",
+]
 TWO_RANKS = {
     "tp2": ["parallel.tp=2"],
     "pp2": ["parallel.pp=2"],
@@ -47,20 +55,28 @@ ONE_RANK = {
 }
 LONG_SEQUENCE = 1024
 LONG = [f"train.seq_len={LONG_SEQUENCE}" if item.startswith("train.seq_len=") else item for item in COMMON]
-MOE_TWO_RANKS = {"ep2": ["parallel.ep=2"], "pp2": ["parallel.pp=2"], "pp2-vpp2": ["parallel.pp=2", "parallel.vpp=2"],
-                 "tp2-sp": ["parallel.tp=2", "parallel.sp=true"], "dp2-zero0": ["parallel.zero=0"],
-                 "dp2-zero1": ["parallel.zero=1"], "dp2-zero2": ["parallel.zero=2"], "dp2-zero3": ["parallel.zero=3"]}
+MOE_TWO_RANKS = {
+    "ep2": ["parallel.ep=2"],
+    "pp2": ["parallel.pp=2"],
+    "pp2-vpp2": ["parallel.pp=2", "parallel.vpp=2"],
+    "tp2-sp": ["parallel.tp=2", "parallel.sp=true"],
+    "dp2-zero0": ["parallel.zero=0"],
+    "dp2-zero1": ["parallel.zero=1"],
+    "dp2-zero2": ["parallel.zero=2"],
+    "dp2-zero3": ["parallel.zero=3"],
+}
 
 
 def _held(tmp_path, nprocs: int, jobs: list[list[str]]) -> list[dict]:
     (tmp_path / f"jobs{nprocs}.json").write_text(json.dumps(jobs))
     torchrun(nprocs, ["tests/dist/run_plan.py", str(tmp_path / f"jobs{nprocs}.json"), str(tmp_path / f"held{nprocs}")])
-    return [result for rank in range(nprocs)
-            for result in json.loads((tmp_path / f"held{nprocs}.{rank}.json").read_text())]
+    return [
+        result for rank in range(nprocs) for result in json.loads((tmp_path / f"held{nprocs}.{rank}.json").read_text())
+    ]
 
 
 def _describe(result: dict) -> tuple:
-    return result["overrides"][0], result["overrides"][len(COMMON) + 2:], result["pp_rank"], result["dp_rank"]
+    return result["overrides"][0], result["overrides"][len(COMMON) + 2 :], result["pp_rank"], result["dp_rank"]
 
 
 @pytest.fixture(scope="module")
@@ -73,14 +89,20 @@ def results(tmp_path_factory):
     one_rank = [job(model, name, layout) for model in ("gpt2-tiny", "llama-tiny") for name, layout in ONE_RANK.items()]
     one_rank.append(job("moe-tiny", "one", []))
     one_rank += [job(model, "one-long", [], LONG) for model in ("gpt2-tiny", "llama-tiny")]
-    two_ranks = [job(model, name, layout) for model in ("gpt2-tiny", "llama-tiny") for name, layout in TWO_RANKS.items()]
+    two_ranks = [
+        job(model, name, layout) for model in ("gpt2-tiny", "llama-tiny") for name, layout in TWO_RANKS.items()
+    ]
     two_ranks += [job("moe-tiny", name, layout) for name, layout in MOE_TWO_RANKS.items()]
     two_ranks += [job(model, "cp2-long", ["parallel.cp=2"], LONG) for model in ("gpt2-tiny", "llama-tiny")]
     found = _held(tmp_path, 1, one_rank) + _held(tmp_path, 2, two_ranks)
     assert len(found) == len(one_rank) + 2 * len(two_ranks)
     (tmp_path / "held.json").write_text(json.dumps(found))
-    subprocess.run([sys.executable, "tests/dist/predict_plan.py", str(tmp_path / "held.json"),
-                    str(tmp_path / "predicted.json")], cwd=REPO, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    subprocess.run(
+        [sys.executable, "tests/dist/predict_plan.py", str(tmp_path / "held.json"), str(tmp_path / "predicted.json")],
+        cwd=REPO,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     predicted = json.loads((tmp_path / "predicted.json").read_text())
     return [{**result, "predicted": prediction} for result, prediction in zip(found, predicted)]
 
@@ -88,7 +110,9 @@ def results(tmp_path_factory):
 def test_predicted_state_bytes_equal_held_bytes(results):
     for result in results:
         assert result["held"]["parameters"] > 0
-    mismatches = [(*_describe(r), r["predicted"]["states"], r["held"]) for r in results if r["predicted"]["states"] != r["held"]]
+    mismatches = [
+        (*_describe(r), r["predicted"]["states"], r["held"]) for r in results if r["predicted"]["states"] != r["held"]
+    ]
     assert not mismatches
 
 
@@ -98,8 +122,11 @@ def test_predicted_activation_bytes_within_ten_percent_of_saved(results):
     measured = [result for result in results if result["saved"] is not None]
     assert any("moe-tiny" in result["overrides"][0] for result in measured)
     assert len(measured) >= 20
-    off = [(*_describe(r), r["predicted"]["activations"], r["saved"]) for r in measured
-           if abs(r["predicted"]["activations"] - r["saved"]) > 0.1 * r["saved"]]
+    off = [
+        (*_describe(r), r["predicted"]["activations"], r["saved"])
+        for r in measured
+        if abs(r["predicted"]["activations"] - r["saved"]) > 0.1 * r["saved"]
+    ]
     assert not off
 
 
@@ -110,8 +137,11 @@ def test_predicted_in_flight_activations_within_ten_percent_of_the_steps_peak(re
     pipelined = [result for result in measured if "parallel.pp=2" in result["overrides"]]
     assert len(pipelined) >= 8 and {r["pp_rank"] for r in pipelined} == {0, 1}
     assert all(r["peak_saved"] > 1.5 * r["saved"] for r in pipelined if r["pp_rank"] == 0)
-    off = [(*_describe(r), r["predicted"]["in_flight"], r["peak_saved"]) for r in measured
-           if abs(r["predicted"]["in_flight"] - r["peak_saved"]) > 0.1 * r["peak_saved"]]
+    off = [
+        (*_describe(r), r["predicted"]["in_flight"], r["peak_saved"])
+        for r in measured
+        if abs(r["predicted"]["in_flight"] - r["peak_saved"]) > 0.1 * r["peak_saved"]
+    ]
     assert not off
 
 

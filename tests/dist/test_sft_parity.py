@@ -10,13 +10,27 @@ from tests.dist.test_layout_parity import assert_close
 from tests.helpers import run_jobs
 from tests.sft.data import prepare_chat, sums, write_chat
 
-COMMON = ["task=sft", "model=llama-tiny", "train.steps=5", "train.seq_len=64", "train.eval_interval=0",
-          "train.log_interval=5", "parallel.global_batch=8", "optim.lr=1e-3", "optim.warmup_steps=1",
-          "checkpoint.save_final=false", "checkpoint.resume=none"]
+COMMON = [
+    "task=sft",
+    "model=llama-tiny",
+    "train.steps=5",
+    "train.seq_len=64",
+    "train.eval_interval=0",
+    "train.log_interval=5",
+    "parallel.global_batch=8",
+    "optim.lr=1e-3",
+    "optim.warmup_steps=1",
+    "checkpoint.save_final=false",
+    "checkpoint.resume=none",
+]
 PACKING = {"packed": ["data.packing=true"], "unpacked": ["data.packing=false"]}
 ONE_RANK = {"mb8": ["parallel.micro_batch=8"], "mb1": ["parallel.micro_batch=1"]}
-TWO_RANKS = {"dp2-zero1": ["parallel.zero=1", "parallel.micro_batch=2"], "tp2": ["parallel.tp=2"],
-             "pp2": ["parallel.pp=2", "parallel.micro_batch=2"], "cp2": ["parallel.cp=2", "parallel.micro_batch=2"]}
+TWO_RANKS = {
+    "dp2-zero1": ["parallel.zero=1", "parallel.micro_batch=2"],
+    "tp2": ["parallel.tp=2"],
+    "pp2": ["parallel.pp=2", "parallel.micro_batch=2"],
+    "cp2": ["parallel.cp=2", "parallel.micro_batch=2"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +40,11 @@ def data(tmp_path_factory):
 
 
 def jobs(layouts, data, tmp_path):
-    return [[*COMMON, f"data.path={data}", f"run_dir={tmp_path}/{name}-{mode}", *packing, *overrides]
-            for mode, packing in PACKING.items() for name, overrides in layouts.items()]
+    return [
+        [*COMMON, f"data.path={data}", f"run_dir={tmp_path}/{name}-{mode}", *packing, *overrides]
+        for mode, packing in PACKING.items()
+        for name, overrides in layouts.items()
+    ]
 
 
 def test_sft_loss_is_the_same_at_every_layout_and_split(data, tmp_path):

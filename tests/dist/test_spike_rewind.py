@@ -22,25 +22,47 @@ GARBAGE = (500, 1000)  # the counting documents use ids below 500
 def common(dataset):
     # data.seed=6 serves the garbage document from step 183 on; checkpoints every 30 steps, so the rewind
     # goes to step 180, before any document of the spike's batch was first served.
-    return [f"data.path={dataset}", "data.seed=6", "train.steps=200", "train.seq_len=32", "parallel.global_batch=4",
-            "parallel.micro_batch=2", "optim.lr=5e-3", "optim.warmup_steps=5", "train.spike.window=20",
-            "train.log_interval=1", "train.eval_interval=0", "checkpoint.interval=30", "checkpoint.keep_last=0"]
+    return [
+        f"data.path={dataset}",
+        "data.seed=6",
+        "train.steps=200",
+        "train.seq_len=32",
+        "parallel.global_batch=4",
+        "parallel.micro_batch=2",
+        "optim.lr=5e-3",
+        "optim.warmup_steps=5",
+        "train.spike.window=20",
+        "train.log_interval=1",
+        "train.eval_interval=0",
+        "checkpoint.interval=30",
+        "checkpoint.keep_last=0",
+    ]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("spikes")
-    dataset = make_dataset(tmp / "counting", with_garbage(counting_documents(2000, GARBAGE[0], seed=3), *GARBAGE, 400),
-                           vocab=1000)
+    dataset = make_dataset(
+        tmp / "counting", with_garbage(counting_documents(2000, GARBAGE[0], seed=3), *GARBAGE, 400), vocab=1000
+    )
     spiked, reference = tmp / "spiked", tmp / "reference"
-    at_start = [f"run_dir={reference}", *common(dataset), "checkpoint.rewind=100", "train.steps=100",
-                "optim.on_new_steps=stretch"]
-    results = run_jobs(2, [
-        [f"run_dir={spiked}", *common(dataset), "train.spike.max_consecutive=1"],
-        [f"run_dir={reference}", *common(dataset), f"data.exclude=[{spiked / 'skipped_documents.txt'}]"],
-        at_start,  # rewinds the reference run to its step-90 checkpoint ...
-        at_start,  # ... once: the same command line again resumes as usual
-    ], tmp)
+    at_start = [
+        f"run_dir={reference}",
+        *common(dataset),
+        "checkpoint.rewind=100",
+        "train.steps=100",
+        "optim.on_new_steps=stretch",
+    ]
+    results = run_jobs(
+        2,
+        [
+            [f"run_dir={spiked}", *common(dataset), "train.spike.max_consecutive=1"],
+            [f"run_dir={reference}", *common(dataset), f"data.exclude=[{spiked / 'skipped_documents.txt'}]"],
+            at_start,  # rewinds the reference run to its step-90 checkpoint ...
+            at_start,  # ... once: the same command line again resumes as usual
+        ],
+        tmp,
+    )
     return dataset, spiked, reference, results
 
 
@@ -55,8 +77,11 @@ def test_garbage_spike_is_skipped_rewound_and_then_bit_exact(runs):
     spike_step = skips[0]["step"]
     manifest = read_manifest(str(dataset))
     recorded = read_exclusions([str(spiked / "skipped_documents.txt")])
-    garbage = [identity for identity in recorded
-               if all(GARBAGE[0] <= token < GARBAGE[1] for token in read_document(manifest, identity)[:-1])]
+    garbage = [
+        identity
+        for identity in recorded
+        if all(GARBAGE[0] <= token < GARBAGE[1] for token in read_document(manifest, identity)[:-1])
+    ]
     assert len(garbage) == 1, recorded  # the planted document is among the skipped batch's documents
     (rewind,) = [json.loads(line) for line in (spiked / "rewinds.jsonl").read_text().splitlines()]
     assert (rewind["from_step"], rewind["to_step"], rewind["resumed_step"]) == (spike_step, spike_step - 1, 180)
@@ -91,10 +116,22 @@ def test_rewind_at_start_once_and_without_a_checkpoint(runs):
     assert (rewind["reason"], rewind["to_step"], rewind["resumed_step"]) == ("checkpoint.rewind", 100, 90)
     assert len(rewound_at_start["loss"]) == 10 and relaunched["loss"] == []  # steps 91-100, then none
     assert sorted(p.name.split("-")[0] for p in (reference / "checkpoints" / "rewound").iterdir()) == [
-        "step_000120", "step_000150", "step_000180", "step_000200"]
-    proc = subprocess.run([sys.executable, "-m", "gptscale.train", f"run_dir={spiked}", *common(dataset),
-                           "checkpoint.rewind=25"], cwd=REPO, capture_output=True, text=True, timeout=300)
+        "step_000120",
+        "step_000150",
+        "step_000180",
+        "step_000200",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "gptscale.train", f"run_dir={spiked}", *common(dataset), "checkpoint.rewind=25"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
-    assert ("cannot rewind to step 25: " in proc.stderr
-            and "holds no complete checkpoint at or before it (checkpoints present at steps: 30, 60, 90, 120, 150, "
-                "180, 200)" in proc.stderr), proc.stderr[-3000:]
+    assert (
+        "cannot rewind to step 25: " in proc.stderr
+        and "holds no complete checkpoint at or before it (checkpoints present at steps: 30, 60, 90, 120, 150, "
+        "180, 200)"
+        in proc.stderr
+    ), proc.stderr[-3000:]

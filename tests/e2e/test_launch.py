@@ -80,6 +80,7 @@ def one_node_run(tmp_path_factory):
             "logging.wandb.mode=offline",
             "logging.wandb.project=launch-test",
             "logging.tensorboard=true",
+            "train.straggler.factor=2",
         ],
         launcher_env(tmp_path),
     )
@@ -97,7 +98,9 @@ def test_one_node_run_logs_every_step(one_node_run):
 
 
 def test_a_healthy_run_names_no_straggler(one_node_run):
-    """Default train.straggler settings: both ranks' times are compared at every log step, none is named."""
+    """Both ranks' times are compared at every log step, and none is named. At factor 2, not the default 1.5:
+    on this 2-core machine W&B's and TensorBoard's writers share the ranks' cores and have slowed one rank's
+    forward passes 1.6-1.8x for three log intervals in a row (a GPU's ranks have cores of their own)."""
     train = [r for r in metrics(one_node_run) if "loss" in r]
     assert all(r["straggler/count"] == 0 and "straggler/ranks" not in r for r in train)
     assert all(r["straggler/slowest_ratio"] > 0 and r["straggler/compute_s"] > 0 for r in train)
@@ -146,7 +149,7 @@ def test_wandb_offline_run_holds_every_logged_metric_and_the_config(one_node_run
     assert run.config["run_dir"] == str(one_node_run)
     for record in read_metrics(one_node_run / "metrics.jsonl"):
         for key, value in record.items():
-            if key != "step" and value is not None:
+            if key != "step" and value is not None and not isinstance(value, list):  # lists: metrics.jsonl only
                 assert run.history[record["step"]][key] == pytest.approx(value), (record["step"], key)
 
 
@@ -335,7 +338,7 @@ def test_stop_signal_to_the_launcher_saves_the_stop_step_and_it_resumes_exactly(
 
 def test_the_rank_that_failed_first_is_named_with_its_error(tmp_path):
     """Rank 1 raises; rank 0 then fails too, in a collective without its peer, and is stopped by torchrun: the
-    launch's last line names rank 1, its host and its error."""
+    launch's last line names rank 1, its host and its error, and it leaves no temporary file."""
     command = [
         sys.executable,
         "-m",
@@ -349,8 +352,13 @@ def test_the_rank_that_failed_first_is_named_with_its_error(tmp_path):
         "parallel.micro_batch=2",
         "parallel.global_batch=8",
     ]
-    proc = subprocess.run(command, cwd=REPO, env=launcher_env(tmp_path), capture_output=True, text=True, timeout=600)
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    env = {**launcher_env(tmp_path), "TMPDIR": str(temporary)}
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1
+    left = [path.name for path in temporary.iterdir() if path.name.startswith(("gptscale-", "torchelastic_"))]
+    assert not left  # torchrun's error files and gptscale's markers went with the launch (torch's caches stay)
     assert proc.stderr.strip().splitlines()[-1] == (
         f"gptscale: rank 1 on {socket.gethostname()} failed first "
         "(exit code 1): RuntimeError: injected failure in step 3 of rank 1"

@@ -53,8 +53,14 @@ def test_second_run_is_refused_and_a_dead_runs_lock_is_taken_over(tmp_path):
         wait_for_training(first, log_path)
         lines_before = len((run_dir / "metrics.jsonl").read_text().splitlines())
 
+        temporary = tmp_path / "tmp"  # the launch's temporary files: the refusal leaves none of gptscale's
+        temporary.mkdir()
         second = torchrun(
-            2, ["-m", "gptscale.train", f"run_dir={run_dir}", "train.steps=3", *COMMON], check=False, timeout=300
+            2,
+            ["-m", "gptscale.train", f"run_dir={run_dir}", "train.steps=3", *COMMON],
+            check=False,
+            timeout=300,
+            env={"TMPDIR": str(temporary)},
         )
         output = second.stdout + second.stderr
         assert second.returncode != 0, output[-4000:]
@@ -63,6 +69,7 @@ def test_second_run_is_refused_and_a_dead_runs_lock_is_taken_over(tmp_path):
         assert output.count("is in use by another training run") == 1, output[-4000:]  # both ranks stop, one says why
         assert "| loss" not in output, output[-4000:]
         assert "RunDirInUse" not in output, output[-4000:]  # a message, not a traceback (torchrun adds its own)
+        assert not list(temporary.glob("gptscale-*")), list(temporary.iterdir())
         assert first.poll() is None  # the first run trains on, its metrics untouched by the refused one
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert len(records) >= lines_before and [r["step"] for r in records] == list(range(1, len(records) + 1))

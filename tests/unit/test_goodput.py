@@ -2,6 +2,7 @@
 killed-and-restarted run is in tests/e2e/test_goodput.py."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -136,6 +137,16 @@ def test_a_later_run_in_the_same_process_starts_when_it_is_set_up(tmp_path):
         created = time.time()
         GoodputLog(tmp_path / name, writes=True).close()
     assert replay(tmp_path / "second").started_at >= created > replay(tmp_path / "first").started_at
+
+
+def test_an_attempt_starts_when_its_process_started_to_the_clock_tick(tmp_path):
+    """Not up to a second early, as psutil's create_time is (the boot time it adds is in whole seconds): an
+    attempt launched right after a kill would seem to start before it, and its down time would vanish."""
+    code = "from pathlib import Path; from gptscale.tracking.goodput import GoodputLog; GoodputLog(Path({!r}), True)"
+    launched = time.time()
+    subprocess.run([sys.executable, "-c", code.format(str(tmp_path))], cwd=REPO, check=True, timeout=120)
+    tick = 1 / os.sysconf("SC_CLK_TCK")  # the boot clock's start is counted in ticks, rounded down
+    assert launched - tick <= replay(tmp_path).started_at <= launched + 5
 
 
 def test_summary_command(tmp_path):
