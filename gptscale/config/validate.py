@@ -180,6 +180,11 @@ def check(cfg: Config, world_size: int) -> Layout:
     need(par.zero in (0, 1, 2, 3), f"parallel.zero={par.zero} must be a ZeRO stage 0, 1, 2 or 3")
     need(cfg.optim.min_lr <= cfg.optim.lr, f"optim.min_lr={cfg.optim.min_lr} must not exceed optim.lr={cfg.optim.lr}")
     need(len(cfg.optim.betas) == 2, f"optim.betas={list(cfg.optim.betas)} must hold two numbers")
+    need(
+        not cfg.bench.host_syncs or train.log_interval > 1,
+        "bench.host_syncs counts the host waits of a loop iteration that does not log: it needs train.log_interval "
+        f"above 1 (got {train.log_interval})",
+    )
     if problems:  # the rules below divide by these numbers
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 

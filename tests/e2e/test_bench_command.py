@@ -107,6 +107,8 @@ def test_every_config_is_checked_before_the_first_runs():
 def test_bad_bench_setting_names_the_field():
     proc = bench(["bench.steps=0"], timeout=300)
     assert proc.returncode == 2 and "bench.steps=0" in proc.stderr
+    proc = bench(["bench.host_syncs=true", "train.log_interval=1"], timeout=300)
+    assert proc.returncode == 2 and "needs train.log_interval above 1 (got 1)" in proc.stderr
 
 
 def test_two_ranks_tensor_pipeline_and_data_parallel(tmp_path):
@@ -140,13 +142,15 @@ def test_two_ranks_tensor_pipeline_and_data_parallel(tmp_path):
 
 
 def test_compiled_layers_train_identically(tmp_path):
-    """train.compile=true compiles each transformer layer; the numbers stay those of eager mode."""
+    """train.compile=true compiles each transformer layer; the numbers stay those of eager mode (logging every
+    step, which the host-sync probe once looked for a non-logging step in forever)."""
     output = tmp_path / "compile.jsonl"
     proc = bench(
         [
             *SMALL,
             "bench.steps=2",
             "bench.host_syncs=false",
+            "train.log_interval=1",
             f"bench.output={output}",
             "--compare",
             "train.compile=false",
