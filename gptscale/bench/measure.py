@@ -114,14 +114,12 @@ def measure(cfg: Config, label: str) -> BenchResult:
     """
     bench = cfg.bench
     timed_end = bench.warmup + bench.steps * bench.repeats
-    # The loop iteration whose host waits are counted: after the timed steps, one that logs nothing (config.check
-    # asks for a log interval above 1 with bench.host_syncs, so there is one).
-    probe = (
-        next(step for step in itertools.count(max(timed_end, 1)) if step % cfg.train.log_interval)
-        if bench.host_syncs
-        else -1
-    )
-    steps = probe + 1 if bench.host_syncs else timed_end
+    probe, steps = -1, timed_end
+    if bench.host_syncs:
+        # The loop iteration whose host waits are counted: after the timed steps, one that logs nothing
+        # (config.check asks for a log interval above 1 with bench.host_syncs, so there is one).
+        probe = next(step for step in itertools.count(max(timed_end, 1)) if step % cfg.train.log_interval)
+        steps = probe + 1
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints its set-up notes; stdout carries the table
         trainer = BenchTrainer(cfg)

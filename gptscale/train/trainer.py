@@ -211,7 +211,7 @@ class Trainer:
             raise NoProgress(verdict[0])
 
     def make_data(self) -> Data:
-        """This data-parallel rank's loaders (gptscale-bench overrides it with synthetic tokens)."""
+        """This data-parallel rank's loaders (a subclass may serve other tokens, e.g. synthetic ones for timing)."""
         return build_data(
             self.cfg.data,
             self.layout,
