@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from gptscale.tracking.goodput import replay
-from tests.e2e.test_launch import launcher_env, metrics, wait_for_step
+from tests.e2e.test_launch import launcher_env, metrics, run_launcher, wait_for_step
 from tests.helpers import REPO
 
 JOB = [
@@ -41,17 +41,7 @@ def slow_launch(run_dir, env, popen=False):
         f"run_dir={run_dir}",
         *JOB,
     ]
-    if popen:
-        return subprocess.Popen(
-            command,
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return run_launcher(command, env, popen=popen)
 
 
 @pytest.fixture(scope="module")

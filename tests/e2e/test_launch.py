@@ -48,7 +48,11 @@ def launcher_env(tmp_path) -> dict:
 
 
 def launch(args, env, timeout=600, popen=False):
-    command = ["bash", str(REPO / "launch" / "torchrun.sh"), *map(str, args)]
+    return run_launcher(["bash", str(REPO / "launch" / "torchrun.sh"), *map(str, args)], env, timeout, popen)
+
+
+def run_launcher(command, env, timeout=600, popen=False):
+    """``command`` run to its end (output captured), or started in a session of its own (output piped)."""
     if popen:
         return subprocess.Popen(
             command,
